@@ -1,0 +1,342 @@
+//! Pending deltas per key, held in a bounded, expiring moka cache.
+//!
+//! Design ("sealed slots", see `shared/TECH_NOTES.md` A): the cache maps a key
+//! to an `Arc<Slot>`, a small mutex-guarded cell that requests add to in
+//! place. Nothing ever overwrites a live entry. Whatever makes an entry leave
+//! the cache (size eviction, TinyLFU refusing admission, TTL expiry, explicit
+//! invalidation) runs the eviction listener, which *seals* the slot and moves
+//! its remainder into `evicted`. A writer that finds its slot sealed retries on
+//! a fresh one. So every delta is in exactly one place: a live slot or
+//! `evicted`, and [`Batcher::drain`] takes from both.
+//!
+//! The obvious alternative (plain `i64` values updated with `and_compute_with`,
+//! evictions forwarded by the listener) counts deltas twice when eviction races
+//! a read-modify-write; it was measured to do so.
+
+use std::{
+    collections::HashMap,
+    num::NonZeroU64,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use moka::{notification::RemovalCause, sync::Cache};
+use parking_lot::Mutex;
+
+/// Longest accepted key, in characters (the `varchar(255)` column).
+pub const MAX_KEY_CHARS: usize = 255;
+
+/// Deltas taken out of the batcher, per key. `i128` because the sum of several
+/// in-range `i64` deltas of one key (a slot evicted, then a fresh one) may leave
+/// the `i64` range; the store splits such sums, nothing is truncated.
+pub type Deltas = HashMap<String, i128>;
+
+/// Why an increment was refused. Nothing is recorded when this is returned.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BatchError {
+    /// The key's pending delta on this instance would leave the signed 64-bit range.
+    #[error("\"value\" would push the pending delta of this key out of the signed 64-bit range")]
+    DeltaOverflow,
+}
+
+/// One key's pending delta. Lives in the cache; shared with writers holding it.
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    delta: i64,
+    /// Something was recorded since the last drain (a zero delta still creates
+    /// the counter row).
+    dirty: bool,
+    /// The slot left the cache and its remainder moved to `evicted`; adding to
+    /// it now would lose the addition.
+    sealed: bool,
+}
+
+impl SlotState {
+    /// Takes the pending delta, if any, leaving the slot clean.
+    fn take(&mut self) -> Option<i64> {
+        if !self.dirty {
+            return None;
+        }
+        self.dirty = false;
+        Some(std::mem::take(&mut self.delta))
+    }
+}
+
+/// Counts of what left the cache other than by a drain, by cause.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EvictionCounts {
+    pub size: u64,
+    pub expired: u64,
+}
+
+/// Holds pending deltas between flushes. Cheap to share: wrap in an `Arc`.
+pub struct Batcher {
+    cache: Cache<String, Arc<Slot>>,
+    /// Remainders of slots that left the cache since the last drain. Written
+    /// only by the eviction listener, emptied only by `drain`.
+    evicted: Arc<Mutex<Deltas>>,
+    /// Evictions seen by the listener, for metrics.
+    evictions: Arc<Mutex<EvictionCounts>>,
+    /// When the oldest delta not yet drained was recorded; `None` when nothing
+    /// has been recorded since the last drain.
+    pending_since: Mutex<Option<Instant>>,
+}
+
+impl Batcher {
+    /// A batcher holding at most `capacity` live keys (more are moved aside, not
+    /// dropped), each for at most `ttl` after its slot was created.
+    ///
+    /// `NonZeroU64` because moka with capacity 0 stores nothing and never calls
+    /// the listener: every increment would vanish silently.
+    pub fn new(capacity: NonZeroU64, ttl: Duration) -> Self {
+        let evicted: Arc<Mutex<Deltas>> = Arc::default();
+        let evictions: Arc<Mutex<EvictionCounts>> = Arc::default();
+        let listener_evicted = Arc::clone(&evicted);
+        let listener_evictions = Arc::clone(&evictions);
+        // The listener must never panic: moka disables it for good after one
+        // panic and later evictions would be lost. parking_lot locks do not poison.
+        let cache = Cache::builder()
+            .max_capacity(capacity.get())
+            .time_to_live(ttl)
+            .eviction_listener(
+                move |key: Arc<String>, slot: Arc<Slot>, cause: RemovalCause| {
+                    // Same handling for every cause: filtering on the cause is
+                    // unreliable (moka can report an expiry as `Replaced`).
+                    let remainder = {
+                        let mut state = slot.state.lock();
+                        state.sealed = true;
+                        state.take()
+                    };
+                    if let Some(delta) = remainder {
+                        *listener_evicted
+                            .lock()
+                            .entry(key.as_ref().clone())
+                            .or_insert(0) += i128::from(delta);
+                    }
+                    let mut counts = listener_evictions.lock();
+                    match cause {
+                        RemovalCause::Size => counts.size += 1,
+                        RemovalCause::Expired => counts.expired += 1,
+                        RemovalCause::Explicit | RemovalCause::Replaced => {}
+                    }
+                },
+            )
+            .build();
+        Self {
+            cache,
+            evicted,
+            evictions,
+            pending_since: Mutex::new(None),
+        }
+    }
+
+    /// Adds `delta` to `key`'s pending delta.
+    ///
+    /// Synchronous and free of `.await`: a request cancelled around it has
+    /// either recorded its delta entirely or not at all.
+    ///
+    /// # Errors
+    /// [`BatchError::DeltaOverflow`] when the pending delta would leave `i64`;
+    /// nothing is recorded then.
+    pub fn record(&self, key: &str, delta: i64) -> Result<(), BatchError> {
+        loop {
+            let slot = self
+                .cache
+                .get_with_by_ref(key, || Arc::new(Slot::default()));
+            let mut state = slot.state.lock();
+            if state.sealed {
+                // Evicted between the lookup and the lock: its remainder already
+                // moved to `evicted`. The next lookup creates a fresh slot.
+                continue;
+            }
+            state.delta = state
+                .delta
+                .checked_add(delta)
+                .ok_or(BatchError::DeltaOverflow)?;
+            state.dirty = true;
+            drop(state);
+            let mut since = self.pending_since.lock();
+            if since.is_none() {
+                *since = Some(Instant::now());
+            }
+            return Ok(());
+        }
+    }
+
+    /// Takes every pending delta: those moved aside by evictions and those in
+    /// live slots. Hot keys keep their slot (emptied in place).
+    ///
+    /// Runs moka's maintenance first, so expired entries reach the listener;
+    /// that can take up to ~100 ms: call it from a blocking context.
+    pub fn drain(&self) -> Deltas {
+        *self.pending_since.lock() = None;
+        self.cache.run_pending_tasks();
+        let mut deltas = std::mem::take(&mut *self.evicted.lock());
+        for (key, slot) in self.cache.iter() {
+            // A sealed slot was emptied by the listener; `take` returns None.
+            if let Some(delta) = slot.state.lock().take() {
+                *deltas.entry(key.as_ref().clone()).or_insert(0) += i128::from(delta);
+            }
+        }
+        deltas
+    }
+
+    /// Moves every slot out of the cache through the listener, so that the next
+    /// [`drain`](Self::drain) returns everything, including entries that
+    /// expired but were not yet removed (which `iter` skips). Call it when no
+    /// request can record any more (shutdown). Blocking.
+    pub fn seal_all(&self) {
+        self.cache.invalidate_all();
+        // One maintenance run is bounded (time and batch size): repeat until
+        // the cache is empty.
+        loop {
+            self.cache.run_pending_tasks();
+            if self.cache.entry_count() == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Puts deltas back (they merge with anything recorded since). Addition
+    /// commutes, so the next drain returns the sum.
+    pub fn restore(&self, deltas: Deltas) {
+        if deltas.is_empty() {
+            return;
+        }
+        let mut evicted = self.evicted.lock();
+        for (key, delta) in deltas {
+            *evicted.entry(key).or_insert(0) += delta;
+        }
+        drop(evicted);
+        let mut since = self.pending_since.lock();
+        if since.is_none() {
+            *since = Some(Instant::now());
+        }
+    }
+
+    /// Keys in the cache plus keys moved aside; approximate (moka's count lags
+    /// until maintenance) and may count a key twice.
+    pub fn pending_keys(&self) -> u64 {
+        self.cache.entry_count() + self.evicted.lock().len() as u64
+    }
+
+    /// Age of the oldest delta recorded since the last drain.
+    pub fn oldest_pending_age(&self) -> Option<Duration> {
+        self.pending_since.lock().map(|since| since.elapsed())
+    }
+
+    /// Evictions by cause since start.
+    pub fn evictions(&self) -> EvictionCounts {
+        *self.evictions.lock()
+    }
+}
+
+/// Checks a key against the contract: 1 to [`MAX_KEY_CHARS`] characters, no NUL
+/// (PostgreSQL text cannot hold it, so such a key could never be written).
+///
+/// # Errors
+/// A message naming the field, for a 422 body.
+pub fn validate_key(key: &str) -> Result<(), &'static str> {
+    if key.is_empty() {
+        return Err("\"key\" must not be empty");
+    }
+    if key.chars().count() > MAX_KEY_CHARS {
+        return Err("\"key\" must be at most 255 characters long");
+    }
+    if key.contains('\0') {
+        return Err("\"key\" must not contain the NUL character (U+0000)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batcher(capacity: u64, ttl: Duration) -> Batcher {
+        Batcher::new(NonZeroU64::new(capacity).expect("non-zero"), ttl)
+    }
+
+    #[test]
+    fn drain_sums_per_key_and_empties() {
+        let b = batcher(100, Duration::from_secs(60));
+        b.record("a", 5).unwrap();
+        b.record("a", -2).unwrap();
+        b.record("b", 0).unwrap();
+        let drained = b.drain();
+        assert_eq!(drained.get("a"), Some(&3));
+        assert_eq!(
+            drained.get("b"),
+            Some(&0),
+            "a zero increment is still written"
+        );
+        assert!(b.drain().is_empty());
+    }
+
+    #[test]
+    fn overflow_is_refused_and_changes_nothing() {
+        let b = batcher(100, Duration::from_secs(60));
+        b.record("k", i64::MAX).unwrap();
+        assert_eq!(b.record("k", 1), Err(BatchError::DeltaOverflow));
+        assert_eq!(b.drain().get("k"), Some(&i128::from(i64::MAX)));
+        // After the drain the slot is empty again and accepts more.
+        b.record("k", i64::MAX).unwrap();
+        b.record("k", i64::MIN).unwrap();
+        assert_eq!(b.drain().get("k"), Some(&-1));
+    }
+
+    #[test]
+    fn evicted_deltas_are_kept_with_sums_beyond_i64() {
+        let b = batcher(1, Duration::from_secs(60));
+        b.record("k", i64::MAX).unwrap();
+        b.seal_all();
+        b.record("k", i64::MAX).unwrap();
+        assert_eq!(b.drain().get("k"), Some(&(2 * i128::from(i64::MAX))));
+    }
+
+    #[test]
+    fn size_evictions_and_expiry_lose_nothing() {
+        let b = batcher(10, Duration::from_millis(1));
+        for i in 0..1_000 {
+            b.record(&format!("k{}", i % 100), 1).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        let mut total: i128 = 0;
+        loop {
+            let drained = b.drain();
+            if drained.is_empty() {
+                break;
+            }
+            total += drained.values().sum::<i128>();
+        }
+        b.seal_all();
+        total += b.drain().values().sum::<i128>();
+        assert_eq!(total, 1_000);
+        let evictions = b.evictions();
+        assert!(evictions.size + evictions.expired > 0, "{evictions:?}");
+    }
+
+    #[test]
+    fn restore_merges_with_newer_deltas() {
+        let b = batcher(100, Duration::from_secs(60));
+        b.record("a", 1).unwrap();
+        let first = b.drain();
+        b.record("a", 10).unwrap();
+        b.restore(first);
+        assert_eq!(b.drain().get("a"), Some(&11));
+    }
+
+    #[test]
+    fn keys_are_validated_in_characters() {
+        assert!(validate_key("").is_err());
+        assert!(validate_key(&"é".repeat(255)).is_ok());
+        assert!(validate_key(&"é".repeat(256)).is_err());
+        assert!(validate_key("a\0b").is_err());
+        assert!(validate_key("page:/home?x=1 'quoted'").is_ok());
+    }
+}

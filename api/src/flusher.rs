@@ -1,0 +1,318 @@
+//! The write loop: every flush interval, drain the batcher and write the
+//! deltas as one batch; on failure keep the batch and retry it with backoff.
+//!
+//! A drained batch is held as *unconfirmed* (with its id) until a write of it
+//! returns success. It is retried unchanged before anything newer is drained,
+//! because after an error during COMMIT the batch may or may not have landed:
+//! only the same id lets the store tell (see [`crate::store`]). Newer deltas
+//! wait in the batcher meanwhile, merging per key, so memory grows with the
+//! number of distinct keys, not with the request count.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use chrono::Utc;
+use parking_lot::Mutex;
+use rand::Rng;
+use sea_orm::{DatabaseConnection, DbErr};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    batcher::Batcher,
+    error::error_chain,
+    store::{self, Batch, WriteOutcome},
+};
+
+/// Longest wait between two attempts while the database fails.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How long `flush_batches` rows are kept. A retry of a batch never comes
+/// later than this after the batch's first attempt.
+pub const BATCH_ID_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How often old `flush_batches` rows are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(60 * 60);
+
+/// What one flush did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushOutcome {
+    /// Nothing was pending.
+    Empty,
+    /// Batches were committed (or found committed by an earlier attempt).
+    Written {
+        /// Distinct keys written, over all batches.
+        keys: usize,
+        /// 1, or 2 when a batch left by a failed attempt went first.
+        batches: usize,
+        /// Upsert statements executed.
+        statements: usize,
+    },
+}
+
+/// Why a flush failed. The batch is kept and retried; nothing is lost.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    /// The database refused or lost the batch's transaction.
+    #[error("writing batch {batch_id} ({keys} keys) failed")]
+    Database {
+        batch_id: String,
+        keys: usize,
+        #[source]
+        source: DbErr,
+    },
+    /// The blocking drain task panicked (a bug).
+    #[error("the drain task failed")]
+    Drain(#[from] tokio::task::JoinError),
+}
+
+/// What the final flush at shutdown could not write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Unwritten {
+    pub keys: usize,
+    pub total: i128,
+}
+
+/// Owns the write path. Share with an `Arc`.
+pub struct Flusher {
+    batcher: Arc<Batcher>,
+    db: DatabaseConnection,
+    interval: Duration,
+    /// The batch drained but not yet known to be committed. Set by the drain
+    /// (inside the blocking task, so a cancelled `flush_once` cannot lose a
+    /// drained batch), cleared only after a successful write.
+    unconfirmed: Arc<Mutex<Option<Arc<Batch>>>>,
+    /// Serialises flushes: the loop, the final flush and tests may all call
+    /// `flush_once`.
+    flush_lock: tokio::sync::Mutex<()>,
+    last_prune: Mutex<Option<Instant>>,
+}
+
+impl Flusher {
+    pub fn new(batcher: Arc<Batcher>, db: DatabaseConnection, interval: Duration) -> Self {
+        Self {
+            batcher,
+            db,
+            interval,
+            unconfirmed: Arc::default(),
+            flush_lock: tokio::sync::Mutex::new(()),
+            last_prune: Mutex::new(None),
+        }
+    }
+
+    /// One flush: first the batch left by a failed attempt, if any, then
+    /// everything pending now.
+    ///
+    /// # Errors
+    /// [`FlushError`] when a write fails; the batch stays unconfirmed and the
+    /// next call retries it.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a drained batch is stored before any `.await` that could
+    /// drop it, and is retried by the next call.
+    #[tracing::instrument(name = "flush", skip_all, fields(keys = tracing::field::Empty, outcome = tracing::field::Empty))]
+    pub async fn flush_once(&self) -> Result<FlushOutcome, FlushError> {
+        let _serial = self.flush_lock.lock().await;
+        let mut keys = 0;
+        let mut batches = 0;
+        let mut statements = 0;
+
+        let left_over = self.unconfirmed.lock().clone();
+        if let Some(batch) = left_over {
+            statements += self.write(&batch).await?;
+            keys += batch.len();
+            batches += 1;
+        }
+
+        let batcher = Arc::clone(&self.batcher);
+        let unconfirmed = Arc::clone(&self.unconfirmed);
+        let drained = tokio::task::spawn_blocking(move || {
+            let deltas = batcher.drain();
+            if deltas.is_empty() {
+                return None;
+            }
+            let batch = Arc::new(Batch::new(deltas));
+            *unconfirmed.lock() = Some(Arc::clone(&batch));
+            Some(batch)
+        })
+        .await?;
+        if let Some(batch) = drained {
+            statements += self.write(&batch).await?;
+            keys += batch.len();
+            batches += 1;
+        }
+
+        let span = tracing::Span::current();
+        span.record("keys", keys);
+        if batches == 0 {
+            span.record("outcome", "empty");
+            return Ok(FlushOutcome::Empty);
+        }
+        span.record("outcome", "written");
+        self.prune_if_due().await;
+        Ok(FlushOutcome::Written {
+            keys,
+            batches,
+            statements,
+        })
+    }
+
+    /// Writes `batch` and, on success, forgets it. Returns the statement count.
+    async fn write(&self, batch: &Arc<Batch>) -> Result<usize, FlushError> {
+        let outcome = store::write_batch(&self.db, batch, Utc::now())
+            .await
+            .map_err(|source| FlushError::Database {
+                batch_id: batch.id.clone(),
+                keys: batch.len(),
+                source,
+            })?;
+        let mut unconfirmed = self.unconfirmed.lock();
+        if unconfirmed.as_ref().is_some_and(|u| Arc::ptr_eq(u, batch)) {
+            *unconfirmed = None;
+        }
+        drop(unconfirmed);
+        match outcome {
+            WriteOutcome::Committed { statements } => Ok(statements),
+            WriteOutcome::AlreadyCommitted => {
+                tracing::info!(batch.id = %batch.id, "batch had committed in an earlier attempt; not written again");
+                Ok(0)
+            }
+        }
+    }
+
+    async fn prune_if_due(&self) {
+        let due = self
+            .last_prune
+            .lock()
+            .is_none_or(|at| at.elapsed() >= PRUNE_EVERY);
+        if !due {
+            return;
+        }
+        *self.last_prune.lock() = Some(Instant::now());
+        let before = Utc::now() - BATCH_ID_RETENTION;
+        if let Err(e) = store::prune_batches(&self.db, before).await {
+            tracing::warn!(error = %error_chain(&e), "pruning old flush batch ids failed; will retry");
+            *self.last_prune.lock() = None;
+        }
+    }
+
+    /// Flushes every `interval` until `stop` is cancelled; after a failure,
+    /// waits with capped exponential backoff and jitter instead.
+    ///
+    /// A flush that has started is never cancelled here: it runs to its end.
+    pub async fn run_until_stopped(self: Arc<Self>, stop: CancellationToken) {
+        let mut failures: u32 = 0;
+        loop {
+            let delay = if failures == 0 {
+                self.interval
+            } else {
+                retry_backoff(self.interval, failures)
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            match self.flush_once().await {
+                Ok(_) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "flush succeeded again");
+                    }
+                    failures = 0;
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %error_chain(&e), failures, "flush failed; the batch is kept and retried");
+                }
+            }
+        }
+    }
+
+    /// The last flush at shutdown: moves every slot out of the cache, then
+    /// retries until everything is written or `deadline` passes.
+    ///
+    /// Call only once no request can record any more.
+    ///
+    /// # Errors
+    /// [`Unwritten`]: what is still in memory at the deadline.
+    pub async fn flush_remaining(&self, deadline: tokio::time::Instant) -> Result<(), Unwritten> {
+        let batcher = Arc::clone(&self.batcher);
+        if tokio::task::spawn_blocking(move || batcher.seal_all())
+            .await
+            .is_err()
+        {
+            tracing::error!("sealing the cache at shutdown panicked");
+        }
+        let mut failures: u32 = 0;
+        loop {
+            match tokio::time::timeout_at(deadline, self.flush_once()).await {
+                Ok(Ok(FlushOutcome::Empty)) => return Ok(()),
+                Ok(Ok(FlushOutcome::Written { .. })) => failures = 0,
+                Ok(Err(e)) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %error_chain(&e), failures, "final flush failed; retrying until the shutdown deadline");
+                    let wake = tokio::time::Instant::now() + retry_backoff(self.interval, failures);
+                    if wake >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep_until(wake).await;
+                }
+                Err(_elapsed) => break,
+            }
+        }
+        Err(self.unwritten().await)
+    }
+
+    /// Everything not written: the unconfirmed batch plus what is pending.
+    async fn unwritten(&self) -> Unwritten {
+        let mut unwritten = Unwritten::default();
+        if let Some(batch) = self.unconfirmed.lock().clone() {
+            unwritten.keys += batch.len();
+            unwritten.total += batch.total();
+        }
+        let batcher = Arc::clone(&self.batcher);
+        if let Ok(rest) = tokio::task::spawn_blocking(move || {
+            let rest = batcher.drain();
+            let summary = (rest.len(), rest.values().sum::<i128>());
+            batcher.restore(rest);
+            summary
+        })
+        .await
+        {
+            unwritten.keys += rest.0;
+            unwritten.total += rest.1;
+        }
+        unwritten
+    }
+}
+
+/// Delay before retry number `failures` (≥ 1): the interval doubled per
+/// failure, capped at [`MAX_RETRY_BACKOFF`], with "equal jitter" (a random
+/// point in the upper half) so instances that failed together do not retry in
+/// lockstep.
+pub fn retry_backoff(interval: Duration, failures: u32) -> Duration {
+    let base = interval.max(Duration::from_millis(100));
+    let exp = base
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(MAX_RETRY_BACKOFF);
+    let half = exp / 2;
+    half + rand::rng().random_range(Duration::ZERO..=half)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let interval = Duration::from_secs(1);
+        let first = retry_backoff(interval, 1);
+        assert!(first >= Duration::from_millis(500) && first <= interval);
+        let fourth = retry_backoff(interval, 4);
+        assert!(fourth >= Duration::from_secs(4) && fourth <= Duration::from_secs(8));
+        for failures in [10, 100, u32::MAX] {
+            let capped = retry_backoff(interval, failures);
+            assert!(capped >= MAX_RETRY_BACKOFF / 2 && capped <= MAX_RETRY_BACKOFF);
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! `POST /increment`: add a value to a counter.
+
+use std::{borrow::Cow, sync::Arc};
+
+use poem_openapi::{
+    ApiResponse, Object, OpenApi, Tags,
+    payload::Json,
+    registry::{MetaSchemaRef, Registry},
+    types::{Example, ParseError, ParseFromJSON, ParseResult, ToJSON, Type},
+};
+use serde_json::Value;
+
+use super::AppState;
+use crate::{
+    batcher::{Batcher, validate_key},
+    error::{ApiError, ErrorBody},
+};
+
+#[derive(Tags)]
+enum IncrementTag {
+    /// Adding to counters.
+    Increments,
+}
+
+/// One increment as the API receives it.
+///
+/// Parsed by hand (not derived) so every error names its field and the whole
+/// `i64` range is checked exactly (poem-openapi's numeric validators compare as
+/// `f64`). The schema in the OpenAPI document comes from [`IncrementSchema`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Increment {
+    pub key: String,
+    pub value: i64,
+}
+
+/// An increment: add `value` to the counter named `key`.
+#[derive(Object)]
+#[oai(rename = "Increment", example)]
+struct IncrementSchema {
+    /// Counter name: 1 to 255 characters, stored verbatim (case, spaces,
+    /// punctuation, any Unicode except U+0000).
+    #[oai(validator(min_length = 1, max_length = 255))]
+    key: String,
+    /// Signed 64-bit integer to add; zero and negative values are allowed.
+    value: i64,
+}
+
+impl Example for IncrementSchema {
+    fn example() -> Self {
+        Self {
+            key: "page:/home".to_owned(),
+            value: 1,
+        }
+    }
+}
+
+impl Increment {
+    /// Parses one increment from JSON.
+    ///
+    /// # Errors
+    /// A message naming the field at fault.
+    pub fn from_json(value: &Value) -> Result<Self, String> {
+        let Value::Object(fields) = value else {
+            return Err(format!(
+                "body must be a JSON object with \"key\" (string) and \"value\" (integer), found {}",
+                describe(value)
+            ));
+        };
+        let key = match fields.get("key") {
+            None => return Err("\"key\" is missing".to_owned()),
+            Some(Value::String(key)) => {
+                validate_key(key)?;
+                key.clone()
+            }
+            Some(other) => {
+                return Err(format!(
+                    "\"key\" must be a string, found {}",
+                    describe(other)
+                ));
+            }
+        };
+        let value = match fields.get("value") {
+            None => return Err("\"value\" is missing".to_owned()),
+            Some(Value::Number(number)) => match number.as_i64() {
+                Some(value) => value,
+                None if number.is_u64() || number.as_f64().is_some_and(is_integral) => {
+                    return Err(format!(
+                        "\"value\" must be within the signed 64-bit range, found {number}"
+                    ));
+                }
+                None => return Err(format!("\"value\" must be an integer, found {number}")),
+            },
+            Some(other) => {
+                return Err(format!(
+                    "\"value\" must be an integer, found {}",
+                    describe(other)
+                ));
+            }
+        };
+        Ok(Self { key, value })
+    }
+}
+
+/// A whole float too large for `i64` (serde_json reads big integers as floats).
+fn is_integral(f: f64) -> bool {
+    f.fract() == 0.0 && f.abs() >= 9.223_372_036_854_776e18
+}
+
+fn describe(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl Type for Increment {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        IncrementSchema::name()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        IncrementSchema::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        IncrementSchema::register(registry);
+    }
+
+    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+        Some(self)
+    }
+
+    fn raw_element_iter<'a>(
+        &'a self,
+    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+        Box::new(std::iter::once(self))
+    }
+}
+
+impl ParseFromJSON for Increment {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        Self::from_json(&value.unwrap_or_default()).map_err(ParseError::custom)
+    }
+}
+
+impl ToJSON for Increment {
+    fn to_json(&self) -> Option<Value> {
+        Some(serde_json::json!({ "key": self.key, "value": self.value }))
+    }
+}
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "IncrementResponse::from_request_error")]
+pub enum IncrementResponse {
+    /// Accepted: held by this instance and written by the next flush. Empty body.
+    #[oai(status = 202)]
+    Accepted,
+    /// The body is larger than the limit (`--max-body`, 64 KiB by default).
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorBody>),
+    /// The `Content-Type` header is missing or not `application/json`.
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
+    /// The body is malformed; `error` names the field. No counter changed.
+    #[oai(status = 422)]
+    Unprocessable(Json<ErrorBody>),
+}
+
+impl IncrementResponse {
+    fn from_request_error(err: poem::Error) -> Self {
+        ApiError::from_request_error(err).into()
+    }
+}
+
+impl From<ApiError> for IncrementResponse {
+    fn from(err: ApiError) -> Self {
+        let body = Json(err.body());
+        match err {
+            ApiError::PayloadTooLarge { .. } => Self::PayloadTooLarge(body),
+            ApiError::UnsupportedMediaType(_) => Self::UnsupportedMediaType(body),
+            ApiError::Unprocessable(_) => Self::Unprocessable(body),
+        }
+    }
+}
+
+pub struct IncrementApi {
+    batcher: Arc<Batcher>,
+}
+
+impl IncrementApi {
+    pub fn new(state: &AppState) -> Self {
+        Self {
+            batcher: Arc::clone(&state.batcher),
+        }
+    }
+}
+
+#[OpenApi(tag = "IncrementTag::Increments")]
+impl IncrementApi {
+    /// Add `value` to the counter `key`.
+    ///
+    /// Answers 202 once the increment is held in memory; the flusher writes it
+    /// to the database within one flush interval, exactly once.
+    #[oai(path = "/increment", method = "post", operation_id = "increment")]
+    async fn increment(&self, body: Json<Increment>) -> IncrementResponse {
+        match self.batcher.record(&body.0.key, body.0.value) {
+            Ok(()) => IncrementResponse::Accepted,
+            Err(e) => ApiError::Unprocessable(e.to_string()).into(),
+        }
+    }
+}

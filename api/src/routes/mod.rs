@@ -1,0 +1,72 @@
+//! The HTTP API, one module (and one `#[OpenApi]` struct) per tag.
+
+pub mod health;
+pub mod increment;
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use poem::{Endpoint, EndpointExt, Route};
+use poem_openapi::OpenApiService;
+use sea_orm::DatabaseConnection;
+
+use crate::{batcher::Batcher, limits::BodyLimit};
+
+/// Readiness as the load balancer sees it: true until shutdown begins.
+#[derive(Clone, Default)]
+pub struct Lifecycle {
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl Lifecycle {
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+/// What the routes need.
+#[derive(Clone)]
+pub struct AppState {
+    pub batcher: Arc<Batcher>,
+    pub db: DatabaseConnection,
+    pub lifecycle: Lifecycle,
+    pub max_body: usize,
+}
+
+/// The OpenAPI service with every tag.
+pub fn openapi(
+    state: &AppState,
+) -> OpenApiService<(increment::IncrementApi, health::HealthApi), ()> {
+    OpenApiService::new(
+        (
+            increment::IncrementApi::new(state),
+            health::HealthApi::new(state),
+        ),
+        "increment",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
+        "Adds integers to named counters. Increments are summed in memory per key and \
+         written to the database in batches, each exactly once. `202 Accepted` means the \
+         increment is held by this instance and will be written by the next flush \
+         (default: within a second).",
+    )
+}
+
+/// The whole router: API, Swagger UI at `/docs`, the spec at `/openapi.json`.
+pub fn router(state: AppState) -> impl Endpoint {
+    let api = openapi(&state);
+    let docs = api.swagger_ui();
+    let spec = api.spec_endpoint();
+    Route::new()
+        .nest("/docs", docs)
+        .at("/openapi.json", spec)
+        .nest("/", api)
+        .with(BodyLimit::new(state.max_body))
+}

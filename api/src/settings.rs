@@ -1,0 +1,172 @@
+//! The service's configuration as plain data. `src/config.rs` fills it from
+//! flags and environment; tests build it directly.
+
+use std::{fmt, net::SocketAddr, num::NonZeroU64, time::Duration};
+
+/// Everything the service needs to start.
+#[derive(Clone)]
+pub struct Settings {
+    /// Address the HTTP server binds; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// SeaORM connection URL (`postgres://…` or `sqlite://…`). May hold a password:
+    /// never printed as is (see the `Debug` impl).
+    pub database_url: String,
+    /// How often the flusher writes pending deltas.
+    pub flush_interval: Duration,
+    /// Distinct keys the moka cache holds before it evicts (evicted deltas are
+    /// still written: eviction only moves them aside).
+    pub cache_capacity: NonZeroU64,
+    /// Time to live of a key's slot in the cache, counted from its creation.
+    pub cache_ttl: Duration,
+    /// Largest accepted request body in bytes; larger ones get 413.
+    pub max_body: usize,
+    /// Maximum database connections.
+    pub db_pool_size: u32,
+    /// Budget from the shutdown signal to exit: HTTP drain plus the final flush.
+    pub shutdown_timeout: Duration,
+    /// Apply pending migrations at start.
+    pub migrate: bool,
+}
+
+impl Settings {
+    /// Settings for a service on `database_url` with the documented defaults,
+    /// listening on a free loopback port.
+    pub fn with_database(database_url: impl Into<String>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            database_url: database_url.into(),
+            flush_interval: Duration::from_secs(1),
+            cache_capacity: NonZeroU64::new(1_000_000).expect("1,000,000 is not zero"),
+            cache_ttl: Duration::from_secs(10),
+            max_body: 64 * 1024,
+            db_pool_size: 10,
+            shutdown_timeout: Duration::from_secs(30),
+            migrate: true,
+        }
+    }
+
+    /// Refuses values that would make the service misbehave silently.
+    ///
+    /// # Errors
+    /// [`SettingsError`] naming the setting and the value.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let positive = [
+            ("flush-interval", self.flush_interval),
+            ("cache-ttl", self.cache_ttl),
+            ("shutdown-timeout", self.shutdown_timeout),
+        ];
+        for (name, value) in positive {
+            if value.is_zero() {
+                return Err(SettingsError::Invalid {
+                    name,
+                    value: "0s".into(),
+                    why: "must be greater than zero",
+                });
+            }
+        }
+        if self.max_body == 0 {
+            return Err(SettingsError::Invalid {
+                name: "max-body",
+                value: "0".into(),
+                why: "must be greater than zero",
+            });
+        }
+        if self.db_pool_size == 0 {
+            return Err(SettingsError::Invalid {
+                name: "db-pool-size",
+                value: "0".into(),
+                why: "must be greater than zero",
+            });
+        }
+        if !(self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://")
+            || self.database_url.starts_with("sqlite:"))
+        {
+            return Err(SettingsError::Invalid {
+                name: "database-url",
+                value: redact_url(&self.database_url),
+                why: "must start with postgres://, postgresql:// or sqlite:",
+            });
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("listen", &self.listen)
+            .field("database_url", &redact_url(&self.database_url))
+            .field("flush_interval", &self.flush_interval)
+            .field("cache_capacity", &self.cache_capacity)
+            .field("cache_ttl", &self.cache_ttl)
+            .field("max_body", &self.max_body)
+            .field("db_pool_size", &self.db_pool_size)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("migrate", &self.migrate)
+            .finish()
+    }
+}
+
+/// A setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("invalid value '{value}' for --{name}: {why}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+/// `scheme://user:secret@host/db` → `scheme://user:***@host/db`; URLs without a
+/// password are returned unchanged.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_the_password_only() {
+        assert_eq!(
+            redact_url("postgres://app:s3cr3t@db:5432/increment"),
+            "postgres://app:***@db:5432/increment"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db/increment"),
+            "postgres://app@db/increment"
+        );
+        assert_eq!(
+            redact_url("sqlite://increment.db?mode=rwc"),
+            "sqlite://increment.db?mode=rwc"
+        );
+        let debug = format!("{:?}", Settings::with_database("postgres://u:hunter2@h/db"));
+        assert!(!debug.contains("hunter2"), "{debug}");
+    }
+
+    #[test]
+    fn refuses_zero_durations_and_unknown_databases() {
+        let mut settings = Settings::with_database("sqlite::memory:");
+        settings.flush_interval = Duration::ZERO;
+        let err = settings.validate().unwrap_err().to_string();
+        assert!(err.contains("--flush-interval"), "{err}");
+
+        let settings = Settings::with_database("mysql://root@localhost/db");
+        let err = settings.validate().unwrap_err().to_string();
+        assert!(err.contains("--database-url"), "{err}");
+    }
+}

@@ -1,0 +1,245 @@
+//! The SQL: one idempotent transaction per batch.
+//!
+//! A batch is written as `INSERT … ON CONFLICT (key) DO UPDATE SET value =
+//! counters.value + EXCLUDED.value`, in chunks that stay under each backend's
+//! bind-parameter limit, keys in sorted order (instances flushing overlapping
+//! keys lock rows in the same order, so they cannot deadlock). The batch id is
+//! inserted into `flush_batches` in the same transaction: if that id is already
+//! there, an earlier attempt committed (its answer was lost) and nothing is
+//! written again.
+
+use chrono::{DateTime, Utc};
+use entity::{counters, flush_batches};
+use sea_orm::{
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter,
+    Statement, TransactionTrait,
+    sea_query::{Expr, ExprTrait, OnConflict, Query},
+};
+
+/// PostgreSQL: rows per `unnest` statement. Not bind-limited (always 3 binds);
+/// chosen so one statement stays well under a second on a small machine.
+pub const POSTGRES_ROWS_PER_STATEMENT: usize = 10_000;
+
+/// SQLite: bundled SQLite allows 32,766 bind parameters; a row binds 4.
+pub const SQLITE_ROWS_PER_STATEMENT: usize = 32_766 / 4;
+
+const POSTGRES_UPSERT: &str = "INSERT INTO counters (key, value, created_at, updated_at) \
+     SELECT k, v, $3, $3 FROM unnest($1::text[], $2::bigint[]) AS t(k, v) \
+     ON CONFLICT (key) DO UPDATE \
+     SET value = counters.value + EXCLUDED.value, updated_at = EXCLUDED.updated_at";
+
+/// Deltas to write under one id; keys unique and sorted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Recorded in `flush_batches` with the upserts; retries reuse it.
+    pub id: String,
+    pub deltas: Vec<(String, i128)>,
+}
+
+impl Batch {
+    /// A batch with a fresh id; sorts the keys.
+    pub fn new(deltas: impl IntoIterator<Item = (String, i128)>) -> Self {
+        let mut deltas: Vec<(String, i128)> = deltas.into_iter().collect();
+        deltas.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Self {
+            id: uuid::Uuid::new_v4().to_string(),
+            deltas,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.deltas.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.deltas.is_empty()
+    }
+
+    /// Sum of all deltas (for logs when a batch cannot be written).
+    pub fn total(&self) -> i128 {
+        self.deltas.iter().map(|(_, d)| d).sum()
+    }
+
+    /// The batch as rounds of `i64` upserts, each round with unique keys. A delta
+    /// outside `i64` (only possible as a sum of several accepted deltas) is split
+    /// into parts of the same sign written in successive rounds of the same
+    /// transaction; almost every batch has exactly one round.
+    fn rounds(&self) -> Vec<Vec<(&str, i64)>> {
+        let mut rounds: Vec<Vec<(&str, i64)>> = vec![Vec::with_capacity(self.deltas.len())];
+        for (key, delta) in &self.deltas {
+            for (round, part) in split_i64(*delta).into_iter().enumerate() {
+                if rounds.len() == round {
+                    rounds.push(Vec::new());
+                }
+                rounds[round].push((key.as_str(), part));
+            }
+        }
+        rounds
+    }
+}
+
+/// `delta` as `i64` parts of its sign whose sum is `delta`.
+fn split_i64(mut delta: i128) -> Vec<i64> {
+    let mut parts = Vec::with_capacity(1);
+    loop {
+        match i64::try_from(delta) {
+            Ok(part) => {
+                parts.push(part);
+                return parts;
+            }
+            Err(_) => {
+                let part = if delta > 0 { i64::MAX } else { i64::MIN };
+                parts.push(part);
+                delta -= i128::from(part);
+            }
+        }
+    }
+}
+
+/// What happened to a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// Committed now: `statements` upserts wrote the batch's keys.
+    Committed { statements: usize },
+    /// An earlier attempt with this id had committed; nothing was written.
+    AlreadyCommitted,
+}
+
+/// Writes `batch` in one transaction, exactly once across retries with the same id.
+///
+/// # Errors
+/// Any database error. The outcome is then unknown only if the error came from
+/// COMMIT; retrying with the same batch is correct either way.
+#[tracing::instrument(name = "db.write_batch", skip_all, fields(batch.id = %batch.id, batch.keys = batch.len()))]
+pub async fn write_batch(
+    db: &DatabaseConnection,
+    batch: &Batch,
+    now: DateTime<Utc>,
+) -> Result<WriteOutcome, DbErr> {
+    let txn = db.begin().await?;
+    let claim = Query::insert()
+        .into_table(flush_batches::Entity)
+        .columns([
+            flush_batches::Column::BatchId,
+            flush_batches::Column::Keys,
+            flush_batches::Column::CommittedAt,
+        ])
+        .values([
+            batch.id.clone().into(),
+            i64::try_from(batch.len()).unwrap_or(i64::MAX).into(),
+            now.into(),
+        ])
+        .map_err(|e| DbErr::Custom(e.to_string()))?
+        .on_conflict(
+            OnConflict::column(flush_batches::Column::BatchId)
+                .do_nothing()
+                .to_owned(),
+        )
+        .to_owned();
+    if txn.execute(&claim).await?.rows_affected() == 0 {
+        txn.rollback().await?;
+        return Ok(WriteOutcome::AlreadyCommitted);
+    }
+    let backend = txn.get_database_backend();
+    let mut statements = 0;
+    for round in batch.rounds() {
+        let chunk_rows = match backend {
+            DbBackend::Postgres => POSTGRES_ROWS_PER_STATEMENT,
+            _ => SQLITE_ROWS_PER_STATEMENT,
+        };
+        for chunk in round.chunks(chunk_rows) {
+            upsert_chunk(&txn, backend, chunk, now).await?;
+            statements += 1;
+        }
+    }
+    txn.commit().await?;
+    Ok(WriteOutcome::Committed { statements })
+}
+
+#[tracing::instrument(name = "db.upsert", skip_all, fields(rows = chunk.len()))]
+async fn upsert_chunk<C: ConnectionTrait>(
+    conn: &C,
+    backend: DbBackend,
+    chunk: &[(&str, i64)],
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    if backend == DbBackend::Postgres {
+        // unnest: three binds whatever the row count, one cached statement text.
+        let keys: Vec<String> = chunk.iter().map(|(k, _)| (*k).to_owned()).collect();
+        let values: Vec<i64> = chunk.iter().map(|(_, v)| *v).collect();
+        let stmt = Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            POSTGRES_UPSERT,
+            [keys.into(), values.into(), now.into()],
+        );
+        conn.execute_raw(stmt).await?;
+        return Ok(());
+    }
+    let rows = chunk.iter().map(|(key, value)| counters::ActiveModel {
+        key: Set((*key).to_owned()),
+        value: Set(*value),
+        created_at: Set(now.into()),
+        updated_at: Set(now.into()),
+    });
+    counters::Entity::insert_many(rows)
+        .on_conflict(
+            OnConflict::column(counters::Column::Key)
+                .value(
+                    counters::Column::Value,
+                    Expr::col((counters::Entity, counters::Column::Value))
+                        .add(Expr::col(("excluded", counters::Column::Value))),
+                )
+                .value(
+                    counters::Column::UpdatedAt,
+                    Expr::col(("excluded", counters::Column::UpdatedAt)),
+                )
+                .to_owned(),
+        )
+        .exec_without_returning(conn)
+        .await?;
+    Ok(())
+}
+
+/// Deletes `flush_batches` rows committed before `before`; returns how many.
+///
+/// # Errors
+/// Any database error.
+pub async fn prune_batches(db: &DatabaseConnection, before: DateTime<Utc>) -> Result<u64, DbErr> {
+    let result = flush_batches::Entity::delete_many()
+        .filter(flush_batches::Column::CommittedAt.lt(before))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_keeps_the_sum_and_the_sign() {
+        assert_eq!(split_i64(5), vec![5]);
+        assert_eq!(split_i64(-5), vec![-5]);
+        let big = 2 * i128::from(i64::MAX) + 7;
+        let parts = split_i64(big);
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts.iter().map(|p| i128::from(*p)).sum::<i128>(), big);
+        let small = 3 * i128::from(i64::MIN);
+        assert_eq!(split_i64(small), vec![i64::MIN; 3]);
+    }
+
+    #[test]
+    fn batches_are_sorted_and_split_into_rounds() {
+        let batch = Batch::new([
+            ("b".to_owned(), 1),
+            ("a".to_owned(), i128::from(i64::MAX) + 1),
+        ]);
+        assert_eq!(batch.deltas[0].0, "a");
+        let rounds = batch.rounds();
+        assert_eq!(
+            rounds,
+            vec![vec![("a", i64::MAX), ("b", 1)], vec![("a", 1)]]
+        );
+    }
+}

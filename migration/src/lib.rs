@@ -1,0 +1,22 @@
+//! Schema migrations for `increment`.
+//!
+//! Applied migrations are never edited: a schema change is a new migration.
+//! The service applies pending ones at start (unless `--no-migrate`); operators
+//! can also run `sea-orm-cli migrate up` or `cargo run -p migration -- up`.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261128_000001_create_counters;
+mod m20261128_000002_create_flush_batches;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261128_000001_create_counters::Migration),
+            Box::new(m20261128_000002_create_flush_batches::Migration),
+        ]
+    }
+}

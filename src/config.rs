@@ -1,0 +1,162 @@
+//! Command-line flags and environment variables → [`api::Settings`].
+//! The `///` docs below are `increment --help`.
+
+use std::{net::SocketAddr, num::NonZeroU64, time::Duration};
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "increment",
+    version,
+    about = "Accepts increments over HTTP, batches them in memory and writes each exactly once to the database."
+)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "INCREMENT_LISTEN", default_value = "0.0.0.0:4000")]
+    pub listen: SocketAddr,
+
+    /// Database URL: postgres://user:pass@host/db or sqlite://file.db?mode=rwc.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://increment.db?mode=rwc",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// How often pending increments are written (e.g. 200ms, 1s).
+    #[arg(long, env = "INCREMENT_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub flush_interval: Duration,
+
+    /// Distinct keys held in the cache before entries are evicted (evicted deltas are still written). At least 1.
+    #[arg(long, env = "INCREMENT_CACHE_CAPACITY", default_value = "1000000")]
+    pub cache_capacity: NonZeroU64,
+
+    /// Time to live of a key's cache entry, counted from its creation.
+    #[arg(long, env = "INCREMENT_CACHE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub cache_ttl: Duration,
+
+    /// Largest request body (e.g. 64KiB, 1MiB, 65536); larger bodies get 413.
+    #[arg(long, env = "INCREMENT_MAX_BODY", default_value = "64KiB", value_parser = parse_bytes)]
+    pub max_body: usize,
+
+    /// Maximum database connections.
+    #[arg(long, env = "INCREMENT_DB_POOL_SIZE", default_value = "10", value_parser = clap::value_parser!(u32).range(1..))]
+    pub db_pool_size: u32,
+
+    /// Time allowed from SIGTERM/Ctrl-C to exit: draining connections, then the final flush.
+    #[arg(long, env = "INCREMENT_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Do not apply pending migrations at start.
+    #[arg(long, env = "INCREMENT_NO_MIGRATE")]
+    pub no_migrate: bool,
+}
+
+impl Config {
+    pub fn into_settings(self) -> api::Settings {
+        api::Settings {
+            listen: self.listen,
+            database_url: self.database_url,
+            flush_interval: self.flush_interval,
+            cache_capacity: self.cache_capacity,
+            cache_ttl: self.cache_ttl,
+            max_body: self.max_body,
+            db_pool_size: self.db_pool_size,
+            shutdown_timeout: self.shutdown_timeout,
+            migrate: !self.no_migrate,
+        }
+    }
+}
+
+/// A humantime duration greater than zero.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration.is_zero() {
+        return Err("must be greater than zero".to_owned());
+    }
+    Ok(duration)
+}
+
+/// A byte size: a number with an optional unit B, KB, KiB, MB, MiB (case-insensitive).
+fn parse_bytes(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: usize = digits
+        .parse()
+        .map_err(|_| "expected a number with an optional unit (B, KB, KiB, MB, MiB)".to_owned())?;
+    let multiplier: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "kib" | "k" => 1_024,
+        "mb" => 1_000_000,
+        "mib" | "m" => 1_048_576,
+        other => return Err(format!("unknown unit {other:?}; use B, KB, KiB, MB or MiB")),
+    };
+    let bytes = number
+        .checked_mul(multiplier)
+        .ok_or_else(|| "too large".to_owned())?;
+    if bytes == 0 {
+        return Err("must be greater than zero".to_owned());
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_match_the_documentation() {
+        let settings = Config::try_parse_from(["increment"])
+            .unwrap()
+            .into_settings();
+        assert_eq!(settings.listen.to_string(), "0.0.0.0:4000");
+        assert_eq!(settings.flush_interval, Duration::from_secs(1));
+        assert_eq!(settings.cache_capacity.get(), 1_000_000);
+        assert_eq!(settings.cache_ttl, Duration::from_secs(10));
+        assert_eq!(settings.max_body, 65_536);
+        assert_eq!(settings.db_pool_size, 10);
+        assert_eq!(settings.shutdown_timeout, Duration::from_secs(30));
+        assert!(settings.migrate);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting_and_the_value() {
+        for (flag, value) in [
+            ("--cache-capacity", "0"),
+            ("--flush-interval", "soon"),
+            ("--flush-interval", "0s"),
+            ("--max-body", "12 parsecs"),
+            ("--db-pool-size", "0"),
+        ] {
+            let err = Config::try_parse_from(["increment", flag, value])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(flag) && err.contains(value),
+                "{flag} {value}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("64KiB"), Ok(65_536));
+        assert_eq!(parse_bytes("1MiB"), Ok(1_048_576));
+        assert_eq!(parse_bytes("2 kb"), Ok(2_000));
+        assert_eq!(parse_bytes("100"), Ok(100));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("KiB").is_err());
+    }
+}

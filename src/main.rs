@@ -1,0 +1,54 @@
+//! The `increment` binary: configuration, telemetry, then the service from the
+//! `api` crate. Everything else lives there.
+
+mod config;
+
+use anyhow::Context;
+use api::{Application, ShutdownReport};
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    api::telemetry::init();
+    let settings = config::Config::parse().into_settings();
+    tracing::info!(?settings, version = env!("CARGO_PKG_VERSION"), "starting");
+    let app = Application::build(settings)
+        .await
+        .context("starting the service")?;
+    match app.run_until_stopped(shutdown_signal()).await {
+        ShutdownReport::Clean => Ok(()),
+        ShutdownReport::Unwritten(unwritten) => anyhow::bail!(
+            "{} keys (total {}) could not be written before the shutdown deadline",
+            unwritten.keys,
+            unwritten.total
+        ),
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("received Ctrl-C"),
+        () = terminate => tracing::info!("received SIGTERM"),
+    }
+}
