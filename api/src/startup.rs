@@ -118,6 +118,16 @@ impl Application {
         Arc::clone(&self.flusher)
     }
 
+    /// The router this application serves (for in-process tests).
+    pub fn router(&self) -> impl poem::Endpoint<Output = poem::Response> + use<> {
+        routes::router(self.state.clone())
+    }
+
+    /// Readiness control (for tests of the shutdown sequence).
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.state.lifecycle.clone()
+    }
+
     /// Serves until `shutdown` completes, then shuts down in order:
     /// readiness off → stop accepting and finish in-flight requests → stop the
     /// flush loop → flush everything pending, retrying until the deadline

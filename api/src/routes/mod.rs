@@ -60,7 +60,7 @@ pub fn openapi(
 }
 
 /// The whole router: API, Swagger UI at `/docs`, the spec at `/openapi.json`.
-pub fn router(state: AppState) -> impl Endpoint {
+pub fn router(state: AppState) -> impl Endpoint<Output = poem::Response> {
     let api = openapi(&state);
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint();

@@ -1,0 +1,53 @@
+use poem::http::StatusCode;
+use testkit::TestDb;
+
+use crate::helpers::spawn_app;
+
+#[tokio::test]
+async fn swagger_ui_is_served_from_the_binary() {
+    let app = spawn_app(TestDb::sqlite().await).await;
+    let response = app.client.get("/docs").send().await;
+    response.assert_status_is_ok();
+    response.assert_content_type("text/html; charset=utf-8");
+    let html = response.0.into_body().into_string().await.unwrap();
+    assert!(html.contains("SwaggerUIBundle"), "the bundle is inlined");
+    for external in ["src=\"http", "href=\"http", "src='http", "href='http"] {
+        assert!(!html.contains(external), "no external asset ({external})");
+    }
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_status_with_its_schema() {
+    let app = spawn_app(TestDb::sqlite().await).await;
+    let response = app.client.get("/openapi.json").send().await;
+    response.assert_status_is_ok();
+    let spec: serde_json::Value =
+        serde_json::from_str(&response.0.into_body().into_string().await.unwrap()).unwrap();
+    let operation = &spec["paths"]["/increment"]["post"];
+    assert_eq!(
+        operation["requestBody"]["content"]["application/json; charset=utf-8"]["schema"]["$ref"],
+        "#/components/schemas/Increment"
+    );
+    let responses = operation["responses"].as_object().unwrap();
+    let mut statuses: Vec<&str> = responses.keys().map(String::as_str).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, ["202", "413", "415", "422"]);
+    for status in ["413", "415", "422"] {
+        assert_eq!(
+            responses[status]["content"]["application/json; charset=utf-8"]["schema"]["$ref"],
+            "#/components/schemas/ErrorBody",
+            "{status}"
+        );
+    }
+    let increment = &spec["components"]["schemas"]["Increment"];
+    assert_eq!(increment["properties"]["key"]["maxLength"], 255);
+    assert_eq!(increment["properties"]["value"]["format"], "int64");
+    assert_eq!(increment["example"]["key"], "page:/home");
+    for probe in ["/healthz", "/readyz"] {
+        assert!(spec["paths"][probe]["get"].is_object(), "{probe}");
+    }
+    assert_eq!(
+        app.client.get("/no-such-route").send().await.0.status(),
+        StatusCode::NOT_FOUND
+    );
+}

@@ -1,0 +1,158 @@
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use api::{FlushOutcome, store};
+use rand::Rng;
+use testkit::{Backend, TestDb, db_tests};
+
+use crate::helpers::{assert_accepted, spawn_app, spawn_app_with, test_settings};
+
+db_tests!(
+    a_failed_flush_keeps_its_batch_and_retries_it_exactly_once,
+    a_replayed_batch_is_not_applied_twice,
+    large_batches_are_chunked_under_the_bind_limit,
+    concurrent_increments_under_eviction_and_expiry_are_written_exactly_once,
+);
+
+async fn a_failed_flush_keeps_its_batch_and_retries_it_exactly_once(db: TestDb) {
+    let app = spawn_app(db).await;
+    assert_accepted(app.increment("a", 1).await).await;
+    assert_accepted(app.increment("b", 2).await).await;
+
+    app.db
+        .execute("ALTER TABLE counters RENAME TO counters_away")
+        .await;
+    assert!(app.flusher.flush_once().await.is_err());
+    // Newer increments, on the failed keys and others, while the batch waits.
+    assert_accepted(app.increment("a", 10).await).await;
+    assert_accepted(app.increment("c", 3).await).await;
+    assert!(app.flusher.flush_once().await.is_err(), "still failing");
+    app.db
+        .execute("ALTER TABLE counters_away RENAME TO counters")
+        .await;
+
+    let outcome = app
+        .flusher
+        .flush_once()
+        .await
+        .expect("the database is back");
+    assert_eq!(
+        outcome,
+        FlushOutcome::Written {
+            keys: 4,
+            batches: 2,
+            statements: 2
+        },
+        "the kept batch first, then the newer deltas"
+    );
+    assert_eq!(
+        app.counters().await,
+        BTreeMap::from([("a".into(), 11), ("b".into(), 2), ("c".into(), 3)])
+    );
+    assert_eq!(app.flusher.flush_once().await.unwrap(), FlushOutcome::Empty);
+}
+
+async fn a_replayed_batch_is_not_applied_twice(db: TestDb) {
+    let app = spawn_app(db).await;
+    let batch = store::Batch::new([("x".to_owned(), 5), ("y".to_owned(), -7)]);
+    let now = chrono::Utc::now();
+    // The first attempt commits but (say) its answer is lost; the flusher
+    // retries the same batch.
+    let first = store::write_batch(app.app.db(), &batch, now).await.unwrap();
+    assert_eq!(first, store::WriteOutcome::Committed { statements: 1 });
+    let retry = store::write_batch(app.app.db(), &batch, now).await.unwrap();
+    assert_eq!(retry, store::WriteOutcome::AlreadyCommitted);
+    assert_eq!(
+        app.counters().await,
+        BTreeMap::from([("x".into(), 5), ("y".into(), -7)])
+    );
+    // A different batch with the same deltas is new work and is applied.
+    let other = store::Batch::new(batch.deltas.clone());
+    store::write_batch(app.app.db(), &other, now).await.unwrap();
+    assert_eq!(app.counters().await.get("x"), Some(&10));
+}
+
+async fn large_batches_are_chunked_under_the_bind_limit(db: TestDb) {
+    let backend = db.backend;
+    let app = spawn_app(db).await;
+    let keys = 20_000;
+    for i in 0..keys {
+        assert_accepted(app.increment(&format!("key-{i:05}"), i).await).await;
+    }
+    let rows_per_statement = match backend {
+        Backend::Sqlite => store::SQLITE_ROWS_PER_STATEMENT,
+        Backend::Postgres => store::POSTGRES_ROWS_PER_STATEMENT,
+    };
+    let expected_statements = (keys as usize).div_ceil(rows_per_statement);
+    assert!(expected_statements > 1, "the test must need several chunks");
+    assert_eq!(
+        app.flush().await,
+        FlushOutcome::Written {
+            keys: keys as usize,
+            batches: 1,
+            statements: expected_statements
+        }
+    );
+    let counters = app.counters().await;
+    assert_eq!(counters.len(), keys as usize);
+    assert!((0..keys).all(|i| counters[&format!("key-{i:05}")] == i));
+}
+
+async fn concurrent_increments_under_eviction_and_expiry_are_written_exactly_once(db: TestDb) {
+    let mut settings = test_settings(&db);
+    // Tiny and short-lived: most increments race an eviction or an expiry.
+    settings.cache_capacity = std::num::NonZeroU64::new(8).unwrap();
+    settings.cache_ttl = Duration::from_millis(5);
+    let app = Arc::new(spawn_app_with(db, settings).await);
+
+    let flushing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flusher = {
+        let app = Arc::clone(&app);
+        let flushing = Arc::clone(&flushing);
+        tokio::spawn(async move {
+            let mut flushes = 0;
+            while flushing.load(std::sync::atomic::Ordering::SeqCst) {
+                app.flusher.flush_once().await.expect("flushes succeed");
+                flushes += 1;
+                tokio::task::yield_now().await;
+            }
+            flushes
+        })
+    };
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let app = Arc::clone(&app);
+            tokio::spawn(async move {
+                let mut sent: BTreeMap<String, i64> = BTreeMap::new();
+                for _ in 0..1_500 {
+                    let (key, value) = {
+                        let mut rng = rand::rng();
+                        let key = if rng.random_bool(0.5) {
+                            format!("hot-{}", rng.random_range(0..3))
+                        } else {
+                            format!("cold-{}", rng.random_range(0..200))
+                        };
+                        (key, rng.random_range(-1_000..=1_000))
+                    };
+                    assert_accepted(app.increment(&key, value).await).await;
+                    *sent.entry(key).or_insert(0) += value;
+                }
+                sent
+            })
+        })
+        .collect();
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    for writer in writers {
+        for (key, value) in writer.await.unwrap() {
+            *expected.entry(key).or_insert(0) += value;
+        }
+    }
+    flushing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let flushes = flusher.await.unwrap();
+    assert!(flushes > 1, "drains ran while requests were recorded");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    app.flusher
+        .flush_remaining(deadline)
+        .await
+        .expect("everything is written");
+    assert_eq!(app.counters().await, expected);
+}

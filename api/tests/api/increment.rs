@@ -1,0 +1,226 @@
+use poem::http::StatusCode;
+use testkit::{TestDb, db_tests};
+
+use crate::helpers::{assert_accepted, error_message, spawn_app};
+
+db_tests!(
+    accepted_increments_are_summed_and_written,
+    every_malformed_body_gets_422_naming_the_field_and_changes_nothing,
+    content_type_and_size_errors,
+    odd_keys_are_stored_verbatim,
+    a_pending_delta_never_leaves_i64,
+);
+
+async fn accepted_increments_are_summed_and_written(db: TestDb) {
+    let app = spawn_app(db).await;
+    for (key, value) in [("a", 5), ("a", -2), ("b", i64::MIN), ("zero", 0), ("a", 10)] {
+        assert_accepted(app.increment(key, value).await).await;
+    }
+    app.flush().await;
+    let counters = app.counters().await;
+    assert_eq!(counters.get("a"), Some(&13));
+    assert_eq!(counters.get("b"), Some(&i64::MIN));
+    assert_eq!(
+        counters.get("zero"),
+        Some(&0),
+        "a zero increment creates the counter"
+    );
+    assert_eq!(counters.len(), 3);
+
+    // A second round adds to the stored values.
+    assert_accepted(app.increment("a", 7).await).await;
+    app.flush().await;
+    assert_eq!(app.counters().await.get("a"), Some(&20));
+}
+
+async fn every_malformed_body_gets_422_naming_the_field_and_changes_nothing(db: TestDb) {
+    let app = spawn_app(db).await;
+    let long_key = "k".repeat(256);
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "invalid JSON",
+            r#"{"key": "a", "value": "#.into(),
+            "not valid JSON",
+        ),
+        ("empty body", String::new(), "JSON object"),
+        (
+            "array",
+            r#"[{"key":"a","value":1}]"#.into(),
+            "found an array",
+        ),
+        (
+            "missing key",
+            r#"{"value": 1}"#.into(),
+            "\"key\" is missing",
+        ),
+        (
+            "missing value",
+            r#"{"key": "a"}"#.into(),
+            "\"value\" is missing",
+        ),
+        (
+            "value as string",
+            r#"{"key": "a", "value": "1"}"#.into(),
+            "\"value\" must be an integer, found a string",
+        ),
+        (
+            "value as float",
+            r#"{"key": "a", "value": 1.5}"#.into(),
+            "\"value\" must be an integer, found 1.5",
+        ),
+        (
+            "value null",
+            r#"{"key": "a", "value": null}"#.into(),
+            "\"value\" must be an integer, found null",
+        ),
+        (
+            "key as number",
+            r#"{"key": 7, "value": 1}"#.into(),
+            "\"key\" must be a string, found a number",
+        ),
+        (
+            "key null",
+            r#"{"key": null, "value": 1}"#.into(),
+            "\"key\" must be a string, found null",
+        ),
+        (
+            "empty key",
+            r#"{"key": "", "value": 1}"#.into(),
+            "\"key\" must not be empty",
+        ),
+        (
+            "key too long",
+            format!(r#"{{"key": "{long_key}", "value": 1}}"#),
+            "at most 255 characters",
+        ),
+        (
+            "NUL in key",
+            r#"{"key": "a\u0000b", "value": 1}"#.into(),
+            "NUL",
+        ),
+        (
+            "value 2^63",
+            r#"{"key": "a", "value": 9223372036854775808}"#.into(),
+            "signed 64-bit range",
+        ),
+        (
+            "value below -2^63",
+            r#"{"key": "a", "value": -9223372036854775809}"#.into(),
+            "signed 64-bit range",
+        ),
+        (
+            "value 1e30",
+            r#"{"key": "a", "value": 1e30}"#.into(),
+            "signed 64-bit range",
+        ),
+        (
+            "value true",
+            r#"{"key": "a", "value": true}"#.into(),
+            "found a boolean",
+        ),
+        ("a string body", r#""a""#.into(), "found a string"),
+    ];
+    for (case, body, expected) in cases {
+        let message =
+            error_message(app.post_json(&body).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert!(
+            message.contains(expected),
+            "{case}: expected {expected:?} in {message:?}"
+        );
+    }
+    assert_eq!(
+        app.flusher.flush_once().await.unwrap(),
+        api::FlushOutcome::Empty,
+        "no rejected request recorded anything"
+    );
+    assert!(app.counters().await.is_empty());
+}
+
+async fn content_type_and_size_errors(db: TestDb) {
+    let app = spawn_app(db).await;
+    let body = r#"{"key": "a", "value": 1}"#;
+
+    let no_type = app.client.post("/increment").body(body).send().await;
+    let message = error_message(no_type, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
+    assert!(message.contains("Content-Type"), "{message}");
+
+    let text = app
+        .client
+        .post("/increment")
+        .content_type("text/plain")
+        .body(body)
+        .send()
+        .await;
+    error_message(text, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
+
+    // 64 KiB is the limit: one byte more is refused, exactly the limit is not
+    // (it is then refused as JSON, proving it got past the size check).
+    let padded = |len: usize| {
+        let mut body = String::from(r#"{"key": "big", "value": 1}"#);
+        body.push_str(&" ".repeat(len - body.len()));
+        body
+    };
+    let at_limit = app.post_json(&padded(64 * 1024)).await;
+    assert_accepted(at_limit).await;
+    let over = app.post_json(&padded(64 * 1024 + 1)).await;
+    let message = error_message(over, StatusCode::PAYLOAD_TOO_LARGE).await;
+    assert!(message.contains("65536"), "{message}");
+
+    // A chunked body (no Content-Length) is limited as it is read.
+    let stream = futures::stream::iter((0..70).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024])));
+    let chunked = app
+        .client
+        .post("/increment")
+        .content_type("application/json")
+        .body(poem::Body::from_bytes_stream(stream))
+        .send()
+        .await;
+    error_message(chunked, StatusCode::PAYLOAD_TOO_LARGE).await;
+
+    app.flush().await;
+    assert_eq!(
+        app.counters().await.into_iter().collect::<Vec<_>>(),
+        vec![("big".to_owned(), 1)],
+        "only the request within the limit counted"
+    );
+}
+
+async fn odd_keys_are_stored_verbatim(db: TestDb) {
+    let app = spawn_app(db).await;
+    let keys = [
+        "Page:/Home",
+        "page:/home",
+        " leading and trailing spaces ",
+        "it's \"quoted\"",
+        "'; DROP TABLE counters; --",
+        "a/b\\c%20d?e=f&g#h",
+        "日本語のキー",
+        "emoji 🎉👍🏽",
+        "tab\tnew\nline",
+        "literal \\0 not a NUL",
+        &"é".repeat(255),
+    ];
+    for (i, key) in keys.iter().enumerate() {
+        assert_accepted(app.increment(key, i as i64 + 1).await).await;
+    }
+    app.flush().await;
+    let counters = app.counters().await;
+    assert_eq!(counters.len(), keys.len());
+    for (i, key) in keys.iter().enumerate() {
+        assert_eq!(counters.get(*key), Some(&(i as i64 + 1)), "{key:?}");
+    }
+}
+
+async fn a_pending_delta_never_leaves_i64(db: TestDb) {
+    let app = spawn_app(db).await;
+    assert_accepted(app.increment("max", i64::MAX).await).await;
+    let message = error_message(
+        app.increment("max", 1).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert!(message.contains("\"value\""), "{message}");
+    assert_accepted(app.increment("max", -1).await).await;
+    app.flush().await;
+    assert_eq!(app.counters().await.get("max"), Some(&(i64::MAX - 1)));
+}

@@ -1,0 +1,10 @@
+//! The service through its real router and a real database (SQLite always,
+//! PostgreSQL when `TEST_DATABASE_URL` is set).
+
+mod helpers;
+
+mod docs;
+mod flush;
+mod health;
+mod increment;
+mod shutdown;

@@ -1,0 +1,198 @@
+//! A fresh database per test: SQLite always, PostgreSQL when
+//! `TEST_DATABASE_URL` is set (a UUID-named database created on that server and
+//! dropped when the test ends).
+//!
+//! [`db_tests!`] turns one `async fn(TestDb)` into a `sqlite` and a `postgres`
+//! test; the PostgreSQL one says on stdout that it was skipped when no server
+//! is configured.
+
+use std::collections::BTreeMap;
+
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+
+/// Which database a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database that exists for one test only.
+pub struct TestDb {
+    pub url: String,
+    pub backend: Backend,
+    /// Holds the SQLite file's directory alive.
+    _dir: Option<tempfile::TempDir>,
+    /// PostgreSQL: the server URL and the database name, to drop it.
+    postgres: Option<(String, String)>,
+}
+
+impl TestDb {
+    /// A new, empty SQLite database in a temporary directory.
+    pub async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory can be created");
+        let path = dir.path().join("test.db");
+        Self {
+            url: format!("sqlite://{}?mode=rwc", path.display()),
+            backend: Backend::Sqlite,
+            _dir: Some(dir),
+            postgres: None,
+        }
+    }
+
+    /// A new, empty PostgreSQL database, or `None` (with a note on stdout)
+    /// when `TEST_DATABASE_URL` is not set.
+    pub async fn postgres() -> Option<Self> {
+        let Ok(server_url) = std::env::var("TEST_DATABASE_URL") else {
+            println!("PostgreSQL skipped: TEST_DATABASE_URL is not set");
+            return None;
+        };
+        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+        let admin = Database::connect(&server_url)
+            .await
+            .expect("TEST_DATABASE_URL must point at a reachable PostgreSQL server");
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .expect("the test user may create databases");
+        admin.close().await.ok();
+        Some(Self {
+            url: with_database(&server_url, &name),
+            backend: Backend::Postgres,
+            _dir: None,
+            postgres: Some((server_url, name)),
+        })
+    }
+
+    pub async fn connect(&self) -> DatabaseConnection {
+        Database::connect(&self.url)
+            .await
+            .expect("the test database accepts connections")
+    }
+
+    /// Every stored counter, `key → value`.
+    pub async fn counters(&self) -> BTreeMap<String, i64> {
+        let db = self.connect().await;
+        let rows = db
+            .query_all_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT key, value FROM counters",
+            ))
+            .await
+            .expect("counters can be read");
+        let counters = rows
+            .iter()
+            .map(|row| {
+                let key: String = row.try_get("", "key").expect("key is text");
+                let value: i64 = row.try_get("", "value").expect("value is bigint");
+                (key, value)
+            })
+            .collect();
+        db.close().await.ok();
+        counters
+    }
+
+    /// Runs one SQL statement (test sabotage: rename a table, etc.).
+    pub async fn execute(&self, sql: &str) {
+        let db = self.connect().await;
+        db.execute_unprepared(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        db.close().await.ok();
+    }
+
+    pub fn db_backend(&self) -> DbBackend {
+        match self.backend {
+            Backend::Sqlite => DbBackend::Sqlite,
+            Backend::Postgres => DbBackend::Postgres,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((server_url, name)) = self.postgres.take() else {
+            return;
+        };
+        // Drop may run inside a runtime that is shutting down: use a thread
+        // with its own runtime.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime can be built");
+            runtime.block_on(async {
+                if let Ok(admin) = Database::connect(&server_url).await {
+                    let _ = admin
+                        .execute_unprepared(&format!(
+                            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                        ))
+                        .await;
+                    admin.close().await.ok();
+                }
+            });
+        })
+        .join();
+        if dropped.is_err() {
+            eprintln!("dropping a test database panicked");
+        }
+    }
+}
+
+/// `postgres://u@h:5432/postgres?x=y` with the database replaced by `name`.
+pub fn with_database(server_url: &str, name: &str) -> String {
+    let (base, query) = match server_url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (server_url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    let mut url = format!("{}/{}", &base[..path_start], name);
+    if let Some(query) = query {
+        url.push('?');
+        url.push_str(query);
+    }
+    url
+}
+
+/// One `async fn(TestDb)` → a `sqlite` and a `postgres` `#[tokio::test]`.
+#[macro_export]
+macro_rules! db_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$name($crate::TestDb::sqlite().await).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    if let Some(db) = $crate::TestDb::postgres().await {
+                        super::$name(db).await;
+                    }
+                }
+            }
+        )*
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_only_the_database_name() {
+        assert_eq!(
+            with_database("postgres://postgres@127.0.0.1:5432/postgres", "t1"),
+            "postgres://postgres@127.0.0.1:5432/t1"
+        );
+        assert_eq!(
+            with_database("postgres://u:p@h/db?sslmode=disable", "t2"),
+            "postgres://u:p@h/t2?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "t3"), "postgres://h/t3");
+    }
+}
