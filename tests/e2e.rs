@@ -1,0 +1,208 @@
+//! End to end through the real binary: start it on a free port against a fresh
+//! database, load it over keep-alive connections, stop it with SIGTERM, and
+//! compare every stored value with what was answered 202.
+
+use std::{
+    collections::BTreeMap,
+    net::TcpListener,
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use rand::Rng;
+use testkit::{TestDb, db_tests};
+use tokio::process::{Child, Command};
+
+const CONNECTIONS: usize = 50;
+const REQUESTS: usize = 100_000;
+const KEYS: usize = 1_000;
+
+/// The binary under test, listening on a free loopback port.
+struct Service {
+    child: Child,
+    base: String,
+}
+
+impl Service {
+    async fn start(db: &TestDb) -> Self {
+        // Ask the kernel for a free port, then hand it to the binary.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_increment"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--database-url", &db.url])
+            .args(["--flush-interval", "100ms"])
+            .args(["--shutdown-timeout", "30s"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the binary starts");
+        let service = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        service.wait_until_ready().await;
+        service
+    }
+
+    async fn wait_until_ready(&self) {
+        let client = reqwest::Client::new();
+        for _ in 0..300 {
+            if let Ok(response) = client.get(format!("{}/readyz", self.base)).send().await
+                && response.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the service did not become ready within 30 s");
+    }
+
+    fn terminate(&self) {
+        let pid = self.child.id().expect("the service is running");
+        nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGTERM).expect("SIGTERM sent");
+    }
+
+    async fn wait_for_exit(mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("the service exits within 60 s of SIGTERM")
+            .expect("the exit status can be read")
+    }
+}
+
+/// Sends `REQUESTS` increments over `CONNECTIONS` keep-alive connections;
+/// returns the sum per key of those answered 202. Calls `midway` once when
+/// `stop_after` requests have been answered.
+async fn load(
+    base: &str,
+    stop_after: Option<(usize, Box<dyn FnOnce() + Send>)>,
+) -> (BTreeMap<String, i64>, usize) {
+    let answered = Arc::new(AtomicUsize::new(0));
+    let midway = Arc::new(threshold::Once::new(stop_after));
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let url = format!("{base}/increment");
+            let answered = Arc::clone(&answered);
+            let midway = Arc::clone(&midway);
+            tokio::spawn(async move {
+                // One client per task with one idle connection: a
+                // keep-alive connection per task.
+                let client = reqwest::Client::builder()
+                    .pool_max_idle_per_host(1)
+                    .build()
+                    .unwrap();
+                let mut accepted: BTreeMap<String, i64> = BTreeMap::new();
+                let mut refused = 0;
+                for _ in 0..REQUESTS / CONNECTIONS {
+                    let (key, value) = {
+                        let mut rng = rand::rng();
+                        // A few hot keys take half the traffic.
+                        let index = if rng.random_bool(0.5) {
+                            rng.random_range(0..10)
+                        } else {
+                            rng.random_range(0..KEYS)
+                        };
+                        (
+                            format!("key-{index}"),
+                            rng.random_range(-1_000_000..=1_000_000),
+                        )
+                    };
+                    let body = format!(r#"{{"key":"{key}","value":{value}}}"#);
+                    let sent = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(response) if response.status() == 202 => {
+                            *accepted.entry(key).or_insert(0) += value;
+                        }
+                        Ok(response) => panic!("unexpected status {}", response.status()),
+                        // After SIGTERM the listener is closed: not accepted, not counted.
+                        Err(_) => refused += 1,
+                    }
+                    let n = answered.fetch_add(1, Ordering::SeqCst) + 1;
+                    midway.fire_at(n);
+                }
+                (accepted, refused)
+            })
+        })
+        .collect();
+    let mut expected = BTreeMap::new();
+    let mut refused = 0;
+    for task in tasks {
+        let (accepted, task_refused) = task.await.unwrap();
+        refused += task_refused;
+        for (key, value) in accepted {
+            *expected.entry(key).or_insert(0) += value;
+        }
+    }
+    (expected, refused)
+}
+
+/// A callback that runs once, when a counter reaches its threshold.
+mod threshold {
+    use std::sync::Mutex;
+
+    pub struct Once(Mutex<Option<(usize, Box<dyn FnOnce() + Send>)>>);
+
+    impl Once {
+        pub fn new(at: Option<(usize, Box<dyn FnOnce() + Send>)>) -> Self {
+            Self(Mutex::new(at))
+        }
+
+        pub fn fire_at(&self, n: usize) {
+            let mut slot = self.0.lock().unwrap();
+            if slot.as_ref().is_some_and(|(at, _)| n >= *at)
+                && let Some((_, callback)) = slot.take()
+            {
+                callback();
+            }
+        }
+    }
+}
+
+db_tests!(
+    every_accepted_increment_is_stored_after_sigterm,
+    sigterm_during_load_keeps_every_accepted_increment,
+);
+
+async fn every_accepted_increment_is_stored_after_sigterm(db: TestDb) {
+    let service = Service::start(&db).await;
+    let (expected, refused) = load(&service.base, None).await;
+    assert_eq!(refused, 0, "every request was answered");
+    service.terminate();
+    assert!(
+        service.wait_for_exit().await.success(),
+        "exit 0 after a clean shutdown"
+    );
+    assert_eq!(db.counters().await, expected);
+}
+
+async fn sigterm_during_load_keeps_every_accepted_increment(db: TestDb) {
+    let service = Service::start(&db).await;
+    let pid = Pid::from_raw(service.child.id().expect("running") as i32);
+    let terminate: Box<dyn FnOnce() + Send> = Box::new(move || {
+        nix::sys::signal::kill(pid, Signal::SIGTERM).expect("SIGTERM sent");
+    });
+    let (expected, refused) = load(&service.base, Some((REQUESTS / 2, terminate))).await;
+    assert!(
+        service.wait_for_exit().await.success(),
+        "exit 0 after a clean shutdown"
+    );
+    assert!(refused > 0, "the load outlived the listener");
+    let accepted: usize = expected.len();
+    assert!(accepted > 0);
+    assert_eq!(db.counters().await, expected, "exactly the 202s are stored");
+}
