@@ -67,9 +67,12 @@ impl Service {
         panic!("the service did not become ready within 30 s");
     }
 
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id().expect("the service is running") as i32)
+    }
+
     fn terminate(&self) {
-        let pid = self.child.id().expect("the service is running");
-        nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGTERM).expect("SIGTERM sent");
+        nix::sys::signal::kill(self.pid(), Signal::SIGTERM).expect("SIGTERM sent");
     }
 
     async fn wait_for_exit(mut self) -> std::process::ExitStatus {
@@ -81,19 +84,14 @@ impl Service {
 }
 
 /// Sends `REQUESTS` increments over `CONNECTIONS` keep-alive connections;
-/// returns the sum per key of those answered 202. Calls `midway` once when
-/// `stop_after` requests have been answered.
-async fn load(
-    base: &str,
-    stop_after: Option<(usize, Box<dyn FnOnce() + Send>)>,
-) -> (BTreeMap<String, i64>, usize) {
+/// returns the sum per key of those answered 202, and how many failed. With
+/// `sigterm_after = (n, pid)`, sends SIGTERM to `pid` once `n` were answered.
+async fn load(base: &str, sigterm_after: Option<(usize, Pid)>) -> (BTreeMap<String, i64>, usize) {
     let answered = Arc::new(AtomicUsize::new(0));
-    let midway = Arc::new(threshold::Once::new(stop_after));
     let tasks: Vec<_> = (0..CONNECTIONS)
         .map(|_| {
             let url = format!("{base}/increment");
             let answered = Arc::clone(&answered);
-            let midway = Arc::clone(&midway);
             tokio::spawn(async move {
                 // One client per task with one idle connection: a
                 // keep-alive connection per task.
@@ -133,7 +131,11 @@ async fn load(
                         Err(_) => refused += 1,
                     }
                     let n = answered.fetch_add(1, Ordering::SeqCst) + 1;
-                    midway.fire_at(n);
+                    if let Some((at, pid)) = sigterm_after
+                        && n == at
+                    {
+                        nix::sys::signal::kill(pid, Signal::SIGTERM).expect("SIGTERM sent");
+                    }
                 }
                 (accepted, refused)
             })
@@ -149,28 +151,6 @@ async fn load(
         }
     }
     (expected, refused)
-}
-
-/// A callback that runs once, when a counter reaches its threshold.
-mod threshold {
-    use std::sync::Mutex;
-
-    pub struct Once(Mutex<Option<(usize, Box<dyn FnOnce() + Send>)>>);
-
-    impl Once {
-        pub fn new(at: Option<(usize, Box<dyn FnOnce() + Send>)>) -> Self {
-            Self(Mutex::new(at))
-        }
-
-        pub fn fire_at(&self, n: usize) {
-            let mut slot = self.0.lock().unwrap();
-            if slot.as_ref().is_some_and(|(at, _)| n >= *at)
-                && let Some((_, callback)) = slot.take()
-            {
-                callback();
-            }
-        }
-    }
 }
 
 db_tests!(
@@ -192,17 +172,12 @@ async fn every_accepted_increment_is_stored_after_sigterm(db: TestDb) {
 
 async fn sigterm_during_load_keeps_every_accepted_increment(db: TestDb) {
     let service = Service::start(&db).await;
-    let pid = Pid::from_raw(service.child.id().expect("running") as i32);
-    let terminate: Box<dyn FnOnce() + Send> = Box::new(move || {
-        nix::sys::signal::kill(pid, Signal::SIGTERM).expect("SIGTERM sent");
-    });
-    let (expected, refused) = load(&service.base, Some((REQUESTS / 2, terminate))).await;
+    let (expected, refused) = load(&service.base, Some((REQUESTS / 2, service.pid()))).await;
     assert!(
         service.wait_for_exit().await.success(),
         "exit 0 after a clean shutdown"
     );
     assert!(refused > 0, "the load outlived the listener");
-    let accepted: usize = expected.len();
-    assert!(accepted > 0);
+    assert!(!expected.is_empty());
     assert_eq!(db.counters().await, expected, "exactly the 202s are stored");
 }
