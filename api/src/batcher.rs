@@ -16,7 +16,10 @@
 use std::{
     collections::HashMap,
     num::NonZeroU64,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -58,11 +61,12 @@ struct SlotState {
 
 impl SlotState {
     /// Takes the pending delta, if any, leaving the slot clean.
-    fn take(&mut self) -> Option<i64> {
+    fn take(&mut self, dirty_slots: &AtomicU64) -> Option<i64> {
         if !self.dirty {
             return None;
         }
         self.dirty = false;
+        dirty_slots.fetch_sub(1, Ordering::Relaxed);
         Some(std::mem::take(&mut self.delta))
     }
 }
@@ -82,6 +86,9 @@ pub struct Batcher {
     evicted: Arc<Mutex<Deltas>>,
     /// Evictions seen by the listener, for metrics.
     evictions: Arc<Mutex<EvictionCounts>>,
+    /// Live slots holding a delta not yet drained (exact, unlike moka's
+    /// entry count, which lags until maintenance).
+    dirty_slots: Arc<AtomicU64>,
     /// When the oldest delta not yet drained was recorded; `None` when nothing
     /// has been recorded since the last drain.
     pending_since: Mutex<Option<Instant>>,
@@ -98,6 +105,8 @@ impl Batcher {
         let evictions: Arc<Mutex<EvictionCounts>> = Arc::default();
         let listener_evicted = Arc::clone(&evicted);
         let listener_evictions = Arc::clone(&evictions);
+        let dirty_slots: Arc<AtomicU64> = Arc::default();
+        let listener_dirty_slots = Arc::clone(&dirty_slots);
         // The listener must never panic: moka disables it for good after one
         // panic and later evictions would be lost. parking_lot locks do not poison.
         let cache = Cache::builder()
@@ -110,7 +119,7 @@ impl Batcher {
                     let remainder = {
                         let mut state = slot.state.lock();
                         state.sealed = true;
-                        state.take()
+                        state.take(&listener_dirty_slots)
                     };
                     if let Some(delta) = remainder {
                         *listener_evicted
@@ -131,6 +140,7 @@ impl Batcher {
             cache,
             evicted,
             evictions,
+            dirty_slots,
             pending_since: Mutex::new(None),
         }
     }
@@ -158,7 +168,10 @@ impl Batcher {
                 .delta
                 .checked_add(delta)
                 .ok_or(BatchError::DeltaOverflow)?;
-            state.dirty = true;
+            if !state.dirty {
+                state.dirty = true;
+                self.dirty_slots.fetch_add(1, Ordering::Relaxed);
+            }
             drop(state);
             let mut since = self.pending_since.lock();
             if since.is_none() {
@@ -179,7 +192,7 @@ impl Batcher {
         let mut deltas = std::mem::take(&mut *self.evicted.lock());
         for (key, slot) in self.cache.iter() {
             // A sealed slot was emptied by the listener; `take` returns None.
-            if let Some(delta) = slot.state.lock().take() {
+            if let Some(delta) = slot.state.lock().take(&self.dirty_slots) {
                 *deltas.entry(key.as_ref().clone()).or_insert(0) += i128::from(delta);
             }
         }
@@ -219,10 +232,11 @@ impl Batcher {
         }
     }
 
-    /// Keys in the cache plus keys moved aside; approximate (moka's count lags
-    /// until maintenance) and may count a key twice.
+    /// Keys holding a pending delta: live slots with a delta plus remainders
+    /// moved aside by evictions (a key in both counts twice; that is rare and
+    /// errs on the safe side for a bound).
     pub fn pending_keys(&self) -> u64 {
-        self.cache.entry_count() + self.evicted.lock().len() as u64
+        self.dirty_slots.load(Ordering::Relaxed) + self.evicted.lock().len() as u64
     }
 
     /// Age of the oldest delta recorded since the last drain.
@@ -319,6 +333,20 @@ mod tests {
         assert_eq!(total, 1_000);
         let evictions = b.evictions();
         assert!(evictions.size + evictions.expired > 0, "{evictions:?}");
+    }
+
+    #[test]
+    fn pending_keys_is_exact_between_drains() {
+        let b = batcher(2, Duration::from_secs(60));
+        assert_eq!(b.pending_keys(), 0);
+        b.record("a", 1).unwrap();
+        b.record("a", 1).unwrap();
+        b.record("b", 1).unwrap();
+        assert_eq!(b.pending_keys(), 2);
+        b.seal_all();
+        assert_eq!(b.pending_keys(), 2, "moved aside, still pending");
+        b.drain();
+        assert_eq!(b.pending_keys(), 0);
     }
 
     #[test]

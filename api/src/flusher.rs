@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     batcher::Batcher,
     error::error_chain,
+    metrics::Metrics,
     store::{self, Batch, WriteOutcome},
 };
 
@@ -78,6 +79,7 @@ pub struct Unwritten {
 pub struct Flusher {
     batcher: Arc<Batcher>,
     db: DatabaseConnection,
+    metrics: Arc<Metrics>,
     interval: Duration,
     /// The batch drained but not yet known to be committed. Set by the drain
     /// (inside the blocking task, so a cancelled `flush_once` cannot lose a
@@ -90,10 +92,16 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    pub fn new(batcher: Arc<Batcher>, db: DatabaseConnection, interval: Duration) -> Self {
+    pub fn new(
+        batcher: Arc<Batcher>,
+        db: DatabaseConnection,
+        metrics: Arc<Metrics>,
+        interval: Duration,
+    ) -> Self {
         Self {
             batcher,
             db,
+            metrics,
             interval,
             unconfirmed: Arc::default(),
             flush_lock: tokio::sync::Mutex::new(()),
@@ -114,6 +122,32 @@ impl Flusher {
     #[tracing::instrument(name = "flush", skip_all, fields(keys = tracing::field::Empty, outcome = tracing::field::Empty))]
     pub async fn flush_once(&self) -> Result<FlushOutcome, FlushError> {
         let _serial = self.flush_lock.lock().await;
+        let started = Instant::now();
+        let result = self.flush_serialised().await;
+        let metrics = &self.metrics;
+        match &result {
+            Ok(FlushOutcome::Empty) => metrics.last_flush_success.set(unix_now()),
+            Ok(FlushOutcome::Written { keys, .. }) => {
+                metrics
+                    .flush_duration
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.flush_keys.observe(*keys as f64);
+                metrics.flushed_keys.inc_by(*keys as u64);
+                metrics.last_flush_success.set(unix_now());
+            }
+            Err(_) => {
+                metrics
+                    .flush_duration
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.flush_failures.inc();
+                tracing::Span::current().record("outcome", "failed");
+            }
+        }
+        result
+    }
+
+    /// The flush itself; the caller holds `flush_lock`.
+    async fn flush_serialised(&self) -> Result<FlushOutcome, FlushError> {
         let mut keys = 0;
         let mut batches = 0;
         let mut statements = 0;
@@ -284,6 +318,12 @@ impl Flusher {
         }
         unwritten
     }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Delay before retry number `failures` (≥ 1): the interval doubled per

@@ -13,12 +13,16 @@
 //! - [`flusher`]: the write loop: drain, write with a batch id, retry, final flush.
 //! - [`store`]: the SQL: the idempotent batch write for PostgreSQL and SQLite.
 //! - [`limits`]: request body size limit.
+//! - [`metrics`]: every Prometheus metric, served at `/metrics`.
+//! - [`observe`]: per-request metrics (and the request span).
 //! - [`telemetry`]: the tracing subscriber.
 
 pub mod batcher;
 pub mod error;
 pub mod flusher;
 pub mod limits;
+pub mod metrics;
+pub mod observe;
 pub mod routes;
 pub mod settings;
 pub mod startup;

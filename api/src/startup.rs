@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     batcher::Batcher,
     flusher::{Flusher, Unwritten},
+    metrics::Metrics,
     routes::{self, AppState, Lifecycle},
     settings::{Settings, SettingsError},
 };
@@ -85,15 +86,18 @@ impl Application {
             .unwrap_or(settings.listen);
 
         let batcher = Arc::new(Batcher::new(settings.cache_capacity, settings.cache_ttl));
+        let metrics = Arc::new(Metrics::new());
         let flusher = Arc::new(Flusher::new(
             Arc::clone(&batcher),
             db.clone(),
+            Arc::clone(&metrics),
             settings.flush_interval,
         ));
         let state = AppState {
             batcher,
             db,
             lifecycle: Lifecycle::default(),
+            metrics,
             max_body: settings.max_body,
         };
         Ok(Self {

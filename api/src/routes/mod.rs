@@ -8,11 +8,11 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use poem::{Endpoint, EndpointExt, Route};
+use poem::{Endpoint, EndpointExt, Route, get, handler, web::Data};
 use poem_openapi::OpenApiService;
 use sea_orm::DatabaseConnection;
 
-use crate::{batcher::Batcher, limits::BodyLimit};
+use crate::{batcher::Batcher, limits::BodyLimit, metrics::Metrics, observe::Observe};
 
 /// Readiness as the load balancer sees it: true until shutdown begins.
 #[derive(Clone, Default)]
@@ -36,6 +36,7 @@ pub struct AppState {
     pub batcher: Arc<Batcher>,
     pub db: DatabaseConnection,
     pub lifecycle: Lifecycle,
+    pub metrics: Arc<Metrics>,
     pub max_body: usize,
 }
 
@@ -67,6 +68,17 @@ pub fn router(state: AppState) -> impl Endpoint<Output = poem::Response> {
     Route::new()
         .nest("/docs", docs)
         .at("/openapi.json", spec)
+        .at("/metrics", get(metrics).data(state.clone()))
         .nest("/", api)
         .with(BodyLimit::new(state.max_body))
+        .with(Observe::new(Arc::clone(&state.metrics)))
+}
+
+/// Prometheus text exposition (not part of the OpenAPI document).
+#[handler]
+fn metrics(state: Data<&AppState>) -> poem::Response {
+    let body = state.metrics.render(&state.batcher, &state.db);
+    poem::Response::builder()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(body)
 }

@@ -105,6 +105,8 @@ async fn concurrent_increments_under_eviction_and_expiry_are_written_exactly_onc
     let app = Arc::new(spawn_app_with(db, settings).await);
 
     let flushing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // Flush count, so writers can wait for drains to happen mid-stream.
+    let (flushed, flushes_seen) = tokio::sync::watch::channel(0u64);
     let flusher = {
         let app = Arc::clone(&app);
         let flushing = Arc::clone(&flushing);
@@ -113,6 +115,7 @@ async fn concurrent_increments_under_eviction_and_expiry_are_written_exactly_onc
             while flushing.load(std::sync::atomic::Ordering::SeqCst) {
                 app.flusher.flush_once().await.expect("flushes succeed");
                 flushes += 1;
+                flushed.send_replace(flushes);
                 tokio::task::yield_now().await;
             }
             flushes
@@ -121,9 +124,15 @@ async fn concurrent_increments_under_eviction_and_expiry_are_written_exactly_onc
     let writers: Vec<_> = (0..8)
         .map(|_| {
             let app = Arc::clone(&app);
+            let mut flushes_seen = flushes_seen.clone();
             tokio::spawn(async move {
                 let mut sent: BTreeMap<String, i64> = BTreeMap::new();
-                for _ in 0..1_500 {
+                for i in 0..1_500 {
+                    if i % 300 == 299 {
+                        // Let at least one drain run in the middle of this stream.
+                        let seen = *flushes_seen.borrow_and_update();
+                        flushes_seen.wait_for(|n| *n > seen).await.unwrap();
+                    }
                     let (key, value) = {
                         let mut rng = rand::rng();
                         let key = if rng.random_bool(0.5) {
@@ -148,7 +157,10 @@ async fn concurrent_increments_under_eviction_and_expiry_are_written_exactly_onc
     }
     flushing.store(false, std::sync::atomic::Ordering::SeqCst);
     let flushes = flusher.await.unwrap();
-    assert!(flushes > 1, "drains ran while requests were recorded");
+    assert!(
+        flushes >= 4,
+        "drains ran while requests were recorded ({flushes})"
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     app.flusher
         .flush_remaining(deadline)

@@ -7,4 +7,5 @@ mod docs;
 mod flush;
 mod health;
 mod increment;
+mod metrics;
 mod shutdown;
