@@ -3,6 +3,7 @@
 
 use std::{net::SocketAddr, num::NonZeroU64, time::Duration};
 
+use api::telemetry::{LogFormat, TelemetrySettings};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -52,9 +53,40 @@ pub struct Config {
     /// Do not apply pending migrations at start.
     #[arg(long, env = "INCREMENT_NO_MIGRATE")]
     pub no_migrate: bool,
+
+    /// Log line format: text or json (json lines carry trace_id and span_id).
+    #[arg(long, env = "INCREMENT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
+    /// OTLP/HTTP endpoint for traces (e.g. http://localhost:4318); unset: no export.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// service.name of exported spans.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "increment")]
+    pub service_name: String,
+
+    /// service.instance.id of exported spans (default: hostname-pid).
+    #[arg(long, env = "INCREMENT_INSTANCE_ID")]
+    pub instance_id: Option<String>,
 }
 
 impl Config {
+    pub fn telemetry_settings(&self) -> TelemetrySettings {
+        TelemetrySettings {
+            log_format: match self.log_format.as_str() {
+                "json" => LogFormat::Json,
+                _ => LogFormat::Text,
+            },
+            otlp_endpoint: self.otlp_endpoint.clone().filter(|e| !e.is_empty()),
+            service_name: self.service_name.clone(),
+            instance_id: self
+                .instance_id
+                .clone()
+                .unwrap_or_else(api::telemetry::default_instance_id),
+        }
+    }
+
     pub fn into_settings(self) -> api::Settings {
         api::Settings {
             listen: self.listen,

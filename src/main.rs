@@ -3,15 +3,38 @@
 
 mod config;
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use api::{Application, ShutdownReport};
 use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    api::telemetry::init();
-    let settings = config::Config::parse().into_settings();
-    tracing::info!(?settings, version = env!("CARGO_PKG_VERSION"), "starting");
+    let config = config::Config::parse();
+    let telemetry_settings = config.telemetry_settings();
+    let telemetry =
+        Arc::new(api::telemetry::init(&telemetry_settings).context("starting logs and traces")?);
+    let settings = config.into_settings();
+    tracing::info!(
+        ?settings,
+        telemetry = ?telemetry_settings,
+        version = env!("CARGO_PKG_VERSION"),
+        "starting"
+    );
+    let result = serve(settings).await;
+    // Export the spans still buffered (blocking: off the async workers).
+    let exporter = Arc::clone(&telemetry);
+    if tokio::task::spawn_blocking(move || exporter.shutdown())
+        .await
+        .is_err()
+    {
+        eprintln!("stopping telemetry panicked");
+    }
+    result
+}
+
+async fn serve(settings: api::Settings) -> anyhow::Result<()> {
     let app = Application::build(settings)
         .await
         .context("starting the service")?;

@@ -18,12 +18,14 @@ use parking_lot::Mutex;
 use rand::Rng;
 use sea_orm::{DatabaseConnection, DbErr};
 use tokio_util::sync::CancellationToken;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     batcher::Batcher,
     error::error_chain,
     metrics::Metrics,
     store::{self, Batch, WriteOutcome},
+    telemetry::SharedRecentRequests,
 };
 
 /// Longest wait between two attempts while the database fails.
@@ -80,6 +82,8 @@ pub struct Flusher {
     batcher: Arc<Batcher>,
     db: DatabaseConnection,
     metrics: Arc<Metrics>,
+    /// Request spans the next flush span links to.
+    recent_requests: SharedRecentRequests,
     interval: Duration,
     /// The batch drained but not yet known to be committed. Set by the drain
     /// (inside the blocking task, so a cancelled `flush_once` cannot lose a
@@ -96,12 +100,14 @@ impl Flusher {
         batcher: Arc<Batcher>,
         db: DatabaseConnection,
         metrics: Arc<Metrics>,
+        recent_requests: SharedRecentRequests,
         interval: Duration,
     ) -> Self {
         Self {
             batcher,
             db,
             metrics,
+            recent_requests,
             interval,
             unconfirmed: Arc::default(),
             flush_lock: tokio::sync::Mutex::new(()),
@@ -119,7 +125,7 @@ impl Flusher {
     /// # Cancel safety
     /// Cancel safe: a drained batch is stored before any `.await` that could
     /// drop it, and is retried by the next call.
-    #[tracing::instrument(name = "flush", skip_all, fields(keys = tracing::field::Empty, outcome = tracing::field::Empty))]
+    #[tracing::instrument(name = "flush", skip_all, fields(keys = tracing::field::Empty, chunks = tracing::field::Empty, outcome = tracing::field::Empty))]
     pub async fn flush_once(&self) -> Result<FlushOutcome, FlushError> {
         let _serial = self.flush_lock.lock().await;
         let started = Instant::now();
@@ -159,6 +165,10 @@ impl Flusher {
             batches += 1;
         }
 
+        let span = tracing::Span::current();
+        for request in self.recent_requests.take() {
+            span.add_link(request);
+        }
         let batcher = Arc::clone(&self.batcher);
         let unconfirmed = Arc::clone(&self.unconfirmed);
         let drained = tokio::task::spawn_blocking(move || {
@@ -177,13 +187,14 @@ impl Flusher {
             batches += 1;
         }
 
-        let span = tracing::Span::current();
-        span.record("keys", keys);
+        span.record("keys", keys as i64);
+        span.record("chunks", statements as i64);
         if batches == 0 {
             span.record("outcome", "empty");
             return Ok(FlushOutcome::Empty);
         }
         span.record("outcome", "written");
+        tracing::debug!(keys, batches, statements, "flushed");
         self.prune_if_due().await;
         Ok(FlushOutcome::Written {
             keys,

@@ -1,13 +1,18 @@
-//! Per-request observation: the metrics of every request, whatever answered
-//! it (handler, body limit, router 404).
+//! Per-request observation: the metrics and the trace span of every request,
+//! whatever answered it (handler, body limit, router 404).
 
 use std::{sync::Arc, time::Instant};
 
+use opentelemetry::global;
+use opentelemetry_http::HeaderExtractor;
 use poem::{Endpoint, IntoResponse, Middleware, Request, Response, Result};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::metrics::{Metrics, route_label};
 
-/// Counts and times every request.
+/// Counts and times every request, and runs it in a server span that
+/// continues the caller's W3C `traceparent` when there is one.
 pub struct Observe {
     metrics: Arc<Metrics>,
 }
@@ -41,11 +46,30 @@ impl<E: Endpoint> Endpoint for ObserveEndpoint<E> {
         let started = Instant::now();
         let route = route_label(req.uri().path());
         let method = req.method().clone();
+        let parent = global::get_text_map_propagator(|propagator| {
+            propagator.extract(&HeaderExtractor(req.headers()))
+        });
+        let span = tracing::info_span!(
+            "http.request",
+            otel.name = %format_args!("{} {}", method, route),
+            otel.kind = "server",
+            http.request.method = %method,
+            http.route = route,
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        // Must happen before the span is first entered; it only fails after.
+        let _ = span.set_parent(parent);
         // Errors become responses here so that their status is counted.
-        let response = match self.inner.call(req).await {
+        let response = match self.inner.call(req).instrument(span.clone()).await {
             Ok(output) => output.into_response(),
             Err(err) => err.into_response(),
         };
+        let status = response.status();
+        span.record("http.response.status_code", i64::from(status.as_u16()));
+        if status.is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
         self.metrics.observe_request(
             route,
             method.as_str(),

@@ -17,6 +17,7 @@ use crate::{
     metrics::Metrics,
     routes::{self, AppState, Lifecycle},
     settings::{Settings, SettingsError},
+    telemetry::SharedRecentRequests,
 };
 
 /// Why the service could not start.
@@ -87,10 +88,12 @@ impl Application {
 
         let batcher = Arc::new(Batcher::new(settings.cache_capacity, settings.cache_ttl));
         let metrics = Arc::new(Metrics::new());
+        let recent_requests: SharedRecentRequests = Arc::default();
         let flusher = Arc::new(Flusher::new(
             Arc::clone(&batcher),
             db.clone(),
             Arc::clone(&metrics),
+            Arc::clone(&recent_requests),
             settings.flush_interval,
         ));
         let state = AppState {
@@ -98,6 +101,7 @@ impl Application {
             db,
             lifecycle: Lifecycle::default(),
             metrics,
+            recent_requests,
             max_body: settings.max_body,
         };
         Ok(Self {

@@ -111,7 +111,7 @@ pub enum WriteOutcome {
 /// # Errors
 /// Any database error. The outcome is then unknown only if the error came from
 /// COMMIT; retrying with the same batch is correct either way.
-#[tracing::instrument(name = "db.write_batch", skip_all, fields(batch.id = %batch.id, batch.keys = batch.len()))]
+#[tracing::instrument(name = "db.write_batch", skip_all, fields(batch.id = %batch.id, batch.keys = batch.len() as i64))]
 pub async fn write_batch(
     db: &DatabaseConnection,
     batch: &Batch,
@@ -157,7 +157,7 @@ pub async fn write_batch(
     Ok(WriteOutcome::Committed { statements })
 }
 
-#[tracing::instrument(name = "db.upsert", skip_all, fields(rows = chunk.len()))]
+#[tracing::instrument(name = "db.upsert", skip_all, fields(rows = chunk.len() as i64))]
 async fn upsert_chunk<C: ConnectionTrait>(
     conn: &C,
     backend: DbBackend,

@@ -1,18 +1,304 @@
-//! The tracing subscriber: built in one function, installed once.
+//! Logs and traces: built in one function, installed once.
+//!
+//! An OpenTelemetry tracer provider is always installed, so every request has a
+//! trace id (continued from an incoming W3C `traceparent`) that JSON logs
+//! carry. Spans leave the process only when an OTLP endpoint is configured:
+//! then a batch processor exports them from its own thread, off the request
+//! path, and [`Telemetry::shutdown`] flushes what is left.
 
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use std::{fmt, sync::Arc, time::Duration};
+
+use opentelemetry::{
+    KeyValue, global,
+    trace::{SpanContext, TraceContextExt, TracerProvider as _},
+};
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use parking_lot::Mutex;
+use serde_json::{Map, Value};
+use tracing::{Event, Subscriber, field::Field};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{
+    EnvFilter,
+    fmt::{FmtContext, FormatEvent, FormatFields, format::Writer},
+    layer::SubscriberExt,
+    registry::LookupSpan,
+    util::SubscriberInitExt,
+};
 
 /// Default filter when `RUST_LOG` is unset: our crates at info, the SQL driver
 /// quiet (it would log every multi-thousand-row statement).
 pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,sea_orm=warn";
 
-/// Installs the global subscriber (text logs to stderr, filtered by `RUST_LOG`).
-/// A second call is a no-op, so tests may call it freely.
-pub fn init() {
+/// How many request spans a flush span links to, at most.
+pub const MAX_FLUSH_LINKS: usize = 8;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line, with `trace_id` and `span_id` inside a span.
+    Json,
+}
+
+/// How to set up logs and traces.
+#[derive(Debug, Clone)]
+pub struct TelemetrySettings {
+    pub log_format: LogFormat,
+    /// OTLP/HTTP endpoint (`http://collector:4318`); `None` exports nothing.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of exported spans.
+    pub service_name: String,
+    /// `service.instance.id` of exported spans.
+    pub instance_id: String,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Text,
+            otlp_endpoint: None,
+            service_name: "increment".to_owned(),
+            instance_id: default_instance_id(),
+        }
+    }
+}
+
+/// `hostname-pid`: unique per process on a host, readable in a trace view.
+pub fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Why telemetry could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("building the OTLP exporter failed")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("a global tracing subscriber is already installed")]
+    AlreadyInstalled(#[from] tracing_subscriber::util::TryInitError),
+}
+
+/// Installed telemetry; call [`Telemetry::shutdown`] at exit.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+    exporting: bool,
+}
+
+impl Telemetry {
+    /// Whether spans are exported (an OTLP endpoint is configured).
+    pub fn is_exporting(&self) -> bool {
+        self.exporting
+    }
+
+    /// Exports the spans still buffered and stops the exporter. Blocking:
+    /// call from `spawn_blocking` inside a runtime.
+    pub fn shutdown(&self) {
+        if let Err(e) = self.provider.force_flush() {
+            eprintln!("flushing spans at exit failed: {e}");
+        }
+        if let Err(e) = self.provider.shutdown() {
+            eprintln!("stopping the span exporter failed: {e}");
+        }
+    }
+}
+
+/// Installs the global subscriber, propagator and tracer provider.
+///
+/// # Errors
+/// [`TelemetryError`] when the exporter cannot be built or a subscriber is
+/// already installed.
+pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
+    let resource = Resource::builder()
+        .with_service_name(settings.service_name.clone())
+        .with_attribute(KeyValue::new(
+            "service.instance.id",
+            settings.instance_id.clone(),
+        ))
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .build();
+    let mut builder = SdkTracerProvider::builder().with_resource(resource);
+    if let Some(endpoint) = &settings.otlp_endpoint {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(traces_url(endpoint))
+            .with_timeout(Duration::from_secs(3))
+            .build()?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    let provider = builder.build();
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    global::set_tracer_provider(provider.clone());
+    let tracer = provider.tracer("increment");
+
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
-    let _already_installed = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt::layer().with_writer(std::io::stderr))
-        .try_init();
+    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    match settings.log_format {
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init()?,
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .event_format(JsonWithTraceIds),
+            )
+            .try_init()?,
+    }
+    Ok(Telemetry {
+        provider,
+        exporting: settings.otlp_endpoint.is_some(),
+    })
+}
+
+/// Text logs without export, for tests; a second call is a no-op.
+pub fn init_for_tests() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = init(&TelemetrySettings::default()) {
+            eprintln!("test telemetry: {e}");
+        }
+    });
+}
+
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` semantics: the base URL gets `/v1/traces`.
+fn traces_url(endpoint: &str) -> String {
+    let base = endpoint.trim_end_matches('/');
+    if base.ends_with("/v1/traces") {
+        base.to_owned()
+    } else {
+        format!("{base}/v1/traces")
+    }
+}
+
+/// JSON lines: `timestamp`, `level`, `target`, `message`, the event's fields,
+/// `span` (the innermost span's name), and `trace_id`/`span_id` when inside a
+/// span.
+struct JsonWithTraceIds;
+
+impl<S, N> FormatEvent<S, N> for JsonWithTraceIds
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut line = Map::new();
+        line.insert(
+            "timestamp".into(),
+            chrono::Utc::now()
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                .into(),
+        );
+        let meta = event.metadata();
+        line.insert("level".into(), meta.level().as_str().into());
+        line.insert("target".into(), meta.target().into());
+        event.record(&mut JsonFields(&mut line));
+        if let Some(span) = ctx.lookup_current() {
+            line.insert("span".into(), span.name().into());
+            let context = tracing::Span::current().context();
+            let span_context = context.span().span_context().clone();
+            if span_context.is_valid() {
+                line.insert(
+                    "trace_id".into(),
+                    span_context.trace_id().to_string().into(),
+                );
+                line.insert("span_id".into(), span_context.span_id().to_string().into());
+            }
+        }
+        let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{text}")
+    }
+}
+
+struct JsonFields<'a>(&'a mut Map<String, Value>);
+
+impl tracing::field::Visit for JsonFields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().to_owned(), format!("{value:?}").into());
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+}
+
+/// The first few request spans since the last drain, for the flush span to
+/// link to. Cheap when full: one atomic load per request.
+#[derive(Default)]
+pub struct RecentRequests {
+    links: Mutex<Vec<SpanContext>>,
+    full: std::sync::atomic::AtomicBool,
+}
+
+impl RecentRequests {
+    /// Remembers the current span if there is room.
+    pub fn offer_current(&self) {
+        use std::sync::atomic::Ordering;
+        if self.full.load(Ordering::Relaxed) {
+            return;
+        }
+        let context = tracing::Span::current().context();
+        let span_context = context.span().span_context().clone();
+        if !span_context.is_valid() {
+            return;
+        }
+        let mut links = self.links.lock();
+        if links.len() < MAX_FLUSH_LINKS {
+            links.push(span_context);
+        }
+        if links.len() >= MAX_FLUSH_LINKS {
+            self.full.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes the remembered spans, making room for the next flush's.
+    pub fn take(&self) -> Vec<SpanContext> {
+        let taken = std::mem::take(&mut *self.links.lock());
+        self.full.store(false, std::sync::atomic::Ordering::Relaxed);
+        taken
+    }
+}
+
+/// Shared handle to the links (the handler offers, the flusher takes).
+pub type SharedRecentRequests = Arc<RecentRequests>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_traces_path_is_appended_once() {
+        assert_eq!(traces_url("http://c:4318"), "http://c:4318/v1/traces");
+        assert_eq!(traces_url("http://c:4318/"), "http://c:4318/v1/traces");
+        assert_eq!(
+            traces_url("http://c:4318/v1/traces"),
+            "http://c:4318/v1/traces"
+        );
+    }
 }

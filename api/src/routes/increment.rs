@@ -14,6 +14,7 @@ use super::AppState;
 use crate::{
     batcher::{Batcher, validate_key},
     error::{ApiError, ErrorBody},
+    telemetry::SharedRecentRequests,
 };
 
 #[derive(Tags)]
@@ -193,12 +194,14 @@ impl From<ApiError> for IncrementResponse {
 
 pub struct IncrementApi {
     batcher: Arc<Batcher>,
+    recent_requests: SharedRecentRequests,
 }
 
 impl IncrementApi {
     pub fn new(state: &AppState) -> Self {
         Self {
             batcher: Arc::clone(&state.batcher),
+            recent_requests: Arc::clone(&state.recent_requests),
         }
     }
 }
@@ -212,7 +215,10 @@ impl IncrementApi {
     #[oai(path = "/increment", method = "post", operation_id = "increment")]
     async fn increment(&self, body: Json<Increment>) -> IncrementResponse {
         match self.batcher.record(&body.0.key, body.0.value) {
-            Ok(()) => IncrementResponse::Accepted,
+            Ok(()) => {
+                self.recent_requests.offer_current();
+                IncrementResponse::Accepted
+            }
             Err(e) => ApiError::Unprocessable(e.to_string()).into(),
         }
     }

@@ -12,7 +12,10 @@ use poem::{Endpoint, EndpointExt, Route, get, handler, web::Data};
 use poem_openapi::OpenApiService;
 use sea_orm::DatabaseConnection;
 
-use crate::{batcher::Batcher, limits::BodyLimit, metrics::Metrics, observe::Observe};
+use crate::{
+    batcher::Batcher, limits::BodyLimit, metrics::Metrics, observe::Observe,
+    telemetry::SharedRecentRequests,
+};
 
 /// Readiness as the load balancer sees it: true until shutdown begins.
 #[derive(Clone, Default)]
@@ -37,6 +40,8 @@ pub struct AppState {
     pub db: DatabaseConnection,
     pub lifecycle: Lifecycle,
     pub metrics: Arc<Metrics>,
+    /// Request spans for the next flush span to link to.
+    pub recent_requests: SharedRecentRequests,
     pub max_body: usize,
 }
 

@@ -32,7 +32,7 @@ pub async fn spawn_app(db: TestDb) -> TestApp {
 }
 
 pub async fn spawn_app_with(db: TestDb, settings: Settings) -> TestApp {
-    api::telemetry::init();
+    api::telemetry::init_for_tests();
     let app = Application::build(settings)
         .await
         .expect("the application starts on a fresh database");
