@@ -14,7 +14,7 @@
 //! a read-modify-write; it was measured to do so.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     num::NonZeroU64,
     sync::{
         Arc,
@@ -116,17 +116,18 @@ impl Batcher {
                 move |key: Arc<String>, slot: Arc<Slot>, cause: RemovalCause| {
                     // Same handling for every cause: filtering on the cause is
                     // unreliable (moka can report an expiry as `Replaced`).
+                    // `evicted` before the slot: the same order as
+                    // `pending_for`, so a reader sees the move whole.
+                    let mut evicted = listener_evicted.lock();
                     let remainder = {
                         let mut state = slot.state.lock();
                         state.sealed = true;
                         state.take(&listener_dirty_slots)
                     };
                     if let Some(delta) = remainder {
-                        *listener_evicted
-                            .lock()
-                            .entry(key.as_ref().clone())
-                            .or_insert(0) += i128::from(delta);
+                        *evicted.entry(key.as_ref().clone()).or_insert(0) += i128::from(delta);
                     }
+                    drop(evicted);
                     let mut counts = listener_evictions.lock();
                     match cause {
                         RemovalCause::Size => counts.size += 1,
@@ -168,17 +169,108 @@ impl Batcher {
                 .delta
                 .checked_add(delta)
                 .ok_or(BatchError::DeltaOverflow)?;
-            if !state.dirty {
-                state.dirty = true;
-                self.dirty_slots.fetch_add(1, Ordering::Relaxed);
-            }
+            self.mark_dirty(&mut state);
             drop(state);
-            let mut since = self.pending_since.lock();
-            if since.is_none() {
-                *since = Some(Instant::now());
-            }
+            self.note_pending();
             return Ok(());
         }
+    }
+
+    /// Adds every `(key, delta)` or none of them.
+    ///
+    /// The `evicted` map and every slot involved are locked together (the map
+    /// first, then slots in key order: the listener's order, so nothing can
+    /// deadlock; single-key `record` holds one slot lock at a time), checked,
+    /// then updated: a batch is never half-applied. A slot evicted between the
+    /// lookup and the lock is replaced by the `evicted` map, which the next
+    /// drain takes too, so there is no retry loop however small the cache is.
+    ///
+    /// # Errors
+    /// `(index, DeltaOverflow)` naming an item of the first key whose pending
+    /// delta would leave `i64`; nothing is recorded then.
+    pub fn record_all(&self, items: &[(&str, i64)]) -> Result<(), (usize, BatchError)> {
+        // Sum per key first (sorted): the batch may name a key several times.
+        let mut per_key: BTreeMap<&str, (i128, usize)> = BTreeMap::new();
+        for (index, (key, delta)) in items.iter().enumerate() {
+            let entry = per_key.entry(key).or_insert((0, index));
+            entry.0 += i128::from(*delta);
+            entry.1 = index;
+        }
+        let mut sums: Vec<(&str, i64, usize)> = Vec::with_capacity(per_key.len());
+        for (key, (sum, last_index)) in per_key {
+            let sum = i64::try_from(sum).map_err(|_| (last_index, BatchError::DeltaOverflow))?;
+            sums.push((key, sum, last_index));
+        }
+        // Look up (or create) every slot before taking any lock: a moka call
+        // may run maintenance, whose listener takes these locks.
+        let slots: Vec<Arc<Slot>> = sums
+            .iter()
+            .map(|(key, _, _)| {
+                self.cache
+                    .get_with_by_ref(*key, || Arc::new(Slot::default()))
+            })
+            .collect();
+        let mut evicted = self.evicted.lock();
+        let mut guards: Vec<_> = slots.iter().map(|slot| slot.state.lock()).collect();
+        let mut updated = Vec::with_capacity(guards.len());
+        for (guard, (_, sum, last_index)) in guards.iter().zip(&sums) {
+            if guard.sealed {
+                updated.push(None);
+                continue;
+            }
+            let delta = guard
+                .delta
+                .checked_add(*sum)
+                .ok_or((*last_index, BatchError::DeltaOverflow))?;
+            updated.push(Some(delta));
+        }
+        for ((guard, (key, sum, _)), delta) in guards.iter_mut().zip(&sums).zip(updated) {
+            match delta {
+                Some(delta) => {
+                    guard.delta = delta;
+                    self.mark_dirty(guard);
+                }
+                None => {
+                    *evicted.entry((*key).to_owned()).or_insert(0) += i128::from(*sum);
+                }
+            }
+        }
+        drop(guards);
+        drop(evicted);
+        self.note_pending();
+        Ok(())
+    }
+
+    fn mark_dirty(&self, state: &mut SlotState) {
+        if !state.dirty {
+            state.dirty = true;
+            self.dirty_slots.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn note_pending(&self) {
+        let mut since = self.pending_since.lock();
+        if since.is_none() {
+            *since = Some(Instant::now());
+        }
+    }
+
+    /// What `key` has pending here, or `None` when nothing was recorded since
+    /// the last drain. Exact with respect to evictions (the listener moves a
+    /// slot's remainder under the same locks). A slot that expired but that
+    /// moka's maintenance has not yet handed to the listener is invisible to
+    /// lookups until the next flush tick runs that maintenance.
+    pub fn pending_for(&self, key: &str) -> Option<i128> {
+        let slot = self.cache.get(key);
+        let evicted = self.evicted.lock();
+        let mut pending = evicted.get(key).copied();
+        if let Some(slot) = slot {
+            let state = slot.state.lock();
+            if state.dirty {
+                *pending.get_or_insert(0) += i128::from(state.delta);
+            }
+        }
+        pending
     }
 
     /// Takes every pending delta: those moved aside by evictions and those in
@@ -226,10 +318,7 @@ impl Batcher {
             *evicted.entry(key).or_insert(0) += delta;
         }
         drop(evicted);
-        let mut since = self.pending_since.lock();
-        if since.is_none() {
-            *since = Some(Instant::now());
-        }
+        self.note_pending();
     }
 
     /// Keys holding a pending delta: live slots with a delta plus remainders
@@ -347,6 +436,57 @@ mod tests {
         assert_eq!(b.pending_keys(), 2, "moved aside, still pending");
         b.drain();
         assert_eq!(b.pending_keys(), 0);
+    }
+
+    #[test]
+    fn record_all_is_all_or_nothing() {
+        let b = batcher(100, Duration::from_secs(60));
+        b.record("full", i64::MAX - 1).unwrap();
+        let err = b.record_all(&[("a", 1), ("full", 1), ("full", 1), ("b", 2)]);
+        assert_eq!(
+            err,
+            Err((2, BatchError::DeltaOverflow)),
+            "names the key's last item"
+        );
+        assert_eq!(
+            b.pending_for("a"),
+            None,
+            "nothing of the batch was recorded"
+        );
+        b.record_all(&[("a", 1), ("b", 2), ("a", 3), ("full", 1)])
+            .unwrap();
+        assert_eq!(b.pending_for("a"), Some(4));
+        assert_eq!(b.pending_for("full"), Some(i128::from(i64::MAX)));
+        let big = [("x", i64::MAX), ("x", i64::MAX)];
+        assert_eq!(b.record_all(&big), Err((1, BatchError::DeltaOverflow)));
+    }
+
+    #[test]
+    fn record_all_larger_than_the_cache_loses_nothing() {
+        let b = batcher(2, Duration::from_secs(60));
+        let keys: Vec<String> = (0..500).map(|i| format!("k{i}")).collect();
+        let items: Vec<(&str, i64)> = keys.iter().map(|k| (k.as_str(), 1)).collect();
+        for _ in 0..3 {
+            b.record_all(&items).unwrap();
+        }
+        b.seal_all();
+        let drained = b.drain();
+        assert_eq!(drained.len(), 500);
+        assert!(drained.values().all(|v| *v == 3));
+    }
+
+    #[test]
+    fn pending_for_sees_live_and_evicted_deltas() {
+        let b = batcher(100, Duration::from_secs(60));
+        assert_eq!(b.pending_for("k"), None);
+        b.record("k", 0).unwrap();
+        assert_eq!(b.pending_for("k"), Some(0), "a zero increment is pending");
+        b.record("k", 5).unwrap();
+        b.seal_all();
+        b.record("k", 2).unwrap();
+        assert_eq!(b.pending_for("k"), Some(7));
+        b.drain();
+        assert_eq!(b.pending_for("k"), None);
     }
 
     #[test]

@@ -70,6 +70,15 @@ pub enum FlushError {
     Drain(#[from] tokio::task::JoinError),
 }
 
+/// A counter as one instance sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterReading {
+    /// In the database (0 if the row does not exist yet).
+    pub stored: i64,
+    /// Accepted here and not yet committed.
+    pub pending: i128,
+}
+
 /// What the final flush at shutdown could not write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Unwritten {
@@ -92,6 +101,10 @@ pub struct Flusher {
     /// Serialises flushes: the loop, the final flush and tests may all call
     /// `flush_once`.
     flush_lock: tokio::sync::Mutex<()>,
+    /// Held for writing while deltas move from the batcher into the
+    /// unconfirmed batch, and for reading by counter reads, so a read never
+    /// sees a delta in both places or in neither.
+    drain_gate: Arc<tokio::sync::RwLock<()>>,
     last_prune: Mutex<Option<Instant>>,
 }
 
@@ -111,6 +124,7 @@ impl Flusher {
             interval,
             unconfirmed: Arc::default(),
             flush_lock: tokio::sync::Mutex::new(()),
+            drain_gate: Arc::default(),
             last_prune: Mutex::new(None),
         }
     }
@@ -171,7 +185,9 @@ impl Flusher {
         }
         let batcher = Arc::clone(&self.batcher);
         let unconfirmed = Arc::clone(&self.unconfirmed);
+        let gate = Arc::clone(&self.drain_gate);
         let drained = tokio::task::spawn_blocking(move || {
+            let _no_reads = gate.blocking_write();
             let deltas = batcher.drain();
             if deltas.is_empty() {
                 return None;
@@ -201,6 +217,41 @@ impl Flusher {
             batches,
             statements,
         })
+    }
+
+    /// `key`'s stored value and what is pending for it on this instance, read
+    /// consistently: a delta in a batch being committed counts once, on
+    /// whichever side the database shows it. `None` when the key was never
+    /// stored and nothing is pending.
+    ///
+    /// # Errors
+    /// The database read failed.
+    pub async fn read_counter(&self, key: &str) -> Result<Option<CounterReading>, DbErr> {
+        // Blocks drains (not writers) for the duration of one point read.
+        let _gate = self.drain_gate.read().await;
+        let live = self.batcher.pending_for(key);
+        let in_flight = self
+            .unconfirmed
+            .lock()
+            .as_ref()
+            .and_then(|batch| batch.delta_for(key).map(|delta| (batch.id.clone(), delta)));
+        let batch_id = in_flight.as_ref().map(|(id, _)| id.as_str());
+        let (stored, batch_committed) = store::read_counter(&self.db, key, batch_id).await?;
+        let in_flight = in_flight
+            .filter(|_| !batch_committed)
+            .map(|(_, delta)| delta);
+        let pending = match (live, in_flight) {
+            (None, None) => None,
+            (live, in_flight) => Some(live.unwrap_or(0) + in_flight.unwrap_or(0)),
+        };
+        if stored.is_none() && pending.is_none() {
+            return Ok(None);
+        }
+        let pending = pending.unwrap_or(0);
+        Ok(Some(CounterReading {
+            stored: stored.unwrap_or(0),
+            pending,
+        }))
     }
 
     /// Writes `batch` and, on success, forgets it. Returns the statement count.

@@ -50,6 +50,9 @@ const FLUSH_KEYS_BUCKETS: &[f64] = &[
 /// The routes as metric labels: a fixed set, whatever path a client sends.
 pub const ROUTE_LABELS: &[&str] = &[
     "/increment",
+    "/increments",
+    "/counters",
+    "/counters/{key}",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -62,6 +65,9 @@ pub const ROUTE_LABELS: &[&str] = &[
 pub fn route_label(path: &str) -> &'static str {
     match path {
         "/increment" => "/increment",
+        "/increments" => "/increments",
+        "/counters" => "/counters",
+        p if p.starts_with("/counters/") => "/counters/{key}",
         "/healthz" => "/healthz",
         "/readyz" => "/readyz",
         "/metrics" => "/metrics",
@@ -258,12 +264,13 @@ impl Metrics {
         self.http_duration
             .with_label_values(&[route, method])
             .observe(elapsed.as_secs_f64());
-        if route == "/increment" {
-            if status == 202 {
-                self.increments_accepted.inc();
-            } else if let Some(reason) = rejection_reason(status) {
-                self.increments_rejected.with_label_values(&[reason]).inc();
-            }
+        // Accepted increments of `/increments` are counted per item by its
+        // handler; a refused batch counts as one rejection.
+        let ingestion = route == "/increment" || route == "/increments";
+        if route == "/increment" && status == 202 {
+            self.increments_accepted.inc();
+        } else if ingestion && let Some(reason) = rejection_reason(status) {
+            self.increments_rejected.with_label_values(&[reason]).inc();
         }
     }
 

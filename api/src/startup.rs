@@ -98,6 +98,7 @@ impl Application {
         ));
         let state = AppState {
             batcher,
+            flusher: Arc::clone(&flusher),
             db,
             lifecycle: Lifecycle::default(),
             metrics,

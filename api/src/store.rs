@@ -13,8 +13,8 @@ use entity::{counters, flush_batches};
 use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter,
-    Statement, TransactionTrait,
-    sea_query::{Expr, ExprTrait, OnConflict, Query},
+    QueryOrder, QuerySelect, Statement, TransactionTrait,
+    sea_query::{Expr, ExprTrait, Func, OnConflict, Query},
 };
 
 /// PostgreSQL: rows per `unnest` statement. Not bind-limited (always 3 binds);
@@ -54,6 +54,14 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.deltas.is_empty()
+    }
+
+    /// The delta of `key` in this batch (keys are sorted).
+    pub fn delta_for(&self, key: &str) -> Option<i128> {
+        self.deltas
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+            .map(|index| self.deltas[index].1)
     }
 
     /// Sum of all deltas (for logs when a batch cannot be written).
@@ -199,6 +207,70 @@ async fn upsert_chunk<C: ConnectionTrait>(
         .exec_without_returning(conn)
         .await?;
     Ok(())
+}
+
+/// `key`'s stored value and whether batch `batch_id` has committed, in one
+/// statement (one snapshot, on both backends).
+///
+/// # Errors
+/// Any database error.
+pub async fn read_counter(
+    db: &DatabaseConnection,
+    key: &str,
+    batch_id: Option<&str>,
+) -> Result<(Option<i64>, bool), DbErr> {
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => {
+            "SELECT (SELECT value FROM counters WHERE key = $1) AS value, \
+             EXISTS (SELECT 1 FROM flush_batches WHERE batch_id = $2) AS committed"
+        }
+        _ => {
+            "SELECT (SELECT value FROM counters WHERE key = ?) AS value, \
+             EXISTS (SELECT 1 FROM flush_batches WHERE batch_id = ?) AS committed"
+        }
+    };
+    let stmt = Statement::from_sql_and_values(
+        backend,
+        sql,
+        [key.into(), batch_id.unwrap_or_default().into()],
+    );
+    let row = db
+        .query_one_raw(stmt)
+        .await?
+        .ok_or_else(|| DbErr::Custom("a SELECT without FROM returned no row".into()))?;
+    let value: Option<i64> = row.try_get("", "value")?;
+    let committed: bool = row.try_get("", "committed")?;
+    Ok((value, committed))
+}
+
+/// Stored counters in key order: those starting with `prefix`, after the
+/// key `after`, at most `limit`.
+///
+/// # Errors
+/// Any database error.
+pub async fn list_counters(
+    db: &DatabaseConnection,
+    prefix: &str,
+    after: Option<&str>,
+    limit: u64,
+) -> Result<Vec<counters::Model>, DbErr> {
+    let mut query = counters::Entity::find().order_by_asc(counters::Column::Key);
+    if !prefix.is_empty() {
+        // substr compares characters exactly (LIKE would need escaping and is
+        // case-insensitive on SQLite).
+        // i32: PostgreSQL's substr takes integer (int4) arguments.
+        let chars = i32::try_from(prefix.chars().count()).unwrap_or(i32::MAX);
+        let head = Func::cust("substr")
+            .arg(Expr::col((counters::Entity, counters::Column::Key)))
+            .arg(1)
+            .arg(chars);
+        query = query.filter(Expr::expr(head).eq(prefix.to_owned()));
+    }
+    if let Some(after) = after {
+        query = query.filter(counters::Column::Key.gt(after.to_owned()));
+    }
+    query.limit(limit).all(db).await
 }
 
 /// Deletes `flush_batches` rows committed before `before`; returns how many.

@@ -14,6 +14,7 @@ use super::AppState;
 use crate::{
     batcher::{Batcher, validate_key},
     error::{ApiError, ErrorBody},
+    metrics::Metrics,
     telemetry::SharedRecentRequests,
 };
 
@@ -118,33 +119,42 @@ fn describe(value: &Value) -> &'static str {
     }
 }
 
-impl Type for Increment {
-    const IS_REQUIRED: bool = true;
-    type RawValueType = Self;
-    type RawElementValueType = Self;
+/// Implements poem-openapi's `Type` for a hand-parsed request type by
+/// borrowing the schema of its derived, documentation-only twin.
+macro_rules! schema_from {
+    ($parsed:ty, $schema:ty) => {
+        impl Type for $parsed {
+            const IS_REQUIRED: bool = true;
+            type RawValueType = Self;
+            type RawElementValueType = Self;
 
-    fn name() -> Cow<'static, str> {
-        IncrementSchema::name()
-    }
+            fn name() -> Cow<'static, str> {
+                <$schema>::name()
+            }
 
-    fn schema_ref() -> MetaSchemaRef {
-        IncrementSchema::schema_ref()
-    }
+            fn schema_ref() -> MetaSchemaRef {
+                <$schema>::schema_ref()
+            }
 
-    fn register(registry: &mut Registry) {
-        IncrementSchema::register(registry);
-    }
+            fn register(registry: &mut Registry) {
+                <$schema>::register(registry);
+            }
 
-    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
-        Some(self)
-    }
+            fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+                Some(self)
+            }
 
-    fn raw_element_iter<'a>(
-        &'a self,
-    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
-        Box::new(std::iter::once(self))
-    }
+            fn raw_element_iter<'a>(
+                &'a self,
+            ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+                Box::new(std::iter::once(self))
+            }
+        }
+    };
 }
+
+schema_from!(Increment, IncrementSchema);
+schema_from!(IncrementBatch, IncrementBatchSchema);
 
 impl ParseFromJSON for Increment {
     fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
@@ -155,6 +165,122 @@ impl ParseFromJSON for Increment {
 impl ToJSON for Increment {
     fn to_json(&self) -> Option<Value> {
         Some(serde_json::json!({ "key": self.key, "value": self.value }))
+    }
+}
+
+/// Most increments one `POST /increments` may carry.
+pub const MAX_BATCH_ITEMS: usize = 1_000;
+
+/// Several increments, validated and applied as a whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncrementBatch {
+    pub increments: Vec<Increment>,
+}
+
+/// Several increments, applied all together or not at all.
+#[derive(Object)]
+#[oai(rename = "IncrementBatch", example)]
+struct IncrementBatchSchema {
+    /// 1 to 1,000 increments; a key may appear several times.
+    #[oai(validator(min_items = 1, max_items = 1000))]
+    increments: Vec<IncrementSchema>,
+}
+
+impl Example for IncrementBatchSchema {
+    fn example() -> Self {
+        Self {
+            increments: vec![
+                IncrementSchema::example(),
+                IncrementSchema {
+                    key: "page:/pricing".to_owned(),
+                    value: 3,
+                },
+            ],
+        }
+    }
+}
+
+impl IncrementBatch {
+    /// Parses a batch; an error names the index of the first bad item.
+    ///
+    /// # Errors
+    /// A message naming the field (and the item's index) at fault.
+    pub fn from_json(value: &Value) -> Result<Self, String> {
+        let items = match value {
+            Value::Object(fields) => match fields.get("increments") {
+                Some(Value::Array(items)) => items,
+                Some(other) => {
+                    return Err(format!(
+                        "\"increments\" must be an array, found {}",
+                        describe(other)
+                    ));
+                }
+                None => return Err("\"increments\" is missing".to_owned()),
+            },
+            other => {
+                return Err(format!(
+                    "body must be a JSON object with \"increments\" (array), found {}",
+                    describe(other)
+                ));
+            }
+        };
+        if items.is_empty() || items.len() > MAX_BATCH_ITEMS {
+            return Err(format!(
+                "\"increments\" must hold 1 to {MAX_BATCH_ITEMS} items, found {}",
+                items.len()
+            ));
+        }
+        let increments = items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| {
+                Increment::from_json(item).map_err(|e| format!("increments[{index}]: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { increments })
+    }
+}
+
+impl ParseFromJSON for IncrementBatch {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        Self::from_json(&value.unwrap_or_default()).map_err(ParseError::custom)
+    }
+}
+
+/// Answer to an accepted batch.
+#[derive(Object)]
+pub struct BatchAccepted {
+    /// How many increments were accepted.
+    pub accepted: u64,
+}
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "BatchResponse::from_request_error")]
+pub enum BatchResponse {
+    /// Accepted, every increment: held by this instance and written by the next flush.
+    #[oai(status = 202)]
+    Accepted(Json<BatchAccepted>),
+    /// The body is larger than the limit (`--max-body`, 64 KiB by default).
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorBody>),
+    /// The `Content-Type` header is missing or not `application/json`.
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
+    /// The body or one of its items is malformed (`error` names the item's
+    /// index and field); nothing was applied.
+    #[oai(status = 422)]
+    Unprocessable(Json<ErrorBody>),
+}
+
+impl BatchResponse {
+    fn from_request_error(err: poem::Error) -> Self {
+        match ApiError::from_request_error(err) {
+            ApiError::PayloadTooLarge { limit } => {
+                Self::PayloadTooLarge(Json(ApiError::PayloadTooLarge { limit }.body()))
+            }
+            e @ ApiError::UnsupportedMediaType(_) => Self::UnsupportedMediaType(Json(e.body())),
+            e @ ApiError::Unprocessable(_) => Self::Unprocessable(Json(e.body())),
+        }
     }
 }
 
@@ -195,6 +321,7 @@ impl From<ApiError> for IncrementResponse {
 pub struct IncrementApi {
     batcher: Arc<Batcher>,
     recent_requests: SharedRecentRequests,
+    metrics: Arc<Metrics>,
 }
 
 impl IncrementApi {
@@ -202,6 +329,7 @@ impl IncrementApi {
         Self {
             batcher: Arc::clone(&state.batcher),
             recent_requests: Arc::clone(&state.recent_requests),
+            metrics: Arc::clone(&state.metrics),
         }
     }
 }
@@ -220,6 +348,32 @@ impl IncrementApi {
                 IncrementResponse::Accepted
             }
             Err(e) => ApiError::Unprocessable(e.to_string()).into(),
+        }
+    }
+
+    /// Add several increments at once: all of them, or none.
+    ///
+    /// The whole body is validated first; any bad item gives 422 naming its
+    /// index, and nothing is applied. Same guarantee as `POST /increment`:
+    /// each accepted increment is written exactly once.
+    #[oai(path = "/increments", method = "post", operation_id = "increments")]
+    async fn increments(&self, body: Json<IncrementBatch>) -> BatchResponse {
+        let items: Vec<(&str, i64)> = body
+            .0
+            .increments
+            .iter()
+            .map(|i| (i.key.as_str(), i.value))
+            .collect();
+        match self.batcher.record_all(&items) {
+            Ok(()) => {
+                self.recent_requests.offer_current();
+                let accepted = items.len() as u64;
+                self.metrics.increments_accepted.inc_by(accepted);
+                BatchResponse::Accepted(Json(BatchAccepted { accepted }))
+            }
+            Err((index, e)) => BatchResponse::Unprocessable(Json(
+                ApiError::Unprocessable(format!("increments[{index}]: {e}")).body(),
+            )),
         }
     }
 }

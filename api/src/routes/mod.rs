@@ -1,5 +1,6 @@
 //! The HTTP API, one module (and one `#[OpenApi]` struct) per tag.
 
+pub mod counters;
 pub mod health;
 pub mod increment;
 
@@ -13,7 +14,7 @@ use poem_openapi::OpenApiService;
 use sea_orm::DatabaseConnection;
 
 use crate::{
-    batcher::Batcher, limits::BodyLimit, metrics::Metrics, observe::Observe,
+    batcher::Batcher, flusher::Flusher, limits::BodyLimit, metrics::Metrics, observe::Observe,
     telemetry::SharedRecentRequests,
 };
 
@@ -37,6 +38,9 @@ impl Lifecycle {
 #[derive(Clone)]
 pub struct AppState {
     pub batcher: Arc<Batcher>,
+    /// Owns the write path; counter reads go through it to stay consistent
+    /// with flushes.
+    pub flusher: Arc<Flusher>,
     pub db: DatabaseConnection,
     pub lifecycle: Lifecycle,
     pub metrics: Arc<Metrics>,
@@ -48,10 +52,18 @@ pub struct AppState {
 /// The OpenAPI service with every tag.
 pub fn openapi(
     state: &AppState,
-) -> OpenApiService<(increment::IncrementApi, health::HealthApi), ()> {
+) -> OpenApiService<
+    (
+        increment::IncrementApi,
+        counters::CounterApi,
+        health::HealthApi,
+    ),
+    (),
+> {
     OpenApiService::new(
         (
             increment::IncrementApi::new(state),
+            counters::CounterApi::new(state, Arc::clone(&state.flusher)),
             health::HealthApi::new(state),
         ),
         "increment",

@@ -43,6 +43,34 @@ async fn the_openapi_document_lists_every_status_with_its_schema() {
     assert_eq!(increment["properties"]["key"]["maxLength"], 255);
     assert_eq!(increment["properties"]["value"]["format"], "int64");
     assert_eq!(increment["example"]["key"], "page:/home");
+    let batch = &spec["paths"]["/increments"]["post"];
+    assert_eq!(
+        batch["requestBody"]["content"]["application/json; charset=utf-8"]["schema"]["$ref"],
+        "#/components/schemas/IncrementBatch"
+    );
+    assert_eq!(
+        spec["components"]["schemas"]["IncrementBatch"]["example"]["increments"][0]["key"],
+        "page:/home",
+        "Try it out works with the example as is"
+    );
+    let read = &spec["paths"]["/counters/{key}"]["get"];
+    assert_eq!(read["parameters"][0]["name"], "key");
+    assert_eq!(read["parameters"][0]["schema"]["example"], "page:/home");
+    let mut read_statuses: Vec<&str> = read["responses"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    read_statuses.sort_unstable();
+    assert_eq!(read_statuses, ["200", "404", "422", "503"]);
+    let list_params: Vec<&str> = spec["paths"]["/counters"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(list_params, ["prefix", "limit", "after"]);
     for probe in ["/healthz", "/readyz"] {
         assert!(spec["paths"][probe]["get"].is_object(), "{probe}");
     }

@@ -18,10 +18,13 @@ pub struct TestApp {
 }
 
 /// Settings for tests: a flush interval so long that only explicit
-/// `flush_once` calls write (no timing in assertions).
+/// `flush_once` calls write (no timing in assertions), and no expiry unless a
+/// test asks for it (an entry that expired is written by a later drain, not
+/// necessarily the next one).
 pub fn test_settings(db: &TestDb) -> Settings {
     let mut settings = Settings::with_database(db.url.clone());
     settings.flush_interval = Duration::from_secs(3600);
+    settings.cache_ttl = Duration::from_secs(3600);
     settings.db_pool_size = 4;
     settings
 }

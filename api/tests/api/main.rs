@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod counters;
 mod docs;
 mod flush;
 mod health;

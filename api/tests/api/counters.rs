@@ -1,0 +1,308 @@
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    },
+};
+
+use poem::http::StatusCode;
+use testkit::{TestDb, db_tests};
+
+use crate::helpers::{TestApp, assert_accepted, error_message, spawn_app};
+
+db_tests!(
+    a_counter_reads_stored_plus_pending,
+    odd_keys_read_back_percent_encoded,
+    reads_never_count_a_delta_twice_or_miss_one_during_flushes,
+    listing_pages_through_stored_counters_in_key_order,
+    batches_are_applied_whole_or_not_at_all,
+);
+
+/// Percent-encodes every byte outside the unreserved set.
+fn encode(key: &str) -> String {
+    key.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn get_counter(app: &TestApp, key: &str) -> (StatusCode, serde_json::Value) {
+    let response = app
+        .client
+        .get(format!("/counters/{}", encode(key)))
+        .send()
+        .await;
+    let status = response.0.status();
+    let body = response.0.into_body().into_string().await.unwrap();
+    (status, serde_json::from_str(&body).unwrap())
+}
+
+async fn a_counter_reads_stored_plus_pending(db: TestDb) {
+    let app = spawn_app(db).await;
+    let (status, body) = get_counter(&app, "k").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].as_str().unwrap().contains("no counter"));
+
+    assert_accepted(app.increment("k", 5).await).await;
+    let (status, body) = get_counter(&app, "k").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        serde_json::json!({"key": "k", "value": 5, "pending": 5})
+    );
+
+    app.flush().await;
+    let (_, body) = get_counter(&app, "k").await;
+    assert_eq!(
+        body,
+        serde_json::json!({"key": "k", "value": 5, "pending": 0})
+    );
+
+    assert_accepted(app.increment("k", -8).await).await;
+    let (_, body) = get_counter(&app, "k").await;
+    assert_eq!(
+        body,
+        serde_json::json!({"key": "k", "value": -3, "pending": -8})
+    );
+
+    // A zero increment on a new key makes it exist (pending, then stored).
+    assert_accepted(app.increment("zero", 0).await).await;
+    assert_eq!(get_counter(&app, "zero").await.0, StatusCode::OK);
+
+    let long = "x".repeat(256);
+    let (status, body) = get_counter(&app, &long).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body["error"].as_str().unwrap().contains("255"));
+}
+
+async fn odd_keys_read_back_percent_encoded(db: TestDb) {
+    let app = spawn_app(db).await;
+    let keys = [
+        "a/b",
+        "with space",
+        "100%",
+        "日本語",
+        "emoji 🎉",
+        "?query#frag",
+        "semi;colon",
+    ];
+    for (i, key) in keys.iter().enumerate() {
+        assert_accepted(app.increment(key, i as i64 + 1).await).await;
+    }
+    app.flush().await;
+    for (i, key) in keys.iter().enumerate() {
+        let (status, body) = get_counter(&app, key).await;
+        assert_eq!(status, StatusCode::OK, "{key}");
+        assert_eq!(body["key"], *key);
+        assert_eq!(body["value"], i as i64 + 1, "{key}");
+    }
+}
+
+/// One writer adds +1 at a time while flushes run back to back; a reader
+/// checks every reading against what had been acknowledged before it
+/// started and what had been sent before it returned. A delta counted in
+/// both the database and the pending part (or in neither) breaks the bounds.
+async fn reads_never_count_a_delta_twice_or_miss_one_during_flushes(db: TestDb) {
+    let app = Arc::new(spawn_app(db).await);
+    let acknowledged = Arc::new(AtomicI64::new(0));
+    let sent = Arc::new(AtomicI64::new(0));
+    let running = Arc::new(AtomicBool::new(true));
+
+    let flusher = {
+        let (app, running) = (Arc::clone(&app), Arc::clone(&running));
+        tokio::spawn(async move {
+            while running.load(Ordering::SeqCst) {
+                app.flusher.flush_once().await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let writer = {
+        let (app, acknowledged, sent) = (
+            Arc::clone(&app),
+            Arc::clone(&acknowledged),
+            Arc::clone(&sent),
+        );
+        tokio::spawn(async move {
+            for _ in 0..1_500 {
+                sent.fetch_add(1, Ordering::SeqCst);
+                assert_accepted(app.increment("hot", 1).await).await;
+                acknowledged.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let mut readings = 0;
+    while !writer.is_finished() {
+        let low = acknowledged.load(Ordering::SeqCst);
+        let (status, body) = get_counter(&app, "hot").await;
+        let high = sent.load(Ordering::SeqCst);
+        if status == StatusCode::NOT_FOUND {
+            assert_eq!(low, 0);
+            continue;
+        }
+        let value = body["value"].as_i64().unwrap();
+        assert!(low <= value && value <= high, "{low} <= {value} <= {high}");
+        readings += 1;
+    }
+    writer.await.unwrap();
+    running.store(false, Ordering::SeqCst);
+    flusher.await.unwrap();
+    assert!(readings > 10, "reads overlapped the writes ({readings})");
+    app.flush().await;
+    assert_eq!(app.counters().await.get("hot"), Some(&1_500));
+}
+
+async fn list(app: &TestApp, query: &str) -> (StatusCode, serde_json::Value) {
+    let response = app.client.get(format!("/counters{query}")).send().await;
+    let status = response.0.status();
+    let body = response.0.into_body().into_string().await.unwrap();
+    (status, serde_json::from_str(&body).unwrap())
+}
+
+async fn listing_pages_through_stored_counters_in_key_order(db: TestDb) {
+    let app = spawn_app(db).await;
+    for i in 0..25 {
+        assert_accepted(app.increment(&format!("page:{i:02}"), i).await).await;
+    }
+    for key in ["other", "pag", "page%_literal"] {
+        assert_accepted(app.increment(key, 1).await).await;
+    }
+    app.flush().await;
+    assert_accepted(app.increment("page:pending-only", 1).await).await;
+
+    let mut keys = Vec::new();
+    let mut query = "?prefix=page%3A&limit=10".to_owned();
+    let mut pages = 0;
+    loop {
+        let (status, body) = list(&app, &query).await;
+        assert_eq!(status, StatusCode::OK);
+        pages += 1;
+        for counter in body["counters"].as_array().unwrap() {
+            keys.push(counter["key"].as_str().unwrap().to_owned());
+            let i: i64 = counter["key"].as_str().unwrap()[5..].parse().unwrap();
+            assert_eq!(counter["value"], i);
+            assert!(counter["updated_at"].as_str().unwrap().contains('T'));
+        }
+        match body["next"].as_str() {
+            Some(next) => query = format!("?prefix=page%3A&limit=10&after={}", encode(next)),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let expected: Vec<String> = (0..25).map(|i| format!("page:{i:02}")).collect();
+    assert_eq!(
+        keys, expected,
+        "every stored key once, in order; pending ones not listed"
+    );
+
+    // `%` and `_` in a prefix are literal characters.
+    let (_, body) = list(&app, "?prefix=page%25_").await;
+    let listed: Vec<&str> = body["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["page%_literal"]);
+    // Prefixes are case-sensitive.
+    let (_, body) = list(&app, "?prefix=PAGE").await;
+    assert!(body["counters"].as_array().unwrap().is_empty());
+
+    let (_, body) = list(&app, "").await;
+    assert_eq!(
+        body["counters"].as_array().unwrap().len(),
+        28,
+        "default limit 100"
+    );
+    assert!(body["next"].is_null());
+
+    for bad in ["?limit=0", "?limit=1001", "?limit=ten"] {
+        let response = app.client.get(format!("/counters{bad}")).send().await;
+        let message = error_message(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert!(message.contains("limit"), "{bad}: {message}");
+    }
+}
+
+async fn post_batch(app: &TestApp, body: &str) -> poem::test::TestResponse {
+    app.client
+        .post("/increments")
+        .content_type("application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+}
+
+async fn batches_are_applied_whole_or_not_at_all(db: TestDb) {
+    let app = spawn_app(db).await;
+    let response = post_batch(
+        &app,
+        r#"{"increments": [{"key": "a", "value": 1}, {"key": "b", "value": -2}, {"key": "a", "value": 10}]}"#,
+    )
+    .await;
+    response.assert_status(StatusCode::ACCEPTED);
+    response
+        .assert_json(serde_json::json!({"accepted": 3}))
+        .await;
+
+    let item = |i: usize| format!(r#"{{"key": "k{i}", "value": 1}}"#);
+    let items = |n: usize| (0..n).map(item).collect::<Vec<_>>().join(",");
+    let bad_cases = [
+        (r#"{"increments": [{"key": "c", "value": 1}, {"key": "", "value": 1}]}"#.to_owned(), "increments[1]: \"key\" must not be empty"),
+        (r#"{"increments": [{"key": "c", "value": 1}, {"key": "d"}]}"#.to_owned(), "increments[1]: \"value\" is missing"),
+        (r#"{"increments": [{"key": "c", "value": 1.5}]}"#.to_owned(), "increments[0]: \"value\" must be an integer"),
+        (r#"{"increments": []}"#.to_owned(), "1 to 1000 items, found 0"),
+        (format!(r#"{{"increments": [{}]}}"#, items(1_001)), "1 to 1000 items, found 1001"),
+        (r#"{"increments": {"key": "c", "value": 1}}"#.to_owned(), "\"increments\" must be an array"),
+        (r#"{}"#.to_owned(), "\"increments\" is missing"),
+        (r#"[]"#.to_owned(), "found an array"),
+        (r#"{"increments": [{"key": "c", "value": 9223372036854775807}, {"key": "c", "value": 1}]}"#.to_owned(), "increments[1]"),
+    ];
+    for (body, expected) in bad_cases {
+        let message = error_message(
+            post_batch(&app, &body).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+        assert!(
+            message.contains(expected),
+            "expected {expected:?} in {message:?}"
+        );
+    }
+    // A batch that would overflow a key's pending delta is refused whole.
+    assert_accepted(app.increment("full", i64::MAX).await).await;
+    let message = error_message(
+        post_batch(
+            &app,
+            r#"{"increments": [{"key": "e", "value": 1}, {"key": "full", "value": 1}]}"#,
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert!(message.starts_with("increments[1]"), "{message}");
+
+    post_batch(&app, &format!(r#"{{"increments": [{}]}}"#, items(1_000)))
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    app.flush().await;
+    let counters = app.counters().await;
+    assert_eq!(counters.get("a"), Some(&11));
+    assert_eq!(counters.get("b"), Some(&-2));
+    assert_eq!(counters.get("full"), Some(&i64::MAX));
+    for absent in ["c", "d", "e"] {
+        assert!(
+            !counters.contains_key(absent),
+            "{absent} was in a refused batch"
+        );
+    }
+    let k: BTreeMap<&String, &i64> = counters
+        .iter()
+        .filter(|(k, _)| k.starts_with('k'))
+        .collect();
+    assert_eq!(k.len(), 1_000);
+}
