@@ -1,7 +1,7 @@
 //! Command-line flags and environment variables → [`api::Settings`].
 //! The `///` docs below are `increment --help`.
 
-use std::{net::SocketAddr, num::NonZeroU64, time::Duration};
+use std::{net::SocketAddr, num::NonZeroU64, path::PathBuf, time::Duration};
 
 use api::telemetry::{LogFormat, TelemetrySettings};
 use clap::Parser;
@@ -54,6 +54,26 @@ pub struct Config {
     #[arg(long, env = "INCREMENT_NO_MIGRATE")]
     pub no_migrate: bool,
 
+    /// Distinct keys held in memory before new keys get 503 (keys already held still merge).
+    #[arg(long, env = "INCREMENT_MAX_PENDING_KEYS", default_value = "1000000", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pending_keys: u64,
+
+    /// How long POST /increment?wait=true waits for its flush to commit before 503.
+    #[arg(long, env = "INCREMENT_WAIT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub wait_timeout: Duration,
+
+    /// File for what the final flush could not write (database down); replayed at the next start.
+    #[arg(
+        long,
+        env = "INCREMENT_SPILL_PATH",
+        default_value = "increment-spill.jsonl"
+    )]
+    pub spill_path: PathBuf,
+
+    /// Bearer token for the admin routes (at least 16 characters); unset: no admin routes.
+    #[arg(long, env = "INCREMENT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
     /// Log line format: text or json (json lines carry trace_id and span_id).
     #[arg(long, env = "INCREMENT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -98,6 +118,10 @@ impl Config {
             db_pool_size: self.db_pool_size,
             shutdown_timeout: self.shutdown_timeout,
             migrate: !self.no_migrate,
+            max_pending_keys: self.max_pending_keys,
+            wait_timeout: self.wait_timeout,
+            spill_path: self.spill_path,
+            admin_token: self.admin_token.filter(|t| !t.is_empty()),
         }
     }
 }
@@ -161,6 +185,9 @@ mod tests {
         assert_eq!(settings.db_pool_size, 10);
         assert_eq!(settings.shutdown_timeout, Duration::from_secs(30));
         assert!(settings.migrate);
+        assert_eq!(settings.max_pending_keys, 1_000_000);
+        assert_eq!(settings.wait_timeout, Duration::from_secs(5));
+        assert_eq!(settings.admin_token, None);
     }
 
     #[test]

@@ -40,10 +40,13 @@ async fn serve(settings: api::Settings) -> anyhow::Result<()> {
         .context("starting the service")?;
     match app.run_until_stopped(shutdown_signal()).await {
         ShutdownReport::Clean => Ok(()),
-        ShutdownReport::Unwritten(unwritten) => anyhow::bail!(
-            "{} keys (total {}) could not be written before the shutdown deadline",
-            unwritten.keys,
-            unwritten.total
+        ShutdownReport::Spilled { keys, total } => anyhow::bail!(
+            "{keys} keys (total {total}) could not be written before the shutdown deadline; \
+             they are in the spill file and will be written at the next start"
+        ),
+        ShutdownReport::Unwritten { keys, total } => anyhow::bail!(
+            "{keys} keys (total {total}) could not be written before the shutdown deadline \
+             nor spilled: they are lost"
         ),
     }
 }

@@ -5,9 +5,15 @@
 //! place. Nothing ever overwrites a live entry. Whatever makes an entry leave
 //! the cache (size eviction, TinyLFU refusing admission, TTL expiry, explicit
 //! invalidation) runs the eviction listener, which *seals* the slot and moves
-//! its remainder into `evicted`. A writer that finds its slot sealed retries on
-//! a fresh one. So every delta is in exactly one place: a live slot or
-//! `evicted`, and [`Batcher::drain`] takes from both.
+//! its remainder into the *side map*. A writer that finds its slot sealed
+//! retries on a fresh one. So every delta is in exactly one place: a live
+//! slot, the side map, or the *in-flight batch* (drained, not yet confirmed
+//! written); [`Batcher::drain`] takes from the first two.
+//!
+//! The side map also takes deltas that must reach the very next drain:
+//! durable (`wait=true`) requests, and a batch's keys whose slot was evicted
+//! while the batch was being recorded. Each drain has a number; a durable
+//! request gets a *ticket*, the number of the drain that will carry it.
 //!
 //! The obvious alternative (plain `i64` values updated with `and_compute_with`,
 //! evictions forwarded by the listener) counts deltas twice when eviction races
@@ -26,6 +32,8 @@ use std::{
 use moka::{notification::RemovalCause, sync::Cache};
 use parking_lot::Mutex;
 
+use crate::store::Batch;
+
 /// Longest accepted key, in characters (the `varchar(255)` column).
 pub const MAX_KEY_CHARS: usize = 255;
 
@@ -40,6 +48,19 @@ pub enum BatchError {
     /// The key's pending delta on this instance would leave the signed 64-bit range.
     #[error("\"value\" would push the pending delta of this key out of the signed 64-bit range")]
     DeltaOverflow,
+    /// The bound on distinct pending keys is reached and the key is not one of
+    /// them (keys already held still merge).
+    #[error("too many distinct keys are waiting to be written; retry later")]
+    Full,
+}
+
+/// Deltas outside the live slots, and the drain counter (one lock for both,
+/// so a durable record's ticket and the drain that takes it agree).
+#[derive(Default)]
+struct SideMap {
+    deltas: Deltas,
+    /// Drains started so far.
+    drains: u64,
 }
 
 /// One key's pending delta. Lives in the cache; shared with writers holding it.
@@ -54,7 +75,7 @@ struct SlotState {
     /// Something was recorded since the last drain (a zero delta still creates
     /// the counter row).
     dirty: bool,
-    /// The slot left the cache and its remainder moved to `evicted`; adding to
+    /// The slot left the cache and its remainder moved to the side map; adding to
     /// it now would lose the addition.
     sealed: bool,
 }
@@ -81,9 +102,17 @@ pub struct EvictionCounts {
 /// Holds pending deltas between flushes. Cheap to share: wrap in an `Arc`.
 pub struct Batcher {
     cache: Cache<String, Arc<Slot>>,
-    /// Remainders of slots that left the cache since the last drain. Written
-    /// only by the eviction listener, emptied only by `drain`.
-    evicted: Arc<Mutex<Deltas>>,
+    /// Remainders of slots that left the cache, durable records, batch
+    /// fallbacks; emptied only by `drain`.
+    side: Arc<Mutex<SideMap>>,
+    /// Keys in `side` (read without its lock by the pending-key bound).
+    side_keys: Arc<AtomicU64>,
+    /// The batch drained and not yet confirmed written, retried unchanged.
+    in_flight: Mutex<Option<Arc<Batch>>>,
+    /// Keys of `in_flight`.
+    in_flight_keys: AtomicU64,
+    /// Bound on distinct pending keys (slots + side + in flight).
+    max_pending_keys: u64,
     /// Evictions seen by the listener, for metrics.
     evictions: Arc<Mutex<EvictionCounts>>,
     /// Live slots holding a delta not yet drained (exact, unlike moka's
@@ -101,9 +130,22 @@ impl Batcher {
     /// `NonZeroU64` because moka with capacity 0 stores nothing and never calls
     /// the listener: every increment would vanish silently.
     pub fn new(capacity: NonZeroU64, ttl: Duration) -> Self {
-        let evicted: Arc<Mutex<Deltas>> = Arc::default();
+        Self::with_max_pending_keys(capacity, ttl, u64::MAX)
+    }
+
+    /// Like [`new`](Self::new), refusing new keys (with [`BatchError::Full`])
+    /// once `max_pending_keys` distinct keys are pending. The bound is soft by
+    /// at most the number of concurrent requests.
+    pub fn with_max_pending_keys(
+        capacity: NonZeroU64,
+        ttl: Duration,
+        max_pending_keys: u64,
+    ) -> Self {
+        let side: Arc<Mutex<SideMap>> = Arc::default();
+        let side_keys: Arc<AtomicU64> = Arc::default();
         let evictions: Arc<Mutex<EvictionCounts>> = Arc::default();
-        let listener_evicted = Arc::clone(&evicted);
+        let listener_side = Arc::clone(&side);
+        let listener_side_keys = Arc::clone(&side_keys);
         let listener_evictions = Arc::clone(&evictions);
         let dirty_slots: Arc<AtomicU64> = Arc::default();
         let listener_dirty_slots = Arc::clone(&dirty_slots);
@@ -116,18 +158,20 @@ impl Batcher {
                 move |key: Arc<String>, slot: Arc<Slot>, cause: RemovalCause| {
                     // Same handling for every cause: filtering on the cause is
                     // unreliable (moka can report an expiry as `Replaced`).
-                    // `evicted` before the slot: the same order as
-                    // `pending_for`, so a reader sees the move whole.
-                    let mut evicted = listener_evicted.lock();
+                    // The side map before the slot: the same order as
+                    // `pending_for` and `record_all`, so a reader sees the
+                    // move whole and nothing deadlocks.
+                    let mut side = listener_side.lock();
                     let remainder = {
                         let mut state = slot.state.lock();
                         state.sealed = true;
                         state.take(&listener_dirty_slots)
                     };
                     if let Some(delta) = remainder {
-                        *evicted.entry(key.as_ref().clone()).or_insert(0) += i128::from(delta);
+                        *side.deltas.entry(key.as_ref().clone()).or_insert(0) += i128::from(delta);
+                        listener_side_keys.store(side.deltas.len() as u64, Ordering::Relaxed);
                     }
-                    drop(evicted);
+                    drop(side);
                     let mut counts = listener_evictions.lock();
                     match cause {
                         RemovalCause::Size => counts.size += 1,
@@ -139,11 +183,32 @@ impl Batcher {
             .build();
         Self {
             cache,
-            evicted,
+            side,
+            side_keys,
+            in_flight: Mutex::new(None),
+            in_flight_keys: AtomicU64::new(0),
+            max_pending_keys,
             evictions,
             dirty_slots,
             pending_since: Mutex::new(None),
         }
+    }
+
+    /// Refuses a key not already pending once the bound is reached.
+    fn admit(&self, key: &str) -> Result<(), BatchError> {
+        if self.pending_keys() < self.max_pending_keys || self.holds(key) {
+            Ok(())
+        } else {
+            Err(BatchError::Full)
+        }
+    }
+
+    /// Whether `key` has a delta pending here (live, aside or in flight).
+    fn holds(&self, key: &str) -> bool {
+        self.pending_for(key).is_some()
+            || self
+                .in_flight()
+                .is_some_and(|batch| batch.delta_for(key).is_some())
     }
 
     /// Adds `delta` to `key`'s pending delta.
@@ -152,9 +217,10 @@ impl Batcher {
     /// either recorded its delta entirely or not at all.
     ///
     /// # Errors
-    /// [`BatchError::DeltaOverflow`] when the pending delta would leave `i64`;
-    /// nothing is recorded then.
+    /// [`BatchError::DeltaOverflow`] when the pending delta would leave `i64`,
+    /// [`BatchError::Full`] at the pending-key bound; nothing is recorded then.
     pub fn record(&self, key: &str, delta: i64) -> Result<(), BatchError> {
+        self.admit(key)?;
         loop {
             let slot = self
                 .cache
@@ -162,7 +228,7 @@ impl Batcher {
             let mut state = slot.state.lock();
             if state.sealed {
                 // Evicted between the lookup and the lock: its remainder already
-                // moved to `evicted`. The next lookup creates a fresh slot.
+                // moved to the side map. The next lookup creates a fresh slot.
                 continue;
             }
             state.delta = state
@@ -178,12 +244,13 @@ impl Batcher {
 
     /// Adds every `(key, delta)` or none of them.
     ///
-    /// The `evicted` map and every slot involved are locked together (the map
+    /// The side map and every slot involved are locked together (the map
     /// first, then slots in key order: the listener's order, so nothing can
     /// deadlock; single-key `record` holds one slot lock at a time), checked,
     /// then updated: a batch is never half-applied. A slot evicted between the
-    /// lookup and the lock is replaced by the `evicted` map, which the next
+    /// lookup and the lock is replaced by the side map, which the next
     /// drain takes too, so there is no retry loop however small the cache is.
+    /// `(0, Full)` when the batch's new keys do not fit under the bound.
     ///
     /// # Errors
     /// `(index, DeltaOverflow)` naming an item of the first key whose pending
@@ -201,6 +268,13 @@ impl Batcher {
             let sum = i64::try_from(sum).map_err(|_| (last_index, BatchError::DeltaOverflow))?;
             sums.push((key, sum, last_index));
         }
+        let room = self.max_pending_keys.saturating_sub(self.pending_keys());
+        if room < sums.len() as u64 {
+            let new_keys = sums.iter().filter(|(key, _, _)| !self.holds(key)).count();
+            if room < new_keys as u64 {
+                return Err((0, BatchError::Full));
+            }
+        }
         // Look up (or create) every slot before taking any lock: a moka call
         // may run maintenance, whose listener takes these locks.
         let slots: Vec<Arc<Slot>> = sums
@@ -210,7 +284,7 @@ impl Batcher {
                     .get_with_by_ref(*key, || Arc::new(Slot::default()))
             })
             .collect();
-        let mut evicted = self.evicted.lock();
+        let mut side = self.side.lock();
         let mut guards: Vec<_> = slots.iter().map(|slot| slot.state.lock()).collect();
         let mut updated = Vec::with_capacity(guards.len());
         for (guard, (_, sum, last_index)) in guards.iter().zip(&sums) {
@@ -231,12 +305,14 @@ impl Batcher {
                     self.mark_dirty(guard);
                 }
                 None => {
-                    *evicted.entry((*key).to_owned()).or_insert(0) += i128::from(*sum);
+                    *side.deltas.entry((*key).to_owned()).or_insert(0) += i128::from(*sum);
                 }
             }
         }
         drop(guards);
-        drop(evicted);
+        self.side_keys
+            .store(side.deltas.len() as u64, Ordering::Relaxed);
+        drop(side);
         self.note_pending();
         Ok(())
     }
@@ -246,6 +322,32 @@ impl Batcher {
             state.dirty = true;
             self.dirty_slots.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Records a delta that the very next drain will carry, and returns that
+    /// drain's number (the ticket a durable request waits for).
+    ///
+    /// # Errors
+    /// As [`record`](Self::record) (the bound on this key's delta applies to
+    /// its side-map entry).
+    pub fn record_durable(&self, key: &str, delta: i64) -> Result<u64, BatchError> {
+        self.admit(key)?;
+        let mut side = self.side.lock();
+        let drains = side.drains;
+        let entry = side.deltas.entry(key.to_owned()).or_insert(0);
+        let updated = *entry + i128::from(delta);
+        if i64::try_from(updated).is_err() {
+            if *entry == 0 {
+                side.deltas.remove(key);
+            }
+            return Err(BatchError::DeltaOverflow);
+        }
+        *entry = updated;
+        self.side_keys
+            .store(side.deltas.len() as u64, Ordering::Relaxed);
+        drop(side);
+        self.note_pending();
+        Ok(drains + 1)
     }
 
     fn note_pending(&self) {
@@ -262,8 +364,8 @@ impl Batcher {
     /// lookups until the next flush tick runs that maintenance.
     pub fn pending_for(&self, key: &str) -> Option<i128> {
         let slot = self.cache.get(key);
-        let evicted = self.evicted.lock();
-        let mut pending = evicted.get(key).copied();
+        let side = self.side.lock();
+        let mut pending = side.deltas.get(key).copied();
         if let Some(slot) = slot {
             let state = slot.state.lock();
             if state.dirty {
@@ -273,22 +375,62 @@ impl Batcher {
         pending
     }
 
-    /// Takes every pending delta: those moved aside by evictions and those in
-    /// live slots. Hot keys keep their slot (emptied in place).
+    /// Takes every pending delta: those in the side map and those in live
+    /// slots (hot keys keep their slot, emptied in place), and returns them
+    /// with this drain's number.
     ///
     /// Runs moka's maintenance first, so expired entries reach the listener;
     /// that can take up to ~100 ms: call it from a blocking context.
-    pub fn drain(&self) -> Deltas {
+    pub fn drain_numbered(&self) -> (Deltas, u64) {
         *self.pending_since.lock() = None;
         self.cache.run_pending_tasks();
-        let mut deltas = std::mem::take(&mut *self.evicted.lock());
+        let (mut deltas, number) = {
+            let mut side = self.side.lock();
+            side.drains += 1;
+            self.side_keys.store(0, Ordering::Relaxed);
+            (std::mem::take(&mut side.deltas), side.drains)
+        };
         for (key, slot) in self.cache.iter() {
             // A sealed slot was emptied by the listener; `take` returns None.
             if let Some(delta) = slot.state.lock().take(&self.dirty_slots) {
                 *deltas.entry(key.as_ref().clone()).or_insert(0) += i128::from(delta);
             }
         }
-        deltas
+        (deltas, number)
+    }
+
+    /// [`drain_numbered`](Self::drain_numbered) without the number.
+    pub fn drain(&self) -> Deltas {
+        self.drain_numbered().0
+    }
+
+    /// Drains into a new batch and holds it as in flight until
+    /// [`confirm`](Self::confirm). Returns the batch (none when nothing was
+    /// pending) and the drain's number.
+    pub fn drain_to_batch(&self) -> (Option<Arc<Batch>>, u64) {
+        let (deltas, number) = self.drain_numbered();
+        if deltas.is_empty() {
+            return (None, number);
+        }
+        let batch = Arc::new(Batch::new(deltas, number));
+        self.in_flight_keys
+            .store(batch.len() as u64, Ordering::Relaxed);
+        *self.in_flight.lock() = Some(Arc::clone(&batch));
+        (Some(batch), number)
+    }
+
+    /// The batch drained and not yet confirmed written.
+    pub fn in_flight(&self) -> Option<Arc<Batch>> {
+        self.in_flight.lock().clone()
+    }
+
+    /// Forgets `batch`: it is written.
+    pub fn confirm(&self, batch: &Arc<Batch>) {
+        let mut in_flight = self.in_flight.lock();
+        if in_flight.as_ref().is_some_and(|b| Arc::ptr_eq(b, batch)) {
+            *in_flight = None;
+            self.in_flight_keys.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Moves every slot out of the cache through the listener, so that the next
@@ -313,19 +455,23 @@ impl Batcher {
         if deltas.is_empty() {
             return;
         }
-        let mut evicted = self.evicted.lock();
+        let mut side = self.side.lock();
         for (key, delta) in deltas {
-            *evicted.entry(key).or_insert(0) += delta;
+            *side.deltas.entry(key).or_insert(0) += delta;
         }
-        drop(evicted);
+        self.side_keys
+            .store(side.deltas.len() as u64, Ordering::Relaxed);
+        drop(side);
         self.note_pending();
     }
 
-    /// Keys holding a pending delta: live slots with a delta plus remainders
-    /// moved aside by evictions (a key in both counts twice; that is rare and
-    /// errs on the safe side for a bound).
+    /// Keys holding a pending delta: live slots with a delta, the side map and
+    /// the batch in flight (a key in several places counts several times; that
+    /// errs on the safe side for a bound). Lock-free: three atomic loads.
     pub fn pending_keys(&self) -> u64 {
-        self.dirty_slots.load(Ordering::Relaxed) + self.evicted.lock().len() as u64
+        self.dirty_slots.load(Ordering::Relaxed)
+            + self.side_keys.load(Ordering::Relaxed)
+            + self.in_flight_keys.load(Ordering::Relaxed)
     }
 
     /// Age of the oldest delta recorded since the last drain.
@@ -487,6 +633,47 @@ mod tests {
         assert_eq!(b.pending_for("k"), Some(7));
         b.drain();
         assert_eq!(b.pending_for("k"), None);
+    }
+
+    #[test]
+    fn new_keys_are_refused_at_the_bound_and_held_keys_still_merge() {
+        let b = Batcher::with_max_pending_keys(
+            NonZeroU64::new(100).unwrap(),
+            Duration::from_secs(60),
+            2,
+        );
+        b.record("a", 1).unwrap();
+        b.record("b", 1).unwrap();
+        assert_eq!(b.record("c", 1), Err(BatchError::Full));
+        assert_eq!(b.record_durable("c", 1), Err(BatchError::Full));
+        assert_eq!(
+            b.record_all(&[("a", 1), ("c", 1)]),
+            Err((0, BatchError::Full))
+        );
+        b.record("a", 5).unwrap();
+        b.record_all(&[("a", 1), ("b", 1)]).unwrap();
+        // Drained but not confirmed: the keys still count and still merge.
+        let (batch, _) = b.drain_to_batch();
+        let batch = batch.unwrap();
+        assert_eq!(b.record("c", 1), Err(BatchError::Full));
+        b.record("a", 1).unwrap();
+        b.confirm(&batch);
+        assert_eq!(b.pending_keys(), 1);
+        b.record("c", 1).unwrap();
+    }
+
+    #[test]
+    fn a_durable_record_is_in_the_drain_its_ticket_names() {
+        let b = batcher(100, Duration::from_secs(60));
+        let (_, first) = b.drain_numbered();
+        let ticket = b.record_durable("d", 4).unwrap();
+        assert_eq!(ticket, first + 1);
+        b.record("d", 1).unwrap();
+        let (deltas, number) = b.drain_numbered();
+        assert_eq!(number, ticket);
+        assert_eq!(deltas.get("d"), Some(&5));
+        assert_eq!(b.record_durable("big", i64::MAX).unwrap(), ticket + 1);
+        assert_eq!(b.record_durable("big", 1), Err(BatchError::DeltaOverflow));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The write loop: every flush interval, drain the batcher and write the
 //! deltas as one batch; on failure keep the batch and retry it with backoff.
 //!
-//! A drained batch is held as *unconfirmed* (with its id) until a write of it
+//! A drained batch is held *in flight* (with its id) until a write of it
 //! returns success. It is retried unchanged before anything newer is drained,
 //! because after an error during COMMIT the batch may or may not have landed:
 //! only the same id lets the store tell (see [`crate::store`]). Newer deltas
@@ -80,10 +80,12 @@ pub struct CounterReading {
 }
 
 /// What the final flush at shutdown could not write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Unwritten {
     pub keys: usize,
     pub total: i128,
+    /// The deltas, as batches to spill and replay.
+    pub batches: Vec<Arc<Batch>>,
 }
 
 /// Owns the write path. Share with an `Arc`.
@@ -94,10 +96,11 @@ pub struct Flusher {
     /// Request spans the next flush span links to.
     recent_requests: SharedRecentRequests,
     interval: Duration,
-    /// The batch drained but not yet known to be committed. Set by the drain
-    /// (inside the blocking task, so a cancelled `flush_once` cannot lose a
-    /// drained batch), cleared only after a successful write.
-    unconfirmed: Arc<Mutex<Option<Arc<Batch>>>>,
+    /// The highest drain number whose batch (and every earlier one) is
+    /// committed; durable requests wait on it.
+    committed: tokio::sync::watch::Sender<u64>,
+    /// Wakes the loop for an early flush (a durable request is waiting).
+    flush_soon: tokio::sync::Notify,
     /// Serialises flushes: the loop, the final flush and tests may all call
     /// `flush_once`.
     flush_lock: tokio::sync::Mutex<()>,
@@ -122,7 +125,8 @@ impl Flusher {
             metrics,
             recent_requests,
             interval,
-            unconfirmed: Arc::default(),
+            committed: tokio::sync::watch::Sender::new(0),
+            flush_soon: tokio::sync::Notify::new(),
             flush_lock: tokio::sync::Mutex::new(()),
             drain_gate: Arc::default(),
             last_prune: Mutex::new(None),
@@ -133,7 +137,7 @@ impl Flusher {
     /// everything pending now.
     ///
     /// # Errors
-    /// [`FlushError`] when a write fails; the batch stays unconfirmed and the
+    /// [`FlushError`] when a write fails; the batch stays in flight and the
     /// next call retries it.
     ///
     /// # Cancel safety
@@ -172,8 +176,8 @@ impl Flusher {
         let mut batches = 0;
         let mut statements = 0;
 
-        let left_over = self.unconfirmed.lock().clone();
-        if let Some(batch) = left_over {
+        // The batch drained earlier whose write failed goes first, unchanged.
+        if let Some(batch) = self.batcher.in_flight() {
             statements += self.write(&batch).await?;
             keys += batch.len();
             batches += 1;
@@ -183,24 +187,23 @@ impl Flusher {
         for request in self.recent_requests.take() {
             span.add_link(request);
         }
+        // The drain runs in a blocking task and stores its batch as in flight
+        // before returning: a cancelled `flush_once` cannot lose it.
         let batcher = Arc::clone(&self.batcher);
-        let unconfirmed = Arc::clone(&self.unconfirmed);
         let gate = Arc::clone(&self.drain_gate);
-        let drained = tokio::task::spawn_blocking(move || {
+        let (drained, number) = tokio::task::spawn_blocking(move || {
             let _no_reads = gate.blocking_write();
-            let deltas = batcher.drain();
-            if deltas.is_empty() {
-                return None;
-            }
-            let batch = Arc::new(Batch::new(deltas));
-            *unconfirmed.lock() = Some(Arc::clone(&batch));
-            Some(batch)
+            batcher.drain_to_batch()
         })
         .await?;
-        if let Some(batch) = drained {
-            statements += self.write(&batch).await?;
-            keys += batch.len();
-            batches += 1;
+        match drained {
+            Some(batch) => {
+                statements += self.write(&batch).await?;
+                keys += batch.len();
+                batches += 1;
+            }
+            // Nothing in this drain, nothing before it unwritten.
+            None => self.publish_committed(number),
         }
 
         span.record("keys", keys as i64);
@@ -231,9 +234,8 @@ impl Flusher {
         let _gate = self.drain_gate.read().await;
         let live = self.batcher.pending_for(key);
         let in_flight = self
-            .unconfirmed
-            .lock()
-            .as_ref()
+            .batcher
+            .in_flight()
             .and_then(|batch| batch.delta_for(key).map(|delta| (batch.id.clone(), delta)));
         let batch_id = in_flight.as_ref().map(|(id, _)| id.as_str());
         let (stored, batch_committed) = store::read_counter(&self.db, key, batch_id).await?;
@@ -254,7 +256,8 @@ impl Flusher {
         }))
     }
 
-    /// Writes `batch` and, on success, forgets it. Returns the statement count.
+    /// Writes `batch` and, on success, forgets it and publishes its drain as
+    /// committed. Returns the statement count.
     async fn write(&self, batch: &Arc<Batch>) -> Result<usize, FlushError> {
         let outcome = store::write_batch(&self.db, batch, Utc::now())
             .await
@@ -263,11 +266,8 @@ impl Flusher {
                 keys: batch.len(),
                 source,
             })?;
-        let mut unconfirmed = self.unconfirmed.lock();
-        if unconfirmed.as_ref().is_some_and(|u| Arc::ptr_eq(u, batch)) {
-            *unconfirmed = None;
-        }
-        drop(unconfirmed);
+        self.batcher.confirm(batch);
+        self.publish_committed(batch.drain);
         match outcome {
             WriteOutcome::Committed { statements } => Ok(statements),
             WriteOutcome::AlreadyCommitted => {
@@ -275,6 +275,27 @@ impl Flusher {
                 Ok(0)
             }
         }
+    }
+
+    fn publish_committed(&self, drain: u64) {
+        self.committed.send_if_modified(|committed| {
+            let advanced = drain > *committed;
+            if advanced {
+                *committed = drain;
+            }
+            advanced
+        });
+    }
+
+    /// Waits until the drain numbered `ticket` (see
+    /// [`Batcher::record_durable`]) is committed, asking the loop for an early
+    /// flush. `false` when `timeout` passes first.
+    pub async fn wait_committed(&self, ticket: u64, timeout: Duration) -> bool {
+        let mut committed = self.committed.subscribe();
+        self.flush_soon.notify_one();
+        tokio::time::timeout(timeout, committed.wait_for(|c| *c >= ticket))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     async fn prune_if_due(&self) {
@@ -305,9 +326,19 @@ impl Flusher {
             } else {
                 retry_backoff(self.interval, failures)
             };
+            // A durable request may ask for an early flush, but not while the
+            // database is failing: the backoff still applies then.
+            let early = async {
+                if failures == 0 {
+                    self.flush_soon.notified().await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(delay) => {}
+                () = early => {}
             }
             match self.flush_once().await {
                 Ok(_) => {
@@ -359,26 +390,21 @@ impl Flusher {
         Err(self.unwritten().await)
     }
 
-    /// Everything not written: the unconfirmed batch plus what is pending.
+    /// Everything not written, as batches: the one in flight (keeping its
+    /// id: it may have committed) and a new one with what is still pending.
     async fn unwritten(&self) -> Unwritten {
-        let mut unwritten = Unwritten::default();
-        if let Some(batch) = self.unconfirmed.lock().clone() {
-            unwritten.keys += batch.len();
-            unwritten.total += batch.total();
-        }
+        let mut batches: Vec<Arc<Batch>> = self.batcher.in_flight().into_iter().collect();
         let batcher = Arc::clone(&self.batcher);
-        if let Ok(rest) = tokio::task::spawn_blocking(move || {
-            let rest = batcher.drain();
-            let summary = (rest.len(), rest.values().sum::<i128>());
-            batcher.restore(rest);
-            summary
-        })
-        .await
+        if let Ok(rest) = tokio::task::spawn_blocking(move || batcher.drain()).await
+            && !rest.is_empty()
         {
-            unwritten.keys += rest.0;
-            unwritten.total += rest.1;
+            batches.push(Arc::new(Batch::new(rest, 0)));
         }
-        unwritten
+        Unwritten {
+            keys: batches.iter().map(|b| b.len()).sum(),
+            total: batches.iter().map(|b| b.total()).sum(),
+            batches,
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 //! - [`batcher`]: per-key pending deltas in a bounded, expiring moka cache.
 //! - [`flusher`]: the write loop: drain, write with a batch id, retry, final flush.
 //! - [`store`]: the SQL: the idempotent batch write for PostgreSQL and SQLite.
+//! - [`spill`]: the local file for what the final flush could not write.
 //! - [`limits`]: request body size limit.
 //! - [`metrics`]: every Prometheus metric, served at `/metrics`.
 //! - [`observe`]: per-request metrics (and the request span).
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod observe;
 pub mod routes;
 pub mod settings;
+pub mod spill;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

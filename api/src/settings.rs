@@ -1,7 +1,7 @@
 //! The service's configuration as plain data. `src/config.rs` fills it from
 //! flags and environment; tests build it directly.
 
-use std::{fmt, net::SocketAddr, num::NonZeroU64, time::Duration};
+use std::{fmt, net::SocketAddr, num::NonZeroU64, path::PathBuf, time::Duration};
 
 /// Everything the service needs to start.
 #[derive(Clone)]
@@ -26,6 +26,17 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// Apply pending migrations at start.
     pub migrate: bool,
+    /// Distinct keys held in memory (pending, aside, in flight) before new
+    /// keys are refused with 503.
+    pub max_pending_keys: u64,
+    /// How long `POST /increment?wait=true` waits for its flush to commit.
+    pub wait_timeout: Duration,
+    /// Where the final flush spills what the database did not take; replayed
+    /// at the next start.
+    pub spill_path: PathBuf,
+    /// Bearer token of the admin routes; `None`: the routes do not exist.
+    /// Secret: never printed (see the `Debug` impl).
+    pub admin_token: Option<String>,
 }
 
 impl Settings {
@@ -42,6 +53,10 @@ impl Settings {
             db_pool_size: 10,
             shutdown_timeout: Duration::from_secs(30),
             migrate: true,
+            max_pending_keys: 1_000_000,
+            wait_timeout: Duration::from_secs(5),
+            spill_path: PathBuf::from("increment-spill.jsonl"),
+            admin_token: None,
         }
     }
 
@@ -54,6 +69,7 @@ impl Settings {
             ("flush-interval", self.flush_interval),
             ("cache-ttl", self.cache_ttl),
             ("shutdown-timeout", self.shutdown_timeout),
+            ("wait-timeout", self.wait_timeout),
         ];
         for (name, value) in positive {
             if value.is_zero() {
@@ -69,6 +85,20 @@ impl Settings {
                 name: "max-body",
                 value: "0".into(),
                 why: "must be greater than zero",
+            });
+        }
+        if self.max_pending_keys == 0 {
+            return Err(SettingsError::Invalid {
+                name: "max-pending-keys",
+                value: "0".into(),
+                why: "must be greater than zero",
+            });
+        }
+        if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(SettingsError::Invalid {
+                name: "admin-token",
+                value: "<redacted>".into(),
+                why: "must be at least 16 characters",
             });
         }
         if self.db_pool_size == 0 {
@@ -104,6 +134,13 @@ impl fmt::Debug for Settings {
             .field("db_pool_size", &self.db_pool_size)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("migrate", &self.migrate)
+            .field("max_pending_keys", &self.max_pending_keys)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("spill_path", &self.spill_path)
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }

@@ -17,6 +17,8 @@ use crate::{
     metrics::Metrics,
     routes::{self, AppState, Lifecycle},
     settings::{Settings, SettingsError},
+    spill::{self, SpillError},
+    store,
     telemetry::SharedRecentRequests,
 };
 
@@ -29,6 +31,8 @@ pub enum StartupError {
     Connect(#[source] DbErr),
     #[error("applying migrations failed")]
     Migrate(#[source] DbErr),
+    #[error("replaying the spill file failed; it is kept for the next start")]
+    Replay(#[source] ReplayError),
     #[error("binding {addr} failed")]
     Bind {
         addr: SocketAddr,
@@ -37,13 +41,25 @@ pub enum StartupError {
     },
 }
 
+/// Why the spill file could not be replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Spill(#[from] SpillError),
+    #[error("writing a spilled batch failed")]
+    Database(#[from] DbErr),
+}
+
 /// How the service stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ShutdownReport {
     /// Everything accepted was written.
     Clean,
-    /// The database did not take the final flush before the deadline.
-    Unwritten(Unwritten),
+    /// The database did not take the final flush before the deadline; the
+    /// deltas are in the spill file, to be replayed at the next start.
+    Spilled { keys: usize, total: i128 },
+    /// Not written, and the spill file could not be written either.
+    Unwritten { keys: usize, total: i128 },
 }
 
 /// A connected, migrated, bound service, ready to run.
@@ -69,6 +85,9 @@ impl Application {
                 .await
                 .map_err(StartupError::Migrate)?;
         }
+        replay_spill(&db, &settings.spill_path)
+            .await
+            .map_err(StartupError::Replay)?;
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .map_err(|source| StartupError::Bind {
@@ -86,7 +105,11 @@ impl Application {
             .find_map(|addr| addr.as_socket_addr().copied())
             .unwrap_or(settings.listen);
 
-        let batcher = Arc::new(Batcher::new(settings.cache_capacity, settings.cache_ttl));
+        let batcher = Arc::new(Batcher::with_max_pending_keys(
+            settings.cache_capacity,
+            settings.cache_ttl,
+            settings.max_pending_keys,
+        ));
         let metrics = Arc::new(Metrics::new());
         let recent_requests: SharedRecentRequests = Arc::default();
         let flusher = Arc::new(Flusher::new(
@@ -189,16 +212,62 @@ impl Application {
                 tracing::info!("shutdown complete: every accepted increment is written");
                 ShutdownReport::Clean
             }
-            Err(unwritten) => {
-                tracing::error!(
-                    keys = unwritten.keys,
-                    total = %unwritten.total,
-                    "shutdown deadline passed with increments not written to the database"
-                );
-                ShutdownReport::Unwritten(unwritten)
-            }
+            Err(unwritten) => spill_at_exit(&settings.spill_path, unwritten),
         }
     }
+}
+
+/// Writes what the database did not take to the spill file.
+fn spill_at_exit(path: &std::path::Path, unwritten: Unwritten) -> ShutdownReport {
+    let Unwritten {
+        keys,
+        total,
+        batches,
+    } = unwritten;
+    match spill::write(path, &batches) {
+        Ok(()) => {
+            tracing::error!(
+                keys,
+                total = %total,
+                path = %path.display(),
+                "the database did not take the final flush before the deadline; \
+                 the increments are in the spill file and will be written at the next start"
+            );
+            ShutdownReport::Spilled { keys, total }
+        }
+        Err(e) => {
+            tracing::error!(
+                keys,
+                total = %total,
+                error = %crate::error::error_chain(&e),
+                "the database did not take the final flush and the spill file could not be written: \
+                 these increments are lost"
+            );
+            ShutdownReport::Unwritten { keys, total }
+        }
+    }
+}
+
+/// Writes the batches of a spill file left by an earlier run, each under its
+/// own id (so one that had committed is not applied twice), then deletes it.
+/// Runs before the service accepts traffic.
+async fn replay_spill(db: &DatabaseConnection, path: &std::path::Path) -> Result<(), ReplayError> {
+    let Some(batches) = spill::read(path)? else {
+        return Ok(());
+    };
+    let mut keys = 0;
+    for batch in &batches {
+        store::write_batch(db, batch, chrono::Utc::now()).await?;
+        keys += batch.len();
+    }
+    spill::remove(path)?;
+    tracing::warn!(
+        batches = batches.len(),
+        keys,
+        path = %path.display(),
+        "replayed the spill file of an earlier shutdown"
+    );
+    Ok(())
 }
 
 /// Opens the pool with settings suited to each backend.

@@ -34,16 +34,19 @@ const POSTGRES_UPSERT: &str = "INSERT INTO counters (key, value, created_at, upd
 pub struct Batch {
     /// Recorded in `flush_batches` with the upserts; retries reuse it.
     pub id: String,
+    /// The number of the drain that produced it (0 when not from a drain).
+    pub drain: u64,
     pub deltas: Vec<(String, i128)>,
 }
 
 impl Batch {
     /// A batch with a fresh id; sorts the keys.
-    pub fn new(deltas: impl IntoIterator<Item = (String, i128)>) -> Self {
+    pub fn new(deltas: impl IntoIterator<Item = (String, i128)>, drain: u64) -> Self {
         let mut deltas: Vec<(String, i128)> = deltas.into_iter().collect();
         deltas.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Self {
             id: uuid::Uuid::new_v4().to_string(),
+            drain,
             deltas,
         }
     }
@@ -303,10 +306,13 @@ mod tests {
 
     #[test]
     fn batches_are_sorted_and_split_into_rounds() {
-        let batch = Batch::new([
-            ("b".to_owned(), 1),
-            ("a".to_owned(), i128::from(i64::MAX) + 1),
-        ]);
+        let batch = Batch::new(
+            [
+                ("b".to_owned(), 1),
+                ("a".to_owned(), i128::from(i64::MAX) + 1),
+            ],
+            0,
+        );
         assert_eq!(batch.deltas[0].0, "a");
         let rounds = batch.rounds();
         assert_eq!(

@@ -53,7 +53,7 @@ async fn a_failed_flush_keeps_its_batch_and_retries_it_exactly_once(db: TestDb) 
 
 async fn a_replayed_batch_is_not_applied_twice(db: TestDb) {
     let app = spawn_app(db).await;
-    let batch = store::Batch::new([("x".to_owned(), 5), ("y".to_owned(), -7)]);
+    let batch = store::Batch::new([("x".to_owned(), 5), ("y".to_owned(), -7)], 0);
     let now = chrono::Utc::now();
     // The first attempt commits but (say) its answer is lost; the flusher
     // retries the same batch.
@@ -66,7 +66,7 @@ async fn a_replayed_batch_is_not_applied_twice(db: TestDb) {
         BTreeMap::from([("x".into(), 5), ("y".into(), -7)])
     );
     // A different batch with the same deltas is new work and is applied.
-    let other = store::Batch::new(batch.deltas.clone());
+    let other = store::Batch::new(batch.deltas.clone(), 0);
     store::write_batch(app.app.db(), &other, now).await.unwrap();
     assert_eq!(app.counters().await.get("x"), Some(&10));
 }

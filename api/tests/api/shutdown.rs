@@ -7,7 +7,8 @@ use crate::helpers::{assert_accepted, spawn_app_with, test_settings};
 
 db_tests!(
     shutdown_writes_everything_pending,
-    shutdown_with_the_database_unavailable_reports_what_is_left,
+    shutdown_with_the_database_unavailable_spills_and_the_next_start_replays,
+    a_spilled_batch_that_had_committed_is_not_replayed_twice,
 );
 
 async fn shutdown_writes_everything_pending(db: TestDb) {
@@ -29,11 +30,16 @@ async fn shutdown_writes_everything_pending(db: TestDb) {
     );
 }
 
-async fn shutdown_with_the_database_unavailable_reports_what_is_left(db: TestDb) {
+async fn shutdown_with_the_database_unavailable_spills_and_the_next_start_replays(db: TestDb) {
+    let spill_dir = tempfile::tempdir().unwrap();
     let mut settings = test_settings(&db);
     settings.shutdown_timeout = Duration::from_secs(1);
     settings.flush_interval = Duration::from_millis(50);
-    let app = spawn_app_with(db, settings).await;
+    settings.spill_path = spill_dir.path().join("spill.jsonl");
+    let app = spawn_app_with(db, settings.clone()).await;
+    assert_accepted(app.increment("stored", 1).await).await;
+    app.flush().await;
+
     app.db
         .execute("ALTER TABLE counters RENAME TO counters_away")
         .await;
@@ -45,11 +51,38 @@ async fn shutdown_with_the_database_unavailable_reports_what_is_left(db: TestDb)
         let _ = stopped.await;
     }));
     stop.send(()).unwrap();
-    match server.await.unwrap() {
-        ShutdownReport::Unwritten(unwritten) => {
-            assert_eq!(unwritten.keys, 2);
-            assert_eq!(unwritten.total, 6);
-        }
-        ShutdownReport::Clean => panic!("nothing could have been written"),
-    }
+    assert_eq!(
+        server.await.unwrap(),
+        ShutdownReport::Spilled { keys: 2, total: 6 }
+    );
+    assert!(settings.spill_path.exists(), "the spill file is on disk");
+
+    // The database is back; the next start writes the spill before serving.
+    app.db
+        .execute("ALTER TABLE counters_away RENAME TO counters")
+        .await;
+    let restarted = spawn_app_with(app.db, settings.clone()).await;
+    assert!(!settings.spill_path.exists(), "replayed and removed");
+    assert_eq!(
+        restarted.counters().await,
+        BTreeMap::from([("a".into(), 4), ("b".into(), 2), ("stored".into(), 1)])
+    );
+}
+
+async fn a_spilled_batch_that_had_committed_is_not_replayed_twice(db: TestDb) {
+    let spill_dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&db);
+    settings.spill_path = spill_dir.path().join("spill.jsonl");
+    let app = spawn_app_with(db, settings.clone()).await;
+    // A batch committed, but its answer was lost before the spill.
+    let committed = std::sync::Arc::new(api::store::Batch::new([("k".to_owned(), 5)], 1));
+    api::store::write_batch(app.app.db(), &committed, chrono::Utc::now())
+        .await
+        .unwrap();
+    let unwritten = std::sync::Arc::new(api::store::Batch::new([("k".to_owned(), 2)], 2));
+    api::spill::write(&settings.spill_path, &[committed, unwritten]).unwrap();
+
+    let restarted = spawn_app_with(app.db, settings.clone()).await;
+    assert_eq!(restarted.counters().await.get("k"), Some(&7));
+    assert!(!settings.spill_path.exists());
 }

@@ -1,0 +1,175 @@
+//! The spill file: what the final flush could not write before the shutdown
+//! deadline, kept on local disk and replayed, exactly once, at the next start.
+//!
+//! Each batch keeps its id, so a batch whose commit was in flight when the
+//! database went away is not applied twice on replay (the id is then found in
+//! `flush_batches`). The file is written whole to a temporary name, fsync'd,
+//! renamed over the real name and the directory fsync'd: after a crash there is
+//! either the old file or the new one, never half of one.
+
+use std::{
+    fs,
+    io::{self, Write},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::Batch;
+
+/// Why the spill file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SpillError {
+    #[error("spill file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("spill file {path} is not valid: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// One batch on disk. Deltas are decimal strings: a sum may exceed 64 bits.
+#[derive(Serialize, Deserialize)]
+struct SpilledBatch {
+    batch_id: String,
+    deltas: Vec<(String, String)>,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> SpillError + '_ {
+    move |source| SpillError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Writes `batches` (after any batches already in the file) durably to `path`.
+///
+/// # Errors
+/// [`SpillError`] when the file cannot be written or synced.
+pub fn write(path: &Path, batches: &[Arc<Batch>]) -> Result<(), SpillError> {
+    let mut all: Vec<SpilledBatch> = match read(path)? {
+        Some(existing) => existing.iter().map(to_disk).collect(),
+        None => Vec::new(),
+    };
+    all.extend(batches.iter().map(|b| to_disk(b)));
+    let mut text = String::new();
+    for batch in &all {
+        let line = serde_json::to_string(batch).map_err(|e| SpillError::Invalid {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let temporary = path.with_extension("tmp");
+    let mut file = fs::File::create(&temporary).map_err(io_error(&temporary))?;
+    file.write_all(text.as_bytes())
+        .map_err(io_error(&temporary))?;
+    file.sync_all().map_err(io_error(&temporary))?;
+    drop(file);
+    fs::rename(&temporary, path).map_err(io_error(path))?;
+    let directory = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    fs::File::open(&directory)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io_error(&directory))?;
+    Ok(())
+}
+
+fn to_disk(batch: &Batch) -> SpilledBatch {
+    SpilledBatch {
+        batch_id: batch.id.clone(),
+        deltas: batch
+            .deltas
+            .iter()
+            .map(|(key, delta)| (key.clone(), delta.to_string()))
+            .collect(),
+    }
+}
+
+/// The batches in `path`, or `None` when there is no spill file.
+///
+/// # Errors
+/// [`SpillError`] when the file exists but cannot be read or parsed.
+pub fn read(path: &Path) -> Result<Option<Vec<Batch>>, SpillError> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(path)(e)),
+    };
+    let invalid = |reason: String| SpillError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut batches = Vec::new();
+    for (number, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let spilled: SpilledBatch =
+            serde_json::from_str(line).map_err(|e| invalid(format!("line {}: {e}", number + 1)))?;
+        let mut deltas = Vec::with_capacity(spilled.deltas.len());
+        for (key, delta) in spilled.deltas {
+            let delta: i128 = delta
+                .parse()
+                .map_err(|_| invalid(format!("line {}: delta {delta:?}", number + 1)))?;
+            deltas.push((key, delta));
+        }
+        let mut batch = Batch::new(deltas, 0);
+        batch.id = spilled.batch_id;
+        batches.push(batch);
+    }
+    Ok(Some(batches))
+}
+
+/// Deletes the spill file once its batches are written.
+///
+/// # Errors
+/// [`SpillError`] when it exists and cannot be removed.
+pub fn remove(path: &Path) -> Result<(), SpillError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error(path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_round_trip_with_their_ids_and_wide_deltas() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spill.jsonl");
+        assert!(read(&path).unwrap().is_none());
+        let first = Arc::new(Batch::new(
+            [("a".to_owned(), 1), ("b\n\"q\"".to_owned(), -2)],
+            3,
+        ));
+        let wide = Arc::new(Batch::new([("w".to_owned(), 3 * i128::from(i64::MAX))], 0));
+        write(&path, std::slice::from_ref(&first)).unwrap();
+        write(&path, std::slice::from_ref(&wide)).unwrap();
+        let back = read(&path).unwrap().unwrap();
+        assert_eq!(back.len(), 2, "a second spill appends");
+        assert_eq!(back[0].id, first.id);
+        assert_eq!(back[0].deltas, first.deltas);
+        assert_eq!(back[1].deltas, wide.deltas);
+        remove(&path).unwrap();
+        assert!(read(&path).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_damaged_file_is_an_error_not_an_empty_spill() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spill.jsonl");
+        fs::write(&path, "{not json\n").unwrap();
+        assert!(matches!(read(&path), Err(SpillError::Invalid { .. })));
+    }
+}
