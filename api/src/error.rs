@@ -31,6 +31,9 @@ pub enum ApiError {
     /// 422: the body is not a valid request; the message names the field.
     #[error("{0}")]
     Unprocessable(String),
+    /// 503: not taken (or not confirmed) now; retry after `retry_after` seconds.
+    #[error("{message}")]
+    Unavailable { message: String, retry_after: u64 },
 }
 
 impl ApiError {
@@ -40,6 +43,7 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -85,9 +89,13 @@ impl ResponseError for ApiError {
     }
 
     fn as_response(&self) -> Response {
-        poem::web::Json(self.body())
-            .with_status(ApiError::status(self))
-            .into_response()
+        let response = poem::web::Json(self.body()).with_status(ApiError::status(self));
+        match self {
+            Self::Unavailable { retry_after, .. } => response
+                .with_header(poem::http::header::RETRY_AFTER, retry_after.to_string())
+                .into_response(),
+            _ => response.into_response(),
+        }
     }
 }
 

@@ -58,6 +58,7 @@ pub const ROUTE_LABELS: &[&str] = &[
     "/metrics",
     "/openapi.json",
     "/docs",
+    "/admin",
     "other",
 ];
 
@@ -73,17 +74,19 @@ pub fn route_label(path: &str) -> &'static str {
         "/metrics" => "/metrics",
         "/openapi.json" => "/openapi.json",
         p if p == "/docs" || p.starts_with("/docs/") => "/docs",
+        p if p.starts_with("/admin/") => "/admin",
         _ => "other",
     }
 }
 
-/// Why an increment was refused, as a label.
+/// Why a request was refused before anything was recorded, as a label
+/// (`unavailable`, the pending-key bound, is counted by the handlers: a 503
+/// of `wait=true` is an accepted increment that was not confirmed in time).
 pub fn rejection_reason(status: u16) -> Option<&'static str> {
     match status {
         413 => Some("too_large"),
         415 => Some("content_type"),
         422 => Some("invalid"),
-        503 => Some("unavailable"),
         _ => None,
     }
 }
@@ -264,12 +267,10 @@ impl Metrics {
         self.http_duration
             .with_label_values(&[route, method])
             .observe(elapsed.as_secs_f64());
-        // Accepted increments of `/increments` are counted per item by its
-        // handler; a refused batch counts as one rejection.
+        // Accepted increments are counted by the handlers (per item for a
+        // batch); a refused request counts as one rejection.
         let ingestion = route == "/increment" || route == "/increments";
-        if route == "/increment" && status == 202 {
-            self.increments_accepted.inc();
-        } else if ingestion && let Some(reason) = rejection_reason(status) {
+        if ingestion && let Some(reason) = rejection_reason(status) {
             self.increments_rejected.with_label_values(&[reason]).inc();
         }
     }

@@ -127,6 +127,9 @@ impl Application {
             metrics,
             recent_requests,
             max_body: settings.max_body,
+            flush_interval: settings.flush_interval,
+            wait_timeout: settings.wait_timeout,
+            admin_token: settings.admin_token.as_deref().map(Arc::from),
         };
         Ok(Self {
             acceptor,

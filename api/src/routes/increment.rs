@@ -1,9 +1,10 @@
 //! `POST /increment`: add a value to a counter.
 
-use std::{borrow::Cow, sync::Arc};
+use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use poem_openapi::{
     ApiResponse, Object, OpenApi, Tags,
+    param::Query,
     payload::Json,
     registry::{MetaSchemaRef, Registry},
     types::{Example, ParseError, ParseFromJSON, ParseResult, ToJSON, Type},
@@ -12,8 +13,9 @@ use serde_json::Value;
 
 use super::AppState;
 use crate::{
-    batcher::{Batcher, validate_key},
+    batcher::{BatchError, Batcher, validate_key},
     error::{ApiError, ErrorBody},
+    flusher::Flusher,
     metrics::Metrics,
     telemetry::SharedRecentRequests,
 };
@@ -270,16 +272,26 @@ pub enum BatchResponse {
     /// index and field); nothing was applied.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
+    /// Too many distinct keys are waiting to be written (the database is
+    /// slow or down); nothing was applied. Retry after `Retry-After` seconds.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
 }
 
 impl BatchResponse {
     fn from_request_error(err: poem::Error) -> Self {
-        match ApiError::from_request_error(err) {
-            ApiError::PayloadTooLarge { limit } => {
-                Self::PayloadTooLarge(Json(ApiError::PayloadTooLarge { limit }.body()))
-            }
-            e @ ApiError::UnsupportedMediaType(_) => Self::UnsupportedMediaType(Json(e.body())),
-            e @ ApiError::Unprocessable(_) => Self::Unprocessable(Json(e.body())),
+        ApiError::from_request_error(err).into()
+    }
+}
+
+impl From<ApiError> for BatchResponse {
+    fn from(err: ApiError) -> Self {
+        let body = Json(err.body());
+        match err {
+            ApiError::PayloadTooLarge { .. } => Self::PayloadTooLarge(body),
+            ApiError::UnsupportedMediaType(_) => Self::UnsupportedMediaType(body),
+            ApiError::Unprocessable(_) => Self::Unprocessable(body),
+            ApiError::Unavailable { retry_after, .. } => Self::Unavailable(body, retry_after),
         }
     }
 }
@@ -287,6 +299,10 @@ impl BatchResponse {
 #[derive(ApiResponse)]
 #[oai(bad_request_handler = "IncrementResponse::from_request_error")]
 pub enum IncrementResponse {
+    /// With `wait=true`: written. The flush carrying this increment has
+    /// committed to the database. Empty body.
+    #[oai(status = 200)]
+    Written,
     /// Accepted: held by this instance and written by the next flush. Empty body.
     #[oai(status = 202)]
     Accepted,
@@ -299,6 +315,13 @@ pub enum IncrementResponse {
     /// The body is malformed; `error` names the field. No counter changed.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
+    /// Either too many distinct keys are waiting to be written (the database
+    /// is slow or down) and the increment was NOT taken; or, with `wait=true`,
+    /// it was taken but its flush did not commit within the wait timeout: it
+    /// is then still held and will be written, so do not resend it. `error`
+    /// says which. Retry after `Retry-After` seconds.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
 }
 
 impl IncrementResponse {
@@ -314,22 +337,47 @@ impl From<ApiError> for IncrementResponse {
             ApiError::PayloadTooLarge { .. } => Self::PayloadTooLarge(body),
             ApiError::UnsupportedMediaType(_) => Self::UnsupportedMediaType(body),
             ApiError::Unprocessable(_) => Self::Unprocessable(body),
+            ApiError::Unavailable { retry_after, .. } => Self::Unavailable(body, retry_after),
+        }
+    }
+}
+
+/// The refusal of an increment by the batcher, as the API answers it.
+fn refusal(err: BatchError, retry_after: u64, metrics: &Metrics) -> ApiError {
+    match err {
+        BatchError::DeltaOverflow => ApiError::Unprocessable(err.to_string()),
+        BatchError::Full => {
+            metrics
+                .increments_rejected
+                .with_label_values(&["unavailable"])
+                .inc();
+            ApiError::Unavailable {
+                message: err.to_string(),
+                retry_after,
+            }
         }
     }
 }
 
 pub struct IncrementApi {
     batcher: Arc<Batcher>,
+    flusher: Arc<Flusher>,
     recent_requests: SharedRecentRequests,
     metrics: Arc<Metrics>,
+    wait_timeout: Duration,
+    /// Seconds a refused client should wait: about one flush interval.
+    retry_after: u64,
 }
 
 impl IncrementApi {
     pub fn new(state: &AppState) -> Self {
         Self {
             batcher: Arc::clone(&state.batcher),
+            flusher: Arc::clone(&state.flusher),
             recent_requests: Arc::clone(&state.recent_requests),
             metrics: Arc::clone(&state.metrics),
+            wait_timeout: state.wait_timeout,
+            retry_after: state.flush_interval.as_secs().max(1),
         }
     }
 }
@@ -338,16 +386,47 @@ impl IncrementApi {
 impl IncrementApi {
     /// Add `value` to the counter `key`.
     ///
-    /// Answers 202 once the increment is held in memory; the flusher writes it
-    /// to the database within one flush interval, exactly once.
+    /// Plain requests are write-behind: 202 once the increment is held in
+    /// memory; the flusher writes it within about one flush interval, exactly
+    /// once. With `wait=true` the answer is 200 only after the flush carrying
+    /// it has committed (waiting requests share one flush, which they trigger
+    /// early), or 503 if that did not happen within the wait timeout.
     #[oai(path = "/increment", method = "post", operation_id = "increment")]
-    async fn increment(&self, body: Json<Increment>) -> IncrementResponse {
-        match self.batcher.record(&body.0.key, body.0.value) {
-            Ok(()) => {
-                self.recent_requests.offer_current();
-                IncrementResponse::Accepted
+    async fn increment(
+        &self,
+        body: Json<Increment>,
+        /// Answer only once the increment is committed to the database.
+        wait: Query<Option<bool>>,
+    ) -> IncrementResponse {
+        let Increment { key, value } = body.0;
+        if wait.0 != Some(true) {
+            return match self.batcher.record(&key, value) {
+                Ok(()) => {
+                    self.recent_requests.offer_current();
+                    self.metrics.increments_accepted.inc();
+                    IncrementResponse::Accepted
+                }
+                Err(e) => refusal(e, self.retry_after, &self.metrics).into(),
+            };
+        }
+        let ticket = match self.batcher.record_durable(&key, value) {
+            Ok(ticket) => ticket,
+            Err(e) => return refusal(e, self.retry_after, &self.metrics).into(),
+        };
+        self.recent_requests.offer_current();
+        self.metrics.increments_accepted.inc();
+        if self.flusher.wait_committed(ticket, self.wait_timeout).await {
+            IncrementResponse::Written
+        } else {
+            ApiError::Unavailable {
+                message: format!(
+                    "not confirmed within {} ms: the increment is held and will be \
+                     written when the database takes it; do not resend it",
+                    self.wait_timeout.as_millis()
+                ),
+                retry_after: self.retry_after,
             }
-            Err(e) => ApiError::Unprocessable(e.to_string()).into(),
+            .into()
         }
     }
 
@@ -371,9 +450,8 @@ impl IncrementApi {
                 self.metrics.increments_accepted.inc_by(accepted);
                 BatchResponse::Accepted(Json(BatchAccepted { accepted }))
             }
-            Err((index, e)) => BatchResponse::Unprocessable(Json(
-                ApiError::Unprocessable(format!("increments[{index}]: {e}")).body(),
-            )),
+            Err((_, e @ BatchError::Full)) => refusal(e, self.retry_after, &self.metrics).into(),
+            Err((index, e)) => ApiError::Unprocessable(format!("increments[{index}]: {e}")).into(),
         }
     }
 }

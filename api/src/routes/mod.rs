@@ -1,5 +1,6 @@
 //! The HTTP API, one module (and one `#[OpenApi]` struct) per tag.
 
+pub mod admin;
 pub mod counters;
 pub mod health;
 pub mod increment;
@@ -47,6 +48,10 @@ pub struct AppState {
     /// Request spans for the next flush span to link to.
     pub recent_requests: SharedRecentRequests,
     pub max_body: usize,
+    pub flush_interval: std::time::Duration,
+    pub wait_timeout: std::time::Duration,
+    /// `None`: the admin routes are not mounted (404).
+    pub admin_token: Option<Arc<str>>,
 }
 
 /// The OpenAPI service with every tag.
@@ -82,10 +87,17 @@ pub fn router(state: AppState) -> impl Endpoint<Output = poem::Response> {
     let api = openapi(&state);
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint();
-    Route::new()
+    let mut route = Route::new()
         .nest("/docs", docs)
         .at("/openapi.json", spec)
-        .at("/metrics", get(metrics).data(state.clone()))
+        .at("/metrics", get(metrics).data(state.clone()));
+    if let Some(token) = &state.admin_token {
+        route = route.nest(
+            "/admin",
+            admin::routes(Arc::clone(token), Arc::clone(&state.flusher)),
+        );
+    }
+    route
         .nest("/", api)
         .with(BodyLimit::new(state.max_body))
         .with(Observe::new(Arc::clone(&state.metrics)))

@@ -5,6 +5,7 @@ mod helpers;
 
 mod counters;
 mod docs;
+mod durability;
 mod flush;
 mod health;
 mod increment;

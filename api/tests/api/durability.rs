@@ -1,0 +1,230 @@
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use poem::http::StatusCode;
+use testkit::{TestDb, db_tests};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{
+    TestApp, assert_accepted, error_message, spawn_app, spawn_app_with, test_settings,
+};
+
+/// Runs the real flush loop (interval one hour: only early flushes asked by
+/// durable requests happen) until the guard is dropped.
+struct FlushLoop(CancellationToken);
+
+impl Drop for FlushLoop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+fn start_flush_loop(app: &TestApp) -> FlushLoop {
+    let stop = CancellationToken::new();
+    tokio::spawn(Arc::clone(&app.flusher).run_until_stopped(stop.clone()));
+    FlushLoop(stop)
+}
+
+async fn post_waiting(app: &TestApp, key: &str, value: i64) -> poem::test::TestResponse {
+    app.client
+        .post("/increment")
+        .query("wait", &true)
+        .content_type("application/json")
+        .body(serde_json::json!({ "key": key, "value": value }).to_string())
+        .send()
+        .await
+}
+
+db_tests!(
+    wait_true_answers_200_only_once_committed,
+    wait_true_answers_503_when_the_flush_cannot_commit_in_time,
+    new_keys_get_503_past_the_pending_bound,
+    admin_routes_need_the_token,
+);
+
+async fn wait_true_answers_200_only_once_committed(db: TestDb) {
+    let app = Arc::new(spawn_app(db).await);
+    let _loop = start_flush_loop(&app);
+    let response = post_waiting(&app, "durable", 3).await;
+    response.assert_status(StatusCode::OK);
+    response.assert_bytes(b"").await;
+    assert_eq!(
+        app.counters().await.get("durable"),
+        Some(&3),
+        "in the database when the 200 arrives"
+    );
+
+    // Many waiters at once share flushes (group commit).
+    let waiters = 50;
+    let tasks: Vec<_> = (0..waiters)
+        .map(|i| {
+            let app = Arc::clone(&app);
+            tokio::spawn(async move {
+                post_waiting(&app, &format!("w{}", i % 5), 1)
+                    .await
+                    .0
+                    .status()
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), StatusCode::OK);
+    }
+    let counters = app.counters().await;
+    assert_eq!(
+        (0..5).map(|i| counters[&format!("w{i}")]).sum::<i64>(),
+        waiters
+    );
+    let metrics = app
+        .client
+        .get("/metrics")
+        .send()
+        .await
+        .0
+        .into_body()
+        .into_string()
+        .await
+        .unwrap();
+    let flushes: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("increment_flush_keys_count "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        flushes < f64::from(waiters as i32),
+        "{flushes} flushes for {waiters} waiters"
+    );
+}
+
+async fn wait_true_answers_503_when_the_flush_cannot_commit_in_time(db: TestDb) {
+    let mut settings = test_settings(&db);
+    settings.wait_timeout = Duration::from_millis(300);
+    let app = spawn_app_with(db, settings).await;
+    let flush_loop = start_flush_loop(&app);
+    app.db
+        .execute("ALTER TABLE counters RENAME TO counters_away")
+        .await;
+
+    let response = post_waiting(&app, "late", 4).await;
+    assert_eq!(
+        response.0.headers()["retry-after"],
+        "3600",
+        "one flush interval"
+    );
+    let message = error_message(response, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(message.contains("do not resend"), "{message}");
+
+    // It was accepted all the same: once the database is back it is written, once.
+    drop(flush_loop);
+    app.db
+        .execute("ALTER TABLE counters_away RENAME TO counters")
+        .await;
+    app.flush().await;
+    assert_eq!(app.counters().await, BTreeMap::from([("late".into(), 4)]));
+}
+
+async fn new_keys_get_503_past_the_pending_bound(db: TestDb) {
+    let mut settings = test_settings(&db);
+    settings.max_pending_keys = 3;
+    let app = spawn_app_with(db, settings).await;
+    for key in ["a", "b", "c"] {
+        assert_accepted(app.increment(key, 1).await).await;
+    }
+    let refused = app.increment("d", 1).await;
+    assert_eq!(
+        refused.0.headers()["retry-after"],
+        "3600",
+        "about one flush interval"
+    );
+    let message = error_message(refused, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(message.contains("retry later"), "{message}");
+    assert_accepted(app.increment("a", 10).await).await;
+    let batch = app
+        .client
+        .post("/increments")
+        .content_type("application/json")
+        .body(r#"{"increments": [{"key": "a", "value": 1}, {"key": "e", "value": 1}]}"#)
+        .send()
+        .await;
+    error_message(batch, StatusCode::SERVICE_UNAVAILABLE).await;
+
+    app.flush().await;
+    assert_accepted(app.increment("d", 1).await).await;
+    app.flush().await;
+    assert_eq!(
+        app.counters().await,
+        BTreeMap::from([
+            ("a".into(), 11),
+            ("b".into(), 1),
+            ("c".into(), 1),
+            ("d".into(), 1)
+        ])
+    );
+    let metrics = app
+        .client
+        .get("/metrics")
+        .send()
+        .await
+        .0
+        .into_body()
+        .into_string()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("increment_increments_rejected_total{reason=\"unavailable\"} 2"),
+        "{metrics}"
+    );
+}
+
+async fn admin_routes_need_the_token(db: TestDb) {
+    let token = "s3cret-admin-token-for-tests";
+    let without = spawn_app(TestDb::sqlite().await).await;
+    without
+        .client
+        .post("/admin/flush")
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .assert_status(StatusCode::NOT_FOUND);
+
+    let mut settings = test_settings(&db);
+    settings.admin_token = Some(token.to_owned());
+    let app = spawn_app_with(db, settings).await;
+    assert_accepted(app.increment("a", 2).await).await;
+    for header in [
+        None,
+        Some("Bearer wrong-token-of-some-length"),
+        Some(token),
+        Some("Basic abc"),
+    ] {
+        let mut request = app.client.post("/admin/flush");
+        if let Some(value) = header {
+            request = request.header("authorization", value);
+        }
+        let response = request.send().await;
+        response.assert_status(StatusCode::UNAUTHORIZED);
+        response.assert_header("www-authenticate", "Bearer");
+    }
+    let response = app
+        .client
+        .post("/admin/flush")
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await;
+    response.assert_status_is_ok();
+    response
+        .assert_json(serde_json::json!({"keys": 1, "batches": 1, "statements": 1}))
+        .await;
+    assert_eq!(app.counters().await.get("a"), Some(&2));
+    let metrics = app
+        .client
+        .get("/metrics")
+        .send()
+        .await
+        .0
+        .into_body()
+        .into_string()
+        .await
+        .unwrap();
+    assert!(!metrics.contains(token));
+}
