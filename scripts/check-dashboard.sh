@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# Checks the Grafana dashboards and prometheus.yml against the real service:
+#
+#   1. promtool check config prometheus.yml
+#   2. dashboard structure: types, titles, provisioned datasource uids,
+#      an expression per target, $instance in every selector
+#   3. starts the release binary (SQLite, 200ms flushes, a 50-key cache with a
+#      1s TTL so entries get evicted) and a Prometheus on loopback scraping it
+#      every second, with a config derived from prometheus.yml
+#   4. sends valid and invalid increments for a while
+#   5. every metric name used by the dashboards must be in the service's
+#      /metrics; every expression, with the Grafana variables substituted,
+#      must be valid and return data through Prometheus's HTTP API
+#
+# Run from anywhere: scripts/check-dashboard.sh
+# Environment:
+#   INCREMENT_BIN      use this binary instead of `cargo build --release`
+#   LOAD_SECONDS       how long to send increments (default 20)
+#   BUILD_TIMEOUT      seconds allowed for the release build (default 3600)
+# Every step is bounded in time; the service and Prometheus are stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+started=$(date +%s)
+step() { printf '\n==> %s\n' "$*"; }
+die() { printf '\ncheck-dashboard: FAILED: %s\n' "$*" >&2; exit 1; }
+
+LOAD_SECONDS=${LOAD_SECONDS:-20}
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-3600}
+RATE_INTERVAL=15s   # window substituted for $__rate_interval; < LOAD_SECONDS
+# Expressions are evaluated 1 s before the end of the load, so gauges show the
+# service under load and every rate window lies inside it.
+
+[[ "$LOAD_SECONDS" =~ ^[0-9]+$ ]] && [ "$LOAD_SECONDS" -ge 17 ] && [ "$LOAD_SECONDS" -le 300 ] \
+  || die "LOAD_SECONDS must be a whole number of seconds from 17 to 300 (rate windows are $RATE_INTERVAL)"
+
+tmp=$(mktemp -d -t check-dashboard.XXXXXX)
+app_pid=""
+prom_pid=""
+child_pid=""
+
+# Long steps run in the background and are waited for, so that a signal is
+# handled at once (bash defers traps while a foreground command runs) and the
+# step is stopped with the rest.
+run() {
+  "$@" &
+  child_pid=$!
+  local rc=0
+  wait "$child_pid" || rc=$?
+  child_pid=""
+  return "$rc"
+}
+
+stop() {  # stop PID NAME: SIGTERM, up to 15 s, then SIGKILL
+  local pid=$1 name=$2
+  [ -n "$pid" ] || return 0
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 150); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "check-dashboard: $name (pid $pid) did not stop; killing it" >&2
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  stop "$child_pid" "current step"
+  stop "$app_pid" increment
+  stop "$prom_pid" prometheus
+  if [ "$rc" -ne 0 ]; then
+    for log in "$tmp/increment.log" "$tmp/prometheus.log"; do
+      if [ -s "$log" ]; then
+        printf '\n--- last lines of %s ---\n' "$(basename "$log")" >&2
+        tail -n 20 "$log" >&2 || true
+      fi
+    done
+  fi
+  rm -rf "$tmp"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_http() {  # wait_http URL SECONDS PID NAME
+  local url=$1 seconds=$2 pid=$3 name=$4
+  local deadline=$(( $(date +%s) + seconds ))
+  until curl -fsS --max-time 2 -o /dev/null "$url" 2>/dev/null; do
+    kill -0 "$pid" 2>/dev/null || die "$name exited before answering $url"
+    [ "$(date +%s)" -lt "$deadline" ] || die "$name did not answer $url within ${seconds}s"
+    sleep 0.2
+  done
+}
+
+step "tools: prometheus, promtool, python3 with PyYAML"
+command -v python3 >/dev/null || die "python3 is required"
+command -v curl >/dev/null || die "curl is required"
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  echo "installing the Debian package prometheus"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! run timeout 900 apt-get install -y --no-install-recommends prometheus; then
+    run timeout 300 apt-get update
+    run timeout 900 apt-get install -y --no-install-recommends prometheus
+  fi
+  # The package may start its own service on :9090; ours below uses another
+  # port and its own storage, so that one is left alone.
+fi
+if ! python3 -c 'import yaml' 2>/dev/null; then
+  run timeout 300 python3 -m pip install --quiet PyYAML
+fi
+prometheus --version 2>&1 | head -n 1
+python3 --version
+
+step "promtool check config prometheus.yml"
+timeout 60 promtool check config prometheus.yml
+
+step "checker self-test and dashboard structure"
+timeout 60 python3 scripts/check_dashboard.py selftest
+timeout 60 python3 scripts/check_dashboard.py static
+
+if [ -n "${INCREMENT_BIN:-}" ]; then
+  bin=$INCREMENT_BIN
+  [ -x "$bin" ] || die "INCREMENT_BIN=$bin is not an executable"
+else
+  step "cargo build --release --bin increment"
+  run timeout "$BUILD_TIMEOUT" cargo build --release --bin increment
+  bin=target/release/increment
+fi
+run_started=$(date +%s)
+
+app_port=$(free_port)
+prom_port=$(free_port)
+while [ "$prom_port" = "$app_port" ]; do prom_port=$(free_port); done
+app=127.0.0.1:$app_port
+prom=127.0.0.1:$prom_port
+
+step "increment on $app (SQLite in $tmp)"
+bin=$(realpath "$bin")
+(
+  # Only the flags below: no INCREMENT_*/OTEL_*/DATABASE_URL from the caller,
+  # and the working directory (where relative paths such as the spill file
+  # land) is the temporary one.
+  for var in $(compgen -e | grep -E '^(INCREMENT_|OTEL_|DATABASE_URL$)' || true); do unset "$var"; done
+  export INCREMENT_SPILL_PATH="$tmp/spill.jsonl"
+  cd "$tmp"
+  exec "$bin" \
+    --listen "$app" \
+    --database-url "sqlite://$tmp/increment.db?mode=rwc" \
+    --flush-interval 200ms \
+    --cache-capacity 50 \
+    --cache-ttl 1s \
+    --shutdown-timeout 10s
+) >"$tmp/increment.log" 2>&1 &
+app_pid=$!
+wait_http "http://$app/readyz" 30 "$app_pid" increment
+echo "ready (pid $app_pid)"
+
+step "prometheus on $prom scraping $app every 1s (config derived from prometheus.yml)"
+python3 scripts/check_dashboard.py render-config --source prometheus.yml --out "$tmp/prometheus.yml" \
+  --job increment --target "$app" --self-target "$prom" --interval 1s
+cat "$tmp/prometheus.yml"
+timeout 60 promtool check config "$tmp/prometheus.yml"
+prometheus \
+  --config.file="$tmp/prometheus.yml" \
+  --storage.tsdb.path="$tmp/data" \
+  --web.listen-address="$prom" \
+  --log.level=warn \
+  >"$tmp/prometheus.log" 2>&1 &
+prom_pid=$!
+wait_http "http://$prom/-/ready" 60 "$prom_pid" prometheus
+run timeout 60 python3 scripts/check_dashboard.py wait-target --prometheus "http://$prom" --job increment --timeout 30
+
+step "load: ${LOAD_SECONDS}s of increments (valid, 422, 415, a few 413) over many keys"
+run timeout $(( LOAD_SECONDS + 60 )) python3 scripts/check_dashboard.py load \
+  --url "http://$app" --seconds "$LOAD_SECONDS" --rate 250 --workers 2 --keys 2000
+load_end=$(date +%s)
+sleep 2   # two more scrapes, so the last samples include the end of the load
+kill -0 "$app_pid" 2>/dev/null || die "increment exited during the load"
+
+step "dashboard expressions against Prometheus"
+check_rc=0
+run timeout 180 python3 scripts/check_dashboard.py check \
+  --prometheus "http://$prom" \
+  --metrics-url "http://$app/metrics" \
+  --rate-interval "$RATE_INTERVAL" \
+  --time "$(( load_end - 1 ))" || check_rc=$?
+
+now=$(date +%s)
+if [ "$check_rc" -ne 0 ]; then
+  die "dashboard check failed (exit $check_rc) after $(( now - started ))s"
+fi
+printf '\ncheck-dashboard: PASSED in %ss (%ss after the build)\n' "$(( now - started ))" "$(( now - run_started ))"
