@@ -269,7 +269,13 @@ impl Flusher {
         self.batcher.confirm(batch);
         self.publish_committed(batch.drain);
         match outcome {
-            WriteOutcome::Committed { statements } => Ok(statements),
+            WriteOutcome::Committed {
+                statements,
+                rejected,
+            } => {
+                self.metrics.rejected_rows.inc_by(rejected as u64);
+                Ok(statements)
+            }
             WriteOutcome::AlreadyCommitted => {
                 tracing::info!(batch.id = %batch.id, "batch had committed in an earlier attempt; not written again");
                 Ok(0)

@@ -115,6 +115,9 @@ pub struct Metrics {
     pub flushed_keys: IntCounter,
     /// Flushes that failed (their batch is retried).
     pub flush_failures: IntCounter,
+    /// Rows a flush could not apply (the total would leave bigint), recorded
+    /// in `rejected_increments`.
+    pub rejected_rows: IntCounter,
     /// Unix time of the last successful flush.
     pub last_flush_success: Gauge,
     /// Database pool connections by state (in_use, idle).
@@ -203,6 +206,11 @@ impl Metrics {
                 "Flushes that failed; their batch is kept and retried.",
             ))
             .expect("valid metric"),
+            rejected_rows: IntCounter::with_opts(opts(
+                "rejected_rows_total",
+                "Rows a flush could not apply because the total would leave bigint; see table rejected_increments.",
+            ))
+            .expect("valid metric"),
             last_flush_success: Gauge::with_opts(opts(
                 "last_flush_success_timestamp_seconds",
                 "Unix time of the last successful flush.",
@@ -236,6 +244,7 @@ impl Metrics {
             Box::new(metrics.flush_keys.clone()),
             Box::new(metrics.flushed_keys.clone()),
             Box::new(metrics.flush_failures.clone()),
+            Box::new(metrics.rejected_rows.clone()),
             Box::new(metrics.last_flush_success.clone()),
             Box::new(metrics.db_pool_connections.clone()),
             Box::new(build_info),
@@ -349,15 +358,25 @@ mod tests {
     #[test]
     fn the_registry_builds() {
         let metrics = Metrics::new();
-        metrics.observe_request("/increment", "POST", 202, Duration::from_micros(40));
         metrics.observe_request("/increment", "POST", 422, Duration::from_micros(40));
-        assert_eq!(metrics.increments_accepted.get(), 1);
-        assert_eq!(
+        metrics.observe_request("/increment", "POST", 202, Duration::from_micros(40));
+        metrics.observe_request("/healthz", "GET", 200, Duration::from_micros(40));
+        let rejected = |reason: &str| {
             metrics
                 .increments_rejected
-                .with_label_values(&["invalid"])
-                .get(),
-            1
+                .with_label_values(&[reason])
+                .get()
+        };
+        assert_eq!(rejected("invalid"), 1);
+        assert_eq!(
+            metrics.increments_accepted.get(),
+            0,
+            "handlers count acceptance"
         );
+        let requests = metrics
+            .http_requests
+            .with_label_values(&["/healthz", "GET", "200"])
+            .get();
+        assert_eq!(requests, 1);
     }
 }

@@ -9,9 +9,8 @@
 //! written again.
 
 use chrono::{DateTime, Utc};
-use entity::{counters, flush_batches};
+use entity::{counters, flush_batches, rejected_increments};
 use sea_orm::{
-    ActiveValue::Set,
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter,
     QueryOrder, QuerySelect, Statement, TransactionTrait,
     sea_query::{Expr, ExprTrait, Func, OnConflict, Query},
@@ -21,13 +20,11 @@ use sea_orm::{
 /// chosen so one statement stays well under a second on a small machine.
 pub const POSTGRES_ROWS_PER_STATEMENT: usize = 10_000;
 
-/// SQLite: bundled SQLite allows 32,766 bind parameters; a row binds 4.
-pub const SQLITE_ROWS_PER_STATEMENT: usize = 32_766 / 4;
+/// Bind parameters bundled SQLite allows in one statement.
+const SQLITE_MAX_BINDS: usize = 32_766;
 
-const POSTGRES_UPSERT: &str = "INSERT INTO counters (key, value, created_at, updated_at) \
-     SELECT k, v, $3, $3 FROM unnest($1::text[], $2::bigint[]) AS t(k, v) \
-     ON CONFLICT (key) DO UPDATE \
-     SET value = counters.value + EXCLUDED.value, updated_at = EXCLUDED.updated_at";
+/// SQLite: rows per upsert; a row binds 4.
+pub const SQLITE_ROWS_PER_STATEMENT: usize = SQLITE_MAX_BINDS / 4;
 
 /// Deltas to write under one id; keys unique and sorted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,13 +108,25 @@ fn split_i64(mut delta: i128) -> Vec<i64> {
 /// What happened to a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteOutcome {
-    /// Committed now: `statements` upserts wrote the batch's keys.
-    Committed { statements: usize },
+    /// Committed now: `statements` upserts wrote the batch's keys, except
+    /// `rejected` rows whose total would have left `bigint` (recorded in
+    /// `rejected_increments` instead).
+    Committed { statements: usize, rejected: usize },
     /// An earlier attempt with this id had committed; nothing was written.
     AlreadyCommitted,
 }
 
+/// Why a row was not applied, as stored in `rejected_increments.reason`.
+pub const OVERFLOW_REASON: &str = "stored value + delta is outside the bigint range";
+
 /// Writes `batch` in one transaction, exactly once across retries with the same id.
+///
+/// A key whose stored total would leave `bigint` ("poison row") does not hold
+/// back the others: the upsert skips it (a guard in its `DO UPDATE ... WHERE`),
+/// and when anything was skipped the transaction is redone in a second pass
+/// that learns which keys were skipped (`RETURNING`), records them in
+/// `rejected_increments` and commits the rest. The normal path pays nothing
+/// for this but the guard.
 ///
 /// # Errors
 /// Any database error. The outcome is then unknown only if the error came from
@@ -128,6 +137,37 @@ pub async fn write_batch(
     batch: &Batch,
     now: DateTime<Utc>,
 ) -> Result<WriteOutcome, DbErr> {
+    match write_pass(db, batch, now, Pass::Fast).await? {
+        PassOutcome::Done(outcome) => Ok(outcome),
+        PassOutcome::Skipped => match write_pass(db, batch, now, Pass::Isolate).await? {
+            PassOutcome::Done(outcome) => Ok(outcome),
+            PassOutcome::Skipped => Err(DbErr::Custom(
+                "rows were skipped while isolating poison rows".to_owned(),
+            )),
+        },
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Count the rows each upsert changed; roll back if any was skipped.
+    Fast,
+    /// Learn which rows each upsert changed; record the others as rejected.
+    Isolate,
+}
+
+enum PassOutcome {
+    Done(WriteOutcome),
+    /// The fast pass found a skipped row and rolled back.
+    Skipped,
+}
+
+async fn write_pass(
+    db: &DatabaseConnection,
+    batch: &Batch,
+    now: DateTime<Utc>,
+    pass: Pass,
+) -> Result<PassOutcome, DbErr> {
     let txn = db.begin().await?;
     let claim = Query::insert()
         .into_table(flush_batches::Entity)
@@ -150,65 +190,159 @@ pub async fn write_batch(
         .to_owned();
     if txn.execute(&claim).await?.rows_affected() == 0 {
         txn.rollback().await?;
-        return Ok(WriteOutcome::AlreadyCommitted);
+        return Ok(PassOutcome::Done(WriteOutcome::AlreadyCommitted));
     }
     let backend = txn.get_database_backend();
+    let chunk_rows = match backend {
+        DbBackend::Postgres => POSTGRES_ROWS_PER_STATEMENT,
+        _ => SQLITE_ROWS_PER_STATEMENT,
+    };
     let mut statements = 0;
+    let mut rejected: Vec<(&str, i64)> = Vec::new();
     for round in batch.rounds() {
-        let chunk_rows = match backend {
-            DbBackend::Postgres => POSTGRES_ROWS_PER_STATEMENT,
-            _ => SQLITE_ROWS_PER_STATEMENT,
-        };
         for chunk in round.chunks(chunk_rows) {
-            upsert_chunk(&txn, backend, chunk, now).await?;
             statements += 1;
+            match pass {
+                Pass::Fast => {
+                    let changed = upsert_chunk(&txn, backend, chunk, now).await?;
+                    if changed < chunk.len() as u64 {
+                        txn.rollback().await?;
+                        tracing::warn!(batch.id = %batch.id, "a row would overflow bigint; isolating it");
+                        return Ok(PassOutcome::Skipped);
+                    }
+                }
+                Pass::Isolate => {
+                    let changed = upsert_chunk_returning(&txn, backend, chunk, now).await?;
+                    rejected.extend(chunk.iter().filter(|(key, _)| !changed.contains(*key)));
+                }
+            }
         }
     }
+    if !rejected.is_empty() {
+        record_rejected(&txn, &batch.id, &rejected, now).await?;
+        statements += 1;
+    }
     txn.commit().await?;
-    Ok(WriteOutcome::Committed { statements })
+    Ok(PassOutcome::Done(WriteOutcome::Committed {
+        statements,
+        rejected: rejected.len(),
+    }))
 }
 
+/// Applies a row only when the sum stays in `bigint` (written so that the
+/// guard's own arithmetic cannot overflow).
+const OVERFLOW_GUARD: &str = "WHERE (excluded.value >= 0 AND counters.value <= 9223372036854775807 - excluded.value) \
+     OR (excluded.value < 0 AND counters.value >= -9223372036854775807 - 1 - excluded.value)";
+
+/// The upsert of one chunk, for `backend`; `RETURNING key` when `returning`.
+fn upsert_statement(
+    backend: DbBackend,
+    chunk: &[(&str, i64)],
+    now: DateTime<Utc>,
+    returning: bool,
+) -> Statement {
+    let tail = if returning { " RETURNING key" } else { "" };
+    if backend == DbBackend::Postgres {
+        // unnest: three binds whatever the row count, one cached statement text.
+        let keys: Vec<String> = chunk.iter().map(|(k, _)| (*k).to_owned()).collect();
+        let values: Vec<i64> = chunk.iter().map(|(_, v)| *v).collect();
+        let sql = format!(
+            "INSERT INTO counters (key, value, created_at, updated_at) \
+             SELECT k, v, $3, $3 FROM unnest($1::text[], $2::bigint[]) AS t(k, v) \
+             ON CONFLICT (key) DO UPDATE \
+             SET value = counters.value + excluded.value, updated_at = excluded.updated_at \
+             {OVERFLOW_GUARD}{tail}"
+        );
+        return Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            sql,
+            [keys.into(), values.into(), now.into()],
+        );
+    }
+    let rows = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
+    let sql = format!(
+        "INSERT INTO counters (key, value, created_at, updated_at) VALUES {rows} \
+         ON CONFLICT (key) DO UPDATE \
+         SET value = counters.value + excluded.value, updated_at = excluded.updated_at \
+         {OVERFLOW_GUARD}{tail}"
+    );
+    let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 4);
+    for (key, value) in chunk {
+        values.push((*key).into());
+        values.push((*value).into());
+        values.push(now.into());
+        values.push(now.into());
+    }
+    Statement::from_sql_and_values(backend, sql, values)
+}
+
+/// Upserts a chunk; returns how many rows it inserted or updated.
 #[tracing::instrument(name = "db.upsert", skip_all, fields(rows = chunk.len() as i64))]
 async fn upsert_chunk<C: ConnectionTrait>(
     conn: &C,
     backend: DbBackend,
     chunk: &[(&str, i64)],
     now: DateTime<Utc>,
+) -> Result<u64, DbErr> {
+    let stmt = upsert_statement(backend, chunk, now, false);
+    Ok(conn.execute_raw(stmt).await?.rows_affected())
+}
+
+/// Upserts a chunk; returns the keys it inserted or updated.
+#[tracing::instrument(name = "db.upsert_returning", skip_all, fields(rows = chunk.len() as i64))]
+async fn upsert_chunk_returning<C: ConnectionTrait>(
+    conn: &C,
+    backend: DbBackend,
+    chunk: &[(&str, i64)],
+    now: DateTime<Utc>,
+) -> Result<std::collections::HashSet<String>, DbErr> {
+    let stmt = upsert_statement(backend, chunk, now, true);
+    conn.query_all_raw(stmt)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<String>("", "key"))
+        .collect()
+}
+
+/// Records rows that could not be applied.
+#[tracing::instrument(name = "db.record_rejected", skip_all, fields(rows = rows.len() as i64))]
+async fn record_rejected<C: ConnectionTrait>(
+    conn: &C,
+    batch_id: &str,
+    rows: &[(&str, i64)],
+    now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
-    if backend == DbBackend::Postgres {
-        // unnest: three binds whatever the row count, one cached statement text.
-        let keys: Vec<String> = chunk.iter().map(|(k, _)| (*k).to_owned()).collect();
-        let values: Vec<i64> = chunk.iter().map(|(_, v)| *v).collect();
-        let stmt = Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            POSTGRES_UPSERT,
-            [keys.into(), values.into(), now.into()],
+    for (key, delta) in rows {
+        tracing::error!(
+            key,
+            delta,
+            batch.id = batch_id,
+            "increment rejected: {OVERFLOW_REASON}"
         );
-        conn.execute_raw(stmt).await?;
-        return Ok(());
     }
-    let rows = chunk.iter().map(|(key, value)| counters::ActiveModel {
-        key: Set((*key).to_owned()),
-        value: Set(*value),
-        created_at: Set(now.into()),
-        updated_at: Set(now.into()),
-    });
-    counters::Entity::insert_many(rows)
-        .on_conflict(
-            OnConflict::column(counters::Column::Key)
-                .value(
-                    counters::Column::Value,
-                    Expr::col((counters::Entity, counters::Column::Value))
-                        .add(Expr::col(("excluded", counters::Column::Value))),
-                )
-                .value(
-                    counters::Column::UpdatedAt,
-                    Expr::col(("excluded", counters::Column::UpdatedAt)),
-                )
-                .to_owned(),
-        )
-        .exec_without_returning(conn)
-        .await?;
+    // 5 binds per row, under SQLite's limit.
+    for chunk in rows.chunks(SQLITE_MAX_BINDS / 5) {
+        let mut insert = Query::insert();
+        insert.into_table(rejected_increments::Entity).columns([
+            rejected_increments::Column::Key,
+            rejected_increments::Column::Delta,
+            rejected_increments::Column::Reason,
+            rejected_increments::Column::BatchId,
+            rejected_increments::Column::RejectedAt,
+        ]);
+        for (key, delta) in chunk {
+            insert
+                .values([
+                    (*key).into(),
+                    (*delta).into(),
+                    OVERFLOW_REASON.into(),
+                    batch_id.into(),
+                    now.into(),
+                ])
+                .map_err(|e| DbErr::Custom(e.to_string()))?;
+        }
+        conn.execute(&insert).await?;
+    }
     Ok(())
 }
 

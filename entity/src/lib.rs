@@ -4,3 +4,4 @@ pub mod prelude;
 
 pub mod counters;
 pub mod flush_batches;
+pub mod rejected_increments;

@@ -2,3 +2,4 @@
 
 pub use super::counters::Entity as Counters;
 pub use super::flush_batches::Entity as FlushBatches;
+pub use super::rejected_increments::Entity as RejectedIncrements;

@@ -8,6 +8,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261128_000001_create_counters;
 mod m20261128_000002_create_flush_batches;
+mod m20261128_000003_create_rejected_increments;
 
 pub struct Migrator;
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261128_000001_create_counters::Migration),
             Box::new(m20261128_000002_create_flush_batches::Migration),
+            Box::new(m20261128_000003_create_rejected_increments::Migration),
         ]
     }
 }

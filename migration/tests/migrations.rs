@@ -6,20 +6,21 @@ use testkit::{TestDb, db_tests};
 
 db_tests!(up_down_up);
 
-async fn tables(db: &sea_orm::DatabaseConnection) -> [bool; 2] {
+async fn tables(db: &sea_orm::DatabaseConnection) -> [bool; 3] {
     let schema = SchemaManager::new(db);
     [
         schema.has_table("counters").await.unwrap(),
         schema.has_table("flush_batches").await.unwrap(),
+        schema.has_table("rejected_increments").await.unwrap(),
     ]
 }
 
 async fn up_down_up(test_db: TestDb) {
     let db = test_db.connect().await;
-    assert_eq!(tables(&db).await, [false, false]);
+    assert_eq!(tables(&db).await, [false, false, false]);
 
     Migrator::up(&db, None).await.expect("up");
-    assert_eq!(tables(&db).await, [true, true]);
+    assert_eq!(tables(&db).await, [true, true, true]);
     assert!(
         Migrator::get_pending_migrations(&db)
             .await
@@ -52,14 +53,14 @@ async fn up_down_up(test_db: TestDb) {
     }
 
     Migrator::down(&db, None).await.expect("down");
-    assert_eq!(tables(&db).await, [false, false]);
+    assert_eq!(tables(&db).await, [false, false, false]);
     assert_eq!(
         Migrator::get_pending_migrations(&db).await.unwrap().len(),
-        2
+        Migrator::migrations().len()
     );
 
     Migrator::up(&db, None).await.expect("up again");
-    assert_eq!(tables(&db).await, [true, true]);
+    assert_eq!(tables(&db).await, [true, true, true]);
     assert!(test_db.counters().await.is_empty(), "down dropped the data");
     db.close().await.ok();
 }

@@ -7,6 +7,7 @@ use testkit::{Backend, TestDb, db_tests};
 use crate::helpers::{assert_accepted, spawn_app, spawn_app_with, test_settings};
 
 db_tests!(
+    a_poison_row_is_recorded_and_the_others_are_written,
     a_failed_flush_keeps_its_batch_and_retries_it_exactly_once,
     a_replayed_batch_is_not_applied_twice,
     large_batches_are_chunked_under_the_bind_limit,
@@ -58,7 +59,13 @@ async fn a_replayed_batch_is_not_applied_twice(db: TestDb) {
     // The first attempt commits but (say) its answer is lost; the flusher
     // retries the same batch.
     let first = store::write_batch(app.app.db(), &batch, now).await.unwrap();
-    assert_eq!(first, store::WriteOutcome::Committed { statements: 1 });
+    assert_eq!(
+        first,
+        store::WriteOutcome::Committed {
+            statements: 1,
+            rejected: 0
+        }
+    );
     let retry = store::write_batch(app.app.db(), &batch, now).await.unwrap();
     assert_eq!(retry, store::WriteOutcome::AlreadyCommitted);
     assert_eq!(
@@ -167,4 +174,66 @@ async fn concurrent_increments_under_eviction_and_expiry_are_written_exactly_onc
         .await
         .expect("everything is written");
     assert_eq!(app.counters().await, expected);
+}
+
+async fn a_poison_row_is_recorded_and_the_others_are_written(db: TestDb) {
+    use sea_orm::{EntityTrait, QueryOrder};
+
+    let app = spawn_app(db).await;
+    assert_accepted(app.increment("poison", i64::MAX).await).await;
+    assert_accepted(app.increment("negative", i64::MIN).await).await;
+    assert_accepted(app.increment("fine", 1).await).await;
+    app.flush().await;
+
+    // Second flush: both poison keys would leave bigint; the others are written.
+    assert_accepted(app.increment("poison", i64::MAX).await).await;
+    assert_accepted(app.increment("negative", -1).await).await;
+    assert_accepted(app.increment("fine", 2).await).await;
+    assert_accepted(app.increment("new", 3).await).await;
+    let outcome = app
+        .flusher
+        .flush_once()
+        .await
+        .expect("the flush commits the other keys");
+    assert!(
+        matches!(outcome, FlushOutcome::Written { keys: 4, .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        app.counters().await,
+        BTreeMap::from([
+            ("fine".into(), 3),
+            ("negative".into(), i64::MIN),
+            ("new".into(), 3),
+            ("poison".into(), i64::MAX),
+        ])
+    );
+    let connection = app.db.connect().await;
+    let rejected = entity::rejected_increments::Entity::find()
+        .order_by_asc(entity::rejected_increments::Column::Key)
+        .all(&connection)
+        .await
+        .unwrap();
+    let rows: Vec<(&str, i64)> = rejected.iter().map(|r| (r.key.as_str(), r.delta)).collect();
+    assert_eq!(rows, [("negative", -1), ("poison", i64::MAX)]);
+    assert!(rejected.iter().all(|r| r.reason.contains("bigint")));
+    let metrics = app
+        .client
+        .get("/metrics")
+        .send()
+        .await
+        .0
+        .into_body()
+        .into_string()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("increment_rejected_rows_total 2"),
+        "{metrics}"
+    );
+
+    // The key is not stuck: a delta that fits is applied by the next flush.
+    assert_accepted(app.increment("poison", -1).await).await;
+    app.flush().await;
+    assert_eq!(app.counters().await.get("poison"), Some(&(i64::MAX - 1)));
 }
