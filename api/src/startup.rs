@@ -8,7 +8,7 @@ use poem::{
     Server,
     listener::{Acceptor, TcpAcceptor},
 };
-use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -81,9 +81,7 @@ impl Application {
         settings.validate()?;
         let db = connect(&settings).await.map_err(StartupError::Connect)?;
         if settings.migrate {
-            Migrator::up(&db, None)
-                .await
-                .map_err(StartupError::Migrate)?;
+            migrate(&settings).await.map_err(StartupError::Migrate)?;
         }
         replay_spill(&db, &settings.spill_path)
             .await
@@ -271,6 +269,37 @@ async fn replay_spill(db: &DatabaseConnection, path: &std::path::Path) -> Result
         "replayed the spill file of an earlier shutdown"
     );
     Ok(())
+}
+
+/// Key of the PostgreSQL advisory lock that serialises migrations.
+const MIGRATION_LOCK_KEY: i64 = 0x696e_6372_656d_656e; // "incremen"
+
+/// Applies pending migrations. On PostgreSQL, under a session advisory lock
+/// on a dedicated one-connection pool, so replicas started together against
+/// an empty database apply each migration once: the others wait, then find
+/// nothing pending.
+async fn migrate(settings: &Settings) -> Result<(), DbErr> {
+    let mut options = ConnectOptions::new(settings.database_url.clone());
+    options
+        .max_connections(1)
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(5))
+        .sqlx_logging(false);
+    let db = Database::connect(options).await?;
+    let postgres = db.get_database_backend() == sea_orm::DbBackend::Postgres;
+    if postgres {
+        db.execute_unprepared(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
+            .await?;
+    }
+    let applied = Migrator::up(&db, None).await;
+    if postgres {
+        // Closing the connection would release it too; unlock explicitly.
+        let _ = db
+            .execute_unprepared(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
+            .await;
+    }
+    db.close().await.ok();
+    applied
 }
 
 /// Opens the pool with settings suited to each backend.

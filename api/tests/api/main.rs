@@ -11,3 +11,4 @@ mod health;
 mod increment;
 mod metrics;
 mod shutdown;
+mod startup;
