@@ -1,0 +1,1 @@
+//! Benchmark harness for increment (see README in this crate).
