@@ -332,19 +332,15 @@ impl Flusher {
             } else {
                 retry_backoff(self.interval, failures)
             };
-            // A durable request may ask for an early flush, but not while the
-            // database is failing: the backoff still applies then.
-            let early = async {
-                if failures == 0 {
-                    self.flush_soon.notified().await;
-                } else {
-                    std::future::pending::<()>().await;
+            if failures == 0 {
+                // A durable request may ask for an early flush.
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                    () = self.flush_soon.notified() => {}
                 }
-            };
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(delay) => {}
-                () = early => {}
+            } else if !self.wait_for_retry(delay, &stop).await {
+                return;
             }
             match self.flush_once().await {
                 Ok(_) => {
@@ -357,6 +353,28 @@ impl Flusher {
                     failures = failures.saturating_add(1);
                     tracing::warn!(error = %error_chain(&e), failures, "flush failed; the batch is kept and retried");
                 }
+            }
+        }
+    }
+
+    /// Waits out a retry backoff, cut short when a cheap probe finds the
+    /// database answering again (so recovery takes about one interval, not
+    /// one backoff). `false` when `stop` was cancelled.
+    async fn wait_for_retry(&self, backoff: Duration, stop: &CancellationToken) -> bool {
+        let deadline = tokio::time::Instant::now() + backoff;
+        let probe_every = self.interval.max(Duration::from_millis(100));
+        loop {
+            let wake = deadline.min(tokio::time::Instant::now() + probe_every);
+            tokio::select! {
+                () = stop.cancelled() => return false,
+                () = tokio::time::sleep_until(wake) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return true;
+            }
+            if self.db.ping().await.is_ok() {
+                tracing::info!("the database answers again; retrying the flush now");
+                return true;
             }
         }
     }

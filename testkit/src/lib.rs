@@ -2,9 +2,14 @@
 //! `TEST_DATABASE_URL` is set (a UUID-named database created on that server and
 //! dropped when the test ends).
 //!
+//! [`proxy::FaultProxy`] sits between a service and PostgreSQL to refuse or
+//! cut connections.
+//!
 //! [`db_tests!`] turns one `async fn(TestDb)` into a `sqlite` and a `postgres`
 //! test; the PostgreSQL one says on stdout that it was skipped when no server
 //! is configured.
+
+pub mod proxy;
 
 use std::collections::BTreeMap;
 
@@ -99,6 +104,21 @@ impl TestDb {
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
         db.close().await.ok();
+    }
+
+    /// PostgreSQL only: the server's address (for a [`proxy::FaultProxy`]).
+    pub fn postgres_addr(&self) -> Option<std::net::SocketAddr> {
+        use std::net::ToSocketAddrs;
+        let (server_url, _) = self.postgres.as_ref()?;
+        let rest = server_url.split_once("://")?.1;
+        let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let host_port = if host_port.contains(':') {
+            host_port.to_owned()
+        } else {
+            format!("{host_port}:5432")
+        };
+        host_port.to_socket_addrs().ok()?.next()
     }
 
     pub fn db_backend(&self) -> DbBackend {

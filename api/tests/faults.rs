@@ -1,0 +1,231 @@
+//! Faults between the service and PostgreSQL, through a TCP proxy that can
+//! refuse and cut connections: an outage under load, and a COMMIT whose
+//! answer never arrives. PostgreSQL only (skipped without TEST_DATABASE_URL).
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use api::{Application, FlushOutcome, Settings, ShutdownReport};
+use rand::Rng;
+use testkit::{TestDb, proxy::FaultProxy};
+
+async fn through_proxy() -> Option<(TestDb, FaultProxy, Settings)> {
+    let db = TestDb::postgres().await?;
+    let proxy = FaultProxy::start(db.postgres_addr().expect("a PostgreSQL address")).await;
+    let mut settings = Settings::with_database(proxy.url_for(&db.url));
+    settings.db_pool_size = 4;
+    Some((db, proxy, settings))
+}
+
+/// Polls `url` until it answers `status`, for at most `within`.
+async fn wait_for_status(client: &reqwest::Client, url: &str, status: u16, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Ok(response) = client.get(url).send().await
+            && response.status() == status
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url} never answered {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    accepted: parking_lot::Mutex<BTreeMap<String, i64>>,
+    unavailable: AtomicU64,
+    unavailable_without_retry_after: AtomicU64,
+    other: AtomicU64,
+}
+
+/// Sends increments on `keys` until `running` turns false.
+async fn load(
+    base: String,
+    keys: std::ops::Range<u32>,
+    running: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) {
+    let client = reqwest::Client::new();
+    while running.load(Ordering::SeqCst) {
+        let (key, value) = {
+            let mut rng = rand::rng();
+            (
+                format!("k{}", rng.random_range(keys.clone())),
+                rng.random_range(-100..=100),
+            )
+        };
+        let sent = client
+            .post(format!("{base}/increment"))
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"key":"{key}","value":{value}}}"#))
+            .send()
+            .await;
+        match sent.map(|r| (r.status().as_u16(), r.headers().contains_key("retry-after"))) {
+            Ok((202, _)) => *tally.accepted.lock().entry(key).or_insert(0) += value,
+            Ok((503, retry_after)) => {
+                tally.unavailable.fetch_add(1, Ordering::SeqCst);
+                if !retry_after {
+                    tally
+                        .unavailable_without_retry_after
+                        .fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            _ => {
+                tally.other.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Load runs; the database is unreachable for 15 s; it comes back. Every 202
+/// is stored exactly once, 503s come only past the pending-key bound (with
+/// Retry-After), and /readyz follows the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_under_load_loses_nothing_and_doubles_nothing() {
+    let Some((db, proxy, mut settings)) = through_proxy().await else {
+        return;
+    };
+    settings.flush_interval = Duration::from_millis(100);
+    settings.max_pending_keys = 500;
+    let app = Application::build(settings).await.expect("starts");
+    let base = format!("http://{}", app.local_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::new();
+    let ready = format!("{base}/readyz");
+    let tally = Arc::new(Tally::default());
+
+    // Phase 1: 300 keys, database healthy.
+    let running = Arc::new(AtomicBool::new(true));
+    let held: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(load(
+                base.clone(),
+                0..300,
+                Arc::clone(&running),
+                Arc::clone(&tally),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        tally.unavailable.load(Ordering::SeqCst),
+        0,
+        "no 503 while healthy"
+    );
+
+    // Phase 2: the database is unreachable for 15 s.
+    proxy.refuse();
+    wait_for_status(&client, &ready, 503, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        tally.unavailable.load(Ordering::SeqCst),
+        0,
+        "300 keys stay under the bound of 500: every increment is still taken"
+    );
+    // New keys push past the bound: 503 with Retry-After, never a silent drop.
+    let fresh: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(load(
+                base.clone(),
+                1_000..3_000,
+                Arc::clone(&running),
+                Arc::clone(&tally),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        tally.unavailable.load(Ordering::SeqCst) > 0,
+        "503s past the bound"
+    );
+    assert_eq!(
+        tally.unavailable_without_retry_after.load(Ordering::SeqCst),
+        0
+    );
+    let distinct_accepted = tally.accepted.lock().len();
+    assert!(
+        distinct_accepted >= 500 - 8,
+        "the bound is not hit early ({distinct_accepted})"
+    );
+
+    // Phase 3: back. Readiness follows; the loop writes everything.
+    proxy.restore();
+    wait_for_status(&client, &ready, 200, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    running.store(false, Ordering::SeqCst);
+    for task in held.into_iter().chain(fresh) {
+        task.await.unwrap();
+    }
+    assert_eq!(tally.other.load(Ordering::SeqCst), 0, "only 202 and 503");
+    stop.send(()).unwrap();
+    assert_eq!(server.await.unwrap(), ShutdownReport::Clean);
+    let expected = std::mem::take(&mut *tally.accepted.lock());
+    assert_eq!(
+        db.counters().await,
+        expected,
+        "every 202 stored exactly once"
+    );
+}
+
+/// The connection breaks after COMMIT reached the server and before its
+/// answer: the retry must find the batch committed and not add it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambiguous_commit_is_not_applied_twice() {
+    let Some((db, proxy, mut settings)) = through_proxy().await else {
+        return;
+    };
+    settings.flush_interval = Duration::from_secs(3600);
+    let app = Application::build(settings).await.expect("starts");
+    let client = poem::test::TestClient::new(app.router());
+    for (key, value) in [("a", 1), ("b", 2), ("a", 3)] {
+        client
+            .post("/increment")
+            .content_type("application/json")
+            .body(format!(r#"{{"key":"{key}","value":{value}}}"#))
+            .send()
+            .await
+            .assert_status(poem::http::StatusCode::ACCEPTED);
+    }
+    let flusher = app.flusher();
+
+    proxy.cut_after_next_commit();
+    assert!(
+        flusher.flush_once().await.is_err(),
+        "the COMMIT's answer never came"
+    );
+    assert_eq!(proxy.swallowed_commits(), 1);
+    let committed = BTreeMap::from([("a".to_owned(), 4), ("b".to_owned(), 2)]);
+    assert_eq!(db.counters().await, committed, "the server did commit");
+
+    // More traffic while the batch's fate is unknown to the service.
+    client
+        .post("/increment")
+        .content_type("application/json")
+        .body(r#"{"key":"a","value":10}"#)
+        .send()
+        .await
+        .assert_status(poem::http::StatusCode::ACCEPTED);
+    let retry = flusher.flush_once().await.expect("the retry succeeds");
+    assert!(
+        matches!(retry, FlushOutcome::Written { batches: 2, .. }),
+        "{retry:?}"
+    );
+    assert_eq!(
+        db.counters().await,
+        BTreeMap::from([("a".to_owned(), 14), ("b".to_owned(), 2)]),
+        "the committed batch was not added again"
+    );
+}
