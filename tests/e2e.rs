@@ -2,86 +2,24 @@
 //! database, load it over keep-alive connections, stop it with SIGTERM, and
 //! compare every stored value with what was answered 202.
 
+mod common;
+
 use std::{
     collections::BTreeMap,
-    net::TcpListener,
-    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Duration,
 };
 
+use common::Service;
 use nix::{sys::signal::Signal, unistd::Pid};
 use rand::Rng;
 use testkit::{TestDb, db_tests};
-use tokio::process::{Child, Command};
 
 const CONNECTIONS: usize = 50;
 const REQUESTS: usize = 100_000;
 const KEYS: usize = 1_000;
-
-/// The binary under test, listening on a free loopback port.
-struct Service {
-    child: Child,
-    base: String,
-}
-
-impl Service {
-    async fn start(db: &TestDb) -> Self {
-        // Ask the kernel for a free port, then hand it to the binary.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_increment"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--database-url", &db.url])
-            .args(["--flush-interval", "100ms"])
-            .args(["--shutdown-timeout", "30s"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the binary starts");
-        let service = Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        };
-        service.wait_until_ready().await;
-        service
-    }
-
-    async fn wait_until_ready(&self) {
-        let client = reqwest::Client::new();
-        for _ in 0..300 {
-            if let Ok(response) = client.get(format!("{}/readyz", self.base)).send().await
-                && response.status() == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the service did not become ready within 30 s");
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id().expect("the service is running") as i32)
-    }
-
-    fn terminate(&self) {
-        nix::sys::signal::kill(self.pid(), Signal::SIGTERM).expect("SIGTERM sent");
-    }
-
-    async fn wait_for_exit(mut self) -> std::process::ExitStatus {
-        tokio::time::timeout(Duration::from_secs(60), self.child.wait())
-            .await
-            .expect("the service exits within 60 s of SIGTERM")
-            .expect("the exit status can be read")
-    }
-}
 
 /// Sends `REQUESTS` increments over `CONNECTIONS` keep-alive connections;
 /// returns the sum per key of those answered 202, and how many failed. With
@@ -159,7 +97,8 @@ db_tests!(
 );
 
 async fn every_accepted_increment_is_stored_after_sigterm(db: TestDb) {
-    let service = Service::start(&db).await;
+    let spill = tempfile::tempdir().unwrap();
+    let service = Service::start(&db, spill.path()).await;
     let (expected, refused) = load(&service.base, None).await;
     assert_eq!(refused, 0, "every request was answered");
     service.terminate();
@@ -171,7 +110,8 @@ async fn every_accepted_increment_is_stored_after_sigterm(db: TestDb) {
 }
 
 async fn sigterm_during_load_keeps_every_accepted_increment(db: TestDb) {
-    let service = Service::start(&db).await;
+    let spill = tempfile::tempdir().unwrap();
+    let service = Service::start(&db, spill.path()).await;
     let (expected, refused) = load(&service.base, Some((REQUESTS / 2, service.pid()))).await;
     assert!(
         service.wait_for_exit().await.success(),
