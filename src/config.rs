@@ -74,6 +74,26 @@ pub struct Config {
     #[arg(long, env = "INCREMENT_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
+    /// Open connections at most; further clients wait in the kernel's backlog.
+    #[arg(long, env = "INCREMENT_MAX_CONNECTIONS", default_value = "10000", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// Requests handled at once at most; more get 503 with Retry-After.
+    #[arg(long, env = "INCREMENT_MAX_IN_FLIGHT", default_value = "10000", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_in_flight: u64,
+
+    /// A request's headers must arrive within this, from its first byte (else the connection is closed).
+    #[arg(long, env = "INCREMENT_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// A request's body must arrive within this (else 408).
+    #[arg(long, env = "INCREMENT_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+
+    /// Keep-alive connections idle this long are closed.
+    #[arg(long, env = "INCREMENT_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
     /// Log line format: text or json (json lines carry trace_id and span_id).
     #[arg(long, env = "INCREMENT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -122,6 +142,11 @@ impl Config {
             wait_timeout: self.wait_timeout,
             spill_path: self.spill_path,
             admin_token: self.admin_token.filter(|t| !t.is_empty()),
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            max_in_flight: usize::try_from(self.max_in_flight).unwrap_or(usize::MAX),
+            header_timeout: self.header_timeout,
+            body_timeout: self.body_timeout,
+            idle_timeout: self.idle_timeout,
         }
     }
 }

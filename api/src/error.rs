@@ -22,6 +22,9 @@ pub struct ErrorBody {
 /// Every error the API answers with.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ApiError {
+    /// 408: the body did not arrive within `--body-timeout`.
+    #[error("the request body was not received within {seconds} s")]
+    RequestTimeout { seconds: u64 },
     /// 413: the body is larger than `--max-body`.
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
@@ -40,6 +43,7 @@ impl ApiError {
     /// The one mapping from error to status.
     pub fn status(&self) -> StatusCode {
         match self {
+            Self::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,

@@ -13,12 +13,14 @@
 //! - [`flusher`]: the write loop: drain, write with a batch id, retry, final flush.
 //! - [`store`]: the SQL: the idempotent batch write for PostgreSQL and SQLite.
 //! - [`spill`]: the local file for what the final flush could not write.
-//! - [`limits`]: request body size limit.
+//! - [`limits`]: request body size and time, requests in flight.
+//! - [`connection`]: connection cap and request header deadline.
 //! - [`metrics`]: every Prometheus metric, served at `/metrics`.
 //! - [`observe`]: per-request metrics (and the request span).
 //! - [`telemetry`]: the tracing subscriber.
 
 pub mod batcher;
+pub mod connection;
 pub mod error;
 pub mod flusher;
 pub mod limits;

@@ -34,6 +34,16 @@ pub struct Settings {
     /// Where the final flush spills what the database did not take; replayed
     /// at the next start.
     pub spill_path: PathBuf,
+    /// Open connections at most; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Requests handled at once at most; more get 503.
+    pub max_in_flight: usize,
+    /// A request's headers must arrive within this, from its first byte.
+    pub header_timeout: Duration,
+    /// A request's body must arrive within this (else 408).
+    pub body_timeout: Duration,
+    /// Keep-alive connections with no traffic for this long are closed.
+    pub idle_timeout: Duration,
     /// Bearer token of the admin routes; `None`: the routes do not exist.
     /// Secret: never printed (see the `Debug` impl).
     pub admin_token: Option<String>,
@@ -57,6 +67,11 @@ impl Settings {
             wait_timeout: Duration::from_secs(5),
             spill_path: PathBuf::from("increment-spill.jsonl"),
             admin_token: None,
+            max_connections: 10_000,
+            max_in_flight: 10_000,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 
@@ -70,6 +85,9 @@ impl Settings {
             ("cache-ttl", self.cache_ttl),
             ("shutdown-timeout", self.shutdown_timeout),
             ("wait-timeout", self.wait_timeout),
+            ("header-timeout", self.header_timeout),
+            ("body-timeout", self.body_timeout),
+            ("idle-timeout", self.idle_timeout),
         ];
         for (name, value) in positive {
             if value.is_zero() {
@@ -86,6 +104,18 @@ impl Settings {
                 value: "0".into(),
                 why: "must be greater than zero",
             });
+        }
+        for (name, value) in [
+            ("max-connections", self.max_connections),
+            ("max-in-flight", self.max_in_flight),
+        ] {
+            if value == 0 {
+                return Err(SettingsError::Invalid {
+                    name,
+                    value: "0".into(),
+                    why: "must be greater than zero",
+                });
+            }
         }
         if self.max_pending_keys == 0 {
             return Err(SettingsError::Invalid {
@@ -137,6 +167,11 @@ impl fmt::Debug for Settings {
             .field("max_pending_keys", &self.max_pending_keys)
             .field("wait_timeout", &self.wait_timeout)
             .field("spill_path", &self.spill_path)
+            .field("max_connections", &self.max_connections)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("header_timeout", &self.header_timeout)
+            .field("body_timeout", &self.body_timeout)
+            .field("idle_timeout", &self.idle_timeout)
             .field(
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "<redacted>"),

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     batcher::Batcher,
+    connection::GuardedAcceptor,
     flusher::{Flusher, Unwritten},
     metrics::Metrics,
     routes::{self, AppState, Lifecycle},
@@ -125,6 +126,8 @@ impl Application {
             metrics,
             recent_requests,
             max_body: settings.max_body,
+            body_timeout: settings.body_timeout,
+            max_in_flight: settings.max_in_flight,
             flush_interval: settings.flush_interval,
             wait_timeout: settings.wait_timeout,
             admin_token: settings.admin_token.as_deref().map(Arc::from),
@@ -192,7 +195,10 @@ impl Application {
         };
         tracing::info!(addr = %local_addr, "listening");
         let http_drain = settings.shutdown_timeout / 2;
+        let acceptor =
+            GuardedAcceptor::new(acceptor, settings.max_connections, settings.header_timeout);
         let served = Server::new_with_acceptor(acceptor)
+            .idle_timeout(settings.idle_timeout)
             .run_with_graceful_shutdown(routes::router(state), signal, Some(http_drain))
             .await;
         if let Err(e) = served {

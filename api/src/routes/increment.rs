@@ -262,6 +262,9 @@ pub enum BatchResponse {
     /// Accepted, every increment: held by this instance and written by the next flush.
     #[oai(status = 202)]
     Accepted(Json<BatchAccepted>),
+    /// The body did not arrive within `--body-timeout`.
+    #[oai(status = 408)]
+    RequestTimeout(Json<ErrorBody>),
     /// The body is larger than the limit (`--max-body`, 64 KiB by default).
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
@@ -288,6 +291,7 @@ impl From<ApiError> for BatchResponse {
     fn from(err: ApiError) -> Self {
         let body = Json(err.body());
         match err {
+            ApiError::RequestTimeout { .. } => Self::RequestTimeout(body),
             ApiError::PayloadTooLarge { .. } => Self::PayloadTooLarge(body),
             ApiError::UnsupportedMediaType(_) => Self::UnsupportedMediaType(body),
             ApiError::Unprocessable(_) => Self::Unprocessable(body),
@@ -306,6 +310,9 @@ pub enum IncrementResponse {
     /// Accepted: held by this instance and written by the next flush. Empty body.
     #[oai(status = 202)]
     Accepted,
+    /// The body did not arrive within `--body-timeout`.
+    #[oai(status = 408)]
+    RequestTimeout(Json<ErrorBody>),
     /// The body is larger than the limit (`--max-body`, 64 KiB by default).
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
@@ -334,6 +341,7 @@ impl From<ApiError> for IncrementResponse {
     fn from(err: ApiError) -> Self {
         let body = Json(err.body());
         match err {
+            ApiError::RequestTimeout { .. } => Self::RequestTimeout(body),
             ApiError::PayloadTooLarge { .. } => Self::PayloadTooLarge(body),
             ApiError::UnsupportedMediaType(_) => Self::UnsupportedMediaType(body),
             ApiError::Unprocessable(_) => Self::Unprocessable(body),

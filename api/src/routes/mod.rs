@@ -15,7 +15,11 @@ use poem_openapi::OpenApiService;
 use sea_orm::DatabaseConnection;
 
 use crate::{
-    batcher::Batcher, flusher::Flusher, limits::BodyLimit, metrics::Metrics, observe::Observe,
+    batcher::Batcher,
+    flusher::Flusher,
+    limits::{BodyLimit, InFlightLimit},
+    metrics::Metrics,
+    observe::Observe,
     telemetry::SharedRecentRequests,
 };
 
@@ -48,6 +52,8 @@ pub struct AppState {
     /// Request spans for the next flush span to link to.
     pub recent_requests: SharedRecentRequests,
     pub max_body: usize,
+    pub body_timeout: std::time::Duration,
+    pub max_in_flight: usize,
     pub flush_interval: std::time::Duration,
     pub wait_timeout: std::time::Duration,
     /// `None`: the admin routes are not mounted (404).
@@ -99,7 +105,8 @@ pub fn router(state: AppState) -> impl Endpoint<Output = poem::Response> {
     }
     route
         .nest("/", api)
-        .with(BodyLimit::new(state.max_body))
+        .with(BodyLimit::new(state.max_body, state.body_timeout))
+        .with(InFlightLimit::new(state.max_in_flight))
         .with(Observe::new(Arc::clone(&state.metrics)))
 }
 

@@ -9,6 +9,7 @@ mod durability;
 mod flush;
 mod health;
 mod increment;
+mod limits;
 mod metrics;
 mod shutdown;
 mod startup;
