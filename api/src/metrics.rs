@@ -79,6 +79,14 @@ pub fn route_label(path: &str) -> &'static str {
     }
 }
 
+/// The methods a route label answers, for the `Allow` header of a 405.
+pub fn allowed_methods(route: &str) -> &'static str {
+    match route {
+        "/increment" | "/increments" | "/admin" => "POST",
+        _ => "GET, HEAD",
+    }
+}
+
 /// Why a request was refused before anything was recorded, as a label
 /// (`unavailable`, the pending-key bound, is counted by the handlers: a 503
 /// of `wait=true` is an accepted increment that was not confirmed in time).

@@ -5,11 +5,14 @@ use std::{sync::Arc, time::Instant};
 
 use opentelemetry::global;
 use opentelemetry_http::HeaderExtractor;
-use poem::{Endpoint, IntoResponse, Middleware, Request, Response, Result};
+use poem::{
+    Endpoint, IntoResponse, Middleware, Request, Response, Result,
+    http::{HeaderValue, StatusCode, header},
+};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::metrics::{Metrics, route_label};
+use crate::metrics::{Metrics, allowed_methods, route_label};
 
 /// Counts and times every request, and runs it in a server span that
 /// continues the caller's W3C `traceparent` when there is one.
@@ -61,10 +64,17 @@ impl<E: Endpoint> Endpoint for ObserveEndpoint<E> {
         // Must happen before the span is first entered; it only fails after.
         let _ = span.set_parent(parent);
         // Errors become responses here so that their status is counted.
-        let response = match self.inner.call(req).instrument(span.clone()).await {
+        let mut response = match self.inner.call(req).instrument(span.clone()).await {
             Ok(output) => output.into_response(),
             Err(err) => err.into_response(),
         };
+        if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+            // RFC 9110: a 405 lists what the resource does accept.
+            response.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static(allowed_methods(route)),
+            );
+        }
         let status = response.status();
         span.record("http.response.status_code", i64::from(status.as_u16()));
         if status.is_server_error() {

@@ -56,6 +56,7 @@ pub struct CounterPage {
     /// In key order.
     pub counters: Vec<StoredCounter>,
     /// Pass as `after` to get the next page; absent on the last page.
+    #[oai(skip_serializing_if_is_none)]
     pub next: Option<String>,
 }
 

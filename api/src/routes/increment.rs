@@ -43,7 +43,7 @@ pub struct Increment {
 struct IncrementSchema {
     /// Counter name: 1 to 255 characters, stored verbatim (case, spaces,
     /// punctuation, any Unicode except U+0000).
-    #[oai(validator(min_length = 1, max_length = 255))]
+    #[oai(validator(min_length = 1, max_length = 255, pattern = r"^[^\x00]*$"))]
     key: String,
     /// Signed 64-bit integer to add; zero and negative values are allowed.
     value: i64,

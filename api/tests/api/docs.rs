@@ -83,4 +83,10 @@ async fn the_openapi_document_lists_every_status_with_its_schema() {
         app.client.get("/no-such-route").send().await.0.status(),
         StatusCode::NOT_FOUND
     );
+    let wrong_method = app.client.get("/increment").send().await;
+    wrong_method.assert_status(StatusCode::METHOD_NOT_ALLOWED);
+    wrong_method.assert_header("allow", "POST");
+    let wrong_method = app.client.delete("/readyz").send().await;
+    wrong_method.assert_status(StatusCode::METHOD_NOT_ALLOWED);
+    wrong_method.assert_header("allow", "GET, HEAD");
 }
