@@ -154,7 +154,11 @@ pub struct Batcher {
     dirty_slots: Arc<AtomicU64>,
     /// When the oldest delta not yet drained was recorded; `None` when nothing
     /// has been recorded since the last drain.
-    pending_since: Mutex<Option<Instant>>,
+    /// Nanoseconds after `epoch` (plus one, so 0 means none); an atomic
+    /// because every request touches it.
+    pending_since: AtomicU64,
+    /// Origin of `pending_since`.
+    epoch: Instant,
 }
 
 impl Batcher {
@@ -230,7 +234,8 @@ impl Batcher {
             max_pending_keys,
             evictions,
             dirty_slots,
-            pending_since: Mutex::new(None),
+            pending_since: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
@@ -385,9 +390,12 @@ impl Batcher {
     }
 
     fn note_pending(&self) {
-        let mut since = self.pending_since.lock();
-        if since.is_none() {
-            *since = Some(Instant::now());
+        // A load first: the common case (already set) stays a read.
+        if self.pending_since.load(Ordering::Relaxed) == 0 {
+            let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1;
+            let _ =
+                self.pending_since
+                    .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 
@@ -416,7 +424,7 @@ impl Batcher {
     /// Runs moka's maintenance first, so expired entries reach the listener;
     /// that can take up to ~100 ms: call it from a blocking context.
     pub fn drain_numbered(&self) -> (Deltas, u64) {
-        *self.pending_since.lock() = None;
+        self.pending_since.store(0, Ordering::Relaxed);
         self.cache.run_pending_tasks();
         let (mut deltas, number) = {
             let mut side = self.side.lock();
@@ -512,7 +520,14 @@ impl Batcher {
 
     /// Age of the oldest delta recorded since the last drain.
     pub fn oldest_pending_age(&self) -> Option<Duration> {
-        self.pending_since.lock().map(|since| since.elapsed())
+        match self.pending_since.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(
+                self.epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_nanos(since - 1)),
+            ),
+        }
     }
 
     /// Evictions by cause since start.

@@ -1,10 +1,12 @@
 //! Logs and traces: built in one function, installed once.
 //!
-//! An OpenTelemetry tracer provider is always installed, so every request has a
+//! With an OTLP endpoint, or JSON logs, every request has an OpenTelemetry
 //! trace id (continued from an incoming W3C `traceparent`) that JSON logs
 //! carry. Spans leave the process only when an OTLP endpoint is configured:
 //! then a batch processor exports them from its own thread, off the request
-//! path, and [`Telemetry::shutdown`] flushes what is left.
+//! path, and [`Telemetry::shutdown`] flushes what is left. With neither, the
+//! OpenTelemetry layer is not installed at all (it costs microseconds per
+//! request).
 
 use std::{fmt, sync::Arc, time::Duration};
 
@@ -140,7 +142,10 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
 
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    // The OpenTelemetry layer costs a few microseconds per request; it is
+    // only worth it when spans leave the process or logs carry their ids.
+    let traced = settings.otlp_endpoint.is_some() || settings.log_format == LogFormat::Json;
+    let otel = traced.then(|| tracing_opentelemetry::layer().with_tracer(tracer));
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     match settings.log_format {
         LogFormat::Text => registry
