@@ -281,25 +281,6 @@ pub enum BatchResponse {
     Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
 }
 
-impl BatchResponse {
-    fn from_request_error(err: poem::Error) -> Self {
-        ApiError::from_request_error(err).into()
-    }
-}
-
-impl From<ApiError> for BatchResponse {
-    fn from(err: ApiError) -> Self {
-        let body = Json(err.body());
-        match err {
-            ApiError::RequestTimeout { .. } => Self::RequestTimeout(body),
-            ApiError::PayloadTooLarge { .. } => Self::PayloadTooLarge(body),
-            ApiError::UnsupportedMediaType(_) => Self::UnsupportedMediaType(body),
-            ApiError::Unprocessable(_) => Self::Unprocessable(body),
-            ApiError::Unavailable { retry_after, .. } => Self::Unavailable(body, retry_after),
-        }
-    }
-}
-
 #[derive(ApiResponse)]
 #[oai(bad_request_handler = "IncrementResponse::from_request_error")]
 pub enum IncrementResponse {
@@ -331,24 +312,35 @@ pub enum IncrementResponse {
     Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
 }
 
-impl IncrementResponse {
-    fn from_request_error(err: poem::Error) -> Self {
-        ApiError::from_request_error(err).into()
-    }
+/// The error variants both ingestion responses share, filled from an
+/// [`ApiError`] (whose `status` they mirror), and their parse-error handler.
+macro_rules! ingestion_errors {
+    ($response:ident) => {
+        impl $response {
+            fn from_request_error(err: poem::Error) -> Self {
+                ApiError::from_request_error(err).into()
+            }
+        }
+
+        impl From<ApiError> for $response {
+            fn from(err: ApiError) -> Self {
+                let body = Json(err.body());
+                match err {
+                    ApiError::RequestTimeout { .. } => Self::RequestTimeout(body),
+                    ApiError::PayloadTooLarge { .. } => Self::PayloadTooLarge(body),
+                    ApiError::UnsupportedMediaType(_) => Self::UnsupportedMediaType(body),
+                    ApiError::Unprocessable(_) => Self::Unprocessable(body),
+                    ApiError::Unavailable { retry_after, .. } => {
+                        Self::Unavailable(body, retry_after)
+                    }
+                }
+            }
+        }
+    };
 }
 
-impl From<ApiError> for IncrementResponse {
-    fn from(err: ApiError) -> Self {
-        let body = Json(err.body());
-        match err {
-            ApiError::RequestTimeout { .. } => Self::RequestTimeout(body),
-            ApiError::PayloadTooLarge { .. } => Self::PayloadTooLarge(body),
-            ApiError::UnsupportedMediaType(_) => Self::UnsupportedMediaType(body),
-            ApiError::Unprocessable(_) => Self::Unprocessable(body),
-            ApiError::Unavailable { retry_after, .. } => Self::Unavailable(body, retry_after),
-        }
-    }
-}
+ingestion_errors!(IncrementResponse);
+ingestion_errors!(BatchResponse);
 
 /// The refusal of an increment by the batcher, as the API answers it.
 fn refusal(err: BatchError, retry_after: u64, metrics: &Metrics) -> ApiError {

@@ -74,16 +74,7 @@ async fn wait_true_answers_200_only_once_committed(db: TestDb) {
         (0..5).map(|i| counters[&format!("w{i}")]).sum::<i64>(),
         waiters
     );
-    let metrics = app
-        .client
-        .get("/metrics")
-        .send()
-        .await
-        .0
-        .into_body()
-        .into_string()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     let flushes: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("increment_flush_keys_count "))
@@ -160,16 +151,7 @@ async fn new_keys_get_503_past_the_pending_bound(db: TestDb) {
             ("d".into(), 1)
         ])
     );
-    let metrics = app
-        .client
-        .get("/metrics")
-        .send()
-        .await
-        .0
-        .into_body()
-        .into_string()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("increment_increments_rejected_total{reason=\"unavailable\"} 2"),
         "{metrics}"
@@ -216,15 +198,6 @@ async fn admin_routes_need_the_token(db: TestDb) {
         .assert_json(serde_json::json!({"keys": 1, "batches": 1, "statements": 1}))
         .await;
     assert_eq!(app.counters().await.get("a"), Some(&2));
-    let metrics = app
-        .client
-        .get("/metrics")
-        .send()
-        .await
-        .0
-        .into_body()
-        .into_string()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(!metrics.contains(token));
 }

@@ -217,16 +217,7 @@ async fn a_poison_row_is_recorded_and_the_others_are_written(db: TestDb) {
     let rows: Vec<(&str, i64)> = rejected.iter().map(|r| (r.key.as_str(), r.delta)).collect();
     assert_eq!(rows, [("negative", -1), ("poison", i64::MAX)]);
     assert!(rejected.iter().all(|r| r.reason.contains("bigint")));
-    let metrics = app
-        .client
-        .get("/metrics")
-        .send()
-        .await
-        .0
-        .into_body()
-        .into_string()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("increment_rejected_rows_total 2"),
         "{metrics}"

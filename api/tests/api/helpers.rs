@@ -75,6 +75,13 @@ impl TestApp {
         first
     }
 
+    /// The `/metrics` exposition text.
+    pub async fn metrics_text(&self) -> String {
+        let response = self.client.get("/metrics").send().await;
+        response.assert_status_is_ok();
+        response.0.into_body().into_string().await.unwrap()
+    }
+
     pub async fn counters(&self) -> BTreeMap<String, i64> {
         self.db.counters().await
     }
