@@ -36,7 +36,7 @@ for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2
 
 echo "== capacity: closed loop, 64 connections, zipf keys, 10 s"
 max=$("$bin/loadgen" --url "http://127.0.0.1:$port" -c 64 -d 10s --keys zipf:100000 --json 2>/dev/null \
-  | python3 -c 'import json,sys; print(int(json.loads(sys.stdin.read().strip().splitlines()[-1])["requests_per_second"]))')
+  | python3 -c 'import json,sys; print(int(json.loads(sys.stdin.read().strip().splitlines()[-1])["rps"]))')
 rate=$((max / 2))
 echo "max ≈ $max req/s → soak at $rate req/s for $duration (90 % single increments, 10 % batches of 10)"
 
