@@ -492,20 +492,6 @@ impl Batcher {
         }
     }
 
-    /// Puts deltas back (they merge with anything recorded since). Addition
-    /// commutes, so the next drain returns the sum.
-    pub fn restore(&self, deltas: Deltas) {
-        if deltas.is_empty() {
-            return;
-        }
-        let mut side = self.side.lock();
-        for (key, delta) in deltas {
-            side.add(&key, delta, &self.in_flight, &self.side_keys);
-        }
-        drop(side);
-        self.note_pending();
-    }
-
     /// Distinct keys holding a pending delta: the batch in flight, plus live
     /// slots and side-map entries whose key it did not hold when they got
     /// their first delta. Approximate both ways, by little: a key both live
@@ -730,16 +716,6 @@ mod tests {
         assert_eq!(deltas.get("d"), Some(&5));
         assert_eq!(b.record_durable("big", i64::MAX).unwrap(), ticket + 1);
         assert_eq!(b.record_durable("big", 1), Err(BatchError::DeltaOverflow));
-    }
-
-    #[test]
-    fn restore_merges_with_newer_deltas() {
-        let b = batcher(100, Duration::from_secs(60));
-        b.record("a", 1).unwrap();
-        let first = b.drain();
-        b.record("a", 10).unwrap();
-        b.restore(first);
-        assert_eq!(b.drain().get("a"), Some(&11));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Property tests of the batcher's arithmetic: whatever the sequence of
-//! records, batch records, durable records, drains, restores and forced
+//! records, batch records, durable records, drains and forced
 //! evictions, and however small the cache, what comes out equals what went in,
 //! key by key, and a refused record changes nothing.
 
@@ -14,7 +14,6 @@ enum Op {
     RecordAll(Vec<(u8, i64)>),
     RecordDurable(u8, i64),
     Drain,
-    DrainAndRestore,
     SealAll,
 }
 
@@ -32,7 +31,6 @@ fn op() -> impl Strategy<Value = Op> {
         2 => prop::collection::vec((0u8..12, value()), 1..6).prop_map(Op::RecordAll),
         1 => (0u8..12, value()).prop_map(|(k, v)| Op::RecordDurable(k, v)),
         1 => Just(Op::Drain),
-        1 => Just(Op::DrainAndRestore),
         1 => Just(Op::SealAll),
     ]
 }
@@ -70,10 +68,6 @@ proptest! {
                     for (k, v) in batcher.drain() {
                         *drained.entry(k).or_insert(0) += v;
                     }
-                }
-                Op::DrainAndRestore => {
-                    let taken = batcher.drain();
-                    batcher.restore(taken);
                 }
                 Op::SealAll => batcher.seal_all(),
             }
