@@ -109,27 +109,60 @@ impl<T> GuardedIo<T> {
         if self.phase == Phase::Idle {
             self.phase = Phase::Headers;
             self.matched = 0;
+        }
+        self.scan(bytes);
+        // The timer only when the head did not come whole in one read (rare:
+        // no timer work on the common path).
+        if self.phase == Phase::Headers && self.deadline.is_none() {
             self.deadline = Some(Box::pin(tokio::time::sleep(self.header_timeout)));
         }
-        for &byte in bytes {
-            let expected = if self.matched.is_multiple_of(2) {
-                b'\r'
-            } else {
-                b'\n'
+    }
+
+    /// Looks for the end of the head in `bytes`, continuing a partial match.
+    fn scan(&mut self, bytes: &[u8]) {
+        // Finish a `\r\n\r\n` begun in the previous read, byte by byte.
+        let mut rest = bytes;
+        while self.matched > 0 {
+            let Some((&byte, tail)) = rest.split_first() else {
+                return;
             };
-            self.matched = if byte == expected {
-                self.matched + 1
-            } else if byte == b'\r' {
-                1
-            } else {
-                0
-            };
-            if self.matched == 4 {
-                self.phase = Phase::Request;
-                self.deadline = None;
+            self.matched = next_match(self.matched, byte);
+            rest = tail;
+            if self.matched == HEADER_END.len() as u8 {
+                self.end_headers();
                 return;
             }
         }
+        // The common case: the whole head in one read, found by a fast search.
+        if memchr::memmem::find(rest, HEADER_END).is_some() {
+            self.end_headers();
+            return;
+        }
+        // Not there: remember how much of its beginning ends this read.
+        self.matched = (1..HEADER_END.len())
+            .rev()
+            .find(|&n| rest.ends_with(&HEADER_END[..n]))
+            .map_or(0, |n| n as u8);
+    }
+
+    fn end_headers(&mut self) {
+        self.phase = Phase::Request;
+        self.matched = 0;
+        self.deadline = None;
+    }
+}
+
+/// The blank line that ends a request's head.
+const HEADER_END: &[u8] = b"\r\n\r\n";
+
+/// How much of [`HEADER_END`] is matched after `byte`, given `matched` before.
+fn next_match(matched: u8, byte: u8) -> u8 {
+    if byte == HEADER_END[usize::from(matched)] {
+        matched + 1
+    } else if byte == b'\r' {
+        1
+    } else {
+        0
     }
 }
 
@@ -190,5 +223,66 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEAD: &[u8] = b"POST /increment HTTP/1.1\r\nHost: x\r\nA: \r\r\n\r\n";
+
+    fn guarded() -> GuardedIo<()> {
+        let permit = Arc::new(Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("a free permit");
+        GuardedIo::new((), permit, Duration::from_secs(5))
+    }
+
+    /// Feeds `parts` in order; returns after how many bytes the head ended.
+    fn head_end(parts: &[&[u8]]) -> Option<usize> {
+        let mut io = guarded();
+        let mut seen = 0;
+        for part in parts {
+            io.observe(part);
+            seen += part.len();
+            if io.phase == Phase::Request {
+                return Some(seen);
+            }
+            assert!(io.deadline.is_some(), "an unfinished head has a deadline");
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn the_head_ends_at_the_blank_line_however_the_reads_split_it() {
+        assert_eq!(head_end(&[HEAD]), Some(HEAD.len()));
+        for cut in 1..HEAD.len() {
+            let (a, b) = HEAD.split_at(cut);
+            assert_eq!(head_end(&[a, b]), Some(HEAD.len()), "cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = HEAD.chunks(1).collect();
+        assert_eq!(head_end(&bytes), Some(HEAD.len()));
+        for cut in 1..HEAD.len() - 1 {
+            let (a, rest) = HEAD.split_at(cut);
+            let (b, c) = rest.split_at(1);
+            assert_eq!(head_end(&[a, b, c]), Some(HEAD.len()), "cuts at {cut}");
+        }
+    }
+
+    #[tokio::test]
+    async fn lone_line_ends_do_not_end_the_head() {
+        assert_eq!(head_end(&[b"GET / HTTP/1.1\r\nA: b\r\n\r"]), None);
+        assert_eq!(head_end(&[b"GET / HTTP/1.1\r\n", b"\n\r\n"]), None);
+        assert_eq!(head_end(&[b"\r\n\r", b"x\r\n"]), None);
+        assert_eq!(head_end(&[b"\r\n\r", b"\r\n\r\n"]), Some(7));
+    }
+
+    #[tokio::test]
+    async fn a_complete_head_arms_no_timer() {
+        let mut io = guarded();
+        io.observe(HEAD);
+        assert_eq!(io.phase, Phase::Request);
+        assert!(io.deadline.is_none());
     }
 }

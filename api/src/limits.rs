@@ -3,120 +3,90 @@
 //! poem's own `SizeLimit` answers 411 to any request without `Content-Length`
 //! (every GET, every chunked upload), so we check the header when there is one
 //! and read the body ourselves, at most `max` bytes within `timeout`.
+//!
+//! These are not a middleware of their own: [`crate::observe::Observe`] applies
+//! them, because every middleware layer costs a move of the request and of the
+//! nested future per request (measured in `BENCHMARKS.md`).
 
 use std::{sync::Arc, time::Duration};
 
-use poem::{Endpoint, IntoResponse, Middleware, Request, Response, Result, error::ReadBodyError};
-use tokio::sync::Semaphore;
+use bytes::Bytes;
+use poem::{Request, error::ReadBodyError};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ApiError;
 
-/// Refuses bodies over `max` bytes with 413 before any handler reads them,
-/// and bodies not received within `timeout` with 408.
-pub struct BodyLimit {
-    max: usize,
-    timeout: Duration,
+/// The limits every request passes before routing.
+#[derive(Clone)]
+pub struct Limits {
+    max_body: usize,
+    body_timeout: Duration,
+    permits: Arc<Semaphore>,
 }
 
-impl BodyLimit {
-    pub fn new(max: usize, timeout: Duration) -> Self {
-        Self { max, timeout }
-    }
-}
-
-impl<E: Endpoint> Middleware<E> for BodyLimit {
-    type Output = BodyLimitEndpoint<E>;
-
-    fn transform(&self, inner: E) -> Self::Output {
-        BodyLimitEndpoint {
-            inner,
-            max: self.max,
-            timeout: self.timeout,
+impl Limits {
+    /// Bodies of at most `max_body` bytes received within `body_timeout`, and
+    /// at most `max_in_flight` requests handled at once.
+    pub fn new(max_body: usize, body_timeout: Duration, max_in_flight: usize) -> Self {
+        Self {
+            max_body,
+            body_timeout,
+            permits: Arc::new(Semaphore::new(max_in_flight)),
         }
     }
-}
 
-pub struct BodyLimitEndpoint<E> {
-    inner: E,
-    max: usize,
-    timeout: Duration,
-}
+    /// A permit to handle one request, held until the response is ready.
+    ///
+    /// # Errors
+    /// 503 (with `Retry-After: 1`) instead of queueing when `max_in_flight`
+    /// requests are already being handled: a burst, or many `wait=true`
+    /// requests held while the database is slow, cannot pile up without bound.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        Arc::clone(&self.permits)
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Unavailable {
+                message: "too many requests in flight; retry shortly".to_owned(),
+                retry_after: 1,
+            })
+    }
 
-impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
-    type Output = Response;
-
-    async fn call(&self, mut req: Request) -> Result<Self::Output> {
-        let too_large = ApiError::PayloadTooLarge { limit: self.max };
+    /// Reads the body into memory, refusing more than `max_body` bytes (413)
+    /// and bodies not received within `body_timeout` (408). A declared
+    /// `Content-Length` over the limit is refused before reading anything.
+    ///
+    /// Returns the body (also put back into the request), `None` when empty.
+    ///
+    /// # Errors
+    /// As above, or the error of the connection while reading.
+    pub async fn read_body(&self, req: &mut Request) -> Result<Option<Bytes>, poem::Error> {
+        let too_large = || ApiError::PayloadTooLarge {
+            limit: self.max_body,
+        };
         let declared = req
             .headers()
             .get(poem::http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > self.max as u64) {
-            return Err(too_large.into());
+        if declared.is_some_and(|len| len > self.max_body as u64) {
+            return Err(too_large().into());
         }
-        if declared != Some(0) {
-            // Read it here, under both limits (the handlers would read it whole
-            // anyway; bodies are small).
-            let body = req.take_body();
-            match tokio::time::timeout(self.timeout, body.into_bytes_limit(self.max)).await {
-                Ok(Ok(bytes)) => req.set_body(bytes),
-                Ok(Err(ReadBodyError::PayloadTooLarge)) => return Err(too_large.into()),
-                Ok(Err(e)) => return Err(e.into()),
-                Err(_elapsed) => {
-                    return Err(ApiError::RequestTimeout {
-                        seconds: self.timeout.as_secs(),
-                    }
-                    .into());
-                }
+        if declared == Some(0) {
+            return Ok(None);
+        }
+        // Read here, under both limits (the handlers would read it whole
+        // anyway; bodies are small).
+        let body = req.take_body();
+        match tokio::time::timeout(self.body_timeout, body.into_bytes_limit(self.max_body)).await {
+            Ok(Ok(bytes)) => {
+                req.set_body(bytes.clone());
+                Ok((!bytes.is_empty()).then_some(bytes))
             }
-        }
-        Ok(self.inner.call(req).await?.into_response())
-    }
-}
-
-/// Answers 503 (with `Retry-After: 1`) instead of queueing when `max`
-/// requests are already being handled: a burst, or many `wait=true` requests
-/// held while the database is slow, cannot pile up without bound.
-pub struct InFlightLimit {
-    permits: Arc<Semaphore>,
-}
-
-impl InFlightLimit {
-    pub fn new(max: usize) -> Self {
-        Self {
-            permits: Arc::new(Semaphore::new(max)),
-        }
-    }
-}
-
-impl<E: Endpoint> Middleware<E> for InFlightLimit {
-    type Output = InFlightLimitEndpoint<E>;
-
-    fn transform(&self, inner: E) -> Self::Output {
-        InFlightLimitEndpoint {
-            inner,
-            permits: Arc::clone(&self.permits),
-        }
-    }
-}
-
-pub struct InFlightLimitEndpoint<E> {
-    inner: E,
-    permits: Arc<Semaphore>,
-}
-
-impl<E: Endpoint> Endpoint for InFlightLimitEndpoint<E> {
-    type Output = Response;
-
-    async fn call(&self, req: Request) -> Result<Self::Output> {
-        let Ok(_permit) = self.permits.try_acquire() else {
-            return Err(ApiError::Unavailable {
-                message: "too many requests in flight; retry shortly".to_owned(),
-                retry_after: 1,
+            Ok(Err(ReadBodyError::PayloadTooLarge)) => Err(too_large().into()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_elapsed) => Err(ApiError::RequestTimeout {
+                seconds: self.body_timeout.as_secs(),
             }
-            .into());
-        };
-        Ok(self.inner.call(req).await?.into_response())
+            .into()),
+        }
     }
 }

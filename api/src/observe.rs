@@ -1,5 +1,11 @@
 //! Per-request observation: the metrics and the trace span of every request,
 //! whatever answered it (handler, body limit, router 404).
+//!
+//! This is the router's only middleware layer: it also applies the request
+//! [`Limits`], then answers plain `POST /increment` requests through
+//! [`FastIncrement`] and everything else through the route tree (poem and
+//! poem-openapi box and copy the request's future at each of their layers;
+//! measured in `BENCHMARKS.md`).
 
 use std::{sync::Arc, time::Instant};
 
@@ -12,17 +18,30 @@ use poem::{
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::metrics::{Metrics, allowed_methods, route_label};
+use crate::{
+    limits::Limits,
+    metrics::{Metrics, allowed_methods, route_label},
+    routes::increment::FastIncrement,
+};
+
+const TRACEPARENT: &str = "traceparent";
 
 /// Counts and times every request, and runs it in a server span that
-/// continues the caller's W3C `traceparent` when there is one.
+/// continues the caller's W3C `traceparent` when there is one, after the
+/// request [`Limits`] (in flight, then body).
 pub struct Observe {
     metrics: Arc<Metrics>,
+    limits: Limits,
+    fast: FastIncrement,
 }
 
 impl Observe {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+    pub fn new(metrics: Arc<Metrics>, limits: Limits, fast: FastIncrement) -> Self {
+        Self {
+            metrics,
+            limits,
+            fast,
+        }
     }
 }
 
@@ -33,6 +52,8 @@ impl<E: Endpoint> Middleware<E> for Observe {
         ObserveEndpoint {
             inner,
             metrics: Arc::clone(&self.metrics),
+            limits: self.limits.clone(),
+            fast: self.fast.clone(),
         }
     }
 }
@@ -40,6 +61,20 @@ impl<E: Endpoint> Middleware<E> for Observe {
 pub struct ObserveEndpoint<E> {
     inner: E,
     metrics: Arc<Metrics>,
+    limits: Limits,
+    fast: FastIncrement,
+}
+
+impl<E: Endpoint> ObserveEndpoint<E> {
+    /// The request under the limits, then the fast path or the router.
+    async fn limited(&self, mut req: Request) -> Result<Response> {
+        let _permit = self.limits.admit()?;
+        let body = self.limits.read_body(&mut req).await?;
+        if let Some(response) = self.fast.try_accept(&req, body.as_deref()) {
+            return Ok(response);
+        }
+        Ok(self.inner.call(req).await?.into_response())
+    }
 }
 
 impl<E: Endpoint> Endpoint for ObserveEndpoint<E> {
@@ -49,9 +84,6 @@ impl<E: Endpoint> Endpoint for ObserveEndpoint<E> {
         let started = Instant::now();
         let route = route_label(req.uri().path());
         let method = req.method().clone();
-        let parent = global::get_text_map_propagator(|propagator| {
-            propagator.extract(&HeaderExtractor(req.headers()))
-        });
         let span = tracing::info_span!(
             "http.request",
             otel.name = %format_args!("{} {}", method, route),
@@ -61,11 +93,18 @@ impl<E: Endpoint> Endpoint for ObserveEndpoint<E> {
             http.response.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
-        // Must happen before the span is first entered; it only fails after.
-        let _ = span.set_parent(parent);
+        // Only W3C trace context is propagated: without a `traceparent` (or
+        // with the span filtered out) there is nothing to continue.
+        if !span.is_disabled() && req.headers().contains_key(TRACEPARENT) {
+            let parent = global::get_text_map_propagator(|propagator| {
+                propagator.extract(&HeaderExtractor(req.headers()))
+            });
+            // Must happen before the span is first entered; it only fails after.
+            let _ = span.set_parent(parent);
+        }
         // Errors become responses here so that their status is counted.
-        let mut response = match self.inner.call(req).instrument(span.clone()).await {
-            Ok(output) => output.into_response(),
+        let mut response = match self.limited(req).instrument(span.clone()).await {
+            Ok(response) => response,
             Err(err) => err.into_response(),
         };
         if response.status() == StatusCode::METHOD_NOT_ALLOWED {

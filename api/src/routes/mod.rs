@@ -15,11 +15,7 @@ use poem_openapi::OpenApiService;
 use sea_orm::DatabaseConnection;
 
 use crate::{
-    batcher::Batcher,
-    flusher::Flusher,
-    limits::{BodyLimit, InFlightLimit},
-    metrics::Metrics,
-    observe::Observe,
+    batcher::Batcher, flusher::Flusher, limits::Limits, metrics::Metrics, observe::Observe,
     telemetry::SharedRecentRequests,
 };
 
@@ -103,11 +99,14 @@ pub fn router(state: AppState) -> impl Endpoint<Output = poem::Response> {
             admin::routes(Arc::clone(token), Arc::clone(&state.flusher)),
         );
     }
-    route
-        .nest("/", api)
-        .with(BodyLimit::new(state.max_body, state.body_timeout))
-        .with(InFlightLimit::new(state.max_in_flight))
-        .with(Observe::new(Arc::clone(&state.metrics)))
+    let limits = Limits::new(state.max_body, state.body_timeout, state.max_in_flight);
+    // `nest_no_strip`: the API's paths are absolute already, and stripping "/"
+    // would rebuild every request's URI.
+    route.nest_no_strip("/", api).with(Observe::new(
+        Arc::clone(&state.metrics),
+        limits,
+        increment::FastIncrement::new(&state),
+    ))
 }
 
 /// Prometheus text exposition (not part of the OpenAPI document).

@@ -9,6 +9,7 @@ db_tests!(
     content_type_and_size_errors,
     odd_keys_are_stored_verbatim,
     a_pending_delta_never_leaves_i64,
+    the_fast_path_answers_like_the_operation,
 );
 
 async fn accepted_increments_are_summed_and_written(db: TestDb) {
@@ -223,4 +224,44 @@ async fn a_pending_delta_never_leaves_i64(db: TestDb) {
     assert_accepted(app.increment("max", -1).await).await;
     app.flush().await;
     assert_eq!(app.counters().await.get("max"), Some(&(i64::MAX - 1)));
+}
+
+/// Plain `POST /increment` requests are answered before the route tree
+/// (`FastIncrement`); `?wait=false` always goes through the OpenAPI operation.
+/// Both must answer and count alike.
+async fn the_fast_path_answers_like_the_operation(db: TestDb) {
+    let app = spawn_app(db).await;
+    let bodies = [
+        r#"{"key":"a","value":5}"#,
+        r#"{"value":-7,"key":"a","extra":[1,2]}"#,
+        r#"{"key":"\u00e9","value":1234567890123}"#,
+    ];
+    for body in bodies {
+        let mut answers = Vec::new();
+        for path in ["/increment", "/increment?wait=false"] {
+            let response = app
+                .client
+                .post(path)
+                .content_type("application/json")
+                .body(body)
+                .send()
+                .await;
+            let status = response.0.status();
+            let mut headers: Vec<(String, String)> = response
+                .0
+                .headers()
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_str().unwrap_or("?").to_owned()))
+                .collect();
+            headers.sort();
+            let body = response.0.into_body().into_string().await.expect("a body");
+            answers.push((status, headers, body));
+        }
+        assert_eq!(answers[0], answers[1], "{body}");
+        assert_eq!(answers[0].0, StatusCode::ACCEPTED, "{body}");
+    }
+    app.flush().await;
+    let counters = app.counters().await;
+    assert_eq!(counters.get("a"), Some(&-4), "each body counted twice");
+    assert_eq!(counters.get("é"), Some(&2_469_135_780_246));
 }

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# A/B comparison of two service binaries (and the poem floor) under the same
+# load, interleaved round by round, so one change can be judged against the
+# noise of this shared machine. Prints each measurement and the medians.
+#
+#   scripts/ab.sh BIN_A BIN_B [KEYS...]
+#
+# KEYS: loadgen key distributions (default: hot zipf:100000:1.1).
+# Env: ROUNDS (default 3), DUR (measured seconds, default 6), CONNS (64),
+#      PG (default postgres://postgres@127.0.0.1:5432), FLOOR=0 to skip the
+#      floor, BATCH (items per request, default 0 = POST /increment).
+# Each service runs with TOKIO_WORKER_THREADS=1 on its own fresh PostgreSQL
+# database (dropped on exit), like scripts/bench.sh.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+[ $# -ge 2 ] || { sed -n '2,13p' "$0"; exit 2; }
+BIN_A=$(realpath "$1"); BIN_B=$(realpath "$2"); shift 2
+KEYS=("$@"); [ ${#KEYS[@]} -gt 0 ] || KEYS=(hot zipf:100000:1.1)
+ROUNDS=${ROUNDS:-3}; DUR=${DUR:-6}; CONNS=${CONNS:-64}; BATCH=${BATCH:-0}
+PG=${PG:-postgres://postgres@127.0.0.1:5432}
+LOADGEN=$ROOT/target/release/loadgen
+CEILING=$ROOT/target/release/ceiling
+[ -x "$LOADGEN" ] && [ -x "$CEILING" ] || { echo "ab.sh: build first: cargo build --release -p bench --bins" >&2; exit 2; }
+
+SCRATCH=$(mktemp -d)
+PIDS=()
+DBS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for db in "${DBS[@]}"; do psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true; done
+  rm -rf "$SCRATCH"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "ab.sh: nothing listens on $1" >&2; return 1
+}
+
+start_service() { # NAME BIN -> prints the port
+  local name=$1 bin=$2 port db
+  port=$(free_port); db="incab_${name}_$$"
+  psql -q "$PG/postgres" -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
+  DBS+=("$db")
+  TOKIO_WORKER_THREADS=1 RUST_LOG=warn "$bin" --listen "127.0.0.1:$port" --database-url "$PG/$db" \
+    >"$SCRATCH/$name.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$port"
+  echo "$port"
+}
+
+declare -A PORT
+PORT[A]=$(start_service a "$BIN_A")
+PORT[B]=$(start_service b "$BIN_B")
+CONFIGS=(A B)
+if [ "${FLOOR:-1}" = 1 ]; then
+  PORT[floor]=$(free_port)
+  WORKERS=1 "$CEILING" floor "${PORT[floor]}" >"$SCRATCH/floor.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "${PORT[floor]}"
+  CONFIGS+=(floor)
+fi
+
+RESULTS=$SCRATCH/results
+for round in $(seq 1 "$ROUNDS"); do
+  for keys in "${KEYS[@]}"; do
+    for config in "${CONFIGS[@]}"; do
+      line=$(timeout $((DUR + 30)) "$LOADGEN" --url "http://127.0.0.1:${PORT[$config]}" -c "$CONNS" \
+        --warmup 1s -d "${DUR}s" --keys "$keys" --batch "$BATCH" --json 2>/dev/null)
+      rps=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(int(d["rps"]), d["p99_ms"])' "$line")
+      echo "round $round  $keys  $config  $rps"
+      echo "$keys $config $rps" >>"$RESULTS"
+    done
+  done
+done
+echo "--- medians (req/s, p99 ms) ---"
+python3 - "$RESULTS" <<'EOF'
+import sys, statistics, collections
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    keys, config, rps, p99 = line.split()
+    rows[(keys, config)].append((float(rps), float(p99)))
+for (keys, config), vals in rows.items():
+    print(f"{keys:24} {config:6} {statistics.median(v[0] for v in vals):>10,.0f}  p99 {statistics.median(v[1] for v in vals):6.2f}  runs {[int(v[0]) for v in vals]}")
+EOF
