@@ -46,6 +46,11 @@ pub struct Config {
     #[arg(long, env = "INCREMENT_DB_POOL_SIZE", default_value = "10", value_parser = clap::value_parser!(u32).range(1..))]
     pub db_pool_size: u32,
 
+    /// Parts of a large flush (over 50,000 keys) written at once, one database
+    /// connection each (PostgreSQL; SQLite writes one at a time).
+    #[arg(long, env = "INCREMENT_FLUSH_CONNECTIONS", default_value = "4", value_parser = clap::value_parser!(u64).range(1..))]
+    pub flush_connections: u64,
+
     /// Time allowed from SIGTERM/Ctrl-C to exit: draining connections, then the final flush.
     #[arg(long, env = "INCREMENT_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -136,6 +141,7 @@ impl Config {
             cache_ttl: self.cache_ttl,
             max_body: self.max_body,
             db_pool_size: self.db_pool_size,
+            flush_connections: usize::try_from(self.flush_connections).unwrap_or(usize::MAX),
             shutdown_timeout: self.shutdown_timeout,
             migrate: !self.no_migrate,
             max_pending_keys: self.max_pending_keys,
@@ -208,6 +214,7 @@ mod tests {
         assert_eq!(settings.cache_ttl, Duration::from_secs(10));
         assert_eq!(settings.max_body, 65_536);
         assert_eq!(settings.db_pool_size, 10);
+        assert_eq!(settings.flush_connections, 4);
         assert_eq!(settings.shutdown_timeout, Duration::from_secs(30));
         assert!(settings.migrate);
         assert_eq!(settings.max_pending_keys, 1_000_000);

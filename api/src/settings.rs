@@ -22,6 +22,9 @@ pub struct Settings {
     pub max_body: usize,
     /// Maximum database connections.
     pub db_pool_size: u32,
+    /// Parts of a large flush written at once, one connection each
+    /// (PostgreSQL; SQLite writes one at a time).
+    pub flush_connections: usize,
     /// Budget from the shutdown signal to exit: HTTP drain plus the final flush.
     pub shutdown_timeout: Duration,
     /// Apply pending migrations at start.
@@ -61,6 +64,7 @@ impl Settings {
             cache_ttl: Duration::from_secs(10),
             max_body: 64 * 1024,
             db_pool_size: 10,
+            flush_connections: crate::flusher::DEFAULT_WRITE_CONNECTIONS,
             shutdown_timeout: Duration::from_secs(30),
             migrate: true,
             max_pending_keys: 1_000_000,
@@ -138,6 +142,13 @@ impl Settings {
                 why: "must be greater than zero",
             });
         }
+        if self.flush_connections == 0 || self.flush_connections > self.db_pool_size as usize {
+            return Err(SettingsError::Invalid {
+                name: "flush-connections",
+                value: self.flush_connections.to_string(),
+                why: "must be between 1 and db-pool-size",
+            });
+        }
         if !(self.database_url.starts_with("postgres://")
             || self.database_url.starts_with("postgresql://")
             || self.database_url.starts_with("sqlite:"))
@@ -162,6 +173,7 @@ impl fmt::Debug for Settings {
             .field("cache_ttl", &self.cache_ttl)
             .field("max_body", &self.max_body)
             .field("db_pool_size", &self.db_pool_size)
+            .field("flush_connections", &self.flush_connections)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("migrate", &self.migrate)
             .field("max_pending_keys", &self.max_pending_keys)

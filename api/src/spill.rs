@@ -1,9 +1,9 @@
 //! The spill file: what the final flush could not write before the shutdown
 //! deadline, kept on local disk and replayed, exactly once, at the next start.
 //!
-//! Each batch keeps its id, so a batch whose commit was in flight when the
-//! database went away is not applied twice on replay (the id is then found in
-//! `flush_batches`). The file is written whole to a temporary name, fsync'd,
+//! Each part of a batch is kept as one line with its id, so a part whose
+//! commit was in flight when the database went away is not applied twice on
+//! replay (the id is then found in `flush_batches`). The file is written whole to a temporary name, fsync'd,
 //! renamed over the real name and the directory fsync'd: after a crash there is
 //! either the old file or the new one, never half of one.
 
@@ -31,7 +31,8 @@ pub enum SpillError {
     Invalid { path: PathBuf, reason: String },
 }
 
-/// One batch on disk. Deltas are decimal strings: a sum may exceed 64 bits.
+/// One part of a batch on disk (replayed as a batch of one part under the
+/// same id). Deltas are decimal strings: a sum may exceed 64 bits.
 #[derive(Serialize, Deserialize)]
 struct SpilledBatch {
     batch_id: String,
@@ -51,10 +52,10 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> SpillError + '_ {
 /// [`SpillError`] when the file cannot be written or synced.
 pub fn write(path: &Path, batches: &[Arc<Batch>]) -> Result<(), SpillError> {
     let mut all: Vec<SpilledBatch> = match read(path)? {
-        Some(existing) => existing.iter().map(to_disk).collect(),
+        Some(existing) => existing.iter().flat_map(to_disk).collect(),
         None => Vec::new(),
     };
-    all.extend(batches.iter().map(|b| to_disk(b)));
+    all.extend(batches.iter().flat_map(|b| to_disk(b)));
     let mut text = String::new();
     for batch in &all {
         let line = serde_json::to_string(batch).map_err(|e| SpillError::Invalid {
@@ -81,15 +82,19 @@ pub fn write(path: &Path, batches: &[Arc<Batch>]) -> Result<(), SpillError> {
     Ok(())
 }
 
-fn to_disk(batch: &Batch) -> SpilledBatch {
-    SpilledBatch {
-        batch_id: batch.id.clone(),
-        deltas: batch
-            .deltas
-            .iter()
-            .map(|(key, delta)| (key.clone(), delta.to_string()))
-            .collect(),
-    }
+fn to_disk(batch: &Batch) -> Vec<SpilledBatch> {
+    batch
+        .parts
+        .iter()
+        .map(|part| SpilledBatch {
+            batch_id: part.id.clone(),
+            deltas: batch
+                .rows(part)
+                .iter()
+                .map(|(key, delta)| (key.clone(), delta.to_string()))
+                .collect(),
+        })
+        .collect()
 }
 
 /// The batches in `path`, or `None` when there is no spill file.
@@ -121,9 +126,7 @@ pub fn read(path: &Path) -> Result<Option<Vec<Batch>>, SpillError> {
                 .map_err(|_| invalid(format!("line {}: delta {delta:?}", number + 1)))?;
             deltas.push((key, delta));
         }
-        let mut batch = Batch::new(deltas, 0);
-        batch.id = spilled.batch_id;
-        batches.push(batch);
+        batches.push(Batch::restored(spilled.batch_id, deltas));
     }
     Ok(Some(batches))
 }
@@ -163,6 +166,23 @@ mod tests {
         assert_eq!(back[1].deltas, wide.deltas);
         remove(&path).unwrap();
         assert!(read(&path).unwrap().is_none());
+    }
+
+    #[test]
+    fn each_part_of_a_large_batch_is_kept_under_its_own_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spill.jsonl");
+        let keys = crate::store::PART_ROWS + 5;
+        let large = Arc::new(Batch::new((0..keys).map(|i| (format!("k{i:07}"), 1)), 4));
+        assert_eq!(large.parts.len(), 2);
+        write(&path, std::slice::from_ref(&large)).unwrap();
+        let back = read(&path).unwrap().unwrap();
+        let ids: Vec<&str> = back.iter().map(|b| b.id.as_str()).collect();
+        let part_ids: Vec<&str> = large.parts.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, part_ids);
+        assert!(back.iter().all(|b| b.parts.len() == 1));
+        let rows: Vec<(String, i128)> = back.iter().flat_map(|b| b.deltas.clone()).collect();
+        assert_eq!(rows, large.deltas);
     }
 
     #[test]

@@ -111,13 +111,16 @@ impl Application {
         ));
         let metrics = Arc::new(Metrics::new());
         let recent_requests: SharedRecentRequests = Arc::default();
-        let flusher = Arc::new(Flusher::new(
-            Arc::clone(&batcher),
-            db.clone(),
-            Arc::clone(&metrics),
-            Arc::clone(&recent_requests),
-            settings.flush_interval,
-        ));
+        let flusher = Arc::new(
+            Flusher::new(
+                Arc::clone(&batcher),
+                db.clone(),
+                Arc::clone(&metrics),
+                Arc::clone(&recent_requests),
+                settings.flush_interval,
+            )
+            .with_write_connections(settings.flush_connections),
+        );
         let state = AppState {
             batcher,
             flusher: Arc::clone(&flusher),
@@ -264,7 +267,8 @@ async fn replay_spill(db: &DatabaseConnection, path: &std::path::Path) -> Result
     };
     let mut keys = 0;
     for batch in &batches {
-        store::write_batch(db, batch, chrono::Utc::now()).await?;
+        // Spilled batches come back as one part each: one connection.
+        store::write_batch(db, batch, chrono::Utc::now(), 1).await?;
         keys += batch.len();
     }
     spill::remove(path)?;

@@ -26,26 +26,78 @@ const SQLITE_MAX_BINDS: usize = 32_766;
 /// SQLite: rows per upsert; a row binds 4.
 pub const SQLITE_ROWS_PER_STATEMENT: usize = SQLITE_MAX_BINDS / 4;
 
-/// Deltas to write under one id; keys unique and sorted.
+/// Rows per part of a batch. A part is written in its own transaction under
+/// its own id, so a large flush can use several connections at once (one
+/// backend per part) and still write each part exactly once. Part boundaries
+/// are fixed when the batch is made and kept across retries and spills.
+pub const PART_ROWS: usize = 50_000;
+
+/// One part of a batch: rows `start..end` of its deltas, written under `id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// Recorded in `flush_batches` with the part's upserts.
+    pub id: String,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Deltas to write, keys unique and sorted, split into parts of at most
+/// [`PART_ROWS`] rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
-    /// Recorded in `flush_batches` with the upserts; retries reuse it.
+    /// Names the batch in logs; also the id of its first part.
     pub id: String,
     /// The number of the drain that produced it (0 when not from a drain).
     pub drain: u64,
     pub deltas: Vec<(String, i128)>,
+    pub parts: Vec<Part>,
 }
 
 impl Batch {
-    /// A batch with a fresh id; sorts the keys.
+    /// A batch with fresh ids; sorts the keys and sums the deltas of a key
+    /// given more than once.
     pub fn new(deltas: impl IntoIterator<Item = (String, i128)>, drain: u64) -> Self {
         let mut deltas: Vec<(String, i128)> = deltas.into_iter().collect();
         deltas.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        deltas.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                kept.1 += later.1;
+            }
+            same
+        });
+        let id = uuid::Uuid::new_v4().to_string();
+        let parts = (0..deltas.len())
+            .step_by(PART_ROWS)
+            .map(|start| Part {
+                id: if start == 0 {
+                    id.clone()
+                } else {
+                    uuid::Uuid::new_v4().to_string()
+                },
+                start,
+                end: (start + PART_ROWS).min(deltas.len()),
+            })
+            .collect();
         Self {
-            id: uuid::Uuid::new_v4().to_string(),
+            id,
             drain,
             deltas,
+            parts,
         }
+    }
+
+    /// A batch of one part under a known id (a part read back from a spill
+    /// file), whatever its size.
+    pub fn restored(id: String, deltas: impl IntoIterator<Item = (String, i128)>) -> Self {
+        let mut batch = Self::new(deltas, 0);
+        batch.parts = vec![Part {
+            id: id.clone(),
+            start: 0,
+            end: batch.deltas.len(),
+        }];
+        batch.id = id;
+        batch
     }
 
     pub fn len(&self) -> usize {
@@ -58,33 +110,48 @@ impl Batch {
 
     /// The delta of `key` in this batch (keys are sorted).
     pub fn delta_for(&self, key: &str) -> Option<i128> {
-        self.deltas
+        self.part_for(key).map(|(_, delta)| delta)
+    }
+
+    /// The part holding `key` and its delta there.
+    pub fn part_for(&self, key: &str) -> Option<(&Part, i128)> {
+        let index = self
+            .deltas
             .binary_search_by(|(k, _)| k.as_str().cmp(key))
-            .ok()
-            .map(|index| self.deltas[index].1)
+            .ok()?;
+        let part = self
+            .parts
+            .iter()
+            .find(|p| (p.start..p.end).contains(&index))?;
+        Some((part, self.deltas[index].1))
+    }
+
+    /// The rows of `part`.
+    pub fn rows(&self, part: &Part) -> &[(String, i128)] {
+        &self.deltas[part.start..part.end]
     }
 
     /// Sum of all deltas (for logs when a batch cannot be written).
     pub fn total(&self) -> i128 {
         self.deltas.iter().map(|(_, d)| d).sum()
     }
+}
 
-    /// The batch as rounds of `i64` upserts, each round with unique keys. A delta
-    /// outside `i64` (only possible as a sum of several accepted deltas) is split
-    /// into parts of the same sign written in successive rounds of the same
-    /// transaction; almost every batch has exactly one round.
-    fn rounds(&self) -> Vec<Vec<(&str, i64)>> {
-        let mut rounds: Vec<Vec<(&str, i64)>> = vec![Vec::with_capacity(self.deltas.len())];
-        for (key, delta) in &self.deltas {
-            for (round, part) in split_i64(*delta).into_iter().enumerate() {
-                if rounds.len() == round {
-                    rounds.push(Vec::new());
-                }
-                rounds[round].push((key.as_str(), part));
+/// `rows` as rounds of `i64` upserts, each round with unique keys. A delta
+/// outside `i64` (only possible as a sum of several accepted deltas) is split
+/// into parts of the same sign written in successive rounds of the same
+/// transaction; almost every batch has exactly one round.
+fn rounds(rows: &[(String, i128)]) -> Vec<Vec<(&str, i64)>> {
+    let mut rounds: Vec<Vec<(&str, i64)>> = vec![Vec::with_capacity(rows.len())];
+    for (key, delta) in rows {
+        for (round, part) in split_i64(*delta).into_iter().enumerate() {
+            if rounds.len() == round {
+                rounds.push(Vec::new());
             }
+            rounds[round].push((key.as_str(), part));
         }
-        rounds
     }
+    rounds
 }
 
 /// `delta` as `i64` parts of its sign whose sum is `delta`.
@@ -105,21 +172,74 @@ fn split_i64(mut delta: i128) -> Vec<i64> {
     }
 }
 
-/// What happened to a batch.
+/// What happened to a batch (or one part of it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteOutcome {
     /// Committed now: `statements` upserts wrote the batch's keys, except
     /// `rejected` rows whose total would have left `bigint` (recorded in
-    /// `rejected_increments` instead).
+    /// `rejected_increments` instead). Parts committed by an earlier attempt
+    /// were skipped.
     Committed { statements: usize, rejected: usize },
-    /// An earlier attempt with this id had committed; nothing was written.
+    /// An earlier attempt had committed every part; nothing was written.
     AlreadyCommitted,
 }
 
 /// Why a row was not applied, as stored in `rejected_increments.reason`.
 pub const OVERFLOW_REASON: &str = "stored value + delta is outside the bigint range";
 
-/// Writes `batch` in one transaction, exactly once across retries with the same id.
+/// Writes `batch`, each part in one transaction on up to `connections`
+/// connections at once (one on SQLite, which has a single writer), exactly
+/// once across retries of the same batch.
+///
+/// Every part is attempted even when another fails, so a retry has less to
+/// do; the first error is returned.
+///
+/// # Errors
+/// Any database error. The outcome of a part is then unknown only if the
+/// error came from its COMMIT; retrying with the same batch is correct either way.
+#[tracing::instrument(name = "db.write_batch", skip_all, fields(batch.id = %batch.id, batch.keys = batch.len() as i64, batch.parts = batch.parts.len() as i64))]
+pub async fn write_batch(
+    db: &DatabaseConnection,
+    batch: &Batch,
+    now: DateTime<Utc>,
+    connections: usize,
+) -> Result<WriteOutcome, DbErr> {
+    let connections = match db.get_database_backend() {
+        DbBackend::Postgres => connections.max(1),
+        _ => 1,
+    };
+    let permits = tokio::sync::Semaphore::new(connections);
+    // A loop, not a closure: the futures stay `Send` for the flush task.
+    let mut writes = Vec::with_capacity(batch.parts.len());
+    for part in &batch.parts {
+        writes.push(write_part(db, &permits, &part.id, batch.rows(part), now));
+    }
+    let results = futures::future::join_all(writes).await;
+    let mut total = WriteOutcome::AlreadyCommitted;
+    for result in results {
+        total = match (total, result?) {
+            (WriteOutcome::AlreadyCommitted, outcome) => outcome,
+            (committed, WriteOutcome::AlreadyCommitted) => committed,
+            (
+                WriteOutcome::Committed {
+                    statements,
+                    rejected,
+                },
+                WriteOutcome::Committed {
+                    statements: more_statements,
+                    rejected: more_rejected,
+                },
+            ) => WriteOutcome::Committed {
+                statements: statements + more_statements,
+                rejected: rejected + more_rejected,
+            },
+        };
+    }
+    Ok(total)
+}
+
+/// Writes one part (`rows` under `id`) in one transaction, exactly once
+/// across retries with the same id.
 ///
 /// A key whose stored total would leave `bigint` ("poison row") does not hold
 /// back the others: the upsert skips it (a guard in its `DO UPDATE ... WHERE`),
@@ -127,19 +247,21 @@ pub const OVERFLOW_REASON: &str = "stored value + delta is outside the bigint ra
 /// that learns which keys were skipped (`RETURNING`), records them in
 /// `rejected_increments` and commits the rest. The normal path pays nothing
 /// for this but the guard.
-///
-/// # Errors
-/// Any database error. The outcome is then unknown only if the error came from
-/// COMMIT; retrying with the same batch is correct either way.
-#[tracing::instrument(name = "db.write_batch", skip_all, fields(batch.id = %batch.id, batch.keys = batch.len() as i64))]
-pub async fn write_batch(
+#[tracing::instrument(name = "db.write_part", skip_all, fields(part.id = %id, part.keys = rows.len() as i64))]
+async fn write_part(
     db: &DatabaseConnection,
-    batch: &Batch,
+    permits: &tokio::sync::Semaphore,
+    id: &str,
+    rows: &[(String, i128)],
     now: DateTime<Utc>,
 ) -> Result<WriteOutcome, DbErr> {
-    match write_pass(db, batch, now, Pass::Fast).await? {
+    let _permit = permits
+        .acquire()
+        .await
+        .map_err(|_| DbErr::Custom("the write permits were closed".to_owned()))?;
+    match write_pass(db, id, rows, now, Pass::Fast).await? {
         PassOutcome::Done(outcome) => Ok(outcome),
-        PassOutcome::Skipped => match write_pass(db, batch, now, Pass::Isolate).await? {
+        PassOutcome::Skipped => match write_pass(db, id, rows, now, Pass::Isolate).await? {
             PassOutcome::Done(outcome) => Ok(outcome),
             PassOutcome::Skipped => Err(DbErr::Custom(
                 "rows were skipped while isolating poison rows".to_owned(),
@@ -164,7 +286,8 @@ enum PassOutcome {
 
 async fn write_pass(
     db: &DatabaseConnection,
-    batch: &Batch,
+    id: &str,
+    rows: &[(String, i128)],
     now: DateTime<Utc>,
     pass: Pass,
 ) -> Result<PassOutcome, DbErr> {
@@ -177,8 +300,8 @@ async fn write_pass(
             flush_batches::Column::CommittedAt,
         ])
         .values([
-            batch.id.clone().into(),
-            i64::try_from(batch.len()).unwrap_or(i64::MAX).into(),
+            id.into(),
+            i64::try_from(rows.len()).unwrap_or(i64::MAX).into(),
             now.into(),
         ])
         .map_err(|e| DbErr::Custom(e.to_string()))?
@@ -199,7 +322,7 @@ async fn write_pass(
     };
     let mut statements = 0;
     let mut rejected: Vec<(&str, i64)> = Vec::new();
-    for round in batch.rounds() {
+    for round in rounds(rows) {
         for chunk in round.chunks(chunk_rows) {
             statements += 1;
             match pass {
@@ -207,7 +330,7 @@ async fn write_pass(
                     let changed = upsert_chunk(&txn, backend, chunk, now).await?;
                     if changed < chunk.len() as u64 {
                         txn.rollback().await?;
-                        tracing::warn!(batch.id = %batch.id, "a row would overflow bigint; isolating it");
+                        tracing::warn!(part.id = %id, "a row would overflow bigint; isolating it");
                         return Ok(PassOutcome::Skipped);
                     }
                 }
@@ -219,7 +342,7 @@ async fn write_pass(
         }
     }
     if !rejected.is_empty() {
-        record_rejected(&txn, &batch.id, &rejected, now).await?;
+        record_rejected(&txn, id, &rejected, now).await?;
         statements += 1;
     }
     txn.commit().await?;
@@ -439,6 +562,43 @@ mod tests {
     }
 
     #[test]
+    fn batches_merge_repeated_keys_and_split_into_parts() {
+        let keys = PART_ROWS * 2 + 3;
+        let batch = Batch::new(
+            (0..keys)
+                .rev()
+                .map(|i| (format!("k{i:08}"), 1))
+                .chain([("k00000007".to_owned(), 4)]),
+            9,
+        );
+        assert_eq!(batch.len(), keys, "a repeated key is one row");
+        assert_eq!(batch.delta_for("k00000007"), Some(5));
+        assert!(batch.deltas.windows(2).all(|w| w[0].0 < w[1].0));
+        let bounds: Vec<(usize, usize)> = batch.parts.iter().map(|p| (p.start, p.end)).collect();
+        assert_eq!(
+            bounds,
+            vec![
+                (0, PART_ROWS),
+                (PART_ROWS, 2 * PART_ROWS),
+                (2 * PART_ROWS, keys)
+            ]
+        );
+        assert_eq!(batch.parts[0].id, batch.id);
+        let ids: std::collections::HashSet<&str> =
+            batch.parts.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids.len(), 3, "every part has its own id");
+        let last = format!("k{:08}", keys - 1);
+        let (part, delta) = batch.part_for(&last).expect("the last key");
+        assert_eq!((part.id.as_str(), delta), (batch.parts[2].id.as_str(), 1));
+        assert!(batch.part_for("absent").is_none());
+
+        let restored = Batch::restored("spilled".to_owned(), batch.deltas.clone());
+        assert_eq!(restored.parts.len(), 1, "a restored part stays whole");
+        assert_eq!(restored.parts[0].id, "spilled");
+        assert_eq!(restored.rows(&restored.parts[0]).len(), keys);
+    }
+
+    #[test]
     fn batches_are_sorted_and_split_into_rounds() {
         let batch = Batch::new(
             [
@@ -448,9 +608,8 @@ mod tests {
             0,
         );
         assert_eq!(batch.deltas[0].0, "a");
-        let rounds = batch.rounds();
         assert_eq!(
-            rounds,
+            rounds(&batch.deltas),
             vec![vec![("a", i64::MAX), ("b", 1)], vec![("a", 1)]]
         );
     }

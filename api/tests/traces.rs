@@ -180,10 +180,16 @@ async fn request_and_flush_spans_reach_an_otlp_receiver() {
         write.parent_span_id, flush.span_id,
         "a child of the flush span"
     );
+    let part = spans
+        .iter()
+        .find(|s| s.name == "db.write_part")
+        .expect("a span per part of the batch");
+    assert_eq!(part.parent_span_id, write.span_id);
+    assert_eq!(int(&part.attributes, "part.keys"), 2);
     let upsert = spans
         .iter()
         .find(|s| s.name == "db.upsert")
         .expect("a span per statement");
-    assert_eq!(upsert.parent_span_id, write.span_id);
+    assert_eq!(upsert.parent_span_id, part.span_id);
     assert_eq!(int(&upsert.attributes, "rows"), 2);
 }

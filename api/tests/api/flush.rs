@@ -10,6 +10,7 @@ db_tests!(
     a_poison_row_is_recorded_and_the_others_are_written,
     a_failed_flush_keeps_its_batch_and_retries_it_exactly_once,
     a_replayed_batch_is_not_applied_twice,
+    parts_of_a_large_batch_commit_on_their_own_and_each_exactly_once,
     large_batches_are_chunked_under_the_bind_limit,
     concurrent_increments_under_eviction_and_expiry_are_written_exactly_once,
 );
@@ -58,7 +59,9 @@ async fn a_replayed_batch_is_not_applied_twice(db: TestDb) {
     let now = chrono::Utc::now();
     // The first attempt commits but (say) its answer is lost; the flusher
     // retries the same batch.
-    let first = store::write_batch(app.app.db(), &batch, now).await.unwrap();
+    let first = store::write_batch(app.app.db(), &batch, now, 2)
+        .await
+        .unwrap();
     assert_eq!(
         first,
         store::WriteOutcome::Committed {
@@ -66,7 +69,9 @@ async fn a_replayed_batch_is_not_applied_twice(db: TestDb) {
             rejected: 0
         }
     );
-    let retry = store::write_batch(app.app.db(), &batch, now).await.unwrap();
+    let retry = store::write_batch(app.app.db(), &batch, now, 2)
+        .await
+        .unwrap();
     assert_eq!(retry, store::WriteOutcome::AlreadyCommitted);
     assert_eq!(
         app.counters().await,
@@ -74,8 +79,42 @@ async fn a_replayed_batch_is_not_applied_twice(db: TestDb) {
     );
     // A different batch with the same deltas is new work and is applied.
     let other = store::Batch::new(batch.deltas.clone(), 0);
-    store::write_batch(app.app.db(), &other, now).await.unwrap();
+    store::write_batch(app.app.db(), &other, now, 2)
+        .await
+        .unwrap();
     assert_eq!(app.counters().await.get("x"), Some(&10));
+}
+
+async fn parts_of_a_large_batch_commit_on_their_own_and_each_exactly_once(db: TestDb) {
+    let app = spawn_app(db).await;
+    let keys = store::PART_ROWS + 10;
+    let batch = store::Batch::new((0..keys).map(|i| (format!("p{i:06}"), 1)), 0);
+    assert_eq!(batch.parts.len(), 2);
+    let now = chrono::Utc::now();
+    // An earlier attempt committed the second part only (the first failed).
+    let second = &batch.parts[1];
+    let earlier = store::Batch::restored(second.id.clone(), batch.rows(second).to_vec());
+    store::write_batch(app.app.db(), &earlier, now, 1)
+        .await
+        .unwrap();
+    // The retry writes the first part and skips the second.
+    let retry = store::write_batch(app.app.db(), &batch, now, 2)
+        .await
+        .unwrap();
+    assert!(
+        matches!(retry, store::WriteOutcome::Committed { .. }),
+        "{retry:?}"
+    );
+    let counters = app.counters().await;
+    assert_eq!(counters.len(), keys);
+    assert!(counters.values().all(|value| *value == 1), "every key once");
+    assert_eq!(
+        store::write_batch(app.app.db(), &batch, now, 2)
+            .await
+            .unwrap(),
+        store::WriteOutcome::AlreadyCommitted
+    );
+    assert_eq!(app.counters().await, counters);
 }
 
 async fn large_batches_are_chunked_under_the_bind_limit(db: TestDb) {
