@@ -8,7 +8,8 @@
 # KEYS: loadgen key distributions (default: hot zipf:100000:1.1).
 # Env: ROUNDS (default 3), DUR (measured seconds, default 6), CONNS (64),
 #      PG (default postgres://postgres@127.0.0.1:5432), FLOOR=0 to skip the
-#      floor, BATCH (items per request, default 0 = POST /increment).
+#      floor, BATCH (items per request, default 0 = POST /increment),
+#      FLAGS_A / FLAGS_B (extra service flags, e.g. "--cache-ttl 60s").
 # Each service runs with TOKIO_WORKER_THREADS=1 on its own fresh PostgreSQL
 # database (dropped on exit), like scripts/bench.sh.
 set -euo pipefail
@@ -43,12 +44,13 @@ wait_port() {
   echo "ab.sh: nothing listens on $1" >&2; return 1
 }
 
-start_service() { # NAME BIN -> prints the port
+start_service() { # NAME BIN [FLAGS...] -> prints the port
   local name=$1 bin=$2 port db
+  shift 2
   port=$(free_port); db="incab_${name}_$$"
   psql -q "$PG/postgres" -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
   DBS+=("$db")
-  TOKIO_WORKER_THREADS=1 RUST_LOG=warn "$bin" --listen "127.0.0.1:$port" --database-url "$PG/$db" \
+  TOKIO_WORKER_THREADS=1 RUST_LOG=warn "$bin" --listen "127.0.0.1:$port" --database-url "$PG/$db" "$@" \
     >"$SCRATCH/$name.log" 2>&1 &
   PIDS+=($!)
   wait_port "$port"
@@ -56,8 +58,10 @@ start_service() { # NAME BIN -> prints the port
 }
 
 declare -A PORT
-PORT[A]=$(start_service a "$BIN_A")
-PORT[B]=$(start_service b "$BIN_B")
+# shellcheck disable=SC2086 # the flags are meant to split
+PORT[A]=$(start_service a "$BIN_A" ${FLAGS_A:-})
+# shellcheck disable=SC2086
+PORT[B]=$(start_service b "$BIN_B" ${FLAGS_B:-})
 CONFIGS=(A B)
 if [ "${FLOOR:-1}" = 1 ]; then
   PORT[floor]=$(free_port)
