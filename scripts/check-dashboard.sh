@@ -39,33 +39,10 @@ app_pid=""
 prom_pid=""
 child_pid=""
 
-# Long steps run in the background and are waited for, so that a signal is
-# handled at once (bash defers traps while a foreground command runs) and the
-# step is stopped with the rest.
-run() {
-  "$@" &
-  child_pid=$!
-  local rc=0
-  wait "$child_pid" || rc=$?
-  child_pid=""
-  return "$rc"
-}
-
-stop() {  # stop PID NAME: SIGTERM, up to 15 s, then SIGKILL
-  local pid=$1 name=$2
-  [ -n "$pid" ] || return 0
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 150); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$pid" 2>/dev/null; then
-    echo "check-dashboard: $name (pid $pid) did not stop; killing it" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
-}
+# `run` (long steps in the background, so signals are handled at once) and
+# `stop PID NAME [SIGNAL]`.
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 cleanup() {
   local rc=$?

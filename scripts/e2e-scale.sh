@@ -92,33 +92,10 @@ fail() {  # a failed check: reported in the summary, the run goes on
 
 psql_admin() { psql -d postgres -v ON_ERROR_STOP=1 -qAtc "$1"; }
 
-# Long steps run in the background and are waited for, so that a signal (the
-# watchdog's included) is handled at once: bash defers traps while a
-# foreground command runs.
-run() {
-  "$@" &
-  child_pid=$!
-  local rc=0
-  wait "$child_pid" || rc=$?
-  child_pid=""
-  return "$rc"
-}
-
-stop() {  # stop PID NAME [SIGNAL]: signal, up to 20 s, then SIGKILL
-  local pid=$1 name=$2 sig=${3:-TERM}
-  [ -n "$pid" ] || return 0
-  kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-  kill -"$sig" "$pid" 2>/dev/null || true
-  for _ in $(seq 1 200); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$pid" 2>/dev/null; then
-    echo "e2e-scale: $name (pid $pid) did not stop; killing it" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
-}
+# `run` (long steps in the background, so signals are handled at once) and
+# `stop PID NAME [SIGNAL]`.
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 cleanup() {
   local rc=$?
