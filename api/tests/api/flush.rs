@@ -88,33 +88,38 @@ async fn a_replayed_batch_is_not_applied_twice(db: TestDb) {
 async fn parts_of_a_large_batch_commit_on_their_own_and_each_exactly_once(db: TestDb) {
     let app = spawn_app(db).await;
     let keys = store::PART_ROWS + 10;
-    let batch = store::Batch::new((0..keys).map(|i| (format!("p{i:06}"), 1)), 0);
-    assert_eq!(batch.parts.len(), 2);
     let now = chrono::Utc::now();
-    // An earlier attempt committed the second part only (the first failed).
-    let second = &batch.parts[1];
-    let earlier = store::Batch::restored(second.id.clone(), batch.rows(second).to_vec());
-    store::write_batch(app.app.db(), &earlier, now, 1)
-        .await
-        .unwrap();
-    // The retry writes the first part and skips the second.
-    let retry = store::write_batch(app.app.db(), &batch, now, 2)
-        .await
-        .unwrap();
-    assert!(
-        matches!(retry, store::WriteOutcome::Committed { .. }),
-        "{retry:?}"
-    );
-    let counters = app.counters().await;
-    assert_eq!(counters.len(), keys);
-    assert!(counters.values().all(|value| *value == 1), "every key once");
-    assert_eq!(
-        store::write_batch(app.app.db(), &batch, now, 2)
+    // An earlier attempt committed one part only (the other failed): once the
+    // second part, once the first. The retry writes the other part only.
+    for (round, committed_earlier) in [1, 0].into_iter().enumerate() {
+        let batch = store::Batch::new((0..keys).map(|i| (format!("r{round}-{i:06}"), 1)), 0);
+        assert_eq!(batch.parts.len(), 2);
+        let part = &batch.parts[committed_earlier];
+        let earlier = store::Batch::restored(part.id.clone(), batch.rows(part).to_vec());
+        store::write_batch(app.app.db(), &earlier, now, 1)
             .await
-            .unwrap(),
-        store::WriteOutcome::AlreadyCommitted
-    );
-    assert_eq!(app.counters().await, counters);
+            .unwrap();
+        let retry = store::write_batch(app.app.db(), &batch, now, 2)
+            .await
+            .unwrap();
+        assert!(
+            matches!(retry, store::WriteOutcome::Committed { .. }),
+            "{retry:?}"
+        );
+        let counters = app.counters().await;
+        assert_eq!(counters.len(), keys * (round + 1), "round {round}");
+        assert!(
+            counters.values().all(|value| *value == 1),
+            "every key once (round {round})"
+        );
+        assert_eq!(
+            store::write_batch(app.app.db(), &batch, now, 2)
+                .await
+                .unwrap(),
+            store::WriteOutcome::AlreadyCommitted
+        );
+        assert_eq!(app.counters().await, counters);
+    }
 }
 
 async fn large_batches_are_chunked_under_the_bind_limit(db: TestDb) {
