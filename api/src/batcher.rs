@@ -127,6 +127,40 @@ impl SlotState {
     }
 }
 
+/// Slots that became dirty since the last drain. An entry can go stale (its
+/// slot was sealed, its remainder moved aside), which is harmless; while no
+/// drain runs (the database is down) stale entries of churning keys are
+/// dropped from time to time so the list stays about as long as what is
+/// really pending.
+#[derive(Default)]
+struct DirtyList {
+    entries: Vec<(CompactString, Arc<Slot>)>,
+    /// Length at which stale entries are next dropped.
+    compact_at: usize,
+}
+
+impl DirtyList {
+    /// Length below which the list is never compacted.
+    const MIN_COMPACT: usize = 1 << 16;
+
+    fn push(&mut self, key: &str, slot: &Arc<Slot>) {
+        if self.entries.len() >= self.compact_at.max(Self::MIN_COMPACT) {
+            // `try_lock`: the caller holds a slot lock (maybe several); never
+            // wait for another here. A busy slot is simply kept.
+            self.entries
+                .retain(|(_, slot)| slot.state.try_lock().is_none_or(|state| state.dirty));
+            self.compact_at = self.entries.len() * 2;
+        }
+        self.entries
+            .push((CompactString::from(key), Arc::clone(slot)));
+    }
+
+    fn take(&mut self) -> Vec<(CompactString, Arc<Slot>)> {
+        self.compact_at = 0;
+        std::mem::take(&mut self.entries)
+    }
+}
+
 /// Counts of what left the cache other than by a drain, by cause.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct EvictionCounts {
@@ -155,6 +189,10 @@ pub struct Batcher {
     /// Live slots holding a delta not yet drained (exact, unlike moka's
     /// entry count, which lags until maintenance).
     dirty_slots: Arc<AtomicU64>,
+    /// The slots made dirty since the last drain, which the drain visits
+    /// instead of every cache entry (most entries are clean: a key stays in
+    /// the cache after its delta is written).
+    dirty_list: Mutex<DirtyList>,
     /// When the oldest delta not yet drained was recorded; `None` when nothing
     /// has been recorded since the last drain.
     /// Nanoseconds after `epoch` (plus one, so 0 means none); an atomic
@@ -237,6 +275,7 @@ impl Batcher {
             max_pending_keys,
             evictions,
             dirty_slots,
+            dirty_list: Mutex::new(DirtyList::default()),
             pending_since: AtomicU64::new(0),
             epoch: Instant::now(),
         }
@@ -281,7 +320,7 @@ impl Batcher {
                 .delta
                 .checked_add(delta)
                 .ok_or(BatchError::DeltaOverflow)?;
-            self.mark_dirty(&mut state, key);
+            self.mark_dirty(&mut state, key, &slot);
             drop(state);
             self.note_pending();
             return Ok(());
@@ -338,11 +377,13 @@ impl Batcher {
                 .ok_or((*last_index, BatchError::DeltaOverflow))?;
             updated.push(Some(delta));
         }
-        for ((guard, (key, sum, _)), delta) in guards.iter_mut().zip(&sums).zip(updated) {
+        for (((guard, slot), (key, sum, _)), delta) in
+            guards.iter_mut().zip(&slots).zip(&sums).zip(updated)
+        {
             match delta {
                 Some(delta) => {
                     guard.delta = delta;
-                    self.mark_dirty(guard, key);
+                    self.mark_dirty(guard, key, slot);
                 }
                 None => side.add(key, i128::from(*sum), &self.in_flight, &self.side_keys),
             }
@@ -364,9 +405,12 @@ impl Batcher {
         }
     }
 
-    fn mark_dirty(&self, state: &mut SlotState, key: &str) {
+    /// Called with `slot`'s lock held (`state`); lock order: side map, slots,
+    /// then the dirty list (the drain takes the list alone).
+    fn mark_dirty(&self, state: &mut SlotState, key: &str, slot: &Arc<Slot>) {
         if !state.dirty {
             state.dirty = true;
+            self.dirty_list.lock().push(key, slot);
             // Once per key per flush cycle: the lookup is off the hot path.
             if !in_flight_holds(&self.in_flight, key) {
                 state.counted = true;
@@ -451,13 +495,14 @@ impl Batcher {
             self.side_keys.store(0, Ordering::Relaxed);
             (std::mem::take(&mut side.deltas), side.drains)
         };
-        let live = usize::try_from(self.dirty_slots.load(Ordering::Relaxed)).unwrap_or(0);
-        let mut entries = Vec::with_capacity(side.len() + live);
+        let dirty = self.dirty_list.lock().take();
+        let mut entries = Vec::with_capacity(side.len() + dirty.len());
         entries.extend(side);
-        for (key, slot) in self.cache.iter() {
-            // A sealed slot was emptied by the listener; `take` returns None.
+        for (key, slot) in dirty {
+            // A sealed slot was emptied by the listener, and a slot listed
+            // twice was emptied the first time: `take` returns None.
             if let Some(delta) = slot.state.lock().take(&self.dirty_slots) {
-                entries.push((key.as_str().to_owned(), i128::from(delta)));
+                entries.push((key.into_string(), i128::from(delta)));
             }
         }
         (entries, number)
@@ -567,6 +612,33 @@ mod tests {
 
     fn batcher(capacity: u64, ttl: Duration) -> Batcher {
         Batcher::new(NonZeroU64::new(capacity).expect("non-zero"), ttl)
+    }
+
+    /// Without drains (the database down), keys that keep leaving and
+    /// re-entering a small cache leave stale entries in the dirty list; they
+    /// are dropped as it grows, and nothing pending is lost.
+    #[test]
+    fn the_dirty_list_stays_bounded_without_drains_and_loses_nothing() {
+        let b = batcher(16, Duration::from_secs(60));
+        let keys = 1_000;
+        let rounds = 300;
+        for round in 0..rounds {
+            for key in 0..keys {
+                b.record(&format!("k{key}"), 1).expect("recorded");
+            }
+            if round % 50 == 0 {
+                b.cache.run_pending_tasks();
+            }
+        }
+        let listed = b.dirty_list.lock().entries.len();
+        assert!(
+            listed <= 2 * DirtyList::MIN_COMPACT + keys,
+            "{listed} entries for {keys} keys"
+        );
+        let drained = b.drain();
+        assert_eq!(drained.len(), keys);
+        assert!(drained.values().all(|total| *total == rounds));
+        assert!(b.dirty_list.lock().entries.is_empty());
     }
 
     #[test]
