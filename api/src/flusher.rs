@@ -140,10 +140,11 @@ impl Flusher {
         }
     }
 
-    /// Writes up to `connections` parts of a large batch at once (at least one).
+    /// Writes up to `connections` parts of a large batch at once
+    /// ([`store::write_batch`] takes 0 as 1).
     #[must_use]
     pub fn with_write_connections(mut self, connections: usize) -> Self {
-        self.write_connections = connections.max(1);
+        self.write_connections = connections;
         self
     }
 

@@ -110,20 +110,23 @@ impl Batch {
 
     /// The delta of `key` in this batch (keys are sorted).
     pub fn delta_for(&self, key: &str) -> Option<i128> {
-        self.part_for(key).map(|(_, delta)| delta)
+        self.index_of(key).map(|index| self.deltas[index].1)
     }
 
     /// The part holding `key` and its delta there.
     pub fn part_for(&self, key: &str) -> Option<(&Part, i128)> {
-        let index = self
-            .deltas
-            .binary_search_by(|(k, _)| k.as_str().cmp(key))
-            .ok()?;
+        let index = self.index_of(key)?;
         let part = self
             .parts
             .iter()
             .find(|p| (p.start..p.end).contains(&index))?;
         Some((part, self.deltas[index].1))
+    }
+
+    fn index_of(&self, key: &str) -> Option<usize> {
+        self.deltas
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
     }
 
     /// The rows of `part`.
