@@ -39,8 +39,8 @@ app_pid=""
 prom_pid=""
 child_pid=""
 
-# `run` (long steps in the background, so signals are handled at once) and
-# `stop PID NAME [SIGNAL]`.
+# `run` (long steps in the background, so signals are handled at once),
+# `stop PID NAME [SIGNAL]`, `free_port`, `wait_http URL SECONDS PID NAME`.
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -64,20 +64,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-
-wait_http() {  # wait_http URL SECONDS PID NAME
-  local url=$1 seconds=$2 pid=$3 name=$4
-  local deadline=$(( $(date +%s) + seconds ))
-  until curl -fsS --max-time 2 -o /dev/null "$url" 2>/dev/null; do
-    kill -0 "$pid" 2>/dev/null || die "$name exited before answering $url"
-    [ "$(date +%s)" -lt "$deadline" ] || die "$name did not answer $url within ${seconds}s"
-    sleep 0.2
-  done
-}
 
 step "tools: prometheus, promtool, python3 with PyYAML"
 command -v python3 >/dev/null || die "python3 is required"

@@ -92,8 +92,8 @@ fail() {  # a failed check: reported in the summary, the run goes on
 
 psql_admin() { psql -d postgres -v ON_ERROR_STOP=1 -qAtc "$1"; }
 
-# `run` (long steps in the background, so signals are handled at once) and
-# `stop PID NAME [SIGNAL]`.
+# `run` (long steps in the background, so signals are handled at once),
+# `stop PID NAME [SIGNAL]`, `free_port`, `wait_http URL SECONDS PID NAME`.
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -131,20 +131,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-
-wait_http() {  # wait_http URL SECONDS PID NAME: until URL answers 200
-  local url=$1 seconds=$2 pid=$3 name=$4
-  local deadline=$(( $(date +%s) + seconds ))
-  until curl -fsS --max-time 2 -o /dev/null "$url" 2>/dev/null; do
-    kill -0 "$pid" 2>/dev/null || die "$name exited before answering $url"
-    [ "$(date +%s)" -lt "$deadline" ] || die "$name did not answer $url within ${seconds}s"
-    sleep 0.2
-  done
-}
 
 # ---------------------------------------------------------------------------
 step "tools: nginx, envsubst, psql, python3, curl"

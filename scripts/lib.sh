@@ -1,5 +1,6 @@
 # Shared by the scripts in this folder: `source "$(dirname "$0")/lib.sh"`.
-# Callers set `child_pid=""` before using `run`.
+# Callers set `child_pid=""` before using `run`, and define `die MESSAGE`
+# (used by `wait_http`).
 
 # Runs a long step in the background and waits for it, so that a signal is
 # handled at once (bash defers traps while a foreground command runs) and the
@@ -28,4 +29,21 @@ stop() {
     kill -KILL "$pid" 2>/dev/null || true
   fi
   wait "$pid" 2>/dev/null || true
+}
+
+# A TCP port free on loopback right now (another process may still take it).
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# wait_http URL SECONDS PID NAME: until URL answers 2xx; calls the caller's
+# `die` when PID exits first or SECONDS pass.
+wait_http() {
+  local url=$1 seconds=$2 pid=$3 name=$4
+  local deadline=$(( $(date +%s) + seconds ))
+  until curl -fsS --max-time 2 -o /dev/null "$url" 2>/dev/null; do
+    kill -0 "$pid" 2>/dev/null || die "$name exited before answering $url"
+    [ "$(date +%s)" -lt "$deadline" ] || die "$name did not answer $url within ${seconds}s"
+    sleep 0.2
+  done
 }
