@@ -87,7 +87,7 @@ pub struct Config {
     #[arg(long, env = "INCREMENT_MAX_IN_FLIGHT", default_value = "10000", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_in_flight: u64,
 
-    /// A request's headers must arrive within this, from its first byte (else the connection is closed).
+    /// A request's head must be complete within this: from the accept for a connection's first request, from its first byte for later ones (else the connection is closed).
     #[arg(long, env = "INCREMENT_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
 
@@ -95,9 +95,13 @@ pub struct Config {
     #[arg(long, env = "INCREMENT_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub body_timeout: Duration,
 
-    /// Keep-alive connections idle this long are closed.
+    /// A keep-alive connection that sends nothing for this long after a response is closed.
     #[arg(long, env = "INCREMENT_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+
+    /// Largest request head (request line and headers) in bytes, at least 8192; more gets 431.
+    #[arg(long, env = "INCREMENT_MAX_HEAD_BYTES", default_value = "65536", value_parser = clap::value_parser!(u64).range(8192..))]
+    pub max_head_bytes: u64,
 
     /// Log line format: text or json (json lines carry trace_id and span_id).
     #[arg(long, env = "INCREMENT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -153,6 +157,8 @@ impl Config {
             header_timeout: self.header_timeout,
             body_timeout: self.body_timeout,
             idle_timeout: self.idle_timeout,
+            max_head_bytes: usize::try_from(self.max_head_bytes).unwrap_or(usize::MAX),
+            fast_path: true,
         }
     }
 }

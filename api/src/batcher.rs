@@ -35,9 +35,6 @@ use parking_lot::Mutex;
 
 use crate::store::Batch;
 
-/// Longest accepted key, in characters (the `varchar(255)` column).
-pub const MAX_KEY_CHARS: usize = 255;
-
 /// Deltas taken out of the batcher, per key. `i128` because the sum of several
 /// in-range `i64` deltas of one key (a slot evicted, then a fresh one) may leave
 /// the `i64` range; the store splits such sums, nothing is truncated.
@@ -588,24 +585,6 @@ impl Batcher {
     }
 }
 
-/// Checks a key against the contract: 1 to [`MAX_KEY_CHARS`] characters, no NUL
-/// (PostgreSQL text cannot hold it, so such a key could never be written).
-///
-/// # Errors
-/// A message naming the field, for a 422 body.
-pub fn validate_key(key: &str) -> Result<(), &'static str> {
-    if key.is_empty() {
-        return Err("\"key\" must not be empty");
-    }
-    if key.chars().count() > MAX_KEY_CHARS {
-        return Err("\"key\" must be at most 255 characters long");
-    }
-    if key.contains('\0') {
-        return Err("\"key\" must not contain the NUL character (U+0000)");
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -809,14 +788,5 @@ mod tests {
         assert_eq!(deltas.get("d"), Some(&5));
         assert_eq!(b.record_durable("big", i64::MAX).unwrap(), ticket + 1);
         assert_eq!(b.record_durable("big", 1), Err(BatchError::DeltaOverflow));
-    }
-
-    #[test]
-    fn keys_are_validated_in_characters() {
-        assert!(validate_key("").is_err());
-        assert!(validate_key(&"é".repeat(255)).is_ok());
-        assert!(validate_key(&"é".repeat(256)).is_err());
-        assert!(validate_key("a\0b").is_err());
-        assert!(validate_key("page:/home?x=1 'quoted'").is_ok());
     }
 }

@@ -22,10 +22,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     batcher::Batcher,
-    error::error_chain,
     metrics::Metrics,
     store::{self, Batch, WriteOutcome},
     telemetry::SharedRecentRequests,
+    telemetry::error_chain,
 };
 
 /// Longest wait between two attempts while the database fails.

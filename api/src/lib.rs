@@ -1,31 +1,32 @@
 //! The `increment` service: add integers to named counters over HTTP, write
 //! them to the database in a few batched transactions instead of one per request.
 //!
-//! Data flow: handler ([`routes`]) → [`Batcher::record`] → moka slot →
-//! [`Flusher::flush_once`] → [`store::write_batch`] (SeaORM, one transaction).
+//! Data flow: socket → front door ([`http`]: connection limits → protocol →
+//! request limits → fast path or router → [`http::intake::Intake::accept`])
+//! → [`Batcher::record`] → moka slot → [`Flusher::flush_once`] →
+//! [`store::write_batch`] (SeaORM, one transaction).
 //!
 //! - [`settings`]: the plain configuration the binary and the tests build.
 //! - [`startup`]: [`Application::build`] connects, migrates and binds; its
 //!   `run_until_stopped` serves and performs the ordered shutdown.
-//! - [`routes`]: the HTTP API (poem-openapi), one module per tag.
-//! - [`error`]: HTTP error bodies and the single mapping of failures to statuses.
+//! - [`http`]: the front door: hyper's HTTP/1.1 server with the connection
+//!   and request limits, observation, the fast path of `POST /increment`,
+//!   the intake shared with the operations, and problem documents.
+//! - [`routes`]: the HTTP API (poem-openapi), one module per tag, and the
+//!   route table.
+//! - [`key`]: the counter key, checked once at the edge.
 //! - [`batcher`]: per-key pending deltas in a bounded, expiring moka cache.
 //! - [`flusher`]: the write loop: drain, write with a batch id, retry, final flush.
 //! - [`store`]: the SQL: the idempotent batch write for PostgreSQL and SQLite.
 //! - [`spill`]: the local file for what the final flush could not write.
-//! - [`limits`]: request body size and time, requests in flight.
-//! - [`connection`]: connection cap and request header deadline.
 //! - [`metrics`]: every Prometheus metric, served at `/metrics`.
-//! - [`observe`]: per-request metrics (and the request span).
 //! - [`telemetry`]: the tracing subscriber.
 
 pub mod batcher;
-pub mod connection;
-pub mod error;
 pub mod flusher;
-pub mod limits;
+pub mod http;
+pub mod key;
 pub mod metrics;
-pub mod observe;
 pub mod routes;
 pub mod settings;
 pub mod spill;

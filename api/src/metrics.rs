@@ -47,46 +47,6 @@ const FLUSH_KEYS_BUCKETS: &[f64] = &[
     1_048_576.0,
 ];
 
-/// The routes as metric labels: a fixed set, whatever path a client sends.
-pub const ROUTE_LABELS: &[&str] = &[
-    "/increment",
-    "/increments",
-    "/counters",
-    "/counters/{key}",
-    "/healthz",
-    "/readyz",
-    "/metrics",
-    "/openapi.json",
-    "/docs",
-    "/admin",
-    "other",
-];
-
-/// Maps a request path to its route label.
-pub fn route_label(path: &str) -> &'static str {
-    match path {
-        "/increment" => "/increment",
-        "/increments" => "/increments",
-        "/counters" => "/counters",
-        p if p.starts_with("/counters/") => "/counters/{key}",
-        "/healthz" => "/healthz",
-        "/readyz" => "/readyz",
-        "/metrics" => "/metrics",
-        "/openapi.json" => "/openapi.json",
-        p if p == "/docs" || p.starts_with("/docs/") => "/docs",
-        p if p.starts_with("/admin/") => "/admin",
-        _ => "other",
-    }
-}
-
-/// The methods a route label answers, for the `Allow` header of a 405.
-pub fn allowed_methods(route: &str) -> &'static str {
-    match route {
-        "/increment" | "/increments" | "/admin" => "POST",
-        _ => "GET, HEAD",
-    }
-}
-
 /// Why a request was refused before anything was recorded, as a label
 /// (`unavailable`, the pending-key bound, is counted by the handlers: a 503
 /// of `wait=true` is an accepted increment that was not confirmed in time).
@@ -348,20 +308,6 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_path_maps_to_a_fixed_label() {
-        for path in [
-            "/increment",
-            "/docs/",
-            "/docs/oauth-receiver.html",
-            "/x/y",
-            "/counters/abc",
-        ] {
-            assert!(ROUTE_LABELS.contains(&route_label(path)), "{path}");
-        }
-        assert_eq!(route_label("/anything?at=all"), "other");
-    }
 
     #[test]
     fn the_registry_builds() {

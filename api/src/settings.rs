@@ -3,6 +3,9 @@
 
 use std::{fmt, net::SocketAddr, num::NonZeroU64, path::PathBuf, time::Duration};
 
+/// The smallest `max_head_bytes` hyper takes (it refuses to start below).
+pub const MIN_HEAD_BYTES: usize = 8192;
+
 /// Everything the service needs to start.
 #[derive(Clone)]
 pub struct Settings {
@@ -41,12 +44,20 @@ pub struct Settings {
     pub max_connections: usize,
     /// Requests handled at once at most; more get 503.
     pub max_in_flight: usize,
-    /// A request's headers must arrive within this, from its first byte.
+    /// A request's head must be complete within this: from the accept for a
+    /// connection's first request, from its first byte for the next ones.
     pub header_timeout: Duration,
     /// A request's body must arrive within this (else 408).
     pub body_timeout: Duration,
-    /// Keep-alive connections with no traffic for this long are closed.
+    /// A keep-alive connection that sends nothing for this long after a
+    /// response is closed.
     pub idle_timeout: Duration,
+    /// Largest request head (request line and headers) in bytes; more is
+    /// refused with 431.
+    pub max_head_bytes: usize,
+    /// Answer plain `POST /increment` on the front door's fast path (the
+    /// same answer as the operation, faster); off only to compare the two.
+    pub fast_path: bool,
     /// Bearer token of the admin routes; `None`: the routes do not exist.
     /// Secret: never printed (see the `Debug` impl).
     pub admin_token: Option<String>,
@@ -76,6 +87,8 @@ impl Settings {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            max_head_bytes: 64 * 1024,
+            fast_path: true,
         }
     }
 
@@ -120,6 +133,13 @@ impl Settings {
                     why: "must be greater than zero",
                 });
             }
+        }
+        if self.max_head_bytes < MIN_HEAD_BYTES {
+            return Err(SettingsError::Invalid {
+                name: "max-head-bytes",
+                value: self.max_head_bytes.to_string(),
+                why: "must be at least 8192 (hyper's smallest read buffer)",
+            });
         }
         if self.max_pending_keys == 0 {
             return Err(SettingsError::Invalid {
@@ -184,6 +204,8 @@ impl fmt::Debug for Settings {
             .field("header_timeout", &self.header_timeout)
             .field("body_timeout", &self.body_timeout)
             .field("idle_timeout", &self.idle_timeout)
+            .field("max_head_bytes", &self.max_head_bytes)
+            .field("fast_path", &self.fast_path)
             .field(
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "<redacted>"),

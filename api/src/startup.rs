@@ -4,17 +4,16 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use migration::{Migrator, MigratorTrait};
-use poem::{
-    Server,
-    listener::{Acceptor, TcpAcceptor},
-};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     batcher::Batcher,
-    connection::GuardedAcceptor,
     flusher::{Flusher, Unwritten},
+    http::{
+        intake::Intake,
+        server::{self, ConnectionLimits},
+    },
     metrics::Metrics,
     routes::{self, AppState, Lifecycle},
     settings::{Settings, SettingsError},
@@ -65,7 +64,7 @@ pub enum ShutdownReport {
 
 /// A connected, migrated, bound service, ready to run.
 pub struct Application {
-    acceptor: TcpAcceptor,
+    listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     settings: Settings,
     state: AppState,
@@ -93,16 +92,7 @@ impl Application {
                 addr: settings.listen,
                 source,
             })?;
-        let bind_error = |source| StartupError::Bind {
-            addr: settings.listen,
-            source,
-        };
-        let acceptor = TcpAcceptor::from_tokio(listener).map_err(bind_error)?;
-        let local_addr = acceptor
-            .local_addr()
-            .into_iter()
-            .find_map(|addr| addr.as_socket_addr().copied())
-            .unwrap_or(settings.listen);
+        let local_addr = listener.local_addr().unwrap_or(settings.listen);
 
         let batcher = Arc::new(Batcher::with_max_pending_keys(
             settings.cache_capacity,
@@ -121,22 +111,29 @@ impl Application {
             )
             .with_write_connections(settings.flush_connections),
         );
+        let intake = Intake::new(
+            Arc::clone(&batcher),
+            Arc::clone(&recent_requests),
+            Arc::clone(&metrics),
+            settings.flush_interval.as_secs().max(1),
+        );
         let state = AppState {
             batcher,
             flusher: Arc::clone(&flusher),
+            intake,
             db,
             lifecycle: Lifecycle::default(),
             metrics,
-            recent_requests,
             max_body: settings.max_body,
             body_timeout: settings.body_timeout,
             max_in_flight: settings.max_in_flight,
             flush_interval: settings.flush_interval,
             wait_timeout: settings.wait_timeout,
             admin_token: settings.admin_token.as_deref().map(Arc::from),
+            fast_path: settings.fast_path,
         };
         Ok(Self {
-            acceptor,
+            listener,
             local_addr,
             settings,
             state,
@@ -176,7 +173,7 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> ShutdownReport {
         let Self {
-            acceptor,
+            listener,
             local_addr,
             settings,
             state,
@@ -190,26 +187,38 @@ impl Application {
         // half of the budget, the final flush gets the rest.
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel();
         let lifecycle = state.lifecycle.clone();
-        let signal = async move {
-            shutdown.await;
-            lifecycle.begin_shutdown();
-            tracing::info!("shutdown requested: not ready, draining connections");
-            let _ = signalled_tx.send(tokio::time::Instant::now());
+        let stop_serving = CancellationToken::new();
+        let signal = {
+            let stop_serving = stop_serving.clone();
+            async move {
+                shutdown.await;
+                lifecycle.begin_shutdown();
+                tracing::info!("shutdown requested: not ready, draining connections");
+                let _ = signalled_tx.send(tokio::time::Instant::now());
+                stop_serving.cancel();
+            }
         };
+        let signal = tokio::spawn(signal);
         tracing::info!(addr = %local_addr, "listening");
         let http_drain = settings.shutdown_timeout / 2;
-        let acceptor =
-            GuardedAcceptor::new(acceptor, settings.max_connections, settings.header_timeout);
-        let served = Server::new_with_acceptor(acceptor)
-            .idle_timeout(settings.idle_timeout)
-            .run_with_graceful_shutdown(routes::router(state), signal, Some(http_drain))
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "the HTTP server failed");
-        }
+        let limits = ConnectionLimits {
+            max_connections: settings.max_connections,
+            header_timeout: settings.header_timeout,
+            idle_timeout: settings.idle_timeout,
+            max_head_bytes: settings.max_head_bytes,
+        };
+        server::serve(
+            listener,
+            routes::router(state),
+            limits,
+            stop_serving,
+            http_drain,
+        )
+        .await;
         let signalled_at = signalled_rx
             .await
             .unwrap_or_else(|_| tokio::time::Instant::now());
+        signal.abort();
         let deadline = signalled_at + settings.shutdown_timeout;
 
         stop_flushing.cancel();
@@ -249,7 +258,7 @@ fn spill_at_exit(path: &std::path::Path, unwritten: Unwritten) -> ShutdownReport
             tracing::error!(
                 keys,
                 total = %total,
-                error = %crate::error::error_chain(&e),
+                error = %crate::telemetry::error_chain(&e),
                 "the database did not take the final flush and the spill file could not be written: \
                  these increments are lost"
             );

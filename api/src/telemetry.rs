@@ -293,6 +293,18 @@ impl RecentRequests {
 /// Shared handle to the links (the handler offers, the flusher takes).
 pub type SharedRecentRequests = Arc<RecentRequests>;
 
+/// `error: cause: cause…`, for logs.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

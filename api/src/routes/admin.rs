@@ -5,16 +5,19 @@
 use std::sync::Arc;
 
 use poem::{
-    Endpoint, EndpointExt, IntoResponse, Request, Response, Route, handler,
-    http::{StatusCode, header},
+    Endpoint, EndpointExt, IntoResponse, Request, Response, Route,
+    error::ResponseError,
+    handler,
+    http::header,
     post,
     web::{Data, Json},
 };
 use subtle::ConstantTimeEq;
 
 use crate::{
-    error::{ErrorBody, error_chain},
     flusher::{FlushOutcome, Flusher},
+    http::problem::ApiError,
+    telemetry::error_chain,
 };
 
 /// What `POST /admin/flush` wrote.
@@ -36,7 +39,7 @@ pub fn routes(token: Arc<str>, flusher: Arc<Flusher>) -> impl Endpoint<Output = 
             let token = Arc::clone(&token);
             async move {
                 if !authorized(&req, &token) {
-                    return Ok(unauthorized());
+                    return Ok(ApiError::Unauthorized.as_response());
                 }
                 next.call(req).await.map(IntoResponse::into_response)
             }
@@ -52,15 +55,6 @@ fn authorized(req: &Request, token: &str) -> bool {
         .unwrap_or("");
     // Constant time over the bytes (only the length can leak).
     bool::from(presented.as_bytes().ct_eq(token.as_bytes()))
-}
-
-fn unauthorized() -> Response {
-    Json(ErrorBody {
-        error: "missing or wrong bearer token".to_owned(),
-    })
-    .with_status(StatusCode::UNAUTHORIZED)
-    .with_header(header::WWW_AUTHENTICATE, "Bearer")
-    .into_response()
 }
 
 /// Flushes now and answers with what was written; 503 when the database
@@ -86,11 +80,7 @@ async fn flush_now(flusher: Data<&Arc<Flusher>>) -> Response {
         .into_response(),
         Err(e) => {
             tracing::warn!(error = %error_chain(&e), "admin flush failed");
-            Json(ErrorBody {
-                error: "the flush failed; the batch is kept and retried".to_owned(),
-            })
-            .with_status(StatusCode::SERVICE_UNAVAILABLE)
-            .into_response()
+            ApiError::FlushFailed.as_response()
         }
     }
 }

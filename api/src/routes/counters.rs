@@ -12,11 +12,18 @@ use sea_orm::DatabaseConnection;
 
 use super::AppState;
 use crate::{
-    batcher::validate_key,
-    error::{ApiError, ErrorBody, error_chain},
     flusher::Flusher,
+    http::{
+        intake::key_message,
+        problem::{ApiError, ProblemJson},
+    },
+    key::{CounterKey, check_key_text},
     store,
+    telemetry::error_chain,
 };
+
+/// Seconds a reader should wait after the database did not answer.
+const READ_RETRY_AFTER: u64 = 1;
 
 /// Largest page of `GET /counters`.
 pub const MAX_PAGE: u64 = 1_000;
@@ -66,20 +73,21 @@ pub enum CounterResponse {
     /// The counter.
     #[oai(status = 200)]
     Found(Json<Counter>),
-    /// Never stored, and nothing pending on this instance.
+    /// `counter-not-found`: never stored, and nothing pending on this instance.
     #[oai(status = 404)]
-    NotFound(Json<ErrorBody>),
-    /// The key is not a valid key.
+    NotFound(ProblemJson),
+    /// `invalid-request`: the key is not a valid key.
     #[oai(status = 422)]
-    Unprocessable(Json<ErrorBody>),
-    /// The database could not be read.
+    Unprocessable(ProblemJson),
+    /// `database-unavailable`: the database could not be read; retry after
+    /// `Retry-After` seconds.
     #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>),
+    Unavailable(ProblemJson, #[oai(header = "Retry-After")] u64),
 }
 
 impl CounterResponse {
     fn from_request_error(err: poem::Error) -> Self {
-        Self::Unprocessable(Json(ApiError::from_request_error(err).body()))
+        Self::Unprocessable(ApiError::from_request_error(err).payload())
     }
 }
 
@@ -89,24 +97,35 @@ pub enum PageResponse {
     /// A page of stored counters.
     #[oai(status = 200)]
     Page(Json<CounterPage>),
-    /// A parameter is out of range.
+    /// `invalid-request`: a parameter is out of range, or `prefix` or
+    /// `after` is not text a key could hold.
     #[oai(status = 422)]
-    Unprocessable(Json<ErrorBody>),
-    /// The database could not be read.
+    Unprocessable(ProblemJson),
+    /// `database-unavailable`: the database could not be read; retry after
+    /// `Retry-After` seconds.
     #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>),
+    Unavailable(ProblemJson, #[oai(header = "Retry-After")] u64),
 }
 
 impl PageResponse {
     fn from_request_error(err: poem::Error) -> Self {
-        Self::Unprocessable(Json(ApiError::from_request_error(err).body()))
+        Self::Unprocessable(ApiError::from_request_error(err).payload())
     }
 }
 
-fn unavailable(err: &sea_orm::DbErr) -> ErrorBody {
+fn unavailable(err: &sea_orm::DbErr) -> (ProblemJson, u64) {
     tracing::warn!(error = %error_chain(err), "reading counters failed");
-    ErrorBody {
-        error: "the database is unavailable; retry later".to_owned(),
+    let refusal = ApiError::DatabaseUnavailable {
+        retry_after: READ_RETRY_AFTER,
+    };
+    (refusal.payload(), READ_RETRY_AFTER)
+}
+
+/// The 422 of a `prefix` or `after` that no key could match.
+fn check_parameter(name: &str, text: Option<&str>) -> Result<(), ProblemJson> {
+    match text.map(|text| check_key_text(text, true)) {
+        Some(Err(e)) => Err(ApiError::Invalid(format!("parameter {name:?} {e}")).payload()),
+        _ => Ok(()),
     }
 }
 
@@ -146,21 +165,25 @@ impl CounterApi {
         #[oai(example = "example_key")]
         key: Path<String>,
     ) -> CounterResponse {
-        if let Err(message) = validate_key(&key.0) {
-            return CounterResponse::Unprocessable(Json(ErrorBody {
-                error: message.to_owned(),
-            }));
-        }
-        match self.flusher.read_counter(&key.0).await {
+        let key = match CounterKey::parse(key.0) {
+            Ok(key) => key,
+            Err(e) => {
+                return CounterResponse::Unprocessable(ApiError::Invalid(key_message(e)).payload());
+            }
+        };
+        match self.flusher.read_counter(&key).await {
             Ok(Some(reading)) => CounterResponse::Found(Json(Counter {
                 value: clamp_i64(i128::from(reading.stored) + reading.pending),
                 pending: clamp_i64(reading.pending),
-                key: key.0,
+                key: key.as_str().to_owned(),
             })),
-            Ok(None) => CounterResponse::NotFound(Json(ErrorBody {
-                error: format!("no counter {:?}", key.0),
-            })),
-            Err(e) => CounterResponse::Unavailable(Json(unavailable(&e))),
+            Ok(None) => CounterResponse::NotFound(
+                ApiError::CounterNotFound(key.as_str().to_owned()).payload(),
+            ),
+            Err(e) => {
+                let (problem, retry_after) = unavailable(&e);
+                CounterResponse::Unavailable(problem, retry_after)
+            }
         }
     }
 
@@ -180,13 +203,24 @@ impl CounterApi {
         /// Only keys after this one (the previous page's `next`).
         after: Query<Option<String>>,
     ) -> PageResponse {
+        for (name, text) in [
+            ("prefix", prefix.0.as_deref()),
+            ("after", after.0.as_deref()),
+        ] {
+            if let Err(problem) = check_parameter(name, text) {
+                return PageResponse::Unprocessable(problem);
+            }
+        }
         let limit = limit.0.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
         let prefix = prefix.0.unwrap_or_default();
         // One more than asked tells whether a next page exists.
         let rows =
             match store::list_counters(&self.db, &prefix, after.0.as_deref(), limit + 1).await {
                 Ok(rows) => rows,
-                Err(e) => return PageResponse::Unavailable(Json(unavailable(&e))),
+                Err(e) => {
+                    let (problem, retry_after) = unavailable(&e);
+                    return PageResponse::Unavailable(problem, retry_after);
+                }
             };
         let has_more = rows.len() as u64 > limit;
         let counters: Vec<StoredCounter> = rows

@@ -6,6 +6,7 @@ use poem_openapi::{ApiResponse, OpenApi, Tags, payload::PlainText};
 use sea_orm::DatabaseConnection;
 
 use super::{AppState, Lifecycle};
+use crate::http::problem::{ApiError, ProblemJson};
 
 /// How long `/readyz` waits for the database to answer.
 const READINESS_DB_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,9 +36,9 @@ enum ReadyResponse {
     /// The database answers and the service is not shutting down.
     #[oai(status = 200)]
     Ready(PlainText<&'static str>),
-    /// Shutting down, or the database does not answer.
+    /// `not-ready`: shutting down, or the database does not answer.
     #[oai(status = 503)]
-    NotReady(PlainText<&'static str>),
+    NotReady(ProblemJson),
 }
 
 #[OpenApi(tag = "HealthTag::Health")]
@@ -52,11 +53,13 @@ impl HealthApi {
     #[oai(path = "/readyz", method = "get", operation_id = "readyz")]
     async fn readyz(&self) -> ReadyResponse {
         if self.lifecycle.is_shutting_down() {
-            return ReadyResponse::NotReady(PlainText("shutting down"));
+            return ReadyResponse::NotReady(ApiError::NotReady("shutting down").payload());
         }
         match tokio::time::timeout(READINESS_DB_TIMEOUT, self.db.ping()).await {
             Ok(Ok(())) => ReadyResponse::Ready(PlainText("ready")),
-            Ok(Err(_)) | Err(_) => ReadyResponse::NotReady(PlainText("database unavailable")),
+            Ok(Err(_)) | Err(_) => {
+                ReadyResponse::NotReady(ApiError::NotReady("database unavailable").payload())
+            }
         }
     }
 }

@@ -1,9 +1,11 @@
-//! The HTTP API, one module (and one `#[OpenApi]` struct) per tag.
+//! The HTTP API, one module (and one `#[OpenApi]` struct) per tag, the route
+//! table, and the router with the front door around it.
 
 pub mod admin;
 pub mod counters;
 pub mod health;
 pub mod increment;
+pub mod problems;
 
 use std::sync::{
     Arc,
@@ -15,8 +17,10 @@ use poem_openapi::OpenApiService;
 use sea_orm::DatabaseConnection;
 
 use crate::{
-    batcher::Batcher, flusher::Flusher, limits::Limits, metrics::Metrics, observe::Observe,
-    telemetry::SharedRecentRequests,
+    batcher::Batcher,
+    flusher::Flusher,
+    http::{FrontDoor, RouteTable, intake::Intake, limits::Limits},
+    metrics::Metrics,
 };
 
 /// Readiness as the load balancer sees it: true until shutdown begins.
@@ -42,11 +46,11 @@ pub struct AppState {
     /// Owns the write path; counter reads go through it to stay consistent
     /// with flushes.
     pub flusher: Arc<Flusher>,
+    /// Where increments are taken (fast path and operations alike).
+    pub intake: Intake,
     pub db: DatabaseConnection,
     pub lifecycle: Lifecycle,
     pub metrics: Arc<Metrics>,
-    /// Request spans for the next flush span to link to.
-    pub recent_requests: SharedRecentRequests,
     pub max_body: usize,
     pub body_timeout: std::time::Duration,
     pub max_in_flight: usize,
@@ -54,7 +58,57 @@ pub struct AppState {
     pub wait_timeout: std::time::Duration,
     /// `None`: the admin routes are not mounted (404).
     pub admin_token: Option<Arc<str>>,
+    /// Answer plain `POST /increment` on the front door's fast path.
+    pub fast_path: bool,
 }
+
+/// The routes as metric labels: a fixed set, whatever path a client sends.
+pub const ROUTE_LABELS: &[&str] = &[
+    "/increment",
+    "/increments",
+    "/counters",
+    "/counters/{key}",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+    "/docs",
+    "/problems/{slug}",
+    "/admin",
+    "other",
+];
+
+/// Maps a request path to its route label.
+pub fn route_label(path: &str) -> &'static str {
+    match path {
+        "/increment" => "/increment",
+        "/increments" => "/increments",
+        "/counters" => "/counters",
+        p if p.starts_with("/counters/") => "/counters/{key}",
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        "/metrics" => "/metrics",
+        "/openapi.json" => "/openapi.json",
+        p if p == "/docs" || p.starts_with("/docs/") => "/docs",
+        p if p.starts_with("/problems/") => "/problems/{slug}",
+        p if p.starts_with("/admin/") => "/admin",
+        _ => "other",
+    }
+}
+
+/// The methods a route label answers, for the `Allow` header of a 405.
+pub fn allowed_methods(route: &'static str) -> &'static str {
+    match route {
+        "/increment" | "/increments" | "/admin" => "POST",
+        _ => "GET, HEAD",
+    }
+}
+
+/// The route table as the front door takes it.
+pub const ROUTES: RouteTable = RouteTable {
+    label: route_label,
+    allowed_methods,
+};
 
 /// The OpenAPI service with every tag.
 pub fn openapi(
@@ -64,6 +118,7 @@ pub fn openapi(
         increment::IncrementApi,
         counters::CounterApi,
         health::HealthApi,
+        problems::ProblemsApi,
     ),
     (),
 > {
@@ -72,6 +127,7 @@ pub fn openapi(
             increment::IncrementApi::new(state),
             counters::CounterApi::new(state, Arc::clone(&state.flusher)),
             health::HealthApi::new(state),
+            problems::ProblemsApi,
         ),
         "increment",
         env!("CARGO_PKG_VERSION"),
@@ -80,11 +136,14 @@ pub fn openapi(
         "Adds integers to named counters. Increments are summed in memory per key and \
          written to the database in batches, each exactly once. `202 Accepted` means the \
          increment is held by this instance and will be written by the next flush \
-         (default: within a second).",
+         (default: within a second). Every error is an RFC 9457 problem document \
+         (`application/problem+json`) whose `type` names its cause (`/problems/{slug}`); \
+         a `503` always means nothing was taken: retry after `Retry-After` seconds.",
     )
 }
 
-/// The whole router: API, Swagger UI at `/docs`, the spec at `/openapi.json`.
+/// The whole application as one endpoint: the front door around the route
+/// tree (API, Swagger UI at `/docs`, the spec at `/openapi.json`).
 pub fn router(state: AppState) -> impl Endpoint<Output = poem::Response> {
     let api = openapi(&state);
     let docs = api.swagger_ui();
@@ -102,11 +161,14 @@ pub fn router(state: AppState) -> impl Endpoint<Output = poem::Response> {
     let limits = Limits::new(state.max_body, state.body_timeout, state.max_in_flight);
     // `nest_no_strip`: the API's paths are absolute already, and stripping "/"
     // would rebuild every request's URI.
-    route.nest_no_strip("/", api).with(Observe::new(
+    let tree = route.nest_no_strip("/", api);
+    FrontDoor::new(
+        tree,
+        ROUTES,
         Arc::clone(&state.metrics),
         limits,
-        increment::FastIncrement::new(&state),
-    ))
+        state.fast_path.then(|| state.intake.clone()),
+    )
 }
 
 /// Prometheus text exposition (not part of the OpenAPI document).
@@ -116,4 +178,24 @@ fn metrics(state: Data<&AppState>) -> poem::Response {
     poem::Response::builder()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_path_maps_to_a_fixed_label() {
+        for path in [
+            "/increment",
+            "/docs/",
+            "/docs/oauth-receiver.html",
+            "/x/y",
+            "/counters/abc",
+            "/problems/not-found",
+        ] {
+            assert!(ROUTE_LABELS.contains(&route_label(path)), "{path}");
+        }
+        assert_eq!(route_label("/anything?at=all"), "other");
+    }
 }

@@ -46,7 +46,7 @@ async fn a_counter_reads_stored_plus_pending(db: TestDb) {
     let app = spawn_app(db).await;
     let (status, body) = get_counter(&app, "k").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert!(body["error"].as_str().unwrap().contains("no counter"));
+    assert!(body["detail"].as_str().unwrap().contains("no counter"));
 
     assert_accepted(app.increment("k", 5).await).await;
     let (status, body) = get_counter(&app, "k").await;
@@ -77,7 +77,7 @@ async fn a_counter_reads_stored_plus_pending(db: TestDb) {
     let long = "x".repeat(256);
     let (status, body) = get_counter(&app, &long).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(body["error"].as_str().unwrap().contains("255"));
+    assert!(body["detail"].as_str().unwrap().contains("255"));
 }
 
 async fn odd_keys_read_back_percent_encoded(db: TestDb) {

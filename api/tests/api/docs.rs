@@ -25,7 +25,7 @@ async fn the_openapi_document_lists_every_status_with_its_schema() {
         serde_json::from_str(&response.0.into_body().into_string().await.unwrap()).unwrap();
     let operation = &spec["paths"]["/increment"]["post"];
     assert_eq!(
-        operation["requestBody"]["content"]["application/json; charset=utf-8"]["schema"]["$ref"],
+        operation["requestBody"]["content"]["application/json"]["schema"]["$ref"],
         "#/components/schemas/Increment"
     );
     let responses = operation["responses"].as_object().unwrap();
@@ -39,8 +39,8 @@ async fn the_openapi_document_lists_every_status_with_its_schema() {
     assert_eq!(operation["parameters"][0]["name"], "wait");
     for status in ["408", "413", "415", "422", "503"] {
         assert_eq!(
-            responses[status]["content"]["application/json; charset=utf-8"]["schema"]["$ref"],
-            "#/components/schemas/ErrorBody",
+            responses[status]["content"]["application/problem+json"]["schema"]["$ref"],
+            "#/components/schemas/Problem",
             "{status}"
         );
     }
@@ -50,7 +50,7 @@ async fn the_openapi_document_lists_every_status_with_its_schema() {
     assert_eq!(increment["example"]["key"], "page:/home");
     let batch = &spec["paths"]["/increments"]["post"];
     assert_eq!(
-        batch["requestBody"]["content"]["application/json; charset=utf-8"]["schema"]["$ref"],
+        batch["requestBody"]["content"]["application/json"]["schema"]["$ref"],
         "#/components/schemas/IncrementBatch"
     );
     assert_eq!(

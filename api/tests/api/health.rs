@@ -1,7 +1,7 @@
 use poem::http::StatusCode;
 use testkit::{TestDb, db_tests};
 
-use crate::helpers::spawn_app;
+use crate::helpers::{problem, spawn_app};
 
 db_tests!(readiness_follows_the_database_and_the_shutdown);
 
@@ -18,8 +18,9 @@ async fn readiness_follows_the_database_and_the_shutdown(db: TestDb) {
 
     app.app.lifecycle().begin_shutdown();
     let shutting_down = app.client.get("/readyz").send().await;
-    shutting_down.assert_status(StatusCode::SERVICE_UNAVAILABLE);
-    shutting_down.assert_text("shutting down").await;
+    let problem = problem(shutting_down, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(problem.detail, "shutting down");
+    assert_eq!(problem.type_uri, "/problems/not-ready");
     app.client
         .get("/healthz")
         .send()
@@ -35,8 +36,8 @@ async fn readiness_fails_when_the_database_is_gone(db: TestDb) {
     // Closing a clone closes the shared pool: every later query fails.
     app.app.db().clone().close().await.unwrap();
     let response = app.client.get("/readyz").send().await;
-    response.assert_status(StatusCode::SERVICE_UNAVAILABLE);
-    response.assert_text("database unavailable").await;
+    let problem = problem(response, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(problem.detail, "database unavailable");
     app.client
         .get("/healthz")
         .send()

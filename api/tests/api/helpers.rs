@@ -93,12 +93,24 @@ pub async fn assert_accepted(response: TestResponse) {
     response.assert_bytes(b"").await;
 }
 
-/// Asserts `status` with a JSON `{"error": …}` body and returns the message.
+/// Asserts `status` with an RFC 9457 problem document and returns its
+/// `detail`.
 pub async fn error_message(response: TestResponse, status: StatusCode) -> String {
+    problem(response, status).await.detail
+}
+
+/// Asserts `status` with an RFC 9457 problem document and returns it.
+pub async fn problem(response: TestResponse, status: StatusCode) -> api::http::Problem {
     response.assert_status(status);
-    response.assert_content_type("application/json; charset=utf-8");
-    let json = response.json().await;
-    let object = json.value().object();
-    assert_eq!(object.len(), 1, "only the error field");
-    object.get("error").string().to_owned()
+    response.assert_content_type("application/problem+json");
+    let bytes = response.0.into_body().into_bytes().await.unwrap();
+    let problem: api::http::Problem = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        panic!(
+            "not a problem document ({e}): {}",
+            String::from_utf8_lossy(&bytes)
+        )
+    });
+    assert_eq!(problem.status, status.as_u16());
+    assert!(problem.type_uri.starts_with("/problems/"), "{problem:?}");
+    problem
 }

@@ -1,12 +1,9 @@
-//! Request limits: body size and read time, and requests in flight.
+//! The request limits of the front door: requests in flight, and the body's
+//! size and read time.
 //!
 //! poem's own `SizeLimit` answers 411 to any request without `Content-Length`
 //! (every GET, every chunked upload), so we check the header when there is one
 //! and read the body ourselves, at most `max` bytes within `timeout`.
-//!
-//! These are not a middleware of their own: [`crate::observe::Observe`] applies
-//! them, because every middleware layer costs a move of the request and of the
-//! nested future per request (measured in `BENCHMARKS.md`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -14,7 +11,7 @@ use bytes::Bytes;
 use poem::{Request, error::ReadBodyError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::error::ApiError;
+use crate::http::problem::ApiError;
 
 /// The limits every request passes before routing.
 #[derive(Clone)]
@@ -38,16 +35,14 @@ impl Limits {
     /// A permit to handle one request, held until the response is ready.
     ///
     /// # Errors
-    /// 503 (with `Retry-After: 1`) instead of queueing when `max_in_flight`
-    /// requests are already being handled: a burst, or many `wait=true`
-    /// requests held while the database is slow, cannot pile up without bound.
+    /// 503 `overloaded` (with `Retry-After: 1`) instead of queueing when
+    /// `max_in_flight` requests are already being handled: a burst, or many
+    /// `wait=true` requests held while the database is slow, cannot pile up
+    /// without bound. Nothing of the request was read or taken.
     pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
         Arc::clone(&self.permits)
             .try_acquire_owned()
-            .map_err(|_| ApiError::Unavailable {
-                message: "too many requests in flight; retry shortly".to_owned(),
-                retry_after: 1,
-            })
+            .map_err(|_| ApiError::Overloaded { retry_after: 1 })
     }
 
     /// Reads the body into memory, refusing more than `max_body` bytes (413)
@@ -57,8 +52,9 @@ impl Limits {
     /// Returns the body (also put back into the request), `None` when empty.
     ///
     /// # Errors
-    /// As above, or the error of the connection while reading.
-    pub async fn read_body(&self, req: &mut Request) -> Result<Option<Bytes>, poem::Error> {
+    /// As above; a connection that fails mid-body is a 400 (which the
+    /// client will not see).
+    pub async fn read_body(&self, req: &mut Request) -> Result<Option<Bytes>, ApiError> {
         let too_large = || ApiError::PayloadTooLarge {
             limit: self.max_body,
         };
@@ -68,7 +64,7 @@ impl Limits {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > self.max_body as u64) {
-            return Err(too_large().into());
+            return Err(too_large());
         }
         if declared == Some(0) {
             return Ok(None);
@@ -81,12 +77,11 @@ impl Limits {
                 req.set_body(bytes.clone());
                 Ok((!bytes.is_empty()).then_some(bytes))
             }
-            Ok(Err(ReadBodyError::PayloadTooLarge)) => Err(too_large().into()),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_elapsed) => Err(ApiError::RequestTimeout {
-                seconds: self.body_timeout.as_secs(),
-            }
-            .into()),
+            Ok(Err(ReadBodyError::PayloadTooLarge)) => Err(too_large()),
+            Ok(Err(e)) => Err(ApiError::BadRequest(format!(
+                "the request body could not be read: {e}"
+            ))),
+            Err(_elapsed) => Err(ApiError::RequestTimeout(self.body_timeout)),
         }
     }
 }

@@ -1,0 +1,166 @@
+//! The per-request steps of the front door, in order: observation around
+//! everything → request limits (in flight, body) → the fast path → the
+//! router; then every error the router produced becomes a problem document.
+//! (Connection limits and the protocol come before, in [`super::server`].)
+
+use std::sync::Arc;
+
+use poem::{
+    Endpoint, IntoResponse, Request, Response, Result,
+    error::ResponseError,
+    http::{HeaderValue, Method, StatusCode, header},
+};
+
+use crate::{
+    http::{
+        intake::content_type_refusal,
+        intake::{Intake, decode_increment},
+        limits::Limits,
+        observe::{RequestLabels, method_label, observed, request_span},
+        problem::{ApiError, PROBLEM_JSON, ProblemJson, problem_for_status},
+    },
+    metrics::Metrics,
+};
+
+/// The routes as the front door needs them, supplied by the route tree.
+#[derive(Clone, Copy)]
+pub struct RouteTable {
+    /// A request path's route label, from a fixed set.
+    pub label: fn(&str) -> &'static str,
+    /// The methods a route label answers, for the `Allow` header of a 405.
+    pub allowed_methods: fn(&'static str) -> &'static str,
+}
+
+/// Wraps the router (see the module doc).
+pub struct FrontDoor<E> {
+    router: E,
+    routes: RouteTable,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    /// `None`: every request goes through the router (the differential test
+    /// compares both ways).
+    fast_path: Option<Intake>,
+}
+
+impl<E: Endpoint> FrontDoor<E> {
+    pub fn new(
+        router: E,
+        routes: RouteTable,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+        fast_path: Option<Intake>,
+    ) -> Self {
+        Self {
+            router,
+            routes,
+            metrics,
+            limits,
+            fast_path,
+        }
+    }
+
+    async fn handle(&self, mut req: Request, route: &'static str) -> Response {
+        let _permit = match self.limits.admit() {
+            Ok(permit) => permit,
+            Err(e) => return e.as_response(),
+        };
+        let body = match self.limits.read_body(&mut req).await {
+            Ok(body) => body,
+            Err(e) => return e.as_response(),
+        };
+        if let Some(intake) = &self.fast_path
+            && let Some(response) = fast_increment(intake, &req, body.as_deref())
+        {
+            return response;
+        }
+        let response = match self.router.call(req).await {
+            Ok(response) => response.into_response(),
+            Err(e) => error_response(&e),
+        };
+        self.as_problem(response, route)
+    }
+
+    /// Any error response that is not a problem document yet (the router's
+    /// 404 and 405, static files, poem's own refusals) becomes one.
+    fn as_problem(&self, mut response: Response, route: &'static str) -> Response {
+        let status = response.status();
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            // RFC 9110: a 405 lists what the resource does accept.
+            response.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static((self.routes.allowed_methods)(route)),
+            );
+        }
+        if !(status.is_client_error() || status.is_server_error())
+            || response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|value| value.as_bytes() == PROBLEM_JSON.as_bytes())
+        {
+            return response;
+        }
+        let detail = match status {
+            StatusCode::NOT_FOUND => ApiError::NotFound.to_string(),
+            StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed.to_string(),
+            other => other.canonical_reason().unwrap_or("error").to_owned(),
+        };
+        let mut problem = ProblemJson(problem_for_status(status, detail)).into_response();
+        for (name, value) in response.headers() {
+            if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+                problem.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        problem
+    }
+}
+
+/// A router error as a problem: ours as they are, poem's by status.
+fn error_response(err: &poem::Error) -> Response {
+    if let Some(ours) = err.downcast_ref::<ApiError>() {
+        return ours.as_response();
+    }
+    let status = err.status();
+    let detail = match status {
+        StatusCode::NOT_FOUND => ApiError::NotFound.to_string(),
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed.to_string(),
+        // 5xx texts may describe internals.
+        s if s.is_server_error() => s.canonical_reason().unwrap_or("error").to_owned(),
+        _ => err.to_string(),
+    };
+    ProblemJson(problem_for_status(status, detail)).into_response()
+}
+
+impl<E: Endpoint> Endpoint for FrontDoor<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> Result<Self::Output> {
+        let labels = RequestLabels {
+            route: (self.routes.label)(req.uri().path()),
+            method: method_label(req.method()),
+        };
+        let span = request_span(labels, req.headers());
+        Ok(observed(&self.metrics, labels, span, self.handle(req, labels.route)).await)
+    }
+}
+
+/// `POST /increment` without a query string, answered before the route tree
+/// (whose layers box and copy each request's future): the same checks, the
+/// same decoder and the same [`Intake`] as the operation
+/// (`routes::increment`), so the answer is the same either way; the
+/// differential test holds both to that. `None` for every other request.
+fn fast_increment(intake: &Intake, req: &Request, body: Option<&[u8]>) -> Option<Response> {
+    if req.method() != Method::POST
+        || req.uri().path() != "/increment"
+        || req.uri().query().is_some()
+    {
+        return None;
+    }
+    let accepted = content_type_refusal(req.content_type())
+        .map_or(Ok(()), Err)
+        .and_then(|()| decode_increment(body.unwrap_or_default()).map_err(ApiError::from))
+        .and_then(|increment| intake.accept(&increment));
+    Some(match accepted {
+        Ok(()) => Response::builder().status(StatusCode::ACCEPTED).finish(),
+        Err(e) => e.as_response(),
+    })
+}

@@ -1,0 +1,875 @@
+//! The one way increments come in: the media type check, the body decoder
+//! and [`Intake::accept`], shared by the fast path and both operations so
+//! that they cannot disagree on what is taken.
+//!
+//! The decoder reads the body once, borrowing keys from it, and never builds
+//! a `serde_json::Value`: members it ignores are skipped by serde_json's
+//! iterative skipper, so any nesting depth is fine (the body size bounds the
+//! work) and no depth limit differs between paths.
+
+use std::{borrow::Cow, fmt, sync::Arc};
+
+use poem_openapi::{
+    payload::{ParsePayload, Payload},
+    registry::{MetaSchemaRef, Registry},
+    types::Type,
+};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::{
+    batcher::{BatchError, Batcher},
+    http::problem::ApiError,
+    key::{CounterKey, KeyError},
+    metrics::Metrics,
+    telemetry::SharedRecentRequests,
+};
+
+/// Most increments one `POST /increments` may carry.
+pub const MAX_BATCH_ITEMS: usize = 1_000;
+
+/// One decoded, valid increment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Increment<'a> {
+    pub key: CounterKey<'a>,
+    pub value: i64,
+}
+
+/// Whether a `Content-Type` value names JSON: `application/json` or
+/// `application/<anything>+json`, with any well-formed parameters (RFC 9110
+/// §8.3.1: `type "/" subtype *( OWS ";" OWS [ name "=" value ] )`; a
+/// parameter's value is a token or a quoted string). Parameters are not
+/// interpreted: JSON is UTF-8 (RFC 8259).
+pub fn is_json_media_type(value: &str) -> bool {
+    let Some((essence, mut rest)) = split_essence(value) else {
+        return false;
+    };
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    if !kind.eq_ignore_ascii_case("application") || !is_token(kind) || !is_token(subtype) {
+        return false;
+    }
+    let subtype_is_json = subtype.eq_ignore_ascii_case("json")
+        || (subtype.len() > 5 && subtype[subtype.len() - 5..].eq_ignore_ascii_case("+json"));
+    if !subtype_is_json {
+        return false;
+    }
+    loop {
+        rest = rest.trim_start_matches([' ', '\t']);
+        if rest.is_empty() {
+            return true;
+        }
+        let Some(after) = rest.strip_prefix(';') else {
+            return false;
+        };
+        rest = after.trim_start_matches([' ', '\t']);
+        if rest.is_empty() || rest.starts_with(';') {
+            continue; // An empty parameter is allowed.
+        }
+        let name_end = rest.find(|c: char| !is_tchar(c)).unwrap_or(rest.len());
+        if name_end == 0 || !rest[name_end..].starts_with('=') {
+            return false;
+        }
+        rest = &rest[name_end + 1..];
+        if let Some(quoted) = rest.strip_prefix('"') {
+            let Some(end) = quoted_string_end(quoted) else {
+                return false;
+            };
+            rest = &quoted[end..];
+        } else {
+            let value_end = rest.find(|c: char| !is_tchar(c)).unwrap_or(rest.len());
+            if value_end == 0 {
+                return false;
+            }
+            rest = &rest[value_end..];
+        }
+    }
+}
+
+/// `type/subtype` and what follows it (parameters), surrounding OWS trimmed.
+/// The refusal of a request whose `Content-Type` (`None`: absent or not
+/// visible ASCII) is not JSON; `None` when it is. poem-openapi's own check of
+/// the operations ends here too ([`ApiError::from_request_error`]), so every
+/// path words it alike.
+pub fn content_type_refusal(content_type: Option<&str>) -> Option<ApiError> {
+    match content_type {
+        None => Some(ApiError::UnsupportedMediaType(
+            "the request has no Content-Type header; send application/json".to_owned(),
+        )),
+        Some(value) if is_json_media_type(value) => None,
+        Some(value) => Some(ApiError::UnsupportedMediaType(format!(
+            "Content-Type {value:?} is not a JSON media type; send application/json"
+        ))),
+    }
+}
+
+fn split_essence(value: &str) -> Option<(&str, &str)> {
+    let value = value.trim_matches([' ', '\t']);
+    let end = value.find([';', ' ', '\t']).unwrap_or(value.len());
+    (end > 0).then(|| value.split_at(end))
+}
+
+/// Where a quoted string (after its opening quote) ends, past the closing quote.
+fn quoted_string_end(quoted: &str) -> Option<usize> {
+    let mut escaped = false;
+    for (index, c) in quoted.char_indices() {
+        match (escaped, c) {
+            (true, _) => escaped = false,
+            (false, '\\') => escaped = true,
+            (false, '"') => return Some(index + 1),
+            (false, c) if c == '\t' || (' '..='~').contains(&c) || !c.is_ascii() => {}
+            (false, _) => return None,
+        }
+    }
+    None
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(is_tchar)
+}
+
+fn is_tchar(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
+}
+
+/// Why a body is not an increment (or a batch of them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyError {
+    /// Not one JSON value.
+    Malformed(String),
+    /// JSON, but not a valid request; the message names the field.
+    Invalid(String),
+}
+
+impl From<BodyError> for ApiError {
+    fn from(err: BodyError) -> Self {
+        match err {
+            BodyError::Malformed(reason) => {
+                ApiError::MalformedJson(format!("request body is not valid JSON: {reason}"))
+            }
+            BodyError::Invalid(message) => ApiError::Invalid(message),
+        }
+    }
+}
+
+/// Decodes the body of `POST /increment`: an object with `key` (string) and
+/// `value` (integer in the signed 64-bit range); other members are ignored,
+/// `key` and `value` must appear once.
+///
+/// # Errors
+/// [`BodyError`]: malformed JSON wins over a wrong shape, which names its field.
+pub fn decode_increment(body: &[u8]) -> Result<Increment<'_>, BodyError> {
+    decode_whole(body, IncrementShape)?.map_err(BodyError::Invalid)
+}
+
+/// Decodes the body of `POST /increments`: `{"increments": [ … ]}` with 1 to
+/// [`MAX_BATCH_ITEMS`] increments.
+///
+/// # Errors
+/// As [`decode_increment`]; an item's error names its index.
+pub fn decode_batch(body: &[u8]) -> Result<Vec<Increment<'_>>, BodyError> {
+    let items = decode_whole(body, BatchShape)?.map_err(BodyError::Invalid)?;
+    if items.is_empty() || items.len() > MAX_BATCH_ITEMS {
+        return Err(BodyError::Invalid(format!(
+            "\"increments\" must hold 1 to {MAX_BATCH_ITEMS} items, found {}",
+            items.len()
+        )));
+    }
+    Ok(items)
+}
+
+/// Parses the whole body with `seed`; trailing bytes are malformed.
+fn decode_whole<'de, S: DeserializeSeed<'de>>(
+    body: &'de [u8],
+    seed: S,
+) -> Result<S::Value, BodyError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(BodyError::Invalid(
+            "the request body is empty; send a JSON object".to_owned(),
+        ));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value = seed
+        .deserialize(&mut deserializer)
+        .map_err(|e| BodyError::Malformed(e.to_string()))?;
+    deserializer
+        .end()
+        .map_err(|e| BodyError::Malformed(e.to_string()))?;
+    Ok(value)
+}
+
+/// What kind of JSON value a member held, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    Null,
+    Boolean,
+    Number,
+    String,
+    Array,
+    Object,
+}
+
+impl fmt::Display for Found {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Null => "null",
+            Self::Boolean => "a boolean",
+            Self::Number => "a number",
+            Self::String => "a string",
+            Self::Array => "an array",
+            Self::Object => "an object",
+        })
+    }
+}
+
+/// Any JSON value: its text when it is a string, its kind otherwise (consumed
+/// either way). Strings borrow from the body unless they hold escapes.
+enum Member<'de> {
+    Text(Cow<'de, str>),
+    Other(Found),
+}
+
+impl Member<'_> {
+    fn found(&self) -> Found {
+        match self {
+            Self::Text(_) => Found::String,
+            Self::Other(found) => *found,
+        }
+    }
+}
+
+/// The `value` member, read from its JSON text so that `-0` is the integer
+/// 0 and `1.0` is not an integer (serde_json reads both as floats).
+fn read_value(raw: &RawValue) -> Result<i64, String> {
+    let text = raw.get();
+    let found = match text.as_bytes().first() {
+        Some(b'-' | b'0'..=b'9') => None,
+        Some(b'"') => Some(Found::String),
+        Some(b't' | b'f') => Some(Found::Boolean),
+        Some(b'n') => Some(Found::Null),
+        Some(b'[') => Some(Found::Array),
+        _ => Some(Found::Object),
+    };
+    if let Some(found) = found {
+        return Err(format!("\"value\" must be an integer, found {found}"));
+    }
+    if !text.contains(['.', 'e', 'E']) {
+        // Digits only: an integer, in range or not.
+        return text.parse::<i64>().map_err(|_| {
+            format!("\"value\" must be within the signed 64-bit range, found {text}")
+        });
+    }
+    let whole_but_huge = text
+        .parse::<f64>()
+        .is_ok_and(|f| f.fract() == 0.0 && f.abs() >= 9.223_372_036_854_776e18);
+    Err(if whole_but_huge {
+        format!("\"value\" must be within the signed 64-bit range, found {text}")
+    } else {
+        format!("\"value\" must be an integer, found {text}")
+    })
+}
+
+impl<'de> de::Deserialize<'de> for Member<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(MemberVisitor)
+    }
+}
+
+struct MemberVisitor;
+
+impl<'de> Visitor<'de> for MemberVisitor {
+    type Value = Member<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Member::Text(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Member::Text(Cow::Owned(v.to_owned())))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Member::Text(Cow::Owned(v)))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Member::Other(Found::Number))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Member::Other(Found::Number))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Member::Other(Found::Number))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Member::Other(Found::Boolean))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Member::Other(Found::Null))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Member::Other(Found::Array))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Member::Other(Found::Object))
+    }
+}
+
+/// A member name, borrowed when it has no escapes.
+struct Name<'de>(Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for Name<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match Member::deserialize(deserializer)? {
+            Member::Text(text) => Ok(Self(text)),
+            _ => Err(de::Error::custom("a member name must be a string")),
+        }
+    }
+}
+
+/// The increment object; the outer `Result` is the JSON syntax, the inner one
+/// the shape (so that malformed JSON anywhere wins over a wrong field).
+#[derive(Clone, Copy)]
+struct IncrementShape;
+
+impl<'de> DeserializeSeed<'de> for IncrementShape {
+    type Value = Result<Increment<'de>, String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(ObjectVisitor {
+            expected: "body must be a JSON object with \"key\" (string) and \"value\" (integer)",
+            shape: self,
+        })
+    }
+}
+
+/// Visits a value that must be an object, giving `shape` its members.
+struct ObjectVisitor<S> {
+    expected: &'static str,
+    shape: S,
+}
+
+/// Reads the members of one object.
+trait ObjectShape<'de>: Sized {
+    type Output;
+    fn read<A: MapAccess<'de>>(self, map: A) -> Result<Result<Self::Output, String>, A::Error>;
+}
+
+impl<'de, S: ObjectShape<'de>> Visitor<'de> for ObjectVisitor<S> {
+    type Value = Result<S::Output, String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        self.shape.read(map)
+    }
+
+    // Anything else: consume it, then say what was found.
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        let found = MemberVisitor.visit_seq(seq)?.found();
+        Ok(Err(format!("{}, found {found}", self.expected)))
+    }
+
+    fn visit_borrowed_str<E>(self, _: &'de str) -> Result<Self::Value, E> {
+        Ok(Err(format!("{}, found a string", self.expected)))
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Err(format!("{}, found a string", self.expected)))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Err(format!("{}, found a number", self.expected)))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Err(format!("{}, found a number", self.expected)))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Err(format!("{}, found a number", self.expected)))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Err(format!("{}, found a boolean", self.expected)))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Err(format!("{}, found null", self.expected)))
+    }
+}
+
+impl<'de> ObjectShape<'de> for IncrementShape {
+    type Output = Increment<'de>;
+
+    fn read<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> Result<Result<Increment<'de>, String>, A::Error> {
+        let mut key: Option<Member<'de>> = None;
+        let mut value: Option<&'de RawValue> = None;
+        let mut duplicate: Option<&'static str> = None;
+        while let Some(Name(name)) = map.next_key::<Name<'de>>()? {
+            match &*name {
+                "key" => {
+                    if key.replace(map.next_value()?).is_some() {
+                        duplicate.get_or_insert("key");
+                    }
+                }
+                "value" => {
+                    if value.replace(map.next_value()?).is_some() {
+                        duplicate.get_or_insert("value");
+                    }
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        if let Some(field) = duplicate {
+            return Ok(Err(format!("\"{field}\" appears more than once")));
+        }
+        let key = match key {
+            None => return Ok(Err("\"key\" is missing".to_owned())),
+            Some(Member::Text(text)) => match CounterKey::parse(text) {
+                Ok(key) => key,
+                Err(e) => return Ok(Err(key_message(e))),
+            },
+            Some(other) => {
+                return Ok(Err(format!(
+                    "\"key\" must be a string, found {}",
+                    other.found()
+                )));
+            }
+        };
+        let value = match value.map(read_value) {
+            None => return Ok(Err("\"value\" is missing".to_owned())),
+            Some(Ok(value)) => value,
+            Some(Err(message)) => return Ok(Err(message)),
+        };
+        Ok(Ok(Increment { key, value }))
+    }
+}
+
+/// The 422 text of a key that breaks the rules.
+pub fn key_message(err: KeyError) -> String {
+    format!("\"key\" {err}")
+}
+
+#[derive(Clone, Copy)]
+struct BatchShape;
+
+impl<'de> DeserializeSeed<'de> for BatchShape {
+    type Value = Result<Vec<Increment<'de>>, String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(ObjectVisitor {
+            expected: "body must be a JSON object with \"increments\" (array)",
+            shape: self,
+        })
+    }
+}
+
+impl<'de> ObjectShape<'de> for BatchShape {
+    type Output = Vec<Increment<'de>>;
+
+    fn read<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> Result<Result<Vec<Increment<'de>>, String>, A::Error> {
+        let mut items: Option<Result<Vec<Increment<'de>>, String>> = None;
+        let mut duplicate = false;
+        while let Some(Name(name)) = map.next_key::<Name<'de>>()? {
+            if name != "increments" {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            }
+            let read = map.next_value_seed(ItemsSeed)?;
+            duplicate |= items.replace(read).is_some();
+        }
+        if duplicate {
+            return Ok(Err("\"increments\" appears more than once".to_owned()));
+        }
+        Ok(items.unwrap_or_else(|| Err("\"increments\" is missing".to_owned())))
+    }
+}
+
+/// The `increments` array: its items, or the first bad one's message.
+struct ItemsSeed;
+
+impl<'de> DeserializeSeed<'de> for ItemsSeed {
+    type Value = Result<Vec<Increment<'de>>, String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(ItemsVisitor)
+    }
+}
+
+struct ItemsVisitor;
+
+impl<'de> Visitor<'de> for ItemsVisitor {
+    type Value = Result<Vec<Increment<'de>>, String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of increments")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_BATCH_ITEMS));
+        let mut first_error: Option<String> = None;
+        let mut index = 0usize;
+        while let Some(item) = seq.next_element_seed(IncrementShape)? {
+            match item {
+                Ok(item) if first_error.is_none() => items.push(item),
+                Ok(_) => {}
+                Err(e) => {
+                    first_error.get_or_insert_with(|| format!("increments[{index}]: {e}"));
+                }
+            }
+            index += 1;
+        }
+        Ok(match first_error {
+            Some(e) => Err(e),
+            None => Ok(items),
+        })
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        MemberVisitor.visit_map(map)?;
+        Ok(Err(
+            "\"increments\" must be an array, found an object".to_owned()
+        ))
+    }
+
+    fn visit_borrowed_str<E>(self, _: &'de str) -> Result<Self::Value, E> {
+        Ok(Err(
+            "\"increments\" must be an array, found a string".to_owned()
+        ))
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Err(
+            "\"increments\" must be an array, found a string".to_owned()
+        ))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Err(
+            "\"increments\" must be an array, found a number".to_owned()
+        ))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Err(
+            "\"increments\" must be an array, found a number".to_owned()
+        ))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Err(
+            "\"increments\" must be an array, found a number".to_owned()
+        ))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Err(
+            "\"increments\" must be an array, found a boolean".to_owned()
+        ))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Err("\"increments\" must be an array, found null".to_owned()))
+    }
+}
+
+/// The request body of the ingestion operations as poem-openapi sees it:
+/// the raw bytes, admitted by [`is_json_media_type`] and decoded by the
+/// handler with [`decode_increment`] or [`decode_batch`] (the fast path's
+/// checks and decoder). `T` only supplies the schema in the OpenAPI document.
+pub struct JsonBody<T> {
+    pub bytes: bytes::Bytes,
+    schema: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: Type> Payload for JsonBody<T> {
+    const CONTENT_TYPE: &'static str = "application/json";
+
+    fn check_content_type(content_type: &str) -> bool {
+        is_json_media_type(content_type)
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        T::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+}
+
+impl<T: Type> ParsePayload for JsonBody<T> {
+    const IS_REQUIRED: bool = true;
+
+    async fn from_request(
+        request: &poem::Request,
+        body: &mut poem::RequestBody,
+    ) -> poem::Result<Self> {
+        // The front door has read the body under its limits already.
+        let bytes = <bytes::Bytes as poem::FromRequest>::from_request(request, body).await?;
+        Ok(Self {
+            bytes,
+            schema: std::marker::PhantomData,
+        })
+    }
+}
+
+poem_openapi::impl_apirequest_for_payload!(JsonBody<T>, T: Type);
+
+/// Records accepted increments: the one place that takes them, counts them
+/// and links the request's span to the flush that will write them.
+#[derive(Clone)]
+pub struct Intake {
+    batcher: Arc<Batcher>,
+    recent_requests: SharedRecentRequests,
+    metrics: Arc<Metrics>,
+    /// Seconds a refused client should wait: about one flush interval.
+    retry_after: u64,
+}
+
+impl Intake {
+    pub fn new(
+        batcher: Arc<Batcher>,
+        recent_requests: SharedRecentRequests,
+        metrics: Arc<Metrics>,
+        retry_after: u64,
+    ) -> Self {
+        Self {
+            batcher,
+            recent_requests,
+            metrics,
+            retry_after,
+        }
+    }
+
+    /// Takes one increment, to be written by a later flush.
+    ///
+    /// # Errors
+    /// The refusal as the API answers it; nothing is recorded then.
+    pub fn accept(&self, increment: &Increment<'_>) -> Result<(), ApiError> {
+        self.batcher
+            .record(&increment.key, increment.value)
+            .map_err(|e| self.refusal(e, None))?;
+        self.accepted(1);
+        Ok(())
+    }
+
+    /// Takes one increment that the caller will wait for; returns the ticket
+    /// to wait on ([`crate::Flusher::wait_committed`]).
+    ///
+    /// # Errors
+    /// As [`Intake::accept`].
+    pub fn accept_durable(&self, increment: &Increment<'_>) -> Result<u64, ApiError> {
+        let ticket = self
+            .batcher
+            .record_durable(&increment.key, increment.value)
+            .map_err(|e| self.refusal(e, None))?;
+        self.accepted(1);
+        Ok(ticket)
+    }
+
+    /// Takes every increment of a batch, or none.
+    ///
+    /// # Errors
+    /// As [`Intake::accept`]; an overflow names the item's index.
+    pub fn accept_all(&self, increments: &[Increment<'_>]) -> Result<u64, ApiError> {
+        let items: Vec<(&str, i64)> = increments
+            .iter()
+            .map(|increment| (increment.key.as_str(), increment.value))
+            .collect();
+        self.batcher
+            .record_all(&items)
+            .map_err(|(index, e)| self.refusal(e, Some(index)))?;
+        let accepted = items.len() as u64;
+        self.accepted(accepted);
+        Ok(accepted)
+    }
+
+    fn accepted(&self, count: u64) {
+        self.recent_requests.offer_current();
+        self.metrics.increments_accepted.inc_by(count);
+    }
+
+    fn refusal(&self, err: BatchError, index: Option<usize>) -> ApiError {
+        match err {
+            BatchError::DeltaOverflow => {
+                let at = index.map_or_else(String::new, |i| format!("increments[{i}]: "));
+                ApiError::PendingOverflow(format!(
+                    "{at}\"value\" would push the pending sum of this key out of the signed \
+                     64-bit range; retry after the next flush"
+                ))
+            }
+            BatchError::Full => {
+                self.metrics
+                    .increments_rejected
+                    .with_label_values(&["unavailable"])
+                    .inc();
+                ApiError::PendingLimit {
+                    retry_after: self.retry_after,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_media_types_follow_rfc_9110() {
+        for good in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            "application/json ; charset=utf-8",
+            "application/json;charset=\"utf-8\"",
+            "application/json;;",
+            "application/json; ;a=b",
+            "application/vnd.api+json",
+            "application/json; a=\"x\\\"y\"",
+            " application/json\t",
+        ] {
+            assert!(is_json_media_type(good), "{good:?}");
+        }
+        for bad in [
+            "",
+            "application",
+            "application/",
+            "/json",
+            "text/json",
+            "application/jsonx",
+            "application/+json",
+            "application/json; =",
+            "application/json; a",
+            "application/json; a=",
+            "application/json; a=\"unterminated",
+            "application/json x",
+            "application/json; a=b c",
+            "application/json, text/plain",
+            "appli cation/json",
+        ] {
+            assert!(!is_json_media_type(bad), "{bad:?}");
+        }
+    }
+
+    fn ok(body: &str) -> (String, i64) {
+        let increment =
+            decode_increment(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e:?}"));
+        (increment.key.as_str().to_owned(), increment.value)
+    }
+
+    fn invalid(body: &str) -> String {
+        match decode_increment(body.as_bytes()) {
+            Err(BodyError::Invalid(message)) => message,
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn increments_decode_with_the_whole_i64_range_and_any_ignored_members() {
+        assert_eq!(ok(r#"{"key":"a","value":5}"#), ("a".into(), 5));
+        assert_eq!(ok(r#" {"value": -0, "key": "a"} "#), ("a".into(), 0));
+        assert_eq!(
+            ok(r#"{"key":"\u00e9\"q","value":-9223372036854775808}"#),
+            ("é\"q".into(), i64::MIN)
+        );
+        assert_eq!(
+            ok(r#"{"key":"a","value":9223372036854775807}"#),
+            ("a".into(), i64::MAX)
+        );
+        let deep = format!(
+            r#"{{"key":"a","value":1,"x":{}{}}}"#,
+            "[".repeat(5000),
+            "]".repeat(5000)
+        );
+        assert_eq!(ok(&deep), ("a".into(), 1));
+    }
+
+    #[test]
+    fn bad_increments_name_their_field() {
+        assert_eq!(invalid(r#"{"value":1}"#), "\"key\" is missing");
+        assert_eq!(invalid(r#"{"key":"a"}"#), "\"value\" is missing");
+        assert_eq!(
+            invalid(r#"{"key":1,"value":1}"#),
+            "\"key\" must be a string, found a number"
+        );
+        assert_eq!(
+            invalid(r#"{"key":"","value":1}"#),
+            "\"key\" must not be empty"
+        );
+        assert_eq!(
+            invalid(r#"{"key":"a","value":1.0}"#),
+            "\"value\" must be an integer, found 1.0"
+        );
+        assert_eq!(
+            invalid(r#"{"key":"a","value":9223372036854775808}"#),
+            "\"value\" must be within the signed 64-bit range, found 9223372036854775808"
+        );
+        assert_eq!(
+            invalid(r#"{"key":"a","value":-9223372036854775809}"#),
+            "\"value\" must be within the signed 64-bit range, found -9223372036854775809"
+        );
+        assert_eq!(
+            invalid(r#"{"key":"a","key":"b","value":1}"#),
+            "\"key\" appears more than once"
+        );
+        assert!(invalid("[1]").ends_with("found an array"));
+        assert!(invalid("").contains("empty"));
+        assert!(matches!(
+            decode_increment(br#"{"key":"a","value":1} x"#),
+            Err(BodyError::Malformed(_))
+        ));
+        // Malformed JSON wins over a wrong field before it.
+        assert!(matches!(
+            decode_increment(br#"{"key":1,"value":"#),
+            Err(BodyError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn batches_decode_whole_or_name_the_first_bad_item() {
+        let items =
+            decode_batch(br#"{"increments":[{"key":"a","value":1},{"key":"b","value":2}]}"#)
+                .expect("valid");
+        assert_eq!(items.len(), 2);
+        assert_eq!(
+            decode_batch(br#"{"increments":[{"key":"a","value":1},{"key":"b"}]}"#),
+            Err(BodyError::Invalid(
+                "increments[1]: \"value\" is missing".into()
+            ))
+        );
+        assert!(matches!(
+            decode_batch(br#"{"increments":[]}"#),
+            Err(BodyError::Invalid(m)) if m.contains("1 to 1000")
+        ));
+        assert!(matches!(
+            decode_batch(br#"{"increments":{}}"#),
+            Err(BodyError::Invalid(m)) if m.contains("must be an array")
+        ));
+    }
+}
