@@ -13,7 +13,8 @@
 //!   [`HeadTimer`]: a new connection must send a whole head within
 //!   `header_timeout`; between requests a keep-alive connection may stay
 //!   silent for `idle_timeout`, and once the next request's first byte arrives
-//!   its head must be complete within `header_timeout`.
+//!   its head must be complete within `header_timeout`. At shutdown, heads
+//!   still incomplete are abandoned at once.
 //! - **HTTP/1.1 only**: an HTTP/2 preface is a malformed HTTP/1 request and
 //!   the connection is closed (see the README for why).
 
@@ -43,7 +44,10 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{
+    sync::{CancellationToken, WaitForCancellationFutureOwned},
+    task::TaskTracker,
+};
 
 /// The connection-level limits.
 #[derive(Debug, Clone, Copy)]
@@ -170,7 +174,7 @@ async fn serve_connection<E: Endpoint + 'static>(
         }
     });
     let connection = http1::Builder::new()
-        .timer(HeadTimer::new(activity, limits))
+        .timer(HeadTimer::new(activity, limits, shutdown.clone()))
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.max_head_bytes)
         .keep_alive(true)
@@ -257,15 +261,24 @@ struct HeadTimer {
     idle_timeout: Duration,
     /// Set once the first head wait (at accept) has begun.
     served_first: AtomicBool,
+    /// A head still incomplete when shutdown begins is abandoned: nothing of
+    /// its request was read, so nothing is lost, and the drain need not wait
+    /// for its deadline.
+    shutdown: CancellationToken,
 }
 
 impl HeadTimer {
-    fn new(activity: Arc<ReadActivity>, limits: ConnectionLimits) -> Self {
+    fn new(
+        activity: Arc<ReadActivity>,
+        limits: ConnectionLimits,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             activity,
             header_timeout: limits.header_timeout,
             idle_timeout: limits.idle_timeout,
             served_first: AtomicBool::new(false),
+            shutdown,
         }
     }
 }
@@ -290,6 +303,7 @@ impl hyper::rt::Timer for HeadTimer {
             waiting_for_first_byte,
             header_timeout: self.header_timeout,
             sleep: tokio::time::sleep(first),
+            shutdown: self.shutdown.clone().cancelled_owned(),
         })
     }
 }
@@ -321,6 +335,8 @@ pin_project_lite::pin_project! {
         header_timeout: Duration,
         #[pin]
         sleep: tokio::time::Sleep,
+        #[pin]
+        shutdown: WaitForCancellationFutureOwned,
     }
 }
 
@@ -337,6 +353,9 @@ impl Future for HeadDeadline {
             *this.waiting_for_first_byte = false;
             let deadline = tokio::time::Instant::now() + *this.header_timeout;
             this.sleep.as_mut().reset(deadline);
+        }
+        if this.shutdown.poll(cx).is_ready() {
+            return Poll::Ready(());
         }
         this.sleep.poll(cx)
     }

@@ -114,3 +114,203 @@ pub async fn problem(response: TestResponse, status: StatusCode) -> api::http::P
     assert!(problem.type_uri.starts_with("/problems/"), "{problem:?}");
     problem
 }
+
+/// An application served over a real listener on port 0 (the whole front
+/// door: connection limits and protocol included).
+pub struct RunningApp {
+    pub addr: std::net::SocketAddr,
+    pub flusher: Arc<Flusher>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<api::ShutdownReport>,
+    pub db: TestDb,
+}
+
+/// Serves a fresh SQLite-backed application with `adjust`ed test settings.
+pub async fn serve(adjust: impl FnOnce(&mut Settings)) -> RunningApp {
+    serve_on(TestDb::sqlite().await, adjust).await
+}
+
+pub async fn serve_on(db: TestDb, adjust: impl FnOnce(&mut Settings)) -> RunningApp {
+    api::telemetry::init_for_tests();
+    let mut settings = test_settings(&db);
+    adjust(&mut settings);
+    let app = Application::build(settings)
+        .await
+        .expect("the application starts on a fresh database");
+    let addr = app.local_addr();
+    let flusher = app.flusher();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    RunningApp {
+        addr,
+        flusher,
+        stop,
+        server,
+        db,
+    }
+}
+
+impl RunningApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Shuts down and asserts that everything accepted was written.
+    pub async fn shut_down(self) -> TestDb {
+        self.stop.send(()).expect("the server still runs");
+        assert_eq!(
+            self.server.await.expect("the server task ends"),
+            api::ShutdownReport::Clean
+        );
+        self.db
+    }
+
+    /// The `/metrics` exposition text.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .expect("/metrics answers")
+            .text()
+            .await
+            .expect("a text body")
+    }
+}
+
+/// One HTTP/1.1 response read off a raw socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A client on a raw TCP connection: it writes exactly the bytes it is
+/// given and reads responses itself (bodies with `Content-Length` only, as
+/// the service sends).
+pub struct RawClient {
+    pub stream: tokio::net::TcpStream,
+    buffered: Vec<u8>,
+}
+
+impl RawClient {
+    pub async fn connect(addr: std::net::SocketAddr) -> Self {
+        Self {
+            stream: tokio::net::TcpStream::connect(addr)
+                .await
+                .expect("the service accepts connections"),
+            buffered: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.try_send(bytes).await.expect("the write goes out");
+    }
+
+    /// Writes, reporting a connection the service already closed (it may
+    /// answer a request before its body is all sent: a 413).
+    pub async fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await
+    }
+
+    /// The next response, or `None` if the connection closed first; panics
+    /// when nothing happens within `within`.
+    pub async fn response(&mut self, within: Duration) -> Option<RawResponse> {
+        tokio::time::timeout(within, self.read_response())
+            .await
+            .expect("the service answers or closes in time")
+    }
+
+    /// Whether the service closes the connection (without answering) within
+    /// `within`.
+    pub async fn closes_within(&mut self, within: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
+                Err(_elapsed) => return false,
+                Ok(Ok(0) | Err(_)) => return true,
+                Ok(Ok(n)) => self.buffered.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    async fn fill(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        match self.stream.read(&mut buf).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buffered.extend_from_slice(&buf[..n]);
+                true
+            }
+        }
+    }
+
+    async fn read_response(&mut self) -> Option<RawResponse> {
+        let head_end = loop {
+            if let Some(at) = find(&self.buffered, b"\r\n\r\n") {
+                break at;
+            }
+            if !self.fill().await {
+                return None;
+            }
+        };
+        let head = String::from_utf8_lossy(&self.buffered[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .and_then(|line| line.split(' ').nth(1))
+            .and_then(|code| code.parse().ok())
+            .expect("a status line");
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|line| line.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let length: usize = headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let body_start = head_end + 4;
+        while self.buffered.len() < body_start + length {
+            if !self.fill().await {
+                return None;
+            }
+        }
+        let body = self.buffered[body_start..body_start + length].to_vec();
+        self.buffered.drain(..body_start + length);
+        Some(RawResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A plain `POST /increment` request, as bytes.
+pub fn increment_request(key: &str, value: i64) -> Vec<u8> {
+    let body = serde_json::json!({ "key": key, "value": value }).to_string();
+    format!(
+        "POST /increment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
