@@ -45,24 +45,25 @@ wait_port() {
   echo "ab.sh: nothing listens on $1" >&2; return 1
 }
 
-start_service() { # NAME BIN [FLAGS...] -> prints the port
+# Not called in $(...): PIDS and DBS must reach cleanup().
+start_service() { # CONFIG BIN [FLAGS...]: sets PORT[CONFIG]
   local name=$1 bin=$2 port db
   shift 2
-  port=$(free_port); db="incab_${name}_$$"
+  port=$(free_port); db="incab_${name,,}_$$"
   psql -q "$PG/postgres" -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
   DBS+=("$db")
   TOKIO_WORKER_THREADS=1 RUST_LOG=warn "$bin" --listen "127.0.0.1:$port" --database-url "$PG/$db" "$@" \
     >"$SCRATCH/$name.log" 2>&1 &
   PIDS+=($!)
   wait_port "$port"
-  echo "$port"
+  PORT[$name]=$port
 }
 
 declare -A PORT
 # shellcheck disable=SC2086 # the flags are meant to split
-PORT[A]=$(start_service a "$BIN_A" ${FLAGS_A:-})
+start_service A "$BIN_A" ${FLAGS_A:-}
 # shellcheck disable=SC2086
-PORT[B]=$(start_service b "$BIN_B" ${FLAGS_B:-})
+start_service B "$BIN_B" ${FLAGS_B:-}
 CONFIGS=(A B)
 if [ "${FLOOR:-1}" = 1 ]; then
   PORT[floor]=$(free_port)

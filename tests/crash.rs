@@ -77,7 +77,8 @@ async fn sigkill_loses_only_the_unflushed_window_and_no_durable_increment(db: Te
                             written.insert(key);
                             safe.fetch_max(before, Ordering::SeqCst);
                         }
-                        Ok(r) if r.status() == 503 => {}
+                        // 202: taken, not confirmed in time; 503: not taken.
+                        Ok(r) if r.status() == 202 || r.status() == 503 => {}
                         _ => break,
                     }
                 }

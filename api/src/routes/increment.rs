@@ -6,11 +6,7 @@
 use std::{sync::Arc, time::Duration};
 
 use poem_openapi::{
-    ApiResponse, Object, OpenApi, Tags,
-    param::Query,
-    payload::{Json, Payload},
-    registry::{MetaSchemaRef, Registry},
-    types::{Example, ToJSON, Type},
+    ApiResponse, Object, OpenApi, Tags, param::Query, payload::Json, types::Example,
 };
 
 use super::AppState;
@@ -80,39 +76,15 @@ pub struct BatchAccepted {
     pub accepted: u64,
 }
 
-/// Answer to a `wait=true` increment that was taken but whose flush did not
-/// commit within the wait timeout.
+/// Answer to an increment that was taken but is not yet written.
 #[derive(Object)]
-pub struct NotYetCommitted {
-    /// Always false: the increment is held by this instance, not yet written.
+pub struct Accepted {
+    /// Always false here: the increment is held by this instance and will be
+    /// written by a flush, exactly once. Do not resend it.
     pub committed: bool,
-    /// What this means for the client.
-    pub detail: String,
-}
-
-/// A JSON body, or none at all (no `Content-Type` either): the plain `202`
-/// keeps the empty body of the original contract.
-pub struct EmptyOr<T>(pub Option<T>);
-
-impl<T: Type + ToJSON> Payload for EmptyOr<T> {
-    const CONTENT_TYPE: &'static str = "application/json; charset=utf-8";
-
-    fn schema_ref() -> MetaSchemaRef {
-        T::schema_ref()
-    }
-
-    fn register(registry: &mut Registry) {
-        T::register(registry);
-    }
-}
-
-impl<T: Type + ToJSON> poem::IntoResponse for EmptyOr<T> {
-    fn into_response(self) -> poem::Response {
-        match self.0 {
-            Some(body) => Json(body).into_response(),
-            None => poem::Response::builder().finish(),
-        }
-    }
+    /// With `wait=true`: why the answer came before the commit.
+    #[oai(skip_serializing_if_is_none)]
+    pub detail: Option<String>,
 }
 
 #[derive(ApiResponse)]
@@ -153,11 +125,11 @@ pub enum IncrementResponse {
     #[oai(status = 200)]
     Written,
     /// Accepted: held by this instance and written by the next flush, exactly
-    /// once. Empty body; with `wait=true`, a body says it was taken but not
-    /// confirmed within `--wait-timeout` (`committed: false`). Either way, do
+    /// once (`{"committed":false}`). With `wait=true`: taken, but not
+    /// confirmed within `--wait-timeout` (`detail` says so). Either way, do
     /// not resend it.
     #[oai(status = 202)]
-    Accepted(EmptyOr<NotYetCommitted>),
+    Accepted(Json<Accepted>),
     /// `request-timeout`: the body did not arrive within `--body-timeout`.
     /// Nothing was applied.
     #[oai(status = 408)]
@@ -251,7 +223,10 @@ impl IncrementApi {
         };
         if wait.0 != Some(true) {
             return match self.intake.accept(&increment) {
-                Ok(()) => IncrementResponse::Accepted(EmptyOr(None)),
+                Ok(()) => IncrementResponse::Accepted(Json(Accepted {
+                    committed: false,
+                    detail: None,
+                })),
                 Err(e) => e.into(),
             };
         }
@@ -262,14 +237,14 @@ impl IncrementApi {
         if self.flusher.wait_committed(ticket, self.wait_timeout).await {
             IncrementResponse::Written
         } else {
-            IncrementResponse::Accepted(EmptyOr(Some(NotYetCommitted {
+            IncrementResponse::Accepted(Json(Accepted {
                 committed: false,
-                detail: format!(
+                detail: Some(format!(
                     "taken, but not confirmed written within {} ms: the increment is held \
                      and will be written when the database takes it; do not resend it",
                     self.wait_timeout.as_millis()
-                ),
-            })))
+                )),
+            }))
         }
     }
 
