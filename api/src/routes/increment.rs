@@ -6,7 +6,11 @@
 use std::{sync::Arc, time::Duration};
 
 use poem_openapi::{
-    ApiResponse, Object, OpenApi, Tags, param::Query, payload::Json, types::Example,
+    ApiResponse, Object, OpenApi, ResponseContent, Tags,
+    param::Query,
+    payload::Json,
+    registry::{MetaMediaType, Registry},
+    types::{Example, Type},
 };
 
 use super::AppState;
@@ -76,15 +80,41 @@ pub struct BatchAccepted {
     pub accepted: u64,
 }
 
-/// Answer to an increment that was taken but is not yet written.
+/// The body of a `wait=true` increment that was taken but whose flush did
+/// not commit within `--wait-timeout`.
 #[derive(Object)]
-pub struct Accepted {
-    /// Always false here: the increment is held by this instance and will be
+pub struct NotYetCommitted {
+    /// Always false: the increment is held by this instance and will be
     /// written by a flush, exactly once. Do not resend it.
     pub committed: bool,
-    /// With `wait=true`: why the answer came before the commit.
-    #[oai(skip_serializing_if_is_none)]
-    pub detail: Option<String>,
+    /// Why the answer came before the commit.
+    pub detail: String,
+}
+
+/// The body of a `202` from `POST /increment`: empty for a plain request
+/// (the original contract, and the cheapest answer), [`NotYetCommitted`] for
+/// a `wait=true` one that timed out. OpenAPI cannot say "empty or this", so
+/// the document lists no content for the `202` (the plain case, by far the
+/// common one) and its description names the schema of the other.
+pub struct AcceptedBody(Option<NotYetCommitted>);
+
+impl ResponseContent for AcceptedBody {
+    fn media_types() -> Vec<MetaMediaType> {
+        Vec::new()
+    }
+
+    fn register(registry: &mut Registry) {
+        <NotYetCommitted as Type>::register(registry);
+    }
+}
+
+impl poem::IntoResponse for AcceptedBody {
+    fn into_response(self) -> poem::Response {
+        match self.0 {
+            Some(body) => Json(body).into_response(),
+            None => poem::Response::builder().finish(),
+        }
+    }
 }
 
 #[derive(ApiResponse)]
@@ -125,11 +155,11 @@ pub enum IncrementResponse {
     #[oai(status = 200)]
     Written,
     /// Accepted: held by this instance and written by the next flush, exactly
-    /// once (`{"committed":false}`). With `wait=true`: taken, but not
-    /// confirmed within `--wait-timeout` (`detail` says so). Either way, do
-    /// not resend it.
+    /// once. Empty body. With `wait=true`: taken, but not confirmed within
+    /// `--wait-timeout`; the body is then a `NotYetCommitted` JSON object
+    /// (`{"committed": false, "detail": …}`). Either way, do not resend it.
     #[oai(status = 202)]
-    Accepted(Json<Accepted>),
+    Accepted(AcceptedBody),
     /// `request-timeout`: the body did not arrive within `--body-timeout`.
     /// Nothing was applied.
     #[oai(status = 408)]
@@ -223,10 +253,7 @@ impl IncrementApi {
         };
         if wait.0 != Some(true) {
             return match self.intake.accept(&increment) {
-                Ok(()) => IncrementResponse::Accepted(Json(Accepted {
-                    committed: false,
-                    detail: None,
-                })),
+                Ok(()) => IncrementResponse::Accepted(AcceptedBody(None)),
                 Err(e) => e.into(),
             };
         }
@@ -237,14 +264,14 @@ impl IncrementApi {
         if self.flusher.wait_committed(ticket, self.wait_timeout).await {
             IncrementResponse::Written
         } else {
-            IncrementResponse::Accepted(Json(Accepted {
+            IncrementResponse::Accepted(AcceptedBody(Some(NotYetCommitted {
                 committed: false,
-                detail: Some(format!(
+                detail: format!(
                     "taken, but not confirmed written within {} ms: the increment is held \
                      and will be written when the database takes it; do not resend it",
                     self.wait_timeout.as_millis()
-                )),
-            }))
+                ),
+            })))
         }
     }
 
