@@ -13,6 +13,10 @@ enum ProblemTag {
 
 pub struct ProblemsApi;
 
+fn example_slug() -> String {
+    ProblemType::PendingLimit.slug().to_owned()
+}
+
 #[derive(ApiResponse)]
 enum ProblemTypeResponse {
     /// Title, status and meaning of the type.
@@ -27,7 +31,12 @@ enum ProblemTypeResponse {
 impl ProblemsApi {
     /// Describe a problem type (the last segment of a problem's `type`).
     #[oai(path = "/problems/:slug", method = "get", operation_id = "problemType")]
-    async fn problem_type(&self, slug: Path<String>) -> ProblemTypeResponse {
+    async fn problem_type(
+        &self,
+        /// The slug, e.g. `pending-limit`.
+        #[oai(example = "example_slug")]
+        slug: Path<String>,
+    ) -> ProblemTypeResponse {
         match ProblemType::from_slug(&slug.0) {
             Some(kind) => ProblemTypeResponse::Found(PlainText(format!(
                 "{}\nstatus: {}\n\n{}\n",
