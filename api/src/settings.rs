@@ -3,6 +3,9 @@
 
 use std::{fmt, net::SocketAddr, num::NonZeroU64, path::PathBuf, time::Duration};
 
+/// Shortest admin token, in characters.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+
 /// The smallest `max_head_bytes` hyper takes (it refuses to start below).
 pub const MIN_HEAD_BYTES: usize = 8192;
 
@@ -148,7 +151,12 @@ impl Settings {
                 why: "must be greater than zero",
             });
         }
-        if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+        // Characters, as the message says (a multi-byte token is not longer).
+        if self
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| t.chars().count() < MIN_ADMIN_TOKEN_CHARS)
+        {
             return Err(SettingsError::Invalid {
                 name: "admin-token",
                 value: "<redacted>".into(),
@@ -225,26 +233,155 @@ pub enum SettingsError {
     },
 }
 
-/// `scheme://user:secret@host/db` → `scheme://user:***@host/db`; URLs without a
-/// password are returned unchanged.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+/// The database URL with every secret replaced by `***`: the password of
+/// the userinfo (however it is encoded) and the value of a `password` (or
+/// `sslpassword`) query parameter, the forms sqlx accepts. A URL the parser
+/// cannot read keeps only its scheme: better unreadable than leaked.
+pub fn redact_url(raw: &str) -> String {
+    let Ok(mut url) = url::Url::parse(raw) else {
+        return match raw.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://***"),
+            None if raw.starts_with("sqlite:") => raw.to_owned(),
+            None => "***".to_owned(),
+        };
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
-        None => url.to_owned(),
+    if url.password().is_some() {
+        // Cannot fail: the URL has a host (it has a password).
+        let _ = url.set_password(Some("***"));
     }
+    if url
+        .query_pairs()
+        .any(|(name, _)| is_secret_parameter(&name))
+    {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(name, value)| {
+                let value = if is_secret_parameter(&name) {
+                    "***".to_owned()
+                } else {
+                    value.into_owned()
+                };
+                (name.into_owned(), value)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
+}
+
+/// The secrets a database URL holds, as they may appear in an error text
+/// (raw and percent-decoded).
+pub fn url_secrets(raw: &str) -> Vec<String> {
+    let mut secrets = Vec::new();
+    let parsed = url::Url::parse(raw);
+    if parsed.is_err()
+        && let Some((_, rest)) = raw.split_once("://")
+        && let Some((userinfo, _)) = rest.rsplit_once('@')
+        && let Some((_, password)) = userinfo.split_once(':')
+    {
+        // Unparseable (an unencoded `/` in the password, say): the userinfo
+        // by hand.
+        secrets.push(password.to_owned());
+    }
+    if let Ok(url) = parsed {
+        if let Some(password) = url.password() {
+            secrets.push(password.to_owned());
+            if let Ok(decoded) = percent_decode(password) {
+                secrets.push(decoded);
+            }
+        }
+        for (name, value) in url.query_pairs() {
+            if is_secret_parameter(&name) {
+                secrets.push(value.into_owned());
+            }
+        }
+    }
+    secrets.retain(|secret| !secret.is_empty());
+    secrets
+}
+
+/// `text` with each of `secrets` replaced by `***`.
+pub fn scrub(text: &str, secrets: &[String]) -> String {
+    let mut text = text.to_owned();
+    for secret in secrets {
+        text = text.replace(secret.as_str(), "***");
+    }
+    text
+}
+
+fn is_secret_parameter(name: &str) -> bool {
+    name.eq_ignore_ascii_case("password") || name.eq_ignore_ascii_case("sslpassword")
+}
+
+fn percent_decode(text: &str) -> Result<String, std::string::FromUtf8Error> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied(),
+            bytes.get(i + 2).copied(),
+        ) {
+            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
+                let value = hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0);
+                out.push(u8::try_from(value).unwrap_or(b'?'));
+                i += 3;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_form_of_database_password_is_redacted() {
+        for (url, secret) in [
+            ("postgres://app:s3cr3t@db:5432/increment", "s3cr3t"),
+            (
+                "postgresql://app:p%40ss%2Fw%3Ard@db/increment",
+                "p%40ss%2Fw%3Ard",
+            ),
+            ("postgres://app:p%40ss%2Fw%3Ard@db/increment", "p@ss/w:rd"),
+            ("postgres://app@db/increment?password=s3cr3t", "s3cr3t"),
+            (
+                "postgres://db/increment?user=app&password=s3cr3t&sslmode=disable",
+                "s3cr3t",
+            ),
+            ("postgres://db/increment?sslpassword=k3y", "k3y"),
+            ("postgres://app:pa/ss@db/increment", "pa/ss"),
+            ("postgres://app:pa ss@db/increment", "pa ss"),
+        ] {
+            let redacted = redact_url(url);
+            assert!(!redacted.contains(secret), "{url} -> {redacted}");
+            let debug = format!("{:?}", Settings::with_database(url));
+            assert!(!debug.contains(secret), "{debug}");
+            let chain = format!("connecting to {url} failed: password {secret} refused");
+            let scrubbed = scrub(&chain, &url_secrets(url));
+            assert!(!scrubbed.contains(secret), "{scrubbed}");
+        }
+        assert_eq!(
+            redact_url("postgres://db/increment?user=app&password=x&sslmode=disable"),
+            "postgres://db/increment?user=app&password=***&sslmode=disable"
+        );
+    }
+
+    #[test]
+    fn the_admin_token_is_counted_in_characters() {
+        let mut settings = Settings::with_database("sqlite::memory:");
+        settings.admin_token = Some("é".repeat(15));
+        assert!(settings.validate().is_err(), "15 characters (30 bytes)");
+        settings.admin_token = Some("é".repeat(16));
+        assert!(settings.validate().is_ok());
+    }
 
     #[test]
     fn redacts_the_password_only() {

@@ -27,10 +27,15 @@ use crate::{
 pub enum StartupError {
     #[error(transparent)]
     Settings(#[from] SettingsError),
-    #[error("connecting to the database failed")]
-    Connect(#[source] DbErr),
+    #[error("connecting to the database at {url} failed")]
+    Connect {
+        /// The URL with its secrets redacted.
+        url: String,
+        #[source]
+        source: Redacted,
+    },
     #[error("applying migrations failed")]
-    Migrate(#[source] DbErr),
+    Migrate(#[source] Redacted),
     #[error("replaying the spill file failed; it is kept for the next start")]
     Replay(#[source] ReplayError),
     #[error("binding {addr} failed")]
@@ -39,6 +44,21 @@ pub enum StartupError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A database error as text, with the URL's secrets removed (a driver may
+/// quote its connection string in an error).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Redacted(String);
+
+impl Redacted {
+    fn new(err: &DbErr, database_url: &str) -> Self {
+        Self(crate::settings::scrub(
+            &crate::telemetry::error_chain(err),
+            &crate::settings::url_secrets(database_url),
+        ))
+    }
 }
 
 /// Why the spill file could not be replayed.
@@ -79,9 +99,16 @@ impl Application {
     /// [`StartupError`] naming the step that failed.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         settings.validate()?;
-        let db = connect(&settings).await.map_err(StartupError::Connect)?;
+        let db = connect(&settings)
+            .await
+            .map_err(|e| StartupError::Connect {
+                url: crate::settings::redact_url(&settings.database_url),
+                source: Redacted::new(&e, &settings.database_url),
+            })?;
         if settings.migrate {
-            migrate(&settings).await.map_err(StartupError::Migrate)?;
+            migrate(&settings)
+                .await
+                .map_err(|e| StartupError::Migrate(Redacted::new(&e, &settings.database_url)))?;
         }
         replay_spill(&db, &settings.spill_path)
             .await

@@ -35,3 +35,31 @@ fn migration_count() -> usize {
     use migration::MigratorTrait;
     migration::Migrator::migrations().len()
 }
+
+/// An unreachable database stops the start with an error that names the
+/// (redacted) URL and never carries the password, in any form sqlx takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_up_error_of_an_unreachable_database_hides_the_password() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    for url in [
+        format!("postgres://app:Sup3r%2FS3cret@127.0.0.1:{port}/db"),
+        format!("postgres://app@127.0.0.1:{port}/db?password=Sup3r%2FS3cret"),
+    ] {
+        let mut settings = api::Settings::with_database(url.clone());
+        settings.migrate = false;
+        let err = match Application::build(settings).await {
+            Ok(_) => panic!("nothing listens on {port}"),
+            Err(err) => err,
+        };
+        let chain = api::telemetry::error_chain(&err);
+        let debug = format!("{err:?}");
+        for text in [&chain, &debug] {
+            assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+            for secret in ["Sup3r", "S3cret"] {
+                assert!(!text.contains(secret), "{text}");
+            }
+        }
+    }
+}
