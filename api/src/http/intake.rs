@@ -160,7 +160,7 @@ impl From<BodyError> for ApiError {
 /// # Errors
 /// [`BodyError`]: malformed JSON wins over a wrong shape, which names its field.
 pub fn decode_increment(body: &[u8]) -> Result<Increment<'_>, BodyError> {
-    decode_whole(body, IncrementShape)?.map_err(BodyError::Invalid)
+    decode_whole(body, Shaped(IncrementShape))?.map_err(BodyError::Invalid)
 }
 
 /// Decodes the body of `POST /increments`: `{"increments": [ … ]}` with 1 to
@@ -169,7 +169,7 @@ pub fn decode_increment(body: &[u8]) -> Result<Increment<'_>, BodyError> {
 /// # Errors
 /// As [`decode_increment`]; an item's error names its index.
 pub fn decode_batch(body: &[u8]) -> Result<Vec<Increment<'_>>, BodyError> {
-    let items = decode_whole(body, BatchShape)?.map_err(BodyError::Invalid)?;
+    let items = decode_whole(body, Shaped(BatchShape))?.map_err(BodyError::Invalid)?;
     if items.is_empty() || items.len() > MAX_BATCH_ITEMS {
         return Err(BodyError::Invalid(format!(
             "\"increments\" must hold 1 to {MAX_BATCH_ITEMS} items, found {}",
@@ -340,35 +340,47 @@ impl<'de> de::Deserialize<'de> for Name<'de> {
     }
 }
 
-/// The increment object; the outer `Result` is the JSON syntax, the inner one
-/// the shape (so that malformed JSON anywhere wins over a wrong field).
-#[derive(Clone, Copy)]
-struct IncrementShape;
+/// A JSON value of one expected shape: the outer `Result` of its reading is
+/// the JSON syntax, the inner one the shape (so that malformed JSON anywhere
+/// wins over a wrong field). A value of another kind is consumed, then named
+/// in the message.
+trait Shape<'de>: Sized {
+    type Output;
+    /// What the value must be, for the message about anything else.
+    const EXPECTED: &'static str;
 
-impl<'de> DeserializeSeed<'de> for IncrementShape {
-    type Value = Result<Increment<'de>, String>;
+    fn read_map<A: MapAccess<'de>>(self, map: A) -> Result<Result<Self::Output, String>, A::Error> {
+        MemberVisitor.visit_map(map)?;
+        Ok(Err(format!("{}, found {}", Self::EXPECTED, Found::Object)))
+    }
 
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_any(ObjectVisitor {
-            expected: "body must be a JSON object with \"key\" (string) and \"value\" (integer)",
-            shape: self,
-        })
+    fn read_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Result<Self::Output, String>, A::Error> {
+        MemberVisitor.visit_seq(seq)?;
+        Ok(Err(format!("{}, found {}", Self::EXPECTED, Found::Array)))
     }
 }
 
-/// Visits a value that must be an object, giving `shape` its members.
-struct ObjectVisitor<S> {
-    expected: &'static str,
-    shape: S,
+/// Reads one value as `S` (see [`Shape`]).
+struct Shaped<S>(S);
+
+impl<'de, S: Shape<'de>> DeserializeSeed<'de> for Shaped<S> {
+    type Value = Result<S::Output, String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
 }
 
-/// Reads the members of one object.
-trait ObjectShape<'de>: Sized {
-    type Output;
-    fn read<A: MapAccess<'de>>(self, map: A) -> Result<Result<Self::Output, String>, A::Error>;
+impl<S> Shaped<S> {
+    fn found<'de, T>(found: Found) -> Result<T, String>
+    where
+        S: Shape<'de>,
+    {
+        Err(format!("{}, found {found}", S::EXPECTED))
+    }
 }
 
-impl<'de, S: ObjectShape<'de>> Visitor<'de> for ObjectVisitor<S> {
+impl<'de, S: Shape<'de>> Visitor<'de> for Shaped<S> {
     type Value = Result<S::Output, String>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -376,48 +388,47 @@ impl<'de, S: ObjectShape<'de>> Visitor<'de> for ObjectVisitor<S> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        self.shape.read(map)
+        self.0.read_map(map)
     }
 
-    // Anything else: consume it, then say what was found.
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        let found = MemberVisitor.visit_seq(seq)?.found();
-        Ok(Err(format!("{}, found {found}", self.expected)))
-    }
-
-    fn visit_borrowed_str<E>(self, _: &'de str) -> Result<Self::Value, E> {
-        Ok(Err(format!("{}, found a string", self.expected)))
+        self.0.read_seq(seq)
     }
 
     fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(Err(format!("{}, found a string", self.expected)))
+        Ok(Self::found(Found::String))
     }
 
     fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Err(format!("{}, found a number", self.expected)))
+        Ok(Self::found(Found::Number))
     }
 
     fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Err(format!("{}, found a number", self.expected)))
+        Ok(Self::found(Found::Number))
     }
 
     fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Err(format!("{}, found a number", self.expected)))
+        Ok(Self::found(Found::Number))
     }
 
     fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Err(format!("{}, found a boolean", self.expected)))
+        Ok(Self::found(Found::Boolean))
     }
 
     fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(Err(format!("{}, found null", self.expected)))
+        Ok(Self::found(Found::Null))
     }
 }
 
-impl<'de> ObjectShape<'de> for IncrementShape {
-    type Output = Increment<'de>;
+/// The increment object.
+struct IncrementShape;
 
-    fn read<A: MapAccess<'de>>(
+impl<'de> Shape<'de> for IncrementShape {
+    type Output = Increment<'de>;
+    const EXPECTED: &'static str =
+        "body must be a JSON object with \"key\" (string) and \"value\" (integer)";
+
+    fn read_map<A: MapAccess<'de>>(
         self,
         mut map: A,
     ) -> Result<Result<Increment<'de>, String>, A::Error> {
@@ -471,24 +482,14 @@ pub fn key_message(err: KeyError) -> String {
     format!("\"key\" {err}")
 }
 
-#[derive(Clone, Copy)]
+/// The batch object.
 struct BatchShape;
 
-impl<'de> DeserializeSeed<'de> for BatchShape {
-    type Value = Result<Vec<Increment<'de>>, String>;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_any(ObjectVisitor {
-            expected: "body must be a JSON object with \"increments\" (array)",
-            shape: self,
-        })
-    }
-}
-
-impl<'de> ObjectShape<'de> for BatchShape {
+impl<'de> Shape<'de> for BatchShape {
     type Output = Vec<Increment<'de>>;
+    const EXPECTED: &'static str = "body must be a JSON object with \"increments\" (array)";
 
-    fn read<A: MapAccess<'de>>(
+    fn read_map<A: MapAccess<'de>>(
         self,
         mut map: A,
     ) -> Result<Result<Vec<Increment<'de>>, String>, A::Error> {
@@ -499,7 +500,7 @@ impl<'de> ObjectShape<'de> for BatchShape {
                 map.next_value::<IgnoredAny>()?;
                 continue;
             }
-            let read = map.next_value_seed(ItemsSeed)?;
+            let read = map.next_value_seed(Shaped(ItemsShape))?;
             duplicate |= items.replace(read).is_some();
         }
         if duplicate {
@@ -510,30 +511,20 @@ impl<'de> ObjectShape<'de> for BatchShape {
 }
 
 /// The `increments` array: its items, or the first bad one's message.
-struct ItemsSeed;
+struct ItemsShape;
 
-impl<'de> DeserializeSeed<'de> for ItemsSeed {
-    type Value = Result<Vec<Increment<'de>>, String>;
+impl<'de> Shape<'de> for ItemsShape {
+    type Output = Vec<Increment<'de>>;
+    const EXPECTED: &'static str = "\"increments\" must be an array";
 
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_any(ItemsVisitor)
-    }
-}
-
-struct ItemsVisitor;
-
-impl<'de> Visitor<'de> for ItemsVisitor {
-    type Value = Result<Vec<Increment<'de>>, String>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an array of increments")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+    fn read_seq<A: SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> Result<Result<Vec<Increment<'de>>, String>, A::Error> {
         let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_BATCH_ITEMS));
         let mut first_error: Option<String> = None;
         let mut index = 0usize;
-        while let Some(item) = seq.next_element_seed(IncrementShape)? {
+        while let Some(item) = seq.next_element_seed(Shaped(IncrementShape))? {
             match item {
                 Ok(item) if first_error.is_none() => items.push(item),
                 Ok(_) => {}
@@ -547,53 +538,6 @@ impl<'de> Visitor<'de> for ItemsVisitor {
             Some(e) => Err(e),
             None => Ok(items),
         })
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        MemberVisitor.visit_map(map)?;
-        Ok(Err(
-            "\"increments\" must be an array, found an object".to_owned()
-        ))
-    }
-
-    fn visit_borrowed_str<E>(self, _: &'de str) -> Result<Self::Value, E> {
-        Ok(Err(
-            "\"increments\" must be an array, found a string".to_owned()
-        ))
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(Err(
-            "\"increments\" must be an array, found a string".to_owned()
-        ))
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Err(
-            "\"increments\" must be an array, found a number".to_owned()
-        ))
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Err(
-            "\"increments\" must be an array, found a number".to_owned()
-        ))
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Err(
-            "\"increments\" must be an array, found a number".to_owned()
-        ))
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Err(
-            "\"increments\" must be an array, found a boolean".to_owned()
-        ))
-    }
-
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(Err("\"increments\" must be an array, found null".to_owned()))
     }
 }
 
