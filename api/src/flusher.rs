@@ -9,6 +9,7 @@
 //! number of distinct keys, not with the request count.
 
 use std::{
+    collections::{BTreeMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -99,6 +100,12 @@ pub struct Flusher {
     /// The highest drain number whose batch (and every earlier one) is
     /// committed; durable requests wait on it.
     committed: tokio::sync::watch::Sender<u64>,
+    /// Keys whose rows a committed drain recorded as rejected (the stored
+    /// total would have left `bigint`), by drain number, for the durable
+    /// requests that wait on those drains. Written before the drain is
+    /// published as committed; the oldest are dropped past
+    /// [`REJECTED_DRAINS_KEPT`].
+    rejected: Mutex<BTreeMap<u64, HashSet<String>>>,
     /// Wakes the loop for an early flush (a durable request is waiting).
     flush_soon: tokio::sync::Notify,
     /// Serialises flushes: the loop, the final flush and tests may all call
@@ -111,6 +118,27 @@ pub struct Flusher {
     last_prune: Mutex<Option<Instant>>,
     /// Parts of a large batch written at once, one connection each.
     write_connections: usize,
+}
+
+/// Drains whose rejected keys are kept for their waiters. A waiter reads
+/// them as soon as its drain is published, so a few would do; rejections
+/// are rare, and each entry holds only the rejected keys.
+const REJECTED_DRAINS_KEPT: usize = 256;
+
+/// Stands for "could not be read" in a drain's rejected keys (it cannot be a
+/// key: keys hold no NUL).
+const UNKNOWN_REJECTIONS: &str = "\0unknown";
+
+/// How a durable request's wait ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// Its drain committed and its key's row was applied.
+    Committed,
+    /// Its drain committed, but its key's row was not applied: the stored
+    /// total would have left `bigint` (see `rejected_increments`).
+    Rejected,
+    /// Not committed within the timeout; still held, to be written.
+    TimedOut,
 }
 
 /// Parts of a batch written at once unless set otherwise. A flush of 1M keys
@@ -132,6 +160,7 @@ impl Flusher {
             recent_requests,
             interval,
             committed: tokio::sync::watch::Sender::new(0),
+            rejected: Mutex::default(),
             flush_soon: tokio::sync::Notify::new(),
             flush_lock: tokio::sync::Mutex::new(()),
             drain_gate: Arc::default(),
@@ -283,6 +312,13 @@ impl Flusher {
                 keys: batch.len(),
                 source,
             })?;
+        let maybe_rejected = match outcome {
+            WriteOutcome::Committed { rejected, .. } => rejected > 0,
+            WriteOutcome::AlreadyCommitted => true,
+        };
+        if maybe_rejected {
+            self.remember_rejected(batch).await;
+        }
         self.batcher.confirm(batch);
         self.publish_committed(batch.drain);
         match outcome {
@@ -300,6 +336,29 @@ impl Flusher {
         }
     }
 
+    /// Reads which keys of the committed `batch` were rejected, for its
+    /// waiters. Reading may fail (the database just went away): the waiters
+    /// then cannot be told, and time out instead of hearing "committed".
+    async fn remember_rejected(&self, batch: &Batch) {
+        let keys = match store::rejected_keys(&self.db, batch).await {
+            Ok(keys) => Some(keys),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), batch.id = %batch.id, "reading the rejected keys of a committed batch failed");
+                None
+            }
+        };
+        let mut rejected = self.rejected.lock();
+        match keys {
+            Some(keys) if keys.is_empty() => return,
+            Some(keys) => rejected.insert(batch.drain, keys),
+            // Unknown: every key of the batch counts as not confirmed.
+            None => rejected.insert(batch.drain, HashSet::from([UNKNOWN_REJECTIONS.to_owned()])),
+        };
+        while rejected.len() > REJECTED_DRAINS_KEPT {
+            rejected.pop_first();
+        }
+    }
+
     fn publish_committed(&self, drain: u64) {
         self.committed.send_if_modified(|committed| {
             let advanced = drain > *committed;
@@ -312,13 +371,21 @@ impl Flusher {
 
     /// Waits until the drain numbered `ticket` (see
     /// [`Batcher::record_durable`]) is committed, asking the loop for an early
-    /// flush. `false` when `timeout` passes first.
-    pub async fn wait_committed(&self, ticket: u64, timeout: Duration) -> bool {
+    /// flush, and tells whether `key`'s row was applied by it.
+    pub async fn wait_committed(&self, ticket: u64, key: &str, timeout: Duration) -> WaitOutcome {
         let mut committed = self.committed.subscribe();
         self.flush_soon.notify_one();
-        tokio::time::timeout(timeout, committed.wait_for(|c| *c >= ticket))
+        let reached = tokio::time::timeout(timeout, committed.wait_for(|c| *c >= ticket))
             .await
-            .is_ok_and(|r| r.is_ok())
+            .is_ok_and(|r| r.is_ok());
+        if !reached {
+            return WaitOutcome::TimedOut;
+        }
+        match self.rejected.lock().get(&ticket) {
+            Some(keys) if keys.contains(UNKNOWN_REJECTIONS) => WaitOutcome::TimedOut,
+            Some(keys) if keys.contains(key) => WaitOutcome::Rejected,
+            _ => WaitOutcome::Committed,
+        }
     }
 
     async fn prune_if_due(&self) {

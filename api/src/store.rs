@@ -187,6 +187,27 @@ pub enum WriteOutcome {
     AlreadyCommitted,
 }
 
+/// The keys of `batch` whose rows a flush recorded in `rejected_increments`
+/// instead of applying them (whichever attempt committed them).
+///
+/// # Errors
+/// Any database error.
+pub async fn rejected_keys(
+    db: &DatabaseConnection,
+    batch: &Batch,
+) -> Result<std::collections::HashSet<String>, DbErr> {
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
+    let part_ids: Vec<&str> = batch.parts.iter().map(|part| part.id.as_str()).collect();
+    let keys: Vec<String> = rejected_increments::Entity::find()
+        .select_only()
+        .column(rejected_increments::Column::Key)
+        .filter(rejected_increments::Column::BatchId.is_in(part_ids))
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(keys.into_iter().collect())
+}
+
 /// Why a row was not applied, as stored in `rejected_increments.reason`.
 pub const OVERFLOW_REASON: &str = "stored value + delta is outside the bigint range";
 

@@ -56,6 +56,7 @@ pub enum ProblemType {
     MalformedJson,
     InvalidRequest,
     PendingOverflow,
+    CounterOverflow,
     Overloaded,
     PendingLimit,
     DatabaseUnavailable,
@@ -64,7 +65,7 @@ pub enum ProblemType {
 }
 
 impl ProblemType {
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 17] = [
         Self::BadRequest,
         Self::Unauthorized,
         Self::NotFound,
@@ -76,6 +77,7 @@ impl ProblemType {
         Self::MalformedJson,
         Self::InvalidRequest,
         Self::PendingOverflow,
+        Self::CounterOverflow,
         Self::Overloaded,
         Self::PendingLimit,
         Self::DatabaseUnavailable,
@@ -97,6 +99,7 @@ impl ProblemType {
             Self::MalformedJson => "malformed-json",
             Self::InvalidRequest => "invalid-request",
             Self::PendingOverflow => "pending-overflow",
+            Self::CounterOverflow => "counter-overflow",
             Self::Overloaded => "overloaded",
             Self::PendingLimit => "pending-limit",
             Self::DatabaseUnavailable => "database-unavailable",
@@ -114,9 +117,10 @@ impl ProblemType {
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::MalformedJson | Self::InvalidRequest | Self::PendingOverflow => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Self::MalformedJson
+            | Self::InvalidRequest
+            | Self::PendingOverflow
+            | Self::CounterOverflow => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Overloaded
             | Self::PendingLimit
             | Self::DatabaseUnavailable
@@ -138,6 +142,7 @@ impl ProblemType {
             Self::MalformedJson => "The body is not valid JSON",
             Self::InvalidRequest => "A field or parameter is invalid",
             Self::PendingOverflow => "The key's pending sum would leave the 64-bit range",
+            Self::CounterOverflow => "The counter's stored total would leave the 64-bit range",
             Self::Overloaded => "Too many requests in flight",
             Self::PendingLimit => "Too many distinct keys are waiting to be written",
             Self::DatabaseUnavailable => "The database could not be read",
@@ -188,6 +193,11 @@ impl ProblemType {
                 "Adding `value` would push the sum this instance holds for the key out of the \
                  signed 64-bit range. Nothing was applied; retry after the next flush (about one \
                  flush interval)."
+            }
+            Self::CounterOverflow => {
+                "With `wait=true`: the flush committed, but this key's row was not applied because \
+                 its stored total would have left the signed 64-bit range; the delta is recorded in \
+                 the table `rejected_increments` instead. Sending it again fails the same way."
             }
             Self::Overloaded => {
                 "`--max-in-flight` requests were being handled. Nothing was taken: send it again \
@@ -255,6 +265,13 @@ pub enum ApiError {
     /// 422: the key's pending sum on this instance would overflow.
     #[error("{0}")]
     PendingOverflow(String),
+    /// 422 (`wait=true`): the flush committed without this key's row, whose
+    /// stored total would have overflowed.
+    #[error(
+        "the counter's stored total would leave the signed 64-bit range: the increment was not \
+         applied (it is recorded in rejected_increments)"
+    )]
+    CounterOverflow,
     /// 503, not taken: too many requests in flight.
     #[error("too many requests in flight; nothing was taken, retry after {retry_after} s")]
     Overloaded { retry_after: u64 },
@@ -288,6 +305,7 @@ impl ApiError {
             Self::MalformedJson(_) => ProblemType::MalformedJson,
             Self::Invalid(_) => ProblemType::InvalidRequest,
             Self::PendingOverflow(_) => ProblemType::PendingOverflow,
+            Self::CounterOverflow => ProblemType::CounterOverflow,
             Self::Overloaded { .. } => ProblemType::Overloaded,
             Self::PendingLimit { .. } => ProblemType::PendingLimit,
             Self::DatabaseUnavailable { .. } => ProblemType::DatabaseUnavailable,

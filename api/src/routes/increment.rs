@@ -15,7 +15,7 @@ use poem_openapi::{
 
 use super::AppState;
 use crate::{
-    flusher::Flusher,
+    flusher::{Flusher, WaitOutcome},
     http::{
         intake::{Intake, JsonBody, decode_batch, decode_increment},
         problem::{ApiError, ProblemJson},
@@ -173,7 +173,9 @@ pub enum IncrementResponse {
     #[oai(status = 415)]
     UnsupportedMediaType(ProblemJson),
     /// `malformed-json`, `invalid-request` (`detail` names the field or
-    /// parameter) or `pending-overflow`. Nothing was applied.
+    /// parameter), `pending-overflow`, or with `wait=true` `counter-overflow`
+    /// (committed without this key's row: the stored total would have left
+    /// the 64-bit range). Nothing was applied.
     #[oai(status = 422)]
     Unprocessable(ProblemJson),
     /// `pending-limit` (too many distinct keys are waiting for the database)
@@ -261,17 +263,23 @@ impl IncrementApi {
             Ok(ticket) => ticket,
             Err(e) => return e.into(),
         };
-        if self.flusher.wait_committed(ticket, self.wait_timeout).await {
-            IncrementResponse::Written
-        } else {
-            IncrementResponse::Accepted(AcceptedBody(Some(NotYetCommitted {
-                committed: false,
-                detail: format!(
-                    "taken, but not confirmed written within {} ms: the increment is held \
+        match self
+            .flusher
+            .wait_committed(ticket, &increment.key, self.wait_timeout)
+            .await
+        {
+            WaitOutcome::Committed => IncrementResponse::Written,
+            WaitOutcome::Rejected => ApiError::CounterOverflow.into(),
+            WaitOutcome::TimedOut => {
+                IncrementResponse::Accepted(AcceptedBody(Some(NotYetCommitted {
+                    committed: false,
+                    detail: format!(
+                        "taken, but not confirmed written within {} ms: the increment is held \
                      and will be written when the database takes it; do not resend it",
-                    self.wait_timeout.as_millis()
-                ),
-            })))
+                        self.wait_timeout.as_millis()
+                    ),
+                })))
+            }
         }
     }
 

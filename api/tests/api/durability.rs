@@ -39,7 +39,31 @@ db_tests!(
     wait_true_answers_202_not_committed_when_the_flush_cannot_commit_in_time,
     new_keys_get_503_past_the_pending_bound,
     admin_routes_need_the_token,
+    wait_true_does_not_answer_200_for_a_row_rejected_as_an_overflow,
 );
+
+async fn wait_true_does_not_answer_200_for_a_row_rejected_as_an_overflow(db: TestDb) {
+    let app = spawn_app(db).await;
+    assert_accepted(app.increment("full", i64::MAX).await).await;
+    app.flush().await;
+    let _loop = start_flush_loop(&app);
+    // Fits the pending sum, not the stored total: the flush commits without it.
+    let response = post_waiting(&app, "full", 1).await;
+    let problem = crate::helpers::problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(problem.type_uri, "/problems/counter-overflow");
+    // Another key in a waiting request is still confirmed as written.
+    post_waiting(&app, "fine", 2)
+        .await
+        .assert_status(StatusCode::OK);
+    let counters = app.counters().await;
+    assert_eq!(counters.get("full"), Some(&i64::MAX));
+    assert_eq!(counters.get("fine"), Some(&2));
+    let metrics = app.metrics_text().await;
+    assert!(
+        metrics.contains("increment_rejected_rows_total 1"),
+        "the rejected row is counted"
+    );
+}
 
 async fn wait_true_answers_200_only_once_committed(db: TestDb) {
     let app = Arc::new(spawn_app(db).await);
