@@ -13,7 +13,7 @@ use entity::{counters, flush_batches, rejected_increments};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter,
     QueryOrder, QuerySelect, Statement, TransactionTrait,
-    sea_query::{Expr, ExprTrait, Func, OnConflict, Query},
+    sea_query::{Expr, ExprTrait, OnConflict, Query},
 };
 
 /// PostgreSQL: rows per `unnest` statement. Not bind-limited (always 3 binds);
@@ -539,22 +539,42 @@ pub async fn list_counters(
     after: Option<&str>,
     limit: u64,
 ) -> Result<Vec<counters::Model>, DbErr> {
-    let mut query = counters::Entity::find().order_by_asc(counters::Column::Key);
+    // Code-point order on both backends (see the migration that indexes it):
+    // PostgreSQL compares `key COLLATE "C"`, SQLite's BINARY already does.
+    let key: Expr = match db.get_database_backend() {
+        DbBackend::Postgres => Expr::cust(r#""key" COLLATE "C""#),
+        _ => Expr::col((counters::Entity, counters::Column::Key)),
+    };
+    let mut query = counters::Entity::find().order_by_asc(key.clone());
     if !prefix.is_empty() {
-        // substr compares characters exactly (LIKE would need escaping and is
-        // case-insensitive on SQLite).
-        // i32: PostgreSQL's substr takes integer (int4) arguments.
-        let chars = i32::try_from(prefix.chars().count()).unwrap_or(i32::MAX);
-        let head = Func::cust("substr")
-            .arg(Expr::col((counters::Entity, counters::Column::Key)))
-            .arg(1)
-            .arg(chars);
-        query = query.filter(Expr::expr(head).eq(prefix.to_owned()));
+        // The keys starting with `prefix` are exactly [prefix, successor).
+        query = query.filter(Expr::expr(key.clone()).gte(prefix.to_owned()));
+        if let Some(end) = successor(prefix) {
+            query = query.filter(Expr::expr(key.clone()).lt(end));
+        }
     }
     if let Some(after) = after {
-        query = query.filter(counters::Column::Key.gt(after.to_owned()));
+        query = query.filter(Expr::expr(key).gt(after.to_owned()));
     }
     query.limit(limit).all(db).await
+}
+
+/// The smallest string greater than every string that starts with
+/// `prefix`, in code-point order; `None` when there is none (every
+/// character is U+10FFFF).
+fn successor(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = match last {
+            '\u{D7FF}' => Some('\u{E000}'),
+            c => char::from_u32(u32::from(c) + 1),
+        };
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
 }
 
 /// Deletes `flush_batches` rows committed before `before`; returns how many.
@@ -572,6 +592,28 @@ pub async fn prune_batches(db: &DatabaseConnection, before: DateTime<Utc>) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_successor_bounds_exactly_the_keys_with_the_prefix() {
+        assert_eq!(successor("page:"), Some("page;".to_owned()));
+        assert_eq!(successor("a\u{D7FF}"), Some("a\u{E000}".to_owned()));
+        assert_eq!(successor("a\u{10FFFF}"), Some("b".to_owned()));
+        assert_eq!(successor("\u{10FFFF}"), None);
+        for prefix in ["p", "é", "a\u{10FFFF}", "z\u{D7FF}"] {
+            let end = successor(prefix).expect("bounded");
+            for key in [
+                prefix.to_string(),
+                format!("{prefix}\u{10FFFF}x"),
+                format!("{prefix}\0"),
+            ] {
+                assert!(
+                    key.as_str() >= prefix && key.as_str() < end.as_str(),
+                    "{key:?}"
+                );
+            }
+            assert!(!(end.as_str() >= prefix && end.as_str() < end.as_str()));
+        }
+    }
 
     #[test]
     fn split_keeps_the_sum_and_the_sign() {

@@ -9,6 +9,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261128_000001_create_counters;
 mod m20261128_000002_create_flush_batches;
 mod m20261128_000003_create_rejected_increments;
+mod m20261201_000004_create_key_order_indexes;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000001_create_counters::Migration),
             Box::new(m20261128_000002_create_flush_batches::Migration),
             Box::new(m20261128_000003_create_rejected_increments::Migration),
+            Box::new(m20261201_000004_create_key_order_indexes::Migration),
         ]
     }
 }

@@ -17,7 +17,54 @@ db_tests!(
     reads_never_count_a_delta_twice_or_miss_one_during_flushes,
     listing_pages_through_stored_counters_in_key_order,
     batches_are_applied_whole_or_not_at_all,
+    prefixes_match_exactly_in_code_point_order,
 );
+
+async fn prefixes_match_exactly_in_code_point_order(db: TestDb) {
+    let app = spawn_app(db).await;
+    let keys = [
+        "a",
+        "a\u{10FFFF}",
+        "ab",
+        "aB",
+        "A",
+        "b",
+        "é",
+        "éa",
+        "e\u{301}",
+        "z",
+        "\u{D7FF}",
+        "\u{E000}",
+    ];
+    for key in keys {
+        assert_accepted(app.increment(key, 1).await).await;
+    }
+    app.flush().await;
+    let listed = |body: serde_json::Value| -> Vec<String> {
+        body["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["key"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    for (prefix, expected) in [
+        ("a", vec!["a", "aB", "ab", "a\u{10FFFF}"]),
+        ("é", vec!["é", "éa"]),
+        ("e", vec!["e\u{301}"]),
+        ("\u{D7FF}", vec!["\u{D7FF}"]),
+        ("x", vec![]),
+    ] {
+        let (status, body) = list(&app, &format!("?prefix={}", encode(prefix))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(listed(body), expected, "prefix {prefix:?}");
+    }
+    // The whole listing is in code-point order, the same on every backend.
+    let (_, body) = list(&app, "?limit=1000").await;
+    let mut sorted: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+    sorted.sort();
+    assert_eq!(listed(body), sorted);
+}
 
 /// Percent-encodes every byte outside the unreserved set.
 fn encode(key: &str) -> String {
