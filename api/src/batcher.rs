@@ -1,6 +1,6 @@
 //! Pending deltas per key, held in a bounded, expiring moka cache.
 //!
-//! Design ("sealed slots", see `shared/TECH_NOTES.md` A): the cache maps a key
+//! Design ("sealed slots"): the cache maps a key
 //! to an `Arc<Slot>`, a small mutex-guarded cell that requests add to in
 //! place. Nothing ever overwrites a live entry. Whatever makes an entry leave
 //! the cache (size eviction, TinyLFU refusing admission, TTL expiry, explicit
