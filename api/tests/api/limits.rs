@@ -85,24 +85,32 @@ async fn requests_beyond_the_in_flight_cap_get_503() {
         s.body_timeout = Duration::from_secs(2);
     })
     .await;
-    // One request holds the only slot: its body is still on the way.
-    let mut holder = RawClient::connect(app.addr).await;
-    holder
-        .send(format!("{POST_HEAD}Content-Length: 100\r\n\r\n{{").as_bytes())
-        .await;
-    // Poll a probe until the holder has the slot (the probe takes nothing).
+    // One request holds the only slot: its body is still on the way. A probe
+    // polls until it is refused (the probe takes nothing). The probe needs
+    // the slot too: a holder that arrived while a probe was in flight was
+    // itself refused, and is sent again.
     let client = reqwest::Client::new();
     let deadline = Instant::now() + PATIENCE;
-    while client
-        .get(app.url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        != 503
-    {
-        assert!(Instant::now() < deadline, "the holder never took the slot");
-    }
+    let mut holder = 'held: loop {
+        let mut holder = RawClient::connect(app.addr).await;
+        holder
+            .send(format!("{POST_HEAD}Content-Length: 100\r\n\r\n{{").as_bytes())
+            .await;
+        loop {
+            assert!(Instant::now() < deadline, "the holder never took the slot");
+            let probe = client.get(app.url("/healthz")).send().await.unwrap();
+            if probe.status() == 503 {
+                break 'held holder;
+            }
+            let early =
+                tokio::time::timeout(Duration::from_millis(1), holder.response(PATIENCE)).await;
+            if let Ok(answer) = early {
+                let answer = answer.expect("an answer");
+                assert_eq!(answer.status, 503, "the holder was refused, not answered");
+                continue 'held;
+            }
+        }
+    };
     let mut refused = RawClient::connect(app.addr).await;
     refused.send(&increment_request("k", 1)).await;
     let answer = refused.response(PATIENCE).await.expect("an answer");
