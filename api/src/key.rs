@@ -32,7 +32,7 @@ impl<'a> CounterKey<'a> {
     /// [`KeyError`] naming the rule `key` breaks.
     pub fn parse(key: impl Into<Cow<'a, str>>) -> Result<Self, KeyError> {
         let key = key.into();
-        check_text(&key, false)?;
+        check_key_text(&key, false)?;
         Ok(Self(key))
     }
 
@@ -51,10 +51,6 @@ impl<'a> CounterKey<'a> {
 /// # Errors
 /// [`KeyError`] naming the rule `text` breaks.
 pub fn check_key_text(text: &str, may_be_empty: bool) -> Result<(), KeyError> {
-    check_text(text, may_be_empty)
-}
-
-fn check_text(text: &str, may_be_empty: bool) -> Result<(), KeyError> {
     if text.is_empty() && !may_be_empty {
         return Err(KeyError::Empty);
     }

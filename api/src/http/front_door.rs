@@ -99,11 +99,7 @@ impl<E: Endpoint> FrontDoor<E> {
         {
             return response;
         }
-        let detail = match status {
-            StatusCode::NOT_FOUND => ApiError::NotFound.to_string(),
-            StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed.to_string(),
-            other => other.canonical_reason().unwrap_or("error").to_owned(),
-        };
+        let detail = status_detail(status).unwrap_or_else(|| reason(status));
         let mut problem = ProblemJson(problem_for_status(status, detail)).into_response();
         for (name, value) in response.headers() {
             if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
@@ -120,14 +116,28 @@ fn error_response(err: &poem::Error) -> Response {
         return ours.as_response();
     }
     let status = err.status();
-    let detail = match status {
-        StatusCode::NOT_FOUND => ApiError::NotFound.to_string(),
-        StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed.to_string(),
+    let detail = status_detail(status).unwrap_or_else(|| {
         // 5xx texts may describe internals.
-        s if s.is_server_error() => s.canonical_reason().unwrap_or("error").to_owned(),
-        _ => err.to_string(),
-    };
+        if status.is_server_error() {
+            reason(status)
+        } else {
+            err.to_string()
+        }
+    });
     ProblemJson(problem_for_status(status, detail)).into_response()
+}
+
+/// Our own wording for the statuses the router answers by itself.
+fn status_detail(status: StatusCode) -> Option<String> {
+    match status {
+        StatusCode::NOT_FOUND => Some(ApiError::NotFound.to_string()),
+        StatusCode::METHOD_NOT_ALLOWED => Some(ApiError::MethodNotAllowed.to_string()),
+        _ => None,
+    }
+}
+
+fn reason(status: StatusCode) -> String {
+    status.canonical_reason().unwrap_or("error").to_owned()
 }
 
 impl<E: Endpoint> Endpoint for FrontDoor<E> {

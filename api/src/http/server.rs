@@ -289,17 +289,17 @@ impl hyper::rt::Timer for HeadTimer {
     }
 
     fn sleep_until(&self, _deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        // Every wait after the connection's first is a keep-alive wait.
         let keep_alive = self.served_first.swap(true, Ordering::Relaxed);
-        let (waiting_for_first_byte, first) = if keep_alive {
-            (true, self.idle_timeout)
-        } else {
-            (false, self.header_timeout)
-        };
         Box::pin(HeadDeadline {
             activity: Arc::clone(&self.activity),
             reads_at_start: self.activity.reads.load(Ordering::Relaxed),
-            waiting_for_first_byte,
-            first,
+            waiting_for_first_byte: keep_alive,
+            first: if keep_alive {
+                self.idle_timeout
+            } else {
+                self.header_timeout
+            },
             header_timeout: self.header_timeout,
             sleep: None,
         })
