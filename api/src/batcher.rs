@@ -33,7 +33,7 @@ use compact_str::CompactString;
 use moka::{notification::RemovalCause, sync::Cache};
 use parking_lot::Mutex;
 
-use crate::store::Batch;
+use crate::batch::Batch;
 
 /// Deltas taken out of the batcher, per key. `i128` because the sum of several
 /// in-range `i64` deltas of one key (a slot evicted, then a fresh one) may leave

@@ -24,7 +24,8 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::{
     batcher::Batcher,
     metrics::Metrics,
-    store::{self, Batch, WriteOutcome},
+    batch::Batch,
+    store::{self, WriteOutcome},
     telemetry::SharedRecentRequests,
     telemetry::error_chain,
 };

@@ -22,6 +22,7 @@
 //! - [`metrics`]: every Prometheus metric, served at `/metrics`.
 //! - [`telemetry`]: the tracing subscriber.
 
+pub mod batch;
 pub mod batcher;
 pub mod flusher;
 pub mod http;

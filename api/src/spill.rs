@@ -16,7 +16,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::Batch;
+use crate::batch::Batch;
 
 /// Why the spill file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -172,7 +172,7 @@ mod tests {
     fn each_part_of_a_large_batch_is_kept_under_its_own_id() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spill.jsonl");
-        let keys = crate::store::PART_ROWS + 5;
+        let keys = crate::batch::PART_ROWS + 5;
         let large = Arc::new(Batch::new((0..keys).map(|i| (format!("k{i:07}"), 1)), 4));
         assert_eq!(large.parts.len(), 2);
         write(&path, std::slice::from_ref(&large)).unwrap();

@@ -181,6 +181,10 @@ impl Application {
         Arc::clone(&self.flusher)
     }
 
+    pub fn batcher(&self) -> Arc<Batcher> {
+        Arc::clone(&self.state.batcher)
+    }
+
     /// The router this application serves (for in-process tests).
     pub fn router(&self) -> impl poem::Endpoint<Output = poem::Response> + use<> {
         routes::router(self.state.clone())

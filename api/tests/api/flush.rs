@@ -1,6 +1,6 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use api::{FlushOutcome, store};
+use api::{FlushOutcome, batch::Batch, store};
 use rand::Rng;
 use testkit::{Backend, TestDb, db_tests};
 
@@ -55,7 +55,7 @@ async fn a_failed_flush_keeps_its_batch_and_retries_it_exactly_once(db: TestDb) 
 
 async fn a_replayed_batch_is_not_applied_twice(db: TestDb) {
     let app = spawn_app(db).await;
-    let batch = store::Batch::new([("x".to_owned(), 5), ("y".to_owned(), -7)], 0);
+    let batch = Batch::new([("x".to_owned(), 5), ("y".to_owned(), -7)], 0);
     let now = chrono::Utc::now();
     // The first attempt commits but (say) its answer is lost; the flusher
     // retries the same batch.
@@ -78,7 +78,7 @@ async fn a_replayed_batch_is_not_applied_twice(db: TestDb) {
         BTreeMap::from([("x".into(), 5), ("y".into(), -7)])
     );
     // A different batch with the same deltas is new work and is applied.
-    let other = store::Batch::new(batch.deltas.clone(), 0);
+    let other = Batch::new(batch.deltas.clone(), 0);
     store::write_batch(app.app.db(), &other, now, 2)
         .await
         .unwrap();
@@ -87,15 +87,15 @@ async fn a_replayed_batch_is_not_applied_twice(db: TestDb) {
 
 async fn parts_of_a_large_batch_commit_on_their_own_and_each_exactly_once(db: TestDb) {
     let app = spawn_app(db).await;
-    let keys = store::PART_ROWS + 10;
+    let keys = api::batch::PART_ROWS + 10;
     let now = chrono::Utc::now();
     // An earlier attempt committed one part only (the other failed): once the
     // second part, once the first. The retry writes the other part only.
     for (round, committed_earlier) in [1, 0].into_iter().enumerate() {
-        let batch = store::Batch::new((0..keys).map(|i| (format!("r{round}-{i:06}"), 1)), 0);
+        let batch = Batch::new((0..keys).map(|i| (format!("r{round}-{i:06}"), 1)), 0);
         assert_eq!(batch.parts.len(), 2);
         let part = &batch.parts[committed_earlier];
-        let earlier = store::Batch::restored(part.id.clone(), batch.rows(part).to_vec());
+        let earlier = Batch::restored(part.id.clone(), batch.rows(part).to_vec());
         store::write_batch(app.app.db(), &earlier, now, 1)
             .await
             .unwrap();

@@ -75,11 +75,11 @@ async fn a_spilled_batch_that_had_committed_is_not_replayed_twice(db: TestDb) {
     settings.spill_path = spill_dir.path().join("spill.jsonl");
     let app = spawn_app_with(db, settings.clone()).await;
     // A batch committed, but its answer was lost before the spill.
-    let committed = std::sync::Arc::new(api::store::Batch::new([("k".to_owned(), 5)], 1));
+    let committed = std::sync::Arc::new(api::batch::Batch::new([("k".to_owned(), 5)], 1));
     api::store::write_batch(app.app.db(), &committed, chrono::Utc::now(), 2)
         .await
         .unwrap();
-    let unwritten = std::sync::Arc::new(api::store::Batch::new([("k".to_owned(), 2)], 2));
+    let unwritten = std::sync::Arc::new(api::batch::Batch::new([("k".to_owned(), 2)], 2));
     api::spill::write(&settings.spill_path, &[committed, unwritten]).unwrap();
 
     let restarted = spawn_app_with(app.db, settings.clone()).await;

@@ -1,0 +1,165 @@
+//! A batch: the deltas of one drain, keys unique and sorted, split into
+//! parts that each commit on their own under their own id.
+//!
+//! Ids are what make a write exactly-once: a part's id is recorded in
+//! `flush_batches` in the transaction that applies its rows, so a retry of
+//! the same part (after an error during COMMIT, or after a restart that
+//! replayed a spill file) finds it and writes nothing. A batch's ids and part
+//! boundaries are therefore fixed when it is made, and kept across retries
+//! and spills.
+
+/// Rows per part of a batch. A part is written in its own transaction under
+/// its own id, so a large flush can use several connections at once (one
+/// backend per part) and still write each part exactly once. Part boundaries
+/// are fixed when the batch is made and kept across retries and spills.
+pub const PART_ROWS: usize = 50_000;
+
+/// One part of a batch: rows `start..end` of its deltas, written under `id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// Recorded in `flush_batches` with the part's upserts.
+    pub id: String,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Deltas to write, keys unique and sorted, split into parts of at most
+/// [`PART_ROWS`] rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Names the batch in logs; also the id of its first part.
+    pub id: String,
+    /// The number of the drain that produced it (0 when not from a drain).
+    pub drain: u64,
+    pub deltas: Vec<(String, i128)>,
+    pub parts: Vec<Part>,
+}
+
+impl Batch {
+    /// A batch with fresh ids; sorts the keys and sums the deltas of a key
+    /// given more than once.
+    pub fn new(deltas: impl IntoIterator<Item = (String, i128)>, drain: u64) -> Self {
+        let mut deltas: Vec<(String, i128)> = deltas.into_iter().collect();
+        deltas.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        deltas.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                kept.1 += later.1;
+            }
+            same
+        });
+        let id = uuid::Uuid::new_v4().to_string();
+        let parts = (0..deltas.len())
+            .step_by(PART_ROWS)
+            .map(|start| Part {
+                id: if start == 0 {
+                    id.clone()
+                } else {
+                    uuid::Uuid::new_v4().to_string()
+                },
+                start,
+                end: (start + PART_ROWS).min(deltas.len()),
+            })
+            .collect();
+        Self {
+            id,
+            drain,
+            deltas,
+            parts,
+        }
+    }
+
+    /// A batch of one part under a known id (a part read back from a spill
+    /// file), whatever its size.
+    pub fn restored(id: String, deltas: impl IntoIterator<Item = (String, i128)>) -> Self {
+        let mut batch = Self::new(deltas, 0);
+        batch.parts = vec![Part {
+            id: id.clone(),
+            start: 0,
+            end: batch.deltas.len(),
+        }];
+        batch.id = id;
+        batch
+    }
+
+    pub fn len(&self) -> usize {
+        self.deltas.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.deltas.is_empty()
+    }
+
+    /// The delta of `key` in this batch (keys are sorted).
+    pub fn delta_for(&self, key: &str) -> Option<i128> {
+        self.index_of(key).map(|index| self.deltas[index].1)
+    }
+
+    /// The part holding `key` and its delta there.
+    pub fn part_for(&self, key: &str) -> Option<(&Part, i128)> {
+        let index = self.index_of(key)?;
+        let part = self
+            .parts
+            .iter()
+            .find(|p| (p.start..p.end).contains(&index))?;
+        Some((part, self.deltas[index].1))
+    }
+
+    fn index_of(&self, key: &str) -> Option<usize> {
+        self.deltas
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+    }
+
+    /// The rows of `part`.
+    pub fn rows(&self, part: &Part) -> &[(String, i128)] {
+        &self.deltas[part.start..part.end]
+    }
+
+    /// Sum of all deltas (for logs when a batch cannot be written).
+    pub fn total(&self) -> i128 {
+        self.deltas.iter().map(|(_, d)| d).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_merge_repeated_keys_and_split_into_parts() {
+        let keys = PART_ROWS * 2 + 3;
+        let batch = Batch::new(
+            (0..keys)
+                .rev()
+                .map(|i| (format!("k{i:08}"), 1))
+                .chain([("k00000007".to_owned(), 4)]),
+            9,
+        );
+        assert_eq!(batch.len(), keys, "a repeated key is one row");
+        assert_eq!(batch.delta_for("k00000007"), Some(5));
+        assert!(batch.deltas.windows(2).all(|w| w[0].0 < w[1].0));
+        let bounds: Vec<(usize, usize)> = batch.parts.iter().map(|p| (p.start, p.end)).collect();
+        assert_eq!(
+            bounds,
+            vec![
+                (0, PART_ROWS),
+                (PART_ROWS, 2 * PART_ROWS),
+                (2 * PART_ROWS, keys)
+            ]
+        );
+        assert_eq!(batch.parts[0].id, batch.id);
+        let ids: std::collections::HashSet<&str> =
+            batch.parts.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids.len(), 3, "every part has its own id");
+        let last = format!("k{:08}", keys - 1);
+        let (part, delta) = batch.part_for(&last).expect("the last key");
+        assert_eq!((part.id.as_str(), delta), (batch.parts[2].id.as_str(), 1));
+        assert!(batch.part_for("absent").is_none());
+
+        let restored = Batch::restored("spilled".to_owned(), batch.deltas.clone());
+        assert_eq!(restored.parts.len(), 1, "a restored part stays whole");
+        assert_eq!(restored.parts[0].id, "spilled");
+        assert_eq!(restored.rows(&restored.parts[0]).len(), keys);
+    }
+}
