@@ -7,8 +7,13 @@
 //! invalidation) runs the eviction listener, which *seals* the slot and moves
 //! its remainder into the *side map*. A writer that finds its slot sealed
 //! retries on a fresh one. So every delta is in exactly one place: a live
-//! slot, the side map, or the *in-flight batch* (drained, not yet confirmed
-//! written); [`Batcher::drain`] takes from the first two.
+//! slot, the side map, or a batch handed over to the flusher
+//! ([`Batcher::hand_over`]), which owns it from then on.
+//!
+//! The batcher adds deltas and hands them over; it does not write, retry or
+//! spill. It only remembers the last batch handed over until the flusher
+//! [releases](Batcher::release) it, because the pending-key bound counts
+//! those keys too (once) and lets them merge at the bound.
 //!
 //! The side map also takes deltas that must reach the very next drain:
 //! durable (`wait=true`) requests, and a batch's keys whose slot was evicted
@@ -41,14 +46,15 @@ use crate::batch::Batch;
 pub type Deltas = HashMap<String, i128>;
 
 /// Why an increment was refused. Nothing is recorded when this is returned.
+/// (What a client is told is the HTTP layer's to word.)
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BatchError {
     /// The key's pending delta on this instance would leave the signed 64-bit range.
-    #[error("\"value\" would push the pending delta of this key out of the signed 64-bit range")]
+    #[error("the pending delta of the key would leave the i64 range")]
     DeltaOverflow,
     /// The bound on distinct pending keys is reached and the key is not one of
     /// them (keys already held still merge).
-    #[error("too many distinct keys are waiting to be written; retry later")]
+    #[error("the bound on distinct pending keys is reached")]
     Full,
 }
 
@@ -57,7 +63,7 @@ pub enum BatchError {
 #[derive(Default)]
 struct SideMap {
     deltas: Deltas,
-    /// Keys of `deltas` not also in the in-flight batch (for the bound).
+    /// Keys of `deltas` not also in the handed-over batch (for the bound).
     counted: u64,
     /// Drains started so far.
     drains: u64,
@@ -65,13 +71,13 @@ struct SideMap {
 
 impl SideMap {
     /// Adds `delta` to `key`, counting the key for the pending-key bound
-    /// unless the in-flight batch already holds it.
-    fn add(&mut self, key: &str, delta: i128, in_flight: &InFlight, counted: &AtomicU64) {
+    /// unless the handed-over batch already holds it.
+    fn add(&mut self, key: &str, delta: i128, handed_over: &HandedOver, counted: &AtomicU64) {
         match self.deltas.get_mut(key) {
             Some(entry) => *entry += delta,
             None => {
                 self.deltas.insert(key.to_owned(), delta);
-                if !in_flight_holds(in_flight, key) {
+                if !handed_over_holds(handed_over, key) {
                     self.counted += 1;
                     counted.store(self.counted, Ordering::Relaxed);
                 }
@@ -80,11 +86,11 @@ impl SideMap {
     }
 }
 
-/// The batch drained and not yet confirmed written (shared with the listener).
-type InFlight = Mutex<Option<Arc<Batch>>>;
+/// The last batch handed over and not yet released (shared with the listener).
+type HandedOver = Mutex<Option<Arc<Batch>>>;
 
-fn in_flight_holds(in_flight: &InFlight, key: &str) -> bool {
-    in_flight
+fn handed_over_holds(handed_over: &HandedOver, key: &str) -> bool {
+    handed_over
         .lock()
         .as_ref()
         .is_some_and(|batch| batch.delta_for(key).is_some())
@@ -102,7 +108,7 @@ struct SlotState {
     /// Something was recorded since the last drain (a zero delta still creates
     /// the counter row).
     dirty: bool,
-    /// Counted in `dirty_slots` (not when the in-flight batch already holds
+    /// Counted in `dirty_slots` (not when the handed-over batch already holds
     /// the key: the bound counts distinct keys).
     counted: bool,
     /// The slot left the cache and its remainder moved to the side map; adding to
@@ -175,11 +181,12 @@ pub struct Batcher {
     side: Arc<Mutex<SideMap>>,
     /// Keys counted in `side` (read without its lock by the pending-key bound).
     side_keys: Arc<AtomicU64>,
-    /// The batch drained and not yet confirmed written, retried unchanged.
-    in_flight: Arc<InFlight>,
-    /// Keys of `in_flight`.
-    in_flight_keys: AtomicU64,
-    /// Bound on distinct pending keys (slots + side + in flight).
+    /// The last batch handed over, until released: for the bound only (the
+    /// flusher owns it).
+    handed_over: Arc<HandedOver>,
+    /// Keys of `handed_over`.
+    handed_over_keys: AtomicU64,
+    /// Bound on distinct pending keys (slots + side + handed over).
     max_pending_keys: u64,
     /// Evictions seen by the listener, for metrics.
     evictions: Arc<Mutex<EvictionCounts>>,
@@ -222,8 +229,8 @@ impl Batcher {
         let evictions: Arc<Mutex<EvictionCounts>> = Arc::default();
         let listener_side = Arc::clone(&side);
         let listener_side_keys = Arc::clone(&side_keys);
-        let in_flight: Arc<InFlight> = Arc::default();
-        let listener_in_flight = Arc::clone(&in_flight);
+        let handed_over: Arc<HandedOver> = Arc::default();
+        let listener_handed_over = Arc::clone(&handed_over);
         let listener_evictions = Arc::clone(&evictions);
         let dirty_slots: Arc<AtomicU64> = Arc::default();
         let listener_dirty_slots = Arc::clone(&dirty_slots);
@@ -249,7 +256,7 @@ impl Batcher {
                         side.add(
                             &key,
                             i128::from(delta),
-                            &listener_in_flight,
+                            &listener_handed_over,
                             &listener_side_keys,
                         );
                     }
@@ -267,8 +274,8 @@ impl Batcher {
             cache,
             side,
             side_keys,
-            in_flight,
-            in_flight_keys: AtomicU64::new(0),
+            handed_over,
+            handed_over_keys: AtomicU64::new(0),
             max_pending_keys,
             evictions,
             dirty_slots,
@@ -287,11 +294,11 @@ impl Batcher {
         }
     }
 
-    /// Whether `key` has a delta pending here (live, aside or in flight).
+    /// Whether `key` has a delta pending here (live, aside or handed over).
     fn holds(&self, key: &str) -> bool {
         self.pending_for(key).is_some()
             || self
-                .in_flight()
+                .handed_over()
                 .is_some_and(|batch| batch.delta_for(key).is_some())
     }
 
@@ -382,7 +389,7 @@ impl Batcher {
                     guard.delta = delta;
                     self.mark_dirty(guard, key, slot);
                 }
-                None => side.add(key, i128::from(*sum), &self.in_flight, &self.side_keys),
+                None => side.add(key, i128::from(*sum), &self.handed_over, &self.side_keys),
             }
         }
         drop(guards);
@@ -409,7 +416,7 @@ impl Batcher {
             state.dirty = true;
             self.dirty_list.lock().push(key, slot);
             // Once per key per flush cycle: the lookup is off the hot path.
-            if !in_flight_holds(&self.in_flight, key) {
+            if !handed_over_holds(&self.handed_over, key) {
                 state.counted = true;
                 self.dirty_slots.fetch_add(1, Ordering::Relaxed);
             }
@@ -430,7 +437,7 @@ impl Batcher {
         if i64::try_from(current + i128::from(delta)).is_err() {
             return Err(BatchError::DeltaOverflow);
         }
-        side.add(key, i128::from(delta), &self.in_flight, &self.side_keys);
+        side.add(key, i128::from(delta), &self.handed_over, &self.side_keys);
         drop(side);
         self.note_pending();
         Ok(drains + 1)
@@ -510,32 +517,32 @@ impl Batcher {
         self.drain_numbered().0
     }
 
-    /// Drains into a new batch and holds it as in flight until
-    /// [`confirm`](Self::confirm). Returns the batch (none when nothing was
-    /// pending) and the drain's number.
-    pub fn drain_to_batch(&self) -> (Option<Arc<Batch>>, u64) {
+    /// Drains into a new batch for the flusher, remembered (for the bound)
+    /// until [`release`](Self::release). Returns the batch (none when nothing
+    /// was pending) and the drain's number. Blocking, like the drain.
+    pub fn hand_over(&self) -> (Option<Arc<Batch>>, u64) {
         let (entries, number) = self.drain_entries();
         if entries.is_empty() {
             return (None, number);
         }
         let batch = Arc::new(Batch::new(entries, number));
-        self.in_flight_keys
+        self.handed_over_keys
             .store(batch.len() as u64, Ordering::Relaxed);
-        *self.in_flight.lock() = Some(Arc::clone(&batch));
+        *self.handed_over.lock() = Some(Arc::clone(&batch));
         (Some(batch), number)
     }
 
-    /// The batch drained and not yet confirmed written.
-    pub fn in_flight(&self) -> Option<Arc<Batch>> {
-        self.in_flight.lock().clone()
+    /// The last batch handed over and not yet released.
+    pub fn handed_over(&self) -> Option<Arc<Batch>> {
+        self.handed_over.lock().clone()
     }
 
-    /// Forgets `batch`: it is written.
-    pub fn confirm(&self, batch: &Arc<Batch>) {
-        let mut in_flight = self.in_flight.lock();
-        if in_flight.as_ref().is_some_and(|b| Arc::ptr_eq(b, batch)) {
-            *in_flight = None;
-            self.in_flight_keys.store(0, Ordering::Relaxed);
+    /// Forgets `batch`: it is written, its keys no longer count.
+    pub fn release(&self, batch: &Arc<Batch>) {
+        let mut handed_over = self.handed_over.lock();
+        if handed_over.as_ref().is_some_and(|b| Arc::ptr_eq(b, batch)) {
+            *handed_over = None;
+            self.handed_over_keys.store(0, Ordering::Relaxed);
         }
     }
 
@@ -555,16 +562,16 @@ impl Batcher {
         }
     }
 
-    /// Distinct keys holding a pending delta: the batch in flight, plus live
+    /// Distinct keys holding a pending delta: the batch handed over, plus live
     /// slots and side-map entries whose key it did not hold when they got
     /// their first delta. Approximate both ways, by little: a key both live
-    /// and in the side map counts twice; a key that was in flight, became
-    /// live again, and whose batch was then confirmed is not counted until
+    /// and in the side map counts twice; a key that was handed over, became
+    /// live again, and whose batch was then released is not counted until
     /// the next drain (one flush interval). Lock-free: three atomic loads.
     pub fn pending_keys(&self) -> u64 {
         self.dirty_slots.load(Ordering::Relaxed)
             + self.side_keys.load(Ordering::Relaxed)
-            + self.in_flight_keys.load(Ordering::Relaxed)
+            + self.handed_over_keys.load(Ordering::Relaxed)
     }
 
     /// Age of the oldest delta recorded since the last drain.
@@ -761,16 +768,20 @@ mod tests {
         );
         b.record("a", 5).unwrap();
         b.record_all(&[("a", 1), ("b", 1)]).unwrap();
-        // Drained but not confirmed: the keys still count and still merge.
-        let (batch, _) = b.drain_to_batch();
+        // Handed over but not released: the keys still count and still merge.
+        let (batch, _) = b.hand_over();
         let batch = batch.unwrap();
         assert_eq!(b.record("c", 1), Err(BatchError::Full));
         b.record("a", 1).unwrap();
-        assert_eq!(b.pending_keys(), 2, "a key in flight and live counts once");
-        b.confirm(&batch);
-        // Until the next drain the live "a" is not counted (it was in flight
+        assert_eq!(
+            b.pending_keys(),
+            2,
+            "a key handed over and live counts once"
+        );
+        b.release(&batch);
+        // Until the next drain the live "a" is not counted (it was handed over
         // when it became dirty): the bound is soft by such keys.
-        let (next, _) = b.drain_to_batch();
+        let (next, _) = b.hand_over();
         assert_eq!(next.unwrap().deltas, vec![("a".to_owned(), 1)]);
         assert_eq!(b.pending_keys(), 1);
         b.record("c", 1).unwrap();

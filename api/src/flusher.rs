@@ -1,12 +1,21 @@
 //! The write loop: every flush interval, drain the batcher and write the
 //! deltas as one batch; on failure keep the batch and retry it with backoff.
 //!
-//! A drained batch is held *in flight* (with its id) until a write of it
-//! returns success. It is retried unchanged before anything newer is drained,
-//! because after an error during COMMIT the batch may or may not have landed:
-//! only the same id lets the store tell (see [`crate::store`]). Newer deltas
-//! wait in the batcher meanwhile, merging per key, so memory grows with the
-//! number of distinct keys, not with the request count.
+//! The flusher owns the batch *in flight*: handed over by the batcher, not
+//! yet written. It is held (with its ids) until a write of it returns
+//! success, and retried unchanged before anything newer is drained, because
+//! after an error during COMMIT the batch may or may not have landed: only
+//! the same ids let the store tell (see [`crate::batch`]). Newer deltas wait
+//! in the batcher meanwhile, merging per key, so memory grows with the number
+//! of distinct keys, not with the request count.
+//!
+//! One batch in flight at most, by construction: the in-flight slot sits
+//! behind the lock that serialises flushes, and a drain runs in a blocking
+//! task that owns that lock's guard until the drained batch is in the slot.
+//! A flush cancelled mid-drain (a client giving up on `/admin/flush`, the
+//! shutdown deadline) therefore cannot release the lock early: the next
+//! flush, or the final accounting of what is unwritten, waits for the drain
+//! and finds its batch.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -22,9 +31,9 @@ use tokio_util::sync::CancellationToken;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
+    batch::Batch,
     batcher::Batcher,
     metrics::Metrics,
-    batch::Batch,
     store::{self, WriteOutcome},
     telemetry::SharedRecentRequests,
     telemetry::error_chain,
@@ -109,9 +118,9 @@ pub struct Flusher {
     rejected: Mutex<BTreeMap<u64, HashSet<String>>>,
     /// Wakes the loop for an early flush (a durable request is waiting).
     flush_soon: tokio::sync::Notify,
-    /// Serialises flushes: the loop, the final flush and tests may all call
-    /// `flush_once`.
-    flush_lock: tokio::sync::Mutex<()>,
+    /// The batch in flight, behind the lock that serialises flushes (the
+    /// loop, `/admin/flush`, the final flush and tests all call `flush_once`).
+    in_flight: Arc<tokio::sync::Mutex<Option<Arc<Batch>>>>,
     /// Held for writing while deltas move from the batcher into the
     /// unconfirmed batch, and for reading by counter reads, so a read never
     /// sees a delta in both places or in neither.
@@ -120,6 +129,9 @@ pub struct Flusher {
     /// Parts of a large batch written at once, one connection each.
     write_connections: usize,
 }
+
+/// The flush lock's guard, over the batch in flight.
+type InFlightGuard = tokio::sync::OwnedMutexGuard<Option<Arc<Batch>>>;
 
 /// Drains whose rejected keys are kept for their waiters. A waiter reads
 /// them as soon as its drain is published, so a few would do; rejections
@@ -163,7 +175,7 @@ impl Flusher {
             committed: tokio::sync::watch::Sender::new(0),
             rejected: Mutex::default(),
             flush_soon: tokio::sync::Notify::new(),
-            flush_lock: tokio::sync::Mutex::new(()),
+            in_flight: Arc::default(),
             drain_gate: Arc::default(),
             last_prune: Mutex::new(None),
             write_connections: DEFAULT_WRITE_CONNECTIONS,
@@ -186,13 +198,14 @@ impl Flusher {
     /// next call retries it.
     ///
     /// # Cancel safety
-    /// Cancel safe: a drained batch is stored before any `.await` that could
-    /// drop it, and is retried by the next call.
+    /// Cancel safe: the drain stores its batch in flight from its own blocking
+    /// task, holding the flush lock until it has (see the module doc); a
+    /// write cut short leaves its batch in flight. The next call retries it.
     #[tracing::instrument(name = "flush", skip_all, fields(keys = tracing::field::Empty, chunks = tracing::field::Empty, outcome = tracing::field::Empty))]
     pub async fn flush_once(&self) -> Result<FlushOutcome, FlushError> {
-        let _serial = self.flush_lock.lock().await;
+        let in_flight = Arc::clone(&self.in_flight).lock_owned().await;
         let started = Instant::now();
-        let result = self.flush_serialised().await;
+        let result = self.flush_serialised(in_flight).await;
         let metrics = &self.metrics;
         match &result {
             Ok(FlushOutcome::Empty) => metrics.last_flush_success.set(unix_now()),
@@ -215,15 +228,18 @@ impl Flusher {
         result
     }
 
-    /// The flush itself; the caller holds `flush_lock`.
-    async fn flush_serialised(&self) -> Result<FlushOutcome, FlushError> {
+    /// The flush itself, given the flush lock's guard over the batch in flight.
+    async fn flush_serialised(
+        &self,
+        mut in_flight: InFlightGuard,
+    ) -> Result<FlushOutcome, FlushError> {
         let mut keys = 0;
         let mut batches = 0;
         let mut statements = 0;
 
         // The batch drained earlier whose write failed goes first, unchanged.
-        if let Some(batch) = self.batcher.in_flight() {
-            statements += self.write(&batch).await?;
+        if let Some(batch) = in_flight.as_ref().map(Arc::clone) {
+            statements += self.write(&mut in_flight, &batch).await?;
             keys += batch.len();
             batches += 1;
         }
@@ -232,18 +248,10 @@ impl Flusher {
         for request in self.recent_requests.take() {
             span.add_link(request);
         }
-        // The drain runs in a blocking task and stores its batch as in flight
-        // before returning: a cancelled `flush_once` cannot lose it.
-        let batcher = Arc::clone(&self.batcher);
-        let gate = Arc::clone(&self.drain_gate);
-        let (drained, number) = tokio::task::spawn_blocking(move || {
-            let _no_reads = gate.blocking_write();
-            batcher.drain_to_batch()
-        })
-        .await?;
-        match drained {
+        let (mut in_flight, number) = self.drain_into(in_flight).await?;
+        match in_flight.as_ref().map(Arc::clone) {
             Some(batch) => {
-                statements += self.write(&batch).await?;
+                statements += self.write(&mut in_flight, &batch).await?;
                 keys += batch.len();
                 batches += 1;
             }
@@ -279,7 +287,7 @@ impl Flusher {
         let _gate = self.drain_gate.read().await;
         let live = self.batcher.pending_for(key);
         // The part holding the key commits on its own: ask about that one.
-        let in_flight = self.batcher.in_flight().and_then(|batch| {
+        let in_flight = self.batcher.handed_over().and_then(|batch| {
             batch
                 .part_for(key)
                 .map(|(part, delta)| (part.id.clone(), delta))
@@ -303,9 +311,37 @@ impl Flusher {
         }))
     }
 
-    /// Writes `batch` and, on success, forgets it and publishes its drain as
-    /// committed. Returns the statement count.
-    async fn write(&self, batch: &Arc<Batch>) -> Result<usize, FlushError> {
+    /// Drains the batcher into the empty in-flight slot, in a blocking task
+    /// that owns the slot's guard until the batch is stored there: cancelling
+    /// this future cannot separate a drained batch from the slot. Readers are
+    /// held off meanwhile, so none sees a delta in both places or in neither.
+    async fn drain_into(
+        &self,
+        mut in_flight: InFlightGuard,
+    ) -> Result<(InFlightGuard, u64), FlushError> {
+        debug_assert!(
+            in_flight.is_none(),
+            "a drain never replaces a batch in flight"
+        );
+        let batcher = Arc::clone(&self.batcher);
+        let gate = Arc::clone(&self.drain_gate);
+        Ok(tokio::task::spawn_blocking(move || {
+            let _no_reads = gate.blocking_write();
+            let (batch, number) = batcher.hand_over();
+            *in_flight = batch;
+            (in_flight, number)
+        })
+        .await?)
+    }
+
+    /// Writes `batch` (the one in flight) and, on success, empties the slot,
+    /// releases the batch and publishes its drain as committed. Returns the
+    /// statement count.
+    async fn write(
+        &self,
+        in_flight: &mut InFlightGuard,
+        batch: &Arc<Batch>,
+    ) -> Result<usize, FlushError> {
         let outcome = store::write_batch(&self.db, batch, Utc::now(), self.write_connections)
             .await
             .map_err(|source| FlushError::Database {
@@ -320,7 +356,8 @@ impl Flusher {
         if maybe_rejected {
             self.remember_rejected(batch).await;
         }
-        self.batcher.confirm(batch);
+        **in_flight = None;
+        self.batcher.release(batch);
         self.publish_committed(batch.drain);
         match outcome {
             WriteOutcome::Committed {
@@ -500,14 +537,17 @@ impl Flusher {
     }
 
     /// Everything not written, as batches: the one in flight (keeping its
-    /// id: it may have committed) and a new one with what is still pending.
+    /// ids: it may have committed) and a new one with what is still pending.
+    /// Takes the flush lock, so a drain cut off by the deadline is waited for
+    /// and its batch counted.
     async fn unwritten(&self) -> Unwritten {
-        let mut batches: Vec<Arc<Batch>> = self.batcher.in_flight().into_iter().collect();
-        let batcher = Arc::clone(&self.batcher);
-        if let Ok(rest) = tokio::task::spawn_blocking(move || batcher.drain()).await
-            && !rest.is_empty()
-        {
-            batches.push(Arc::new(Batch::new(rest, 0)));
+        let mut in_flight = Arc::clone(&self.in_flight).lock_owned().await;
+        let mut batches: Vec<Arc<Batch>> = in_flight.take().into_iter().collect();
+        match self.drain_into(in_flight).await {
+            Ok((mut in_flight, _)) => batches.extend(in_flight.take()),
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "the last drain at shutdown failed")
+            }
         }
         Unwritten {
             keys: batches.iter().map(|b| b.len()).sum(),

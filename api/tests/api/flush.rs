@@ -13,7 +13,73 @@ db_tests!(
     parts_of_a_large_batch_commit_on_their_own_and_each_exactly_once,
     large_batches_are_chunked_under_the_bind_limit,
     concurrent_increments_under_eviction_and_expiry_are_written_exactly_once,
+    a_drain_cut_off_by_the_shutdown_deadline_is_still_accounted_for,
+    a_cancelled_flush_leaves_its_batch_to_the_next_one,
 );
+
+/// Keys recorded straight into the batcher: enough that a drain (take, sort,
+/// split) lasts long enough to be cut off.
+const MANY_KEYS: usize = 200_000;
+
+fn record_many(app: &crate::helpers::TestApp) {
+    let batcher = app.app.batcher();
+    for i in 0..MANY_KEYS {
+        batcher.record(&format!("k{i:06}"), 1).expect("recorded");
+    }
+}
+
+async fn stored_total(app: &crate::helpers::TestApp) -> i128 {
+    app.counters().await.values().map(|v| i128::from(*v)).sum()
+}
+
+/// The shutdown deadline passes while the final flush's drain runs in its
+/// blocking task: what that drain took must be reported unwritten (to be
+/// spilled), not vanish between the batcher and the batch in flight.
+async fn a_drain_cut_off_by_the_shutdown_deadline_is_still_accounted_for(db: TestDb) {
+    let app = spawn_app(db).await;
+    record_many(&app);
+    let unwritten = match app
+        .flusher
+        .flush_remaining(tokio::time::Instant::now())
+        .await
+    {
+        Ok(()) => 0,
+        Err(unwritten) => unwritten.total,
+    };
+    assert_eq!(
+        stored_total(&app).await + unwritten,
+        MANY_KEYS as i128,
+        "every increment is written or reported unwritten"
+    );
+}
+
+/// A flush cancelled while its drain runs (a client that gives up on
+/// `POST /admin/flush`, a deadline) leaves a drain running on its own; the
+/// next flush must write that drain's batch too, not replace it with its own.
+async fn a_cancelled_flush_leaves_its_batch_to_the_next_one(db: TestDb) {
+    let app = spawn_app(db).await;
+    let batcher = app.app.batcher();
+    record_many(&app);
+    let cancelled = tokio::time::timeout(Duration::ZERO, app.flusher.flush_once()).await;
+    assert!(cancelled.is_err(), "cancelled at its drain");
+    // The orphaned drain has begun once it has reset the age of what is pending.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while batcher.oldest_pending_age().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the drain never began"
+        );
+        tokio::task::yield_now().await;
+    }
+    batcher.record("late", 1).expect("recorded");
+    for _ in 0..10 {
+        if app.flusher.flush_once().await.expect("the flush succeeds") == FlushOutcome::Empty {
+            break;
+        }
+    }
+    assert_eq!(stored_total(&app).await, MANY_KEYS as i128 + 1);
+    assert_eq!(app.counters().await.get("late"), Some(&1));
+}
 
 async fn a_failed_flush_keeps_its_batch_and_retries_it_exactly_once(db: TestDb) {
     let app = spawn_app(db).await;
