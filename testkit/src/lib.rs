@@ -7,7 +7,7 @@
 //!
 //! [`db_tests!`] turns one `async fn(TestDb)` into a `sqlite` and a `postgres`
 //! test; the PostgreSQL one says on stdout that it was skipped when no server
-//! is configured.
+//! is configured, and fails instead when `CI` is set.
 
 pub mod proxy;
 
@@ -47,11 +47,15 @@ impl TestDb {
 
     /// A new, empty PostgreSQL database, or `None` (with a note on stdout)
     /// when `TEST_DATABASE_URL` is not set.
+    ///
+    /// # Panics
+    /// When `CI` is set and `TEST_DATABASE_URL` is not: in CI a PostgreSQL
+    /// test fails rather than passing by skipping.
     pub async fn postgres() -> Option<Self> {
-        let Ok(server_url) = std::env::var("TEST_DATABASE_URL") else {
-            println!("PostgreSQL skipped: TEST_DATABASE_URL is not set");
-            return None;
-        };
+        let server_url = postgres_server(
+            std::env::var("TEST_DATABASE_URL").ok(),
+            std::env::var_os("CI").is_some(),
+        )?;
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
         let admin = Database::connect(&server_url)
             .await
@@ -159,6 +163,24 @@ impl Drop for TestDb {
     }
 }
 
+/// The PostgreSQL server the tests use, or `None` (skipped, said on stdout).
+///
+/// # Panics
+/// In CI without a server: there, a skipped PostgreSQL test would pass
+/// without having run.
+fn postgres_server(test_database_url: Option<String>, in_ci: bool) -> Option<String> {
+    match test_database_url {
+        Some(url) => Some(url),
+        None if in_ci => {
+            panic!("CI is set but TEST_DATABASE_URL is not: the PostgreSQL tests must run in CI")
+        }
+        None => {
+            println!("PostgreSQL skipped: TEST_DATABASE_URL is not set");
+            None
+        }
+    }
+}
+
 /// `postgres://u@h:5432/postgres?x=y` with the database replaced by `name`.
 pub fn with_database(server_url: &str, name: &str) -> String {
     let (base, query) = match server_url.split_once('?') {
@@ -202,6 +224,17 @@ macro_rules! db_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postgres_tests_skip_only_outside_ci() {
+        assert_eq!(postgres_server(None, false), None);
+        assert_eq!(
+            postgres_server(Some("postgres://h".into()), true).as_deref(),
+            Some("postgres://h")
+        );
+        let in_ci = std::panic::catch_unwind(|| postgres_server(None, true));
+        assert!(in_ci.is_err(), "CI without TEST_DATABASE_URL fails");
+    }
 
     #[test]
     fn replaces_only_the_database_name() {
