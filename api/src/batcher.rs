@@ -38,7 +38,10 @@ use compact_str::CompactString;
 use moka::{notification::RemovalCause, sync::Cache};
 use parking_lot::Mutex;
 
-use crate::batch::Batch;
+use crate::{
+    batch::Batch,
+    metrics::{self, Metrics, Sampled},
+};
 
 /// Deltas taken out of the batcher, per key. `i128` because the sum of several
 /// in-range `i64` deltas of one key (a slot evicted, then a fresh one) may leave
@@ -589,6 +592,22 @@ impl Batcher {
     /// Evictions by cause since start.
     pub fn evictions(&self) -> EvictionCounts {
         *self.evictions.lock()
+    }
+}
+
+impl Sampled for Batcher {
+    fn sample(&self, metrics: &Metrics) {
+        metrics
+            .pending_keys
+            .set(i64::try_from(self.pending_keys()).unwrap_or(i64::MAX));
+        metrics.oldest_pending_age_seconds.set(
+            self.oldest_pending_age()
+                .map_or(0.0, |age| age.as_secs_f64()),
+        );
+        let evictions = self.evictions();
+        let by_cause = &metrics.cache_evictions_total;
+        metrics::raise_to(&by_cause.with_label_values(&["size"]), evictions.size);
+        metrics::raise_to(&by_cause.with_label_values(&["expired"]), evictions.expired);
     }
 }
 

@@ -208,20 +208,20 @@ impl Flusher {
         let result = self.flush_serialised(in_flight).await;
         let metrics = &self.metrics;
         match &result {
-            Ok(FlushOutcome::Empty) => metrics.last_flush_success.set(unix_now()),
+            Ok(FlushOutcome::Empty) => metrics.last_flush_success_timestamp_seconds.set(unix_now()),
             Ok(FlushOutcome::Written { keys, .. }) => {
                 metrics
-                    .flush_duration
+                    .flush_duration_seconds
                     .observe(started.elapsed().as_secs_f64());
                 metrics.flush_keys.observe(*keys as f64);
-                metrics.flushed_keys.inc_by(*keys as u64);
-                metrics.last_flush_success.set(unix_now());
+                metrics.flushed_keys_total.inc_by(*keys as u64);
+                metrics.last_flush_success_timestamp_seconds.set(unix_now());
             }
             Err(_) => {
                 metrics
-                    .flush_duration
+                    .flush_duration_seconds
                     .observe(started.elapsed().as_secs_f64());
-                metrics.flush_failures.inc();
+                metrics.flush_failures_total.inc();
                 tracing::Span::current().record("outcome", "failed");
             }
         }
@@ -364,7 +364,7 @@ impl Flusher {
                 statements,
                 rejected,
             } => {
-                self.metrics.rejected_rows.inc_by(rejected as u64);
+                self.metrics.rejected_rows_total.inc_by(rejected as u64);
                 Ok(statements)
             }
             WriteOutcome::AlreadyCommitted => {

@@ -2,19 +2,17 @@
 //!
 //! One prefix (`increment_`), label values from small fixed sets only (never a
 //! counter key). Gauges that mirror state elsewhere (pending keys, pool use)
-//! are refreshed when `/metrics` is scraped. Process metrics keep their
+//! are set by their owners (through [`Sampled`]) when `/metrics` is scraped;
+//! this module depends on no other part of the service. Process metrics keep their
 //! standard unprefixed names (`process_cpu_seconds_total`, …).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use parking_lot::Mutex;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use sea_orm::{DatabaseConnection, DbBackend};
-
-use crate::batcher::{Batcher, EvictionCounts};
 
 const NAMESPACE: &str = "increment";
 
@@ -59,238 +57,222 @@ pub fn rejection_reason(status: u16) -> Option<&'static str> {
     }
 }
 
-pub struct Metrics {
-    registry: Registry,
-    /// Requests by route label, method and status code.
-    pub http_requests: IntCounterVec,
-    /// Request latency by route label and method.
-    pub http_duration: HistogramVec,
-    /// Increments answered 202.
-    pub increments_accepted: IntCounter,
-    /// Increments refused, by reason.
-    pub increments_rejected: IntCounterVec,
-    /// Keys holding a pending delta (cache entries plus evicted remainders).
-    pending_keys: IntGauge,
-    /// Entries that left the cache other than by a drain, by cause.
-    cache_evictions: IntCounterVec,
-    /// Age of the oldest delta not yet drained.
-    oldest_pending_age: Gauge,
-    /// Time of one flush (all its batches).
-    pub flush_duration: Histogram,
-    /// Distinct keys written per flush.
-    pub flush_keys: Histogram,
-    /// Distinct keys written, summed over flushes (rows upserted).
-    pub flushed_keys: IntCounter,
-    /// Flushes that failed (their batch is retried).
-    pub flush_failures: IntCounter,
-    /// Rows a flush could not apply (the total would leave bigint), recorded
-    /// in `rejected_increments`.
-    pub rejected_rows: IntCounter,
-    /// Unix time of the last successful flush.
-    pub last_flush_success: Gauge,
-    /// Database pool connections by state (in_use, idle).
-    db_pool_connections: IntGaugeVec,
-    /// Evictions already added to `cache_evictions` (the batcher counts them;
-    /// the difference is added at scrape).
-    evictions_seen: Mutex<EvictionCounts>,
+/// Declares [`Metrics`]: each metric once. A field's name is the metric's
+/// name (after the `increment_` prefix), its doc comment the help text; label
+/// names follow in brackets and histogram buckets after `=`. Registration
+/// follows from the declaration.
+macro_rules! metrics {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $(
+                $(#[doc = $help:literal])+
+                $metric:ident: $kind:ident $([$($label:literal),+])? $(= $buckets:expr)?,
+            )*
+        }
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            registry: Registry,
+            /// Owners of state that gauges mirror, asked at each scrape.
+            sources: Mutex<Vec<Arc<dyn Sampled>>>,
+            $( $(#[doc = $help])+ pub $metric: $kind, )*
+        }
+
+        impl $name {
+            fn declare_all() -> Result<Self, prometheus::Error> {
+                let registry = Registry::new();
+                $(
+                    let opts = Opts::new(stringify!($metric), help_text(&[$($help),+]))
+                        .namespace(NAMESPACE)
+                        $(.variable_labels(vec![$($label.to_owned()),+]))?;
+                    let buckets: Option<&[f64]> = None $(.or(Some($buckets)))?;
+                    let $metric = <$kind as Declare>::declare(opts, buckets)?;
+                    registry.register(Box::new($metric.clone()))?;
+                )*
+                Ok(Self { registry, sources: Mutex::default(), $($metric,)* })
+            }
+        }
+    };
+}
+
+metrics! {
+    /// Every metric of the service. Share with an `Arc`.
+    pub struct Metrics {
+        /// HTTP requests by route, method and status.
+        http_requests_total: IntCounterVec["route", "method", "status"],
+        /// HTTP request latency by route and method.
+        http_request_duration_seconds: HistogramVec["route", "method"] = HTTP_LATENCY_BUCKETS,
+        /// Increments answered 202 (held in memory, to be written).
+        increments_accepted_total: IntCounter,
+        /// Increments refused, by reason.
+        increments_rejected_total: IntCounterVec["reason"],
+        /// Keys holding a pending delta (approximate).
+        pending_keys: IntGauge,
+        /// Cache entries that left by size or expiry (their deltas are kept
+        /// and written).
+        cache_evictions_total: IntCounterVec["cause"],
+        /// Age of the oldest delta not yet taken by a flush.
+        oldest_pending_age_seconds: Gauge,
+        /// Duration of a flush that wrote something or failed.
+        flush_duration_seconds: Histogram = FLUSH_LATENCY_BUCKETS,
+        /// Distinct keys written per flush.
+        flush_keys: Histogram = FLUSH_KEYS_BUCKETS,
+        /// Distinct keys written (rows upserted), over all flushes.
+        flushed_keys_total: IntCounter,
+        /// Flushes that failed; their batch is kept and retried.
+        flush_failures_total: IntCounter,
+        /// Rows a flush could not apply because the total would leave bigint;
+        /// see table rejected_increments.
+        rejected_rows_total: IntCounter,
+        /// Unix time of the last successful flush.
+        last_flush_success_timestamp_seconds: Gauge,
+        /// Database pool connections by state.
+        db_pool_connections: IntGaugeVec["state"],
+        /// Always 1; the version as a label.
+        build_info: IntGaugeVec["version"],
+    }
+}
+
+/// State that gauges mirror, supplied by the module that owns it: asked to
+/// set its metrics each time `/metrics` is scraped.
+pub trait Sampled: Send + Sync {
+    fn sample(&self, metrics: &Metrics);
+}
+
+/// Sets `counter` to `total`, a monotonic count kept by its owner (a
+/// counter cannot be set, only raised).
+pub fn raise_to(counter: &IntCounter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
+}
+
+/// A help text from a doc comment's lines.
+fn help_text(lines: &[&str]) -> String {
+    lines
+        .iter()
+        .map(|line| line.trim())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// How each kind of metric is built from its declaration.
+trait Declare: Sized {
+    fn declare(opts: Opts, buckets: Option<&[f64]>) -> Result<Self, prometheus::Error>;
+}
+
+/// The label names an `Opts` was declared with (the `*Vec` constructors take
+/// them apart from the options).
+fn labels(opts: &Opts) -> Vec<String> {
+    opts.variable_labels.clone()
+}
+
+fn histogram_opts(opts: Opts, buckets: Option<&[f64]>) -> HistogramOpts {
+    let histogram = HistogramOpts::from(opts);
+    match buckets {
+        Some(buckets) => histogram.buckets(buckets.to_vec()),
+        None => histogram,
+    }
+}
+
+macro_rules! declare_plain {
+    ($($kind:ident),*) => {$(
+        impl Declare for $kind {
+            fn declare(opts: Opts, _: Option<&[f64]>) -> Result<Self, prometheus::Error> {
+                $kind::with_opts(opts)
+            }
+        }
+    )*};
+}
+declare_plain!(IntCounter, IntGauge, Gauge);
+
+macro_rules! declare_vec {
+    ($($kind:ident),*) => {$(
+        impl Declare for $kind {
+            fn declare(opts: Opts, _: Option<&[f64]>) -> Result<Self, prometheus::Error> {
+                let names = labels(&opts);
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                $kind::new(opts, &names)
+            }
+        }
+    )*};
+}
+declare_vec!(IntCounterVec, IntGaugeVec);
+
+impl Declare for Histogram {
+    fn declare(opts: Opts, buckets: Option<&[f64]>) -> Result<Self, prometheus::Error> {
+        Histogram::with_opts(histogram_opts(opts, buckets))
+    }
+}
+
+impl Declare for HistogramVec {
+    fn declare(opts: Opts, buckets: Option<&[f64]>) -> Result<Self, prometheus::Error> {
+        let names = labels(&opts);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        HistogramVec::new(histogram_opts(opts, buckets), &names)
+    }
 }
 
 impl Metrics {
     /// Builds and registers every metric.
     ///
     /// # Panics
-    /// Only on a programming error in the declarations below (duplicate or
+    /// Only on a programming error in the declarations above (duplicate or
     /// invalid names), which the tests catch.
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let opts = |name: &str, help: &str| Opts::new(name, help).namespace(NAMESPACE);
-        let histogram = |name: &str, help: &str, buckets: &[f64]| {
-            HistogramOpts::new(name, help)
-                .namespace(NAMESPACE)
-                .buckets(buckets.to_vec())
-        };
-        let metrics = Self {
-            http_requests: IntCounterVec::new(
-                opts("http_requests_total", "HTTP requests by route, method and status."),
-                &["route", "method", "status"],
-            )
-            .expect("valid metric"),
-            http_duration: HistogramVec::new(
-                histogram(
-                    "http_request_duration_seconds",
-                    "HTTP request latency by route and method.",
-                    HTTP_LATENCY_BUCKETS,
-                ),
-                &["route", "method"],
-            )
-            .expect("valid metric"),
-            increments_accepted: IntCounter::with_opts(opts(
-                "increments_accepted_total",
-                "Increments answered 202 (held in memory, to be written).",
-            ))
-            .expect("valid metric"),
-            increments_rejected: IntCounterVec::new(
-                opts("increments_rejected_total", "Increments refused, by reason."),
-                &["reason"],
-            )
-            .expect("valid metric"),
-            pending_keys: IntGauge::with_opts(opts(
-                "pending_keys",
-                "Keys holding a pending delta (approximate).",
-            ))
-            .expect("valid metric"),
-            cache_evictions: IntCounterVec::new(
-                opts(
-                    "cache_evictions_total",
-                    "Cache entries that left by size or expiry (their deltas are kept and written).",
-                ),
-                &["cause"],
-            )
-            .expect("valid metric"),
-            oldest_pending_age: Gauge::with_opts(opts(
-                "oldest_pending_age_seconds",
-                "Age of the oldest delta not yet taken by a flush.",
-            ))
-            .expect("valid metric"),
-            flush_duration: Histogram::with_opts(histogram(
-                "flush_duration_seconds",
-                "Duration of a flush that wrote something or failed.",
-                FLUSH_LATENCY_BUCKETS,
-            ))
-            .expect("valid metric"),
-            flush_keys: Histogram::with_opts(histogram(
-                "flush_keys",
-                "Distinct keys written per flush.",
-                FLUSH_KEYS_BUCKETS,
-            ))
-            .expect("valid metric"),
-            flushed_keys: IntCounter::with_opts(opts(
-                "flushed_keys_total",
-                "Distinct keys written (rows upserted), over all flushes.",
-            ))
-            .expect("valid metric"),
-            flush_failures: IntCounter::with_opts(opts(
-                "flush_failures_total",
-                "Flushes that failed; their batch is kept and retried.",
-            ))
-            .expect("valid metric"),
-            rejected_rows: IntCounter::with_opts(opts(
-                "rejected_rows_total",
-                "Rows a flush could not apply because the total would leave bigint; see table rejected_increments.",
-            ))
-            .expect("valid metric"),
-            last_flush_success: Gauge::with_opts(opts(
-                "last_flush_success_timestamp_seconds",
-                "Unix time of the last successful flush.",
-            ))
-            .expect("valid metric"),
-            db_pool_connections: IntGaugeVec::new(
-                opts("db_pool_connections", "Database pool connections by state."),
-                &["state"],
-            )
-            .expect("valid metric"),
-            evictions_seen: Mutex::new(EvictionCounts::default()),
-            registry,
-        };
-        let build_info = IntGaugeVec::new(
-            opts("build_info", "Always 1; the version as a label."),
-            &["version"],
-        )
-        .expect("valid metric");
-        build_info
+        let metrics = Self::declare_all().expect("the metric declarations are valid");
+        metrics
+            .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
-            Box::new(metrics.http_requests.clone()),
-            Box::new(metrics.http_duration.clone()),
-            Box::new(metrics.increments_accepted.clone()),
-            Box::new(metrics.increments_rejected.clone()),
-            Box::new(metrics.pending_keys.clone()),
-            Box::new(metrics.cache_evictions.clone()),
-            Box::new(metrics.oldest_pending_age.clone()),
-            Box::new(metrics.flush_duration.clone()),
-            Box::new(metrics.flush_keys.clone()),
-            Box::new(metrics.flushed_keys.clone()),
-            Box::new(metrics.flush_failures.clone()),
-            Box::new(metrics.rejected_rows.clone()),
-            Box::new(metrics.last_flush_success.clone()),
-            Box::new(metrics.db_pool_connections.clone()),
-            Box::new(build_info),
-            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
-        ];
-        for collector in collectors {
-            metrics
-                .registry
-                .register(collector)
-                .expect("metric names are unique");
-        }
+        metrics
+            .registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metrics have their own names");
         // Series that exist before their first event, so dashboards and
         // alerts see 0 rather than no data.
         for reason in ["too_large", "content_type", "invalid", "unavailable"] {
-            metrics.increments_rejected.with_label_values(&[reason]);
+            metrics
+                .increments_rejected_total
+                .with_label_values(&[reason]);
         }
         for cause in ["size", "expired"] {
-            metrics.cache_evictions.with_label_values(&[cause]);
+            metrics.cache_evictions_total.with_label_values(&[cause]);
         }
         metrics
+    }
+
+    /// Asks `source` to set its metrics at every scrape.
+    pub fn sample_at_scrape(&self, source: Arc<dyn Sampled>) {
+        self.sources.lock().push(source);
     }
 
     /// Records a finished HTTP request.
     pub fn observe_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
         let status_text = status.to_string();
-        self.http_requests
+        self.http_requests_total
             .with_label_values(&[route, method, &status_text])
             .inc();
-        self.http_duration
+        self.http_request_duration_seconds
             .with_label_values(&[route, method])
             .observe(elapsed.as_secs_f64());
         // Accepted increments are counted by the handlers (per item for a
         // batch); a refused request counts as one rejection.
         let ingestion = route == "/increment" || route == "/increments";
         if ingestion && let Some(reason) = rejection_reason(status) {
-            self.increments_rejected.with_label_values(&[reason]).inc();
+            self.increments_rejected_total
+                .with_label_values(&[reason])
+                .inc();
         }
     }
 
-    /// The text exposition, after refreshing the state-mirroring gauges.
-    pub fn render(&self, batcher: &Batcher, db: &DatabaseConnection) -> String {
-        self.pending_keys
-            .set(i64::try_from(batcher.pending_keys()).unwrap_or(i64::MAX));
-        self.oldest_pending_age.set(
-            batcher
-                .oldest_pending_age()
-                .map_or(0.0, |age| age.as_secs_f64()),
-        );
-        let now = batcher.evictions();
-        {
-            let mut seen = self.evictions_seen.lock();
-            self.cache_evictions
-                .with_label_values(&["size"])
-                .inc_by(now.size.saturating_sub(seen.size));
-            self.cache_evictions
-                .with_label_values(&["expired"])
-                .inc_by(now.expired.saturating_sub(seen.expired));
-            *seen = now;
+    /// The text exposition, after the owners of mirrored state have set
+    /// their gauges.
+    pub fn render(&self) -> String {
+        for source in self.sources.lock().iter() {
+            source.sample(self);
         }
-        let (size, idle) = match db.get_database_backend() {
-            DbBackend::Postgres => {
-                let pool = db.get_postgres_connection_pool();
-                (pool.size(), pool.num_idle())
-            }
-            DbBackend::Sqlite => {
-                let pool = db.get_sqlite_connection_pool();
-                (pool.size(), pool.num_idle())
-            }
-            _ => (0, 0),
-        };
-        let idle = i64::try_from(idle).unwrap_or(i64::MAX);
-        self.db_pool_connections
-            .with_label_values(&["idle"])
-            .set(idle);
-        self.db_pool_connections
-            .with_label_values(&["in_use"])
-            .set((i64::from(size) - idle).max(0));
-
         let mut buffer = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
             tracing::error!(error = %e, "encoding metrics failed");
@@ -317,20 +299,45 @@ mod tests {
         metrics.observe_request("/healthz", "GET", 200, Duration::from_micros(40));
         let rejected = |reason: &str| {
             metrics
-                .increments_rejected
+                .increments_rejected_total
                 .with_label_values(&[reason])
                 .get()
         };
         assert_eq!(rejected("invalid"), 1);
         assert_eq!(
-            metrics.increments_accepted.get(),
+            metrics.increments_accepted_total.get(),
             0,
             "handlers count acceptance"
         );
         let requests = metrics
-            .http_requests
+            .http_requests_total
             .with_label_values(&["/healthz", "GET", "200"])
             .get();
         assert_eq!(requests, 1);
+    }
+
+    #[test]
+    fn a_field_s_doc_is_its_help_and_owners_set_their_gauges() {
+        struct Fixed;
+        impl Sampled for Fixed {
+            fn sample(&self, metrics: &Metrics) {
+                metrics.pending_keys.set(7);
+                raise_to(&metrics.flushed_keys_total, 5);
+            }
+        }
+        let metrics = Metrics::new();
+        metrics.sample_at_scrape(Arc::new(Fixed));
+        let text = metrics.render();
+        assert!(text.contains(
+            "# HELP increment_cache_evictions_total Cache entries that left by size or expiry \
+             (their deltas are kept and written).\n"
+        ));
+        assert!(text.contains("increment_pending_keys 7\n"), "{text}");
+        assert!(text.contains("increment_flushed_keys_total 5\n"));
+        assert!(text.contains("increment_flush_duration_seconds_bucket{le=\"30\"} 0\n"));
+        assert!(text.contains("increment_build_info{version=\""));
+        assert!(text.contains("process_cpu_seconds_total"));
+        // Raising to a total already reached changes nothing.
+        assert!(metrics.render().contains("increment_flushed_keys_total 5\n"));
     }
 }

@@ -14,7 +14,7 @@ use crate::{
         intake::Intake,
         server::{self, ConnectionLimits},
     },
-    metrics::Metrics,
+    metrics::{Metrics, Sampled},
     routes::{self, AppState, Lifecycle},
     settings::{Settings, SettingsError},
     spill::{self, SpillError},
@@ -127,6 +127,8 @@ impl Application {
             settings.max_pending_keys,
         ));
         let metrics = Arc::new(Metrics::new());
+        metrics.sample_at_scrape(Arc::clone(&batcher) as Arc<dyn Sampled>);
+        metrics.sample_at_scrape(Arc::new(PoolGauges(db.clone())));
         let recent_requests: SharedRecentRequests = Arc::default();
         let flusher = Arc::new(
             Flusher::new(
@@ -350,6 +352,31 @@ async fn migrate(settings: &Settings) -> Result<(), DbErr> {
     }
     db.close().await.ok();
     applied
+}
+
+/// The database pool's connections by state, sampled at each scrape.
+struct PoolGauges(DatabaseConnection);
+
+impl Sampled for PoolGauges {
+    fn sample(&self, metrics: &Metrics) {
+        let (size, idle) = match self.0.get_database_backend() {
+            sea_orm::DbBackend::Postgres => {
+                let pool = self.0.get_postgres_connection_pool();
+                (pool.size(), pool.num_idle())
+            }
+            sea_orm::DbBackend::Sqlite => {
+                let pool = self.0.get_sqlite_connection_pool();
+                (pool.size(), pool.num_idle())
+            }
+            _ => (0, 0),
+        };
+        let idle = i64::try_from(idle).unwrap_or(i64::MAX);
+        let gauges = &metrics.db_pool_connections;
+        gauges.with_label_values(&["idle"]).set(idle);
+        gauges
+            .with_label_values(&["in_use"])
+            .set((i64::from(size) - idle).max(0));
+    }
 }
 
 /// Opens the pool with settings suited to each backend.

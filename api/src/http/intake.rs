@@ -655,7 +655,7 @@ impl Intake {
 
     fn accepted(&self, count: u64) {
         self.recent_requests.offer_current();
-        self.metrics.increments_accepted.inc_by(count);
+        self.metrics.increments_accepted_total.inc_by(count);
     }
 
     fn refusal(&self, err: BatchError, index: Option<usize>) -> ApiError {
@@ -669,7 +669,7 @@ impl Intake {
             }
             BatchError::Full => {
                 self.metrics
-                    .increments_rejected
+                    .increments_rejected_total
                     .with_label_values(&["unavailable"])
                     .inc();
                 ApiError::PendingLimit {

@@ -174,7 +174,7 @@ pub fn router(state: AppState) -> impl Endpoint<Output = poem::Response> {
 /// Prometheus text exposition (not part of the OpenAPI document).
 #[handler]
 fn metrics(state: Data<&AppState>) -> poem::Response {
-    let body = state.metrics.render(&state.batcher, &state.db);
+    let body = state.metrics.render();
     poem::Response::builder()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(body)
