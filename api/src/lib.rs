@@ -1,25 +1,30 @@
 //! The `increment` service: add integers to named counters over HTTP, write
 //! them to the database in a few batched transactions instead of one per request.
 //!
-//! Data flow: socket → front door ([`http`]: connection limits → protocol →
-//! request limits → fast path or router → [`http::intake::Intake::accept`])
-//! → [`Batcher::record`] → moka slot → [`Flusher::flush_once`] →
-//! [`store::write_batch`] (SeaORM, one transaction).
+//! Data flow, one direction (the README's Design section draws it):
+//! socket → front door ([`http`]: connection cap, HTTP/1.1 and head
+//! deadlines in [`http::server`]; observation, request limits, the fast path
+//! of a plain `POST /increment` or else the router, in [`http::front_door`])
+//! → [`http::intake::Intake::accept`] → [`Batcher::record`] (a moka slot) →
+//! [`Batcher::hand_over`] (a [`batch::Batch`]) → [`Flusher`] (owns the batch
+//! in flight) → [`store::write_batch`] (SeaORM, one transaction per part).
 //!
 //! - [`settings`]: the plain configuration the binary and the tests build.
 //! - [`startup`]: [`Application::build`] connects, migrates and binds; its
 //!   `run_until_stopped` serves and performs the ordered shutdown.
-//! - [`http`]: the front door: hyper's HTTP/1.1 server with the connection
-//!   and request limits, observation, the fast path of `POST /increment`,
-//!   the intake shared with the operations, and problem documents.
+//! - [`http`]: the front door and the fast path, the intake shared with the
+//!   operations, and problem documents.
 //! - [`routes`]: the HTTP API (poem-openapi), one module per tag, and the
 //!   route table.
 //! - [`key`]: the counter key, checked once at the edge.
-//! - [`batcher`]: per-key pending deltas in a bounded, expiring moka cache.
-//! - [`flusher`]: the write loop: drain, write with a batch id, retry, final flush.
-//! - [`store`]: the SQL: the idempotent batch write for PostgreSQL and SQLite.
+//! - [`batcher`]: per-key pending deltas in a bounded, expiring moka cache;
+//!   adds them and hands them over.
+//! - [`batch`]: what one drain took: sorted deltas, parts, ids.
+//! - [`flusher`]: the write loop: the batch in flight, its retry and
+//!   confirmation, the final flush.
+//! - [`store`]: the SQL: the idempotent part write for PostgreSQL and SQLite.
 //! - [`spill`]: the local file for what the final flush could not write.
-//! - [`metrics`]: every Prometheus metric, served at `/metrics`.
+//! - [`metrics`]: every Prometheus metric, declared once; a leaf.
 //! - [`telemetry`]: the tracing subscriber.
 
 pub mod batch;

@@ -10,7 +10,7 @@
 //! - **Header deadline**: hyper's own `header_read_timeout`, so it is the
 //!   parser that decides where a head ends (leading empty lines, bare LF,
 //!   `Expect: 100-continue` and pipelining are hyper's business). Its timer is
-//!   [`HeadTimer`]: a new connection must send a whole head within
+//!   `HeadTimer`: a new connection must send a whole head within
 //!   `header_timeout`; between requests a keep-alive connection may stay
 //!   silent for `idle_timeout`, and once the next request's first byte arrives
 //!   its head must be complete within `header_timeout`. At shutdown, heads
