@@ -14,7 +14,7 @@ use std::{
 };
 
 use common::Service;
-use testkit::{TestDb, db_tests};
+use testkit::{TestDb, db_tests, eventually};
 
 db_tests!(sigkill_loses_only_the_unflushed_window_and_no_durable_increment);
 
@@ -29,6 +29,8 @@ async fn sigkill_loses_only_the_unflushed_window_and_no_durable_increment(db: Te
     // The most plain 202s that were in before some wait=true request was
     // sent and then answered 200: those must survive the crash.
     let plain_durable = Arc::new(AtomicI64::new(0));
+    // wait=true requests answered 200 so far.
+    let durable_ok = Arc::new(AtomicI64::new(0));
 
     let plain: Vec<_> = (0..16)
         .map(|_| {
@@ -58,6 +60,7 @@ async fn sigkill_loses_only_the_unflushed_window_and_no_durable_increment(db: Te
         .map(|task| {
             let (url, running) = (url.clone(), Arc::clone(&running));
             let (acked, safe) = (Arc::clone(&plain_acked), Arc::clone(&plain_durable));
+            let ok = Arc::clone(&durable_ok);
             tokio::spawn(async move {
                 let client = reqwest::Client::new();
                 let mut written = BTreeSet::new();
@@ -76,6 +79,7 @@ async fn sigkill_loses_only_the_unflushed_window_and_no_durable_increment(db: Te
                         Ok(r) if r.status() == 200 => {
                             written.insert(key);
                             safe.fetch_max(before, Ordering::SeqCst);
+                            ok.fetch_add(1, Ordering::SeqCst);
                         }
                         // 202: taken, not confirmed in time; 503: not taken.
                         Ok(r) if r.status() == 202 || r.status() == 503 => {}
@@ -87,8 +91,19 @@ async fn sigkill_loses_only_the_unflushed_window_and_no_durable_increment(db: Te
         })
         .collect();
 
-    // Let a few flushes happen, then kill without any shutdown.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Let a few flushes confirm (each 200 is one), with plain load between
+    // them, then kill without any shutdown.
+    eventually(
+        Duration::from_secs(30),
+        "flushes confirmed under load",
+        || {
+            std::future::ready(
+                durable_ok.load(Ordering::SeqCst) >= 20
+                    && plain_acked.load(Ordering::SeqCst) >= 2_000,
+            )
+        },
+    )
+    .await;
     service.kill().await;
     running.store(false, Ordering::SeqCst);
     for task in plain {

@@ -338,6 +338,10 @@ mod tests {
         assert!(text.contains("increment_build_info{version=\""));
         assert!(text.contains("process_cpu_seconds_total"));
         // Raising to a total already reached changes nothing.
-        assert!(metrics.render().contains("increment_flushed_keys_total 5\n"));
+        assert!(
+            metrics
+                .render()
+                .contains("increment_flushed_keys_total 5\n")
+        );
     }
 }

@@ -13,7 +13,7 @@ use std::{
 
 use api::{Application, FlushOutcome, Settings, ShutdownReport};
 use rand::Rng;
-use testkit::{TestDb, proxy::FaultProxy};
+use testkit::{TestDb, eventually, proxy::FaultProxy};
 
 async fn through_proxy() -> Option<(TestDb, FaultProxy, Settings)> {
     let db = TestDb::postgres().await?;
@@ -25,24 +25,33 @@ async fn through_proxy() -> Option<(TestDb, FaultProxy, Settings)> {
 
 /// Polls `url` until it answers `status`, for at most `within`.
 async fn wait_for_status(client: &reqwest::Client, url: &str, status: u16, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Ok(response) = client.get(url).send().await
-            && response.status() == status
-        {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{url} never answered {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(within, &format!("{url} answers {status}"), || async {
+        client
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|response| response.status() == status)
+    })
+    .await;
+}
+
+/// `increment_flush_failures_total` as scraped from `url`.
+async fn flush_failures(client: &reqwest::Client, url: &str) -> f64 {
+    let Ok(response) = client.get(url).send().await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .find_map(|line| line.strip_prefix("increment_flush_failures_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 #[derive(Default)]
 struct Tally {
     accepted: parking_lot::Mutex<BTreeMap<String, i64>>,
+    /// Requests answered 202.
+    accepted_requests: AtomicU64,
     unavailable: AtomicU64,
     unavailable_without_retry_after: AtomicU64,
     other: AtomicU64,
@@ -71,7 +80,10 @@ async fn load(
             .send()
             .await;
         match sent.map(|r| (r.status().as_u16(), r.headers().contains_key("retry-after"))) {
-            Ok((202, _)) => *tally.accepted.lock().entry(key).or_insert(0) += value,
+            Ok((202, _)) => {
+                *tally.accepted.lock().entry(key).or_insert(0) += value;
+                tally.accepted_requests.fetch_add(1, Ordering::SeqCst);
+            }
             Ok((503, retry_after)) => {
                 tally.unavailable.fetch_add(1, Ordering::SeqCst);
                 if !retry_after {
@@ -87,9 +99,10 @@ async fn load(
     }
 }
 
-/// Load runs; the database is unreachable for 15 s; it comes back. Every 202
-/// is stored exactly once, 503s come only past the pending-key bound (with
-/// Retry-After), and /readyz follows the database.
+/// Load runs; the database becomes unreachable and new keys push past the
+/// pending-key bound; it comes back. Every 202 is stored exactly once, 503s
+/// come only past the bound (with Retry-After), and /readyz follows the
+/// database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_under_load_loses_nothing_and_doubles_nothing() {
     let Some((db, proxy, mut settings)) = through_proxy().await else {
@@ -119,17 +132,30 @@ async fn an_outage_under_load_loses_nothing_and_doubles_nothing() {
             ))
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let accepted = || tally.accepted_requests.load(Ordering::SeqCst);
+    let written = || async { !db.counters().await.is_empty() };
+    eventually(
+        Duration::from_secs(30),
+        "load is taken and written",
+        || async { accepted() >= 1_000 && written().await },
+    )
+    .await;
     assert_eq!(
         tally.unavailable.load(Ordering::SeqCst),
         0,
         "no 503 while healthy"
     );
 
-    // Phase 2: the database is unreachable for 15 s.
+    // Phase 2: the database is unreachable.
     proxy.refuse();
     wait_for_status(&client, &ready, 503, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = accepted();
+    eventually(
+        Duration::from_secs(30),
+        "load is taken during the outage",
+        || std::future::ready(accepted() >= before + 1_000),
+    )
+    .await;
     assert_eq!(
         tally.unavailable.load(Ordering::SeqCst),
         0,
@@ -146,15 +172,21 @@ async fn an_outage_under_load_loses_nothing_and_doubles_nothing() {
             ))
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(12)).await;
-    assert!(
-        tally.unavailable.load(Ordering::SeqCst) > 0,
-        "503s past the bound"
-    );
+    eventually(Duration::from_secs(30), "503s past the bound", || {
+        std::future::ready(tally.unavailable.load(Ordering::SeqCst) >= 100)
+    })
+    .await;
     assert_eq!(
         tally.unavailable_without_retry_after.load(Ordering::SeqCst),
         0
     );
+    // Long enough for the retry backoff to have grown past the flush interval
+    // several times over (recovery must not wait out the whole backoff).
+    let metrics = format!("{base}/metrics");
+    eventually(Duration::from_secs(30), "five failed flushes", || async {
+        flush_failures(&client, &metrics).await >= 5.0
+    })
+    .await;
     let distinct_accepted = tally.accepted.lock().len();
     assert!(
         distinct_accepted >= 500 - 8,
@@ -164,7 +196,13 @@ async fn an_outage_under_load_loses_nothing_and_doubles_nothing() {
     // Phase 3: back. Readiness follows; the loop writes everything.
     proxy.restore();
     wait_for_status(&client, &ready, 200, Duration::from_secs(15)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = accepted();
+    eventually(
+        Duration::from_secs(30),
+        "load is taken after the outage",
+        || std::future::ready(accepted() >= before + 1_000),
+    )
+    .await;
     running.store(false, Ordering::SeqCst);
     for task in held.into_iter().chain(fresh) {
         task.await.unwrap();

@@ -199,6 +199,24 @@ pub fn with_database(server_url: &str, name: &str) -> String {
     url
 }
 
+/// Polls `condition` until it holds, every few milliseconds, for at most
+/// `within`; panics naming `what` when it never does. How tests wait: for an
+/// outcome, never for a fixed time.
+pub async fn eventually<F, Fut>(within: std::time::Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// One `async fn(TestDb)` → a `sqlite` and a `postgres` `#[tokio::test]`.
 #[macro_export]
 macro_rules! db_tests {

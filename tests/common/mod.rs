@@ -45,15 +45,15 @@ impl Service {
 
     pub async fn wait_until_ready(&self) {
         let client = reqwest::Client::new();
-        for _ in 0..300 {
-            if let Ok(response) = client.get(format!("{}/readyz", self.base)).send().await
-                && response.status() == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the service did not become ready within 30 s");
+        let ready = format!("{}/readyz", self.base);
+        testkit::eventually(Duration::from_secs(30), "the service is ready", || async {
+            client
+                .get(&ready)
+                .send()
+                .await
+                .is_ok_and(|response| response.status() == 200)
+        })
+        .await;
     }
 
     pub fn pid(&self) -> Pid {
