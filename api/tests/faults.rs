@@ -11,9 +11,9 @@ use std::{
     time::Duration,
 };
 
-use api::{Application, FlushOutcome, Settings, ShutdownReport};
+use api::{FlushOutcome, Settings, ShutdownReport};
 use rand::Rng;
-use testkit::{TestDb, eventually, proxy::FaultProxy};
+use testkit::{TestApp, TestDb, eventually, proxy::FaultProxy};
 
 async fn through_proxy() -> Option<(TestDb, FaultProxy, Settings)> {
     let db = TestDb::postgres().await?;
@@ -110,12 +110,8 @@ async fn an_outage_under_load_loses_nothing_and_doubles_nothing() {
     };
     settings.flush_interval = Duration::from_millis(100);
     settings.max_pending_keys = 500;
-    let app = Application::build(settings).await.expect("starts");
-    let base = format!("http://{}", app.local_addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async {
-        let _ = stopped.await;
-    }));
+    let app = TestApp::start(db, settings).await;
+    let base = app.url("");
     let client = reqwest::Client::new();
     let ready = format!("{base}/readyz");
     let tally = Arc::new(Tally::default());
@@ -133,7 +129,7 @@ async fn an_outage_under_load_loses_nothing_and_doubles_nothing() {
         })
         .collect();
     let accepted = || tally.accepted_requests.load(Ordering::SeqCst);
-    let written = || async { !db.counters().await.is_empty() };
+    let written = || async { !app.counters().await.is_empty() };
     eventually(
         Duration::from_secs(30),
         "load is taken and written",
@@ -208,8 +204,8 @@ async fn an_outage_under_load_loses_nothing_and_doubles_nothing() {
         task.await.unwrap();
     }
     assert_eq!(tally.other.load(Ordering::SeqCst), 0, "only 202 and 503");
-    stop.send(()).unwrap();
-    assert_eq!(server.await.unwrap(), ShutdownReport::Clean);
+    let (report, db) = app.shut_down().await;
+    assert_eq!(report, ShutdownReport::Clean);
     let expected = std::mem::take(&mut *tally.accepted.lock());
     assert_eq!(
         db.counters().await,
@@ -226,8 +222,8 @@ async fn an_ambiguous_commit_is_not_applied_twice() {
         return;
     };
     settings.flush_interval = Duration::from_secs(3600);
-    let app = Application::build(settings).await.expect("starts");
-    let client = poem::test::TestClient::new(app.router());
+    let app = TestApp::start(db, settings).await;
+    let client = &app.client;
     for (key, value) in [("a", 1), ("b", 2), ("a", 3)] {
         client
             .post("/increment")
@@ -237,7 +233,7 @@ async fn an_ambiguous_commit_is_not_applied_twice() {
             .await
             .assert_status(poem::http::StatusCode::ACCEPTED);
     }
-    let flusher = app.flusher();
+    let flusher = &app.flusher;
 
     proxy.cut_after_next_commit();
     assert!(
@@ -246,7 +242,7 @@ async fn an_ambiguous_commit_is_not_applied_twice() {
     );
     assert_eq!(proxy.swallowed_commits(), 1);
     let committed = BTreeMap::from([("a".to_owned(), 4), ("b".to_owned(), 2)]);
-    assert_eq!(db.counters().await, committed, "the server did commit");
+    assert_eq!(app.counters().await, committed, "the server did commit");
 
     // More traffic while the batch's fate is unknown to the service.
     client
@@ -262,7 +258,7 @@ async fn an_ambiguous_commit_is_not_applied_twice() {
         "{retry:?}"
     );
     assert_eq!(
-        db.counters().await,
+        app.counters().await,
         BTreeMap::from([("a".to_owned(), 14), ("b".to_owned(), 2)]),
         "the committed batch was not added again"
     );

@@ -6,18 +6,15 @@
 
 use std::sync::{Arc, Mutex};
 
-use api::{
-    Application, Settings,
-    telemetry::{self, LogFormat, TelemetrySettings},
-};
+use api::telemetry::{self, LogFormat, TelemetrySettings};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
     common::v1::{AnyValue, KeyValue, any_value::Value},
     trace::v1::Span,
 };
-use poem::{EndpointExt, Route, handler, listener::TcpListener, post, test::TestClient, web::Data};
+use poem::{EndpointExt, Route, handler, listener::TcpAcceptor, post, web::Data};
 use prost::Message;
-use testkit::TestDb;
+use testkit::{TestApp, TestDb};
 
 /// Everything the receiver was sent.
 #[derive(Default)]
@@ -66,11 +63,12 @@ async fn request_and_flush_spans_reach_an_otlp_receiver() {
     let received = Arc::new(Received::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let receiver_addr = listener.local_addr().unwrap();
-    drop(listener);
     let receiver = Route::new()
         .at("/v1/traces", post(receive))
         .data(Arc::clone(&received));
-    tokio::spawn(poem::Server::new(TcpListener::bind(receiver_addr)).run(receiver));
+    // The bound listener itself: no window for another process to take the port.
+    let acceptor = TcpAcceptor::from_tokio(listener).unwrap();
+    tokio::spawn(poem::Server::new_with_acceptor(acceptor).run(receiver));
 
     let telemetry = Arc::new(
         telemetry::init(&TelemetrySettings {
@@ -83,11 +81,8 @@ async fn request_and_flush_spans_reach_an_otlp_receiver() {
     );
     assert!(telemetry.is_exporting());
 
-    let db = TestDb::sqlite().await;
-    let mut settings = Settings::with_database(db.url.clone());
-    settings.flush_interval = std::time::Duration::from_secs(3600);
-    let app = Application::build(settings).await.unwrap();
-    let client = TestClient::new(app.router());
+    let app = TestApp::start_with(TestDb::sqlite().await, |_| {}).await;
+    let client = &app.client;
 
     let incoming_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let incoming_parent = "00f067aa0ba902b7";
@@ -109,7 +104,7 @@ async fn request_and_flush_spans_reach_an_otlp_receiver() {
         .send()
         .await
         .assert_status(poem::http::StatusCode::ACCEPTED);
-    app.flusher().flush_once().await.unwrap();
+    app.flusher.flush_once().await.unwrap();
 
     let exporter = Arc::clone(&telemetry);
     tokio::task::spawn_blocking(move || exporter.shutdown())

@@ -2,6 +2,8 @@
 //! `TEST_DATABASE_URL` is set (a UUID-named database created on that server and
 //! dropped when the test ends).
 //!
+//! [`TestApp`] serves the real application on port 0 and speaks HTTP to it.
+//!
 //! [`proxy::FaultProxy`] sits between a service and PostgreSQL to refuse or
 //! cut connections.
 //!
@@ -9,7 +11,10 @@
 //! test; the PostgreSQL one says on stdout that it was skipped when no server
 //! is configured, and fails instead when `CI` is set.
 
+pub mod app;
 pub mod proxy;
+
+pub use app::{Client, Response, TestApp, test_settings};
 
 use std::collections::BTreeMap;
 

@@ -84,8 +84,8 @@ async fn get_counter(app: &TestApp, key: &str) -> (StatusCode, serde_json::Value
         .get(format!("/counters/{}", encode(key)))
         .send()
         .await;
-    let status = response.0.status();
-    let body = response.0.into_body().into_string().await.unwrap();
+    let status = response.status();
+    let body = response.text();
     (status, serde_json::from_str(&body).unwrap())
 }
 
@@ -212,8 +212,8 @@ async fn reads_never_count_a_delta_twice_or_miss_one_during_flushes(db: TestDb) 
 
 async fn list(app: &TestApp, query: &str) -> (StatusCode, serde_json::Value) {
     let response = app.client.get(format!("/counters{query}")).send().await;
-    let status = response.0.status();
-    let body = response.0.into_body().into_string().await.unwrap();
+    let status = response.status();
+    let body = response.text();
     (status, serde_json::from_str(&body).unwrap())
 }
 
@@ -281,7 +281,7 @@ async fn listing_pages_through_stored_counters_in_key_order(db: TestDb) {
     }
 }
 
-async fn post_batch(app: &TestApp, body: &str) -> poem::test::TestResponse {
+async fn post_batch(app: &TestApp, body: &str) -> crate::helpers::Response {
     app.client
         .post("/increments")
         .content_type("application/json")
@@ -298,9 +298,7 @@ async fn batches_are_applied_whole_or_not_at_all(db: TestDb) {
     )
     .await;
     response.assert_status(StatusCode::ACCEPTED);
-    response
-        .assert_json(serde_json::json!({"accepted": 3}))
-        .await;
+    response.assert_json(serde_json::json!({"accepted": 3}));
 
     let item = |i: usize| format!(r#"{{"key": "k{i}", "value": 1}}"#);
     let items = |n: usize| (0..n).map(item).collect::<Vec<_>>().join(",");

@@ -9,7 +9,7 @@ async fn swagger_ui_is_served_from_the_binary() {
     let response = app.client.get("/docs").send().await;
     response.assert_status_is_ok();
     response.assert_content_type("text/html; charset=utf-8");
-    let html = response.0.into_body().into_string().await.unwrap();
+    let html = response.text();
     assert!(html.contains("SwaggerUIBundle"), "the bundle is inlined");
     for external in ["src=\"http", "href=\"http", "src='http", "href='http"] {
         assert!(!html.contains(external), "no external asset ({external})");
@@ -21,8 +21,7 @@ async fn the_openapi_document_lists_every_status_with_its_schema() {
     let app = spawn_app(TestDb::sqlite().await).await;
     let response = app.client.get("/openapi.json").send().await;
     response.assert_status_is_ok();
-    let spec: serde_json::Value =
-        serde_json::from_str(&response.0.into_body().into_string().await.unwrap()).unwrap();
+    let spec: serde_json::Value = serde_json::from_str(&response.text()).unwrap();
     let operation = &spec["paths"]["/increment"]["post"];
     assert_eq!(
         operation["requestBody"]["content"]["application/json"]["schema"]["$ref"],
@@ -80,7 +79,7 @@ async fn the_openapi_document_lists_every_status_with_its_schema() {
         assert!(spec["paths"][probe]["get"].is_object(), "{probe}");
     }
     assert_eq!(
-        app.client.get("/no-such-route").send().await.0.status(),
+        app.client.get("/no-such-route").send().await.status(),
         StatusCode::NOT_FOUND
     );
     let wrong_method = app.client.get("/increment").send().await;

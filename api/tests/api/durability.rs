@@ -24,7 +24,7 @@ fn start_flush_loop(app: &TestApp) -> FlushLoop {
     FlushLoop(stop)
 }
 
-async fn post_waiting(app: &TestApp, key: &str, value: i64) -> poem::test::TestResponse {
+async fn post_waiting(app: &TestApp, key: &str, value: i64) -> crate::helpers::Response {
     app.client
         .post("/increment")
         .query("wait", &true)
@@ -58,7 +58,7 @@ async fn wait_true_does_not_answer_200_for_a_row_rejected_as_an_overflow(db: Tes
     let counters = app.counters().await;
     assert_eq!(counters.get("full"), Some(&i64::MAX));
     assert_eq!(counters.get("fine"), Some(&2));
-    let metrics = app.metrics_text().await;
+    let metrics = app.scrape().await;
     assert!(
         metrics.contains("increment_rejected_rows_total 1"),
         "the rejected row is counted"
@@ -70,7 +70,7 @@ async fn wait_true_answers_200_only_once_committed(db: TestDb) {
     let _loop = start_flush_loop(&app);
     let response = post_waiting(&app, "durable", 3).await;
     response.assert_status(StatusCode::OK);
-    response.assert_bytes(b"").await;
+    response.assert_bytes(b"");
     assert_eq!(
         app.counters().await.get("durable"),
         Some(&3),
@@ -82,12 +82,9 @@ async fn wait_true_answers_200_only_once_committed(db: TestDb) {
     let tasks: Vec<_> = (0..waiters)
         .map(|i| {
             let app = Arc::clone(&app);
-            tokio::spawn(async move {
-                post_waiting(&app, &format!("w{}", i % 5), 1)
-                    .await
-                    .0
-                    .status()
-            })
+            tokio::spawn(
+                async move { post_waiting(&app, &format!("w{}", i % 5), 1).await.status() },
+            )
         })
         .collect();
     for task in tasks {
@@ -98,7 +95,7 @@ async fn wait_true_answers_200_only_once_committed(db: TestDb) {
         (0..5).map(|i| counters[&format!("w{i}")]).sum::<i64>(),
         waiters
     );
-    let metrics = app.metrics_text().await;
+    let metrics = app.scrape().await;
     let flushes: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("increment_flush_keys_count "))
@@ -123,11 +120,11 @@ async fn wait_true_answers_202_not_committed_when_the_flush_cannot_commit_in_tim
     // Taken, not confirmed: 202 (503 would tell the client to resend it).
     let response = post_waiting(&app, "late", 4).await;
     response.assert_status(StatusCode::ACCEPTED);
-    assert!(response.0.headers().get("retry-after").is_none());
-    let body = response.json().await;
-    let body = body.value().object();
-    body.get("committed").assert_bool(false);
-    assert!(body.get("detail").string().contains("do not resend"));
+    assert!(response.headers().get("retry-after").is_none());
+    let body: serde_json::Value = response.json();
+    assert_eq!(body["committed"], serde_json::json!(false));
+    let detail = body["detail"].as_str().expect("a detail");
+    assert!(detail.contains("do not resend"), "{detail}");
 
     // It was accepted all the same: once the database is back it is written, once.
     drop(flush_loop);
@@ -147,7 +144,7 @@ async fn new_keys_get_503_past_the_pending_bound(db: TestDb) {
     }
     let refused = app.increment("d", 1).await;
     assert_eq!(
-        refused.0.headers()["retry-after"],
+        refused.headers()["retry-after"],
         "3600",
         "about one flush interval"
     );
@@ -175,7 +172,7 @@ async fn new_keys_get_503_past_the_pending_bound(db: TestDb) {
             ("d".into(), 1)
         ])
     );
-    let metrics = app.metrics_text().await;
+    let metrics = app.scrape().await;
     assert!(
         metrics.contains("increment_increments_rejected_total{reason=\"unavailable\"} 2"),
         "{metrics}"
@@ -218,10 +215,8 @@ async fn admin_routes_need_the_token(db: TestDb) {
         .send()
         .await;
     response.assert_status_is_ok();
-    response
-        .assert_json(serde_json::json!({"keys": 1, "batches": 1, "statements": 1}))
-        .await;
+    response.assert_json(serde_json::json!({"keys": 1, "batches": 1, "statements": 1}));
     assert_eq!(app.counters().await.get("a"), Some(&2));
-    let metrics = app.metrics_text().await;
+    let metrics = app.scrape().await;
     assert!(!metrics.contains(token));
 }

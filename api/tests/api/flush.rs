@@ -22,7 +22,7 @@ db_tests!(
 const MANY_KEYS: usize = 200_000;
 
 fn record_many(app: &crate::helpers::TestApp) {
-    let batcher = app.app.batcher();
+    let batcher = Arc::clone(&app.batcher);
     for i in 0..MANY_KEYS {
         batcher.record(&format!("k{i:06}"), 1).expect("recorded");
     }
@@ -58,7 +58,7 @@ async fn a_drain_cut_off_by_the_shutdown_deadline_is_still_accounted_for(db: Tes
 /// next flush must write that drain's batch too, not replace it with its own.
 async fn a_cancelled_flush_leaves_its_batch_to_the_next_one(db: TestDb) {
     let app = spawn_app(db).await;
-    let batcher = app.app.batcher();
+    let batcher = Arc::clone(&app.batcher);
     record_many(&app);
     let cancelled = tokio::time::timeout(Duration::ZERO, app.flusher.flush_once()).await;
     assert!(cancelled.is_err(), "cancelled at its drain");
@@ -125,7 +125,7 @@ async fn a_replayed_batch_is_not_applied_twice(db: TestDb) {
     let now = chrono::Utc::now();
     // The first attempt commits but (say) its answer is lost; the flusher
     // retries the same batch.
-    let first = store::write_batch(app.app.db(), &batch, now, 2)
+    let first = store::write_batch(&app.connection, &batch, now, 2)
         .await
         .unwrap();
     assert_eq!(
@@ -135,7 +135,7 @@ async fn a_replayed_batch_is_not_applied_twice(db: TestDb) {
             rejected: 0
         }
     );
-    let retry = store::write_batch(app.app.db(), &batch, now, 2)
+    let retry = store::write_batch(&app.connection, &batch, now, 2)
         .await
         .unwrap();
     assert_eq!(retry, store::WriteOutcome::AlreadyCommitted);
@@ -145,7 +145,7 @@ async fn a_replayed_batch_is_not_applied_twice(db: TestDb) {
     );
     // A different batch with the same deltas is new work and is applied.
     let other = Batch::new(batch.deltas.clone(), 0);
-    store::write_batch(app.app.db(), &other, now, 2)
+    store::write_batch(&app.connection, &other, now, 2)
         .await
         .unwrap();
     assert_eq!(app.counters().await.get("x"), Some(&10));
@@ -162,10 +162,10 @@ async fn parts_of_a_large_batch_commit_on_their_own_and_each_exactly_once(db: Te
         assert_eq!(batch.parts.len(), 2);
         let part = &batch.parts[committed_earlier];
         let earlier = Batch::restored(part.id.clone(), batch.rows(part).to_vec());
-        store::write_batch(app.app.db(), &earlier, now, 1)
+        store::write_batch(&app.connection, &earlier, now, 1)
             .await
             .unwrap();
-        let retry = store::write_batch(app.app.db(), &batch, now, 2)
+        let retry = store::write_batch(&app.connection, &batch, now, 2)
             .await
             .unwrap();
         assert!(
@@ -179,7 +179,7 @@ async fn parts_of_a_large_batch_commit_on_their_own_and_each_exactly_once(db: Te
             "every key once (round {round})"
         );
         assert_eq!(
-            store::write_batch(app.app.db(), &batch, now, 2)
+            store::write_batch(&app.connection, &batch, now, 2)
                 .await
                 .unwrap(),
             store::WriteOutcome::AlreadyCommitted
@@ -327,7 +327,7 @@ async fn a_poison_row_is_recorded_and_the_others_are_written(db: TestDb) {
     let rows: Vec<(&str, i64)> = rejected.iter().map(|r| (r.key.as_str(), r.delta)).collect();
     assert_eq!(rows, [("negative", -1), ("poison", i64::MAX)]);
     assert!(rejected.iter().all(|r| r.reason.contains("bigint")));
-    let metrics = app.metrics_text().await;
+    let metrics = app.scrape().await;
     assert!(
         metrics.contains("increment_rejected_rows_total 2"),
         "{metrics}"

@@ -29,7 +29,7 @@ async fn a_connection_that_sends_nothing_is_closed_at_the_header_deadline() {
     let started = Instant::now();
     assert!(client.closes_within(PATIENCE).await, "closed");
     assert!(started.elapsed() >= DEADLINE - Duration::from_millis(50));
-    app.shut_down().await;
+    app.shut_down_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,7 +48,7 @@ async fn leading_empty_lines_do_not_defeat_the_header_deadline() {
         .await;
     let response = client.response(PATIENCE).await.expect("an answer");
     assert_eq!(response.status, 200);
-    app.shut_down().await;
+    app.shut_down_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,7 +71,7 @@ async fn connections_holding_empty_lines_cannot_lock_out_new_clients() {
     let response = newcomer.response(PATIENCE).await.expect("an answer");
     assert_eq!(response.status, 202);
     assert!(started.elapsed() < PATIENCE);
-    app.shut_down().await;
+    app.shut_down_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,7 +88,7 @@ async fn a_silent_connection_does_not_hold_up_the_shutdown() {
         202
     );
     let started = Instant::now();
-    let db = app.shut_down().await;
+    let db = app.shut_down_cleanly().await;
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "shut down in {:?}",
@@ -121,7 +121,7 @@ async fn a_keep_alive_connection_may_idle_past_the_header_deadline() {
     let started = Instant::now();
     assert!(client.closes_within(PATIENCE).await);
     assert!(started.elapsed() >= Duration::from_millis(1400));
-    app.shut_down().await;
+    app.shut_down_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,7 +139,7 @@ async fn the_next_head_must_be_complete_a_deadline_after_its_first_byte() {
     let started = Instant::now();
     assert!(client.closes_within(PATIENCE).await, "closed");
     assert!(started.elapsed() >= DEADLINE - Duration::from_millis(50));
-    app.shut_down().await;
+    app.shut_down_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,7 +166,7 @@ async fn expect_100_continue_keeps_the_connection_usable() {
     client.send(&increment_request("c", 3)).await;
     assert_eq!(client.response(PATIENCE).await.expect("202").status, 202);
     app.flusher.flush_once().await.expect("the flush succeeds");
-    let db = app.shut_down().await;
+    let db = app.shut_down_cleanly().await;
     assert_eq!(db.counters().await.get("c"), Some(&5));
 }
 
@@ -184,7 +184,7 @@ async fn bare_lf_line_ends_are_served_and_keep_the_connection() {
     tokio::time::sleep(DEADLINE * 2).await;
     client.send(request.as_bytes()).await;
     assert_eq!(client.response(PATIENCE).await.expect("202").status, 202);
-    let db = app.shut_down().await;
+    let db = app.shut_down_cleanly().await;
     assert_eq!(db.counters().await.get("lf"), Some(&2));
 }
 
@@ -202,7 +202,7 @@ async fn pipelined_requests_are_all_answered_in_order() {
         assert_eq!(client.response(PATIENCE).await.expect("202").status, 202);
     }
     assert_eq!(client.response(PATIENCE).await.expect("404").status, 404);
-    let db = app.shut_down().await;
+    let db = app.shut_down_cleanly().await;
     assert_eq!(db.counters().await.get("p"), Some(&15));
 }
 
@@ -216,7 +216,7 @@ async fn an_oversized_head_is_refused_with_431() {
         .await;
     let response = client.response(PATIENCE).await.expect("an answer");
     assert_eq!(response.status, 431);
-    app.shut_down().await;
+    app.shut_down_cleanly().await;
 }
 
 /// Series of the HTTP request metrics in an exposition.
@@ -249,18 +249,18 @@ async fn invented_methods_and_paths_never_become_labels() {
         send(i).await.expect("an answer");
     }
     // Scraped twice: the first scrape's own series show in the second.
-    app.metrics_text().await;
-    let before = app.metrics_text().await;
+    app.scrape().await;
+    let before = app.scrape().await;
     for i in 35..1_035 {
         let status = send(i).await.expect("an answer").status();
         assert!(status == 404 || status == 405, "{status}");
     }
-    let after = app.metrics_text().await;
+    let after = app.scrape().await;
     assert_eq!(http_series(&before).len(), http_series(&after).len());
     assert!(!after.contains("INVENT"), "no method became a label");
     assert!(!after.contains("/made/up"), "no path became a label");
     assert!(after.contains(r#"method="_OTHER""#));
-    app.shut_down().await;
+    app.shut_down_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,7 +298,7 @@ async fn http2_is_refused_while_http1_clients_are_served() {
     client.send(&upgrade).await;
     let response = client.response(PATIENCE).await.expect("an answer");
     assert_eq!(response.status, 202);
-    let db = app.shut_down().await;
+    let db = app.shut_down_cleanly().await;
     assert_eq!(db.counters().await.get("h2"), None);
     assert_eq!(db.counters().await.get("h1"), Some(&1));
 }
@@ -386,7 +386,7 @@ async fn every_error_is_a_problem_document_with_a_served_type() {
         .await
         .unwrap();
     problem_of(unknown, 404).await;
-    app.shut_down().await;
+    app.shut_down_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,7 +433,7 @@ async fn the_operation_takes_what_the_fast_path_takes() {
         assert_eq!(response.status(), 202, "{path} deep");
     }
     app.flusher.flush_once().await.expect("the flush succeeds");
-    let db = app.shut_down().await;
+    let db = app.shut_down_cleanly().await;
     let counters = db.counters().await;
     assert_eq!(counters.get("ct"), Some(&6));
     assert_eq!(counters.get("deep"), Some(&2));
@@ -456,7 +456,7 @@ async fn a_503_always_means_not_taken_and_carries_retry_after() {
     let problem = problem_of(refused, 503).await;
     assert_eq!(problem.type_uri, "/problems/pending-limit");
     app.flusher.flush_once().await.expect("the flush succeeds");
-    let db = app.shut_down().await;
+    let db = app.shut_down_cleanly().await;
     assert_eq!(
         db.counters().await,
         std::collections::BTreeMap::from([("a".to_owned(), 1)])

@@ -14,9 +14,9 @@ async fn readiness_follows_the_database_and_the_shutdown(db: TestDb) {
         .assert_status_is_ok();
     let ready = app.client.get("/readyz").send().await;
     ready.assert_status_is_ok();
-    ready.assert_text("ready").await;
+    ready.assert_text("ready");
 
-    app.app.lifecycle().begin_shutdown();
+    app.lifecycle.clone().begin_shutdown();
     let shutting_down = app.client.get("/readyz").send().await;
     let problem = problem(shutting_down, StatusCode::SERVICE_UNAVAILABLE).await;
     assert_eq!(problem.detail, "shutting down");
@@ -34,7 +34,7 @@ async fn readiness_fails_when_the_database_is_gone(db: TestDb) {
     let app = spawn_app(db).await;
     app.client.get("/readyz").send().await.assert_status_is_ok();
     // Closing a clone closes the shared pool: every later query fails.
-    app.app.db().clone().close().await.unwrap();
+    app.connection.clone().close().await.unwrap();
     let response = app.client.get("/readyz").send().await;
     let problem = problem(response, StatusCode::SERVICE_UNAVAILABLE).await;
     assert_eq!(problem.detail, "database unavailable");

@@ -17,7 +17,7 @@ async fn a_client_that_dribbles_headers_is_cut_off() {
     let started = Instant::now();
     assert!(slow.closes_within(PATIENCE).await, "closed");
     assert!(started.elapsed() >= Duration::from_millis(250));
-    app.shut_down().await;
+    app.shut_down_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,7 +33,7 @@ async fn a_body_that_never_arrives_gets_408() {
         Some("application/problem+json")
     );
     assert!(String::from_utf8_lossy(&answer.body).contains("not received within"));
-    app.shut_down().await;
+    app.shut_down_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,7 +47,7 @@ async fn oversized_headers_are_refused_with_431() {
         .await;
     let answer = client.response(PATIENCE).await.expect("an answer");
     assert_eq!(answer.status, 431);
-    app.shut_down().await;
+    app.shut_down_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,7 +75,7 @@ async fn connections_beyond_the_cap_wait_for_room() {
     assert_eq!(answer.status, 200);
     drop(second);
     drop(third);
-    app.shut_down().await;
+    app.shut_down_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,6 +119,6 @@ async fn requests_beyond_the_in_flight_cap_get_503() {
     assert!(String::from_utf8_lossy(&answer.body).contains("/problems/overloaded"));
     let held = holder.response(PATIENCE).await.expect("an answer");
     assert_eq!(held.status, 408);
-    let db = app.shut_down().await;
+    let db = app.shut_down_cleanly().await;
     assert!(db.counters().await.is_empty(), "nothing was taken");
 }

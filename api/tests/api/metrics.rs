@@ -61,7 +61,7 @@ async fn scrape(app: &TestApp) -> Vec<Sample> {
     let response = app.client.get("/metrics").send().await;
     response.assert_status_is_ok();
     response.assert_content_type("text/plain; version=0.0.4; charset=utf-8");
-    parse(&response.0.into_body().into_string().await.unwrap())
+    parse(&response.text())
 }
 
 db_tests!(metrics_follow_known_traffic);

@@ -170,8 +170,8 @@ async fn the_fast_path_and_the_operation_answer_alike() {
         .flush_once()
         .await
         .expect("the flush succeeds");
-    let fast_counters = fast.shut_down().await.counters().await;
-    let routed_counters = routed.shut_down().await.counters().await;
+    let fast_counters = fast.shut_down_cleanly().await.counters().await;
+    let routed_counters = routed.shut_down_cleanly().await.counters().await;
     assert_eq!(fast_counters, routed_counters);
     assert_eq!(fast_counters.get("edge"), Some(&i64::MAX));
     assert!(fast_counters.contains_key("zero"));

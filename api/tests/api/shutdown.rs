@@ -17,15 +17,11 @@ async fn shutdown_writes_everything_pending(db: TestDb) {
     for (key, value) in [("a", 1), ("b", 2), ("a", 3)] {
         assert_accepted(app.increment(key, value).await).await;
     }
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.app.run_until_stopped(async {
-        let _ = stopped.await;
-    }));
-    stop.send(()).unwrap();
     // The flush interval is an hour: only the shutdown sequence can write.
-    assert_eq!(server.await.unwrap(), ShutdownReport::Clean);
+    let (report, db) = app.shut_down().await;
+    assert_eq!(report, ShutdownReport::Clean);
     assert_eq!(
-        app.db.counters().await,
+        db.counters().await,
         BTreeMap::from([("a".into(), 4), ("b".into(), 2)])
     );
 }
@@ -46,22 +42,14 @@ async fn shutdown_with_the_database_unavailable_spills_and_the_next_start_replay
     for (key, value) in [("a", 1), ("b", 2), ("a", 3)] {
         assert_accepted(app.increment(key, value).await).await;
     }
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.app.run_until_stopped(async {
-        let _ = stopped.await;
-    }));
-    stop.send(()).unwrap();
-    assert_eq!(
-        server.await.unwrap(),
-        ShutdownReport::Spilled { keys: 2, total: 6 }
-    );
+    let (report, db) = app.shut_down().await;
+    assert_eq!(report, ShutdownReport::Spilled { keys: 2, total: 6 });
     assert!(settings.spill_path.exists(), "the spill file is on disk");
 
     // The database is back; the next start writes the spill before serving.
-    app.db
-        .execute("ALTER TABLE counters_away RENAME TO counters")
+    db.execute("ALTER TABLE counters_away RENAME TO counters")
         .await;
-    let restarted = spawn_app_with(app.db, settings.clone()).await;
+    let restarted = spawn_app_with(db, settings.clone()).await;
     assert!(!settings.spill_path.exists(), "replayed and removed");
     assert_eq!(
         restarted.counters().await,
@@ -76,7 +64,7 @@ async fn a_spilled_batch_that_had_committed_is_not_replayed_twice(db: TestDb) {
     let app = spawn_app_with(db, settings.clone()).await;
     // A batch committed, but its answer was lost before the spill.
     let committed = std::sync::Arc::new(api::batch::Batch::new([("k".to_owned(), 5)], 1));
-    api::store::write_batch(app.app.db(), &committed, chrono::Utc::now(), 2)
+    api::store::write_batch(&app.connection, &committed, chrono::Utc::now(), 2)
         .await
         .unwrap();
     let unwritten = std::sync::Arc::new(api::batch::Batch::new([("k".to_owned(), 2)], 2));
