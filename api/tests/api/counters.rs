@@ -1,9 +1,6 @@
-use std::{
-    collections::BTreeMap,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicI64, Ordering},
-    },
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicI64, Ordering},
 };
 
 use poem::http::StatusCode;
@@ -16,7 +13,6 @@ db_tests!(
     odd_keys_read_back_percent_encoded,
     reads_never_count_a_delta_twice_or_miss_one_during_flushes,
     listing_pages_through_stored_counters_in_key_order,
-    batches_are_applied_whole_or_not_at_all,
     prefixes_match_exactly_in_code_point_order,
 );
 
@@ -279,81 +275,4 @@ async fn listing_pages_through_stored_counters_in_key_order(db: TestDb) {
         let message = error_message(response, StatusCode::UNPROCESSABLE_ENTITY).await;
         assert!(message.contains("limit"), "{bad}: {message}");
     }
-}
-
-async fn post_batch(app: &TestApp, body: &str) -> crate::helpers::Response {
-    app.client
-        .post("/increments")
-        .content_type("application/json")
-        .body(body.to_owned())
-        .send()
-        .await
-}
-
-async fn batches_are_applied_whole_or_not_at_all(db: TestDb) {
-    let app = spawn_app(db).await;
-    let response = post_batch(
-        &app,
-        r#"{"increments": [{"key": "a", "value": 1}, {"key": "b", "value": -2}, {"key": "a", "value": 10}]}"#,
-    )
-    .await;
-    response.assert_status(StatusCode::ACCEPTED);
-    response.assert_json(serde_json::json!({"accepted": 3}));
-
-    let item = |i: usize| format!(r#"{{"key": "k{i}", "value": 1}}"#);
-    let items = |n: usize| (0..n).map(item).collect::<Vec<_>>().join(",");
-    let bad_cases = [
-        (r#"{"increments": [{"key": "c", "value": 1}, {"key": "", "value": 1}]}"#.to_owned(), "increments[1]: \"key\" must not be empty"),
-        (r#"{"increments": [{"key": "c", "value": 1}, {"key": "d"}]}"#.to_owned(), "increments[1]: \"value\" is missing"),
-        (r#"{"increments": [{"key": "c", "value": 1.5}]}"#.to_owned(), "increments[0]: \"value\" must be an integer"),
-        (r#"{"increments": []}"#.to_owned(), "1 to 1000 items, found 0"),
-        (format!(r#"{{"increments": [{}]}}"#, items(1_001)), "1 to 1000 items, found 1001"),
-        (r#"{"increments": {"key": "c", "value": 1}}"#.to_owned(), "\"increments\" must be an array"),
-        (r#"{}"#.to_owned(), "\"increments\" is missing"),
-        (r#"[]"#.to_owned(), "found an array"),
-        (r#"{"increments": [{"key": "c", "value": 9223372036854775807}, {"key": "c", "value": 1}]}"#.to_owned(), "increments[1]"),
-    ];
-    for (body, expected) in bad_cases {
-        let message = error_message(
-            post_batch(&app, &body).await,
-            StatusCode::UNPROCESSABLE_ENTITY,
-        )
-        .await;
-        assert!(
-            message.contains(expected),
-            "expected {expected:?} in {message:?}"
-        );
-    }
-    // A batch that would overflow a key's pending delta is refused whole.
-    assert_accepted(app.increment("full", i64::MAX).await).await;
-    let message = error_message(
-        post_batch(
-            &app,
-            r#"{"increments": [{"key": "e", "value": 1}, {"key": "full", "value": 1}]}"#,
-        )
-        .await,
-        StatusCode::UNPROCESSABLE_ENTITY,
-    )
-    .await;
-    assert!(message.starts_with("increments[1]"), "{message}");
-
-    post_batch(&app, &format!(r#"{{"increments": [{}]}}"#, items(1_000)))
-        .await
-        .assert_status(StatusCode::ACCEPTED);
-    app.flush().await;
-    let counters = app.counters().await;
-    assert_eq!(counters.get("a"), Some(&11));
-    assert_eq!(counters.get("b"), Some(&-2));
-    assert_eq!(counters.get("full"), Some(&i64::MAX));
-    for absent in ["c", "d", "e"] {
-        assert!(
-            !counters.contains_key(absent),
-            "{absent} was in a refused batch"
-        );
-    }
-    let k: BTreeMap<&String, &i64> = counters
-        .iter()
-        .filter(|(k, _)| k.starts_with('k'))
-        .collect();
-    assert_eq!(k.len(), 1_000);
 }

@@ -4,6 +4,7 @@ use testkit::{TestDb, db_tests};
 use crate::helpers::{assert_accepted, error_message, spawn_app};
 
 db_tests!(
+    batches_are_applied_whole_or_not_at_all,
     accepted_increments_are_summed_and_written,
     every_malformed_body_gets_422_naming_the_field_and_changes_nothing,
     content_type_and_size_errors,
@@ -263,4 +264,81 @@ async fn the_fast_path_answers_like_the_operation(db: TestDb) {
     let counters = app.counters().await;
     assert_eq!(counters.get("a"), Some(&-4), "each body counted twice");
     assert_eq!(counters.get("é"), Some(&2_469_135_780_246));
+}
+
+async fn post_batch(app: &crate::helpers::TestApp, body: &str) -> crate::helpers::Response {
+    app.client
+        .post("/increments")
+        .content_type("application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+}
+
+async fn batches_are_applied_whole_or_not_at_all(db: TestDb) {
+    let app = spawn_app(db).await;
+    let response = post_batch(
+        &app,
+        r#"{"increments": [{"key": "a", "value": 1}, {"key": "b", "value": -2}, {"key": "a", "value": 10}]}"#,
+    )
+    .await;
+    response.assert_status(StatusCode::ACCEPTED);
+    response.assert_json(serde_json::json!({"accepted": 3}));
+
+    let item = |i: usize| format!(r#"{{"key": "k{i}", "value": 1}}"#);
+    let items = |n: usize| (0..n).map(item).collect::<Vec<_>>().join(",");
+    let bad_cases = [
+        (r#"{"increments": [{"key": "c", "value": 1}, {"key": "", "value": 1}]}"#.to_owned(), "increments[1]: \"key\" must not be empty"),
+        (r#"{"increments": [{"key": "c", "value": 1}, {"key": "d"}]}"#.to_owned(), "increments[1]: \"value\" is missing"),
+        (r#"{"increments": [{"key": "c", "value": 1.5}]}"#.to_owned(), "increments[0]: \"value\" must be an integer"),
+        (r#"{"increments": []}"#.to_owned(), "1 to 1000 items, found 0"),
+        (format!(r#"{{"increments": [{}]}}"#, items(1_001)), "1 to 1000 items, found 1001"),
+        (r#"{"increments": {"key": "c", "value": 1}}"#.to_owned(), "\"increments\" must be an array"),
+        (r#"{}"#.to_owned(), "\"increments\" is missing"),
+        (r#"[]"#.to_owned(), "found an array"),
+        (r#"{"increments": [{"key": "c", "value": 9223372036854775807}, {"key": "c", "value": 1}]}"#.to_owned(), "increments[1]"),
+    ];
+    for (body, expected) in bad_cases {
+        let message = error_message(
+            post_batch(&app, &body).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+        assert!(
+            message.contains(expected),
+            "expected {expected:?} in {message:?}"
+        );
+    }
+    // A batch that would overflow a key's pending delta is refused whole.
+    assert_accepted(app.increment("full", i64::MAX).await).await;
+    let message = error_message(
+        post_batch(
+            &app,
+            r#"{"increments": [{"key": "e", "value": 1}, {"key": "full", "value": 1}]}"#,
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert!(message.starts_with("increments[1]"), "{message}");
+
+    post_batch(&app, &format!(r#"{{"increments": [{}]}}"#, items(1_000)))
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    app.flush().await;
+    let counters = app.counters().await;
+    assert_eq!(counters.get("a"), Some(&11));
+    assert_eq!(counters.get("b"), Some(&-2));
+    assert_eq!(counters.get("full"), Some(&i64::MAX));
+    for absent in ["c", "d", "e"] {
+        assert!(
+            !counters.contains_key(absent),
+            "{absent} was in a refused batch"
+        );
+    }
+    let k: std::collections::BTreeMap<&String, &i64> = counters
+        .iter()
+        .filter(|(k, _)| k.starts_with('k'))
+        .collect();
+    assert_eq!(k.len(), 1_000);
 }

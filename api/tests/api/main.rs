@@ -3,9 +3,11 @@
 
 mod helpers;
 
+mod admin;
 mod counters;
 mod docs;
 mod durability;
+mod faults;
 mod flush;
 mod front_door;
 mod health;

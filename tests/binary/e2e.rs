@@ -2,8 +2,6 @@
 //! database, load it over keep-alive connections, stop it with SIGTERM, and
 //! compare every stored value with what was answered 202.
 
-mod common;
-
 use std::{
     collections::BTreeMap,
     sync::{
@@ -12,7 +10,7 @@ use std::{
     },
 };
 
-use common::Service;
+use crate::service::Service;
 use nix::{sys::signal::Signal, unistd::Pid};
 use rand::Rng;
 use testkit::{TestDb, db_tests};

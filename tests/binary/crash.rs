@@ -2,8 +2,6 @@
 //! accepted after the last successful flush, and nothing answered 200 with
 //! `wait=true`.
 
-mod common;
-
 use std::{
     collections::BTreeSet,
     sync::{
@@ -13,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::Service;
+use crate::service::Service;
 use testkit::{TestDb, db_tests, eventually};
 
 db_tests!(sigkill_loses_only_the_unflushed_window_and_no_durable_increment);

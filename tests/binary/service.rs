@@ -1,12 +1,14 @@
 //! The release-independent harness for tests that run the real binary.
-// Each test binary uses a part of this harness.
-#![allow(dead_code)]
+#![allow(dead_code)] // crash and e2e each use a part of it
 
-use std::{net::TcpListener, path::Path, process::Stdio, time::Duration};
+use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
 
 use nix::{sys::signal::Signal, unistd::Pid};
 use testkit::TestDb;
-use tokio::process::{Child, Command};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, ChildStderr, Command},
+};
 
 /// The binary under test, listening on a free loopback port.
 pub struct Service {
@@ -17,27 +19,32 @@ pub struct Service {
 impl Service {
     /// Starts the binary against `db`; `spill_dir` holds its spill file.
     pub async fn start(db: &TestDb, spill_dir: &Path) -> Self {
-        // Ask the kernel for a free port, then hand it to the binary.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_increment"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+        // Port 0: the binary binds a free port itself and logs it (JSON), so
+        // no other process can take the port between a pick and the bind.
+        let mut child = Command::new(env!("CARGO_BIN_EXE_increment"))
+            .args(["--listen", "127.0.0.1:0"])
             .args(["--database-url", &db.url])
             .args(["--flush-interval", "100ms"])
             .args(["--shutdown-timeout", "30s"])
+            .args(["--log-format", "json"])
             .arg("--spill-path")
             .arg(spill_dir.join("spill.jsonl"))
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,api::startup=info")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("the binary starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(forward_logs(stderr, addr_tx));
+        let addr = tokio::time::timeout(Duration::from_secs(30), addr_rx)
+            .await
+            .expect("the binary logs its address within 30 s")
+            .expect("the binary logs its address before exiting");
         let service = Self {
             child,
-            base: format!("http://127.0.0.1:{port}"),
+            base: format!("http://{addr}"),
         };
         service.wait_until_ready().await;
         service
@@ -76,4 +83,29 @@ impl Service {
         nix::sys::signal::kill(self.pid(), Signal::SIGKILL).expect("SIGKILL sent");
         let _ = self.child.wait().await;
     }
+}
+
+/// Passes the binary's log lines on to the test's stderr, and sends the
+/// address from its "listening" line.
+async fn forward_logs(stderr: ChildStderr, addr: tokio::sync::oneshot::Sender<SocketAddr>) {
+    let mut addr = Some(addr);
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if addr.is_some()
+            && let Some(listening) = listening_addr(&line)
+            && let Some(addr) = addr.take()
+        {
+            let _ = addr.send(listening);
+            continue;
+        }
+        eprintln!("{line}");
+    }
+}
+
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let event: serde_json::Value = serde_json::from_str(line).ok()?;
+    if event.get("message")?.as_str()? != "listening" {
+        return None;
+    }
+    event.get("addr")?.as_str()?.parse().ok()
 }
