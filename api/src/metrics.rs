@@ -80,6 +80,9 @@ macro_rules! metrics {
         }
 
         impl $name {
+            /// Every declared metric: its name after the prefix, and its kind.
+            pub const DECLARED: &[(&str, &str)] = &[$((stringify!($metric), stringify!($kind)),)*];
+
             fn declare_all() -> Result<Self, prometheus::Error> {
                 let registry = Registry::new();
                 $(
@@ -241,6 +244,34 @@ impl Metrics {
             metrics.cache_evictions_total.with_label_values(&[cause]);
         }
         metrics
+    }
+
+    /// The name of every series the service exports (histograms as their
+    /// `_bucket`, `_sum` and `_count`), whether or not it has a value yet;
+    /// process metrics included.
+    pub fn exported_series() -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for (name, kind) in Self::DECLARED {
+            let full = format!("{NAMESPACE}_{name}");
+            if kind.starts_with("Histogram") {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.push(format!("{full}{suffix}"));
+                }
+            } else {
+                names.push(full);
+            }
+        }
+        let process = Self::new().render();
+        names.extend(
+            process
+                .lines()
+                .filter_map(|line| line.strip_prefix("# TYPE process_"))
+                .filter_map(|rest| rest.split_whitespace().next())
+                .map(|name| format!("process_{name}")),
+        );
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// Asks `source` to set its metrics at every scrape.
