@@ -36,7 +36,8 @@ cleanup() {
 trap cleanup EXIT
 
 # shellcheck source=scripts/lib.sh
-source "$ROOT/scripts/lib.sh"   # free_port
+source "$ROOT/scripts/lib.sh"   # free_port, listening_addr
+die() { echo "ab.sh: $*" >&2; exit 1; }
 wait_port() {
   for _ in $(seq 1 200); do
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
@@ -47,14 +48,16 @@ wait_port() {
 
 # Not called in $(...): PIDS and DBS must reach cleanup().
 start_service() { # CONFIG BIN [FLAGS...]: sets PORT[CONFIG]
-  local name=$1 bin=$2 port db
+  local name=$1 bin=$2 port db addr
   shift 2
-  port=$(free_port); db="incab_${name,,}_$$"
+  db="incab_${name,,}_$$"
   psql -q "$PG/postgres" -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
   DBS+=("$db")
-  TOKIO_WORKER_THREADS=1 RUST_LOG=warn "$bin" --listen "127.0.0.1:$port" --database-url "$PG/$db" "$@" \
+  TOKIO_WORKER_THREADS=1 RUST_LOG=warn,api::startup=info "$bin" --listen 127.0.0.1:0 --database-url "$PG/$db" "$@" \
     >"$SCRATCH/$name.log" 2>&1 &
   PIDS+=($!)
+  addr=$(listening_addr "$SCRATCH/$name.log" "$!" 30)
+  port=${addr##*:}
   wait_port "$port"
   PORT[$name]=$port
 }

@@ -106,6 +106,8 @@ T_START=$(date +%s)
 log() { printf '[%4ds] %s\n' "$(( $(date +%s) - T_START ))" "$*" >&2; }
 die() { log "FATAL: $*"; exit 1; }
 now() { date +%s.%N; }
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"   # free_port, listening_addr (its wait_http is replaced below)
 
 stop_pid() { # pid [signal]
   local pid=$1 sig=${2:-TERM} i
@@ -588,7 +590,9 @@ done
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 if ! timeout 5 psql "$PG/postgres" -XAtqc 'select 1' >/dev/null 2>&1; then
   log "PostgreSQL is not answering; starting the cluster"
-  pg_ctlcluster --skip-systemctl-redirect 15 main start || true
+  cluster_version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+  [ -n "$cluster_version" ] || die "no PostgreSQL cluster in /etc/postgresql"
+  pg_ctlcluster --skip-systemctl-redirect "$cluster_version" main start || true
   for _ in $(seq 1 30); do timeout 5 psql "$PG/postgres" -XAtqc 'select 1' >/dev/null 2>&1 && break; sleep 1; done
   timeout 5 psql "$PG/postgres" -XAtqc 'select 1' >/dev/null || die "PostgreSQL at $PG is not reachable"
 fi
@@ -637,16 +641,7 @@ crate_version() { awk -v n="$1" '$0=="name = \""n"\""{getline; gsub(/version = |
 } >>"$META"
 
 # ---------------------------------------------------------------------------
-# Helpers: ports, databases, servers.
-NEXT_PORT=$(( 39000 + RANDOM % 500 ))
-free_port() {
-  local p
-  while :; do
-    p=$NEXT_PORT
-    NEXT_PORT=$(( NEXT_PORT + 1 ))
-    if ! ss -Hltn "sport = :$p" 2>/dev/null | grep -q .; then echo "$p"; return; fi
-  done
-}
+# Helpers: databases, servers (ports: scripts/lib.sh).
 
 create_db() {
   local db=$1
@@ -670,15 +665,16 @@ note_server() { echo "server=$*" | sed "s#$SCRATCH#\$SCRATCH#g; s#$ROOT/##g" >>"
 
 start_service() { # name db workers(empty: default) [flags...]
   local name=$1 db=$2 workers=$3; shift 3
-  local port envs=(RUST_LOG=warn)
-  port=$(free_port)
+  local port addr envs=(RUST_LOG=warn,api::startup=info)
   [ -n "$workers" ] && envs+=("TOKIO_WORKER_THREADS=$workers")
-  local cmd=(env "${envs[@]}" "$INCREMENT" --listen "127.0.0.1:$port" --database-url "$PG/$db"
+  local cmd=(env "${envs[@]}" "$INCREMENT" --listen 127.0.0.1:0 --database-url "$PG/$db"
     --spill-path "$SCRATCH/$name.spill.jsonl" --admin-token "$TOKEN" "$@")
   "${cmd[@]}" >"$SCRATCH/$name.log" 2>&1 &
   PID[$name]=$!
-  PORT[$name]=$port
   STARTED+=("${PID[$name]}")
+  addr=$(listening_addr "$SCRATCH/$name.log" "${PID[$name]}" 30)
+  port=${addr##*:}
+  PORT[$name]=$port
   note_server "${cmd[*]/$TOKEN/\$TOKEN}   # $name"
   wait_http "http://127.0.0.1:$port/readyz" "${PID[$name]}" "$name"
   log "$name: increment on :$port (pid ${PID[$name]}, db $db${workers:+, TOKIO_WORKER_THREADS=$workers})"

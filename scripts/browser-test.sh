@@ -17,6 +17,8 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 die() { printf 'browser-test: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # listening_addr, wait_http
 started=$(date +%s)
 
 export PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-5432}" PGUSER="${PGUSER:-postgres}"
@@ -125,31 +127,16 @@ db_created=1
 echo "created database $db_name (dropped at exit)"
 
 # --- start the service --------------------------------------------------------
-free_port() {
-  node -e 'const s = require("net").createServer(); s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); });'
-}
-
 step "start increment on a free loopback port, wait for /readyz"
 database_url="postgres://$PGUSER@$PGHOST:$PGPORT/$db_name"
-ready=0
-for attempt in 1 2 3; do # another process may take the port between probe and bind
-  port=$(free_port)
-  base_url="http://127.0.0.1:$port"
-  "$bin" --listen "127.0.0.1:$port" --database-url "$database_url" --flush-interval 200ms \
-    >>"$server_log" 2>&1 &
-  server_pid=$!
-  for _ in $(seq 1 120); do # up to ~60 s
-    if ! kill -0 "$server_pid" 2>/dev/null; then break; fi
-    if curl -fsS --max-time 2 -o /dev/null "$base_url/readyz" 2>/dev/null; then ready=1; break; fi
-    sleep 0.5
-  done
-  [ "$ready" = 1 ] && break
-  echo "attempt $attempt: the service did not become ready on port $port" >&2
-  stop_pid "$server_pid"
-  wait "$server_pid" 2>/dev/null || true
-  server_pid=""
-done
-[ "$ready" = 1 ] || die "the service never became ready (log: $server_log)"
+# Port 0: the service binds a free port itself and logs it.
+RUST_LOG="${RUST_LOG:-info},api::startup=info" \
+  "$bin" --listen 127.0.0.1:0 --database-url "$database_url" --flush-interval 200ms \
+  >>"$server_log" 2>&1 &
+server_pid=$!
+addr=$(listening_addr "$server_log" "$server_pid" 60)
+base_url="http://$addr"
+wait_http "$base_url/readyz" 60 "$server_pid" increment
 echo "ready: $base_url (pid $server_pid, flush interval 200ms, database $db_name)"
 
 # --- the browser test ---------------------------------------------------------

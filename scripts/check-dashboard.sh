@@ -101,13 +101,7 @@ else
 fi
 run_started=$(date +%s)
 
-app_port=$(free_port)
-prom_port=$(free_port)
-while [ "$prom_port" = "$app_port" ]; do prom_port=$(free_port); done
-app=127.0.0.1:$app_port
-prom=127.0.0.1:$prom_port
-
-step "increment on $app (SQLite in $tmp)"
+step "increment on a free port (SQLite in $tmp)"
 bin=$(realpath "$bin")
 (
   # Only the flags below: no INCREMENT_*/OTEL_*/DATABASE_URL from the caller,
@@ -116,8 +110,9 @@ bin=$(realpath "$bin")
   for var in $(compgen -e | grep -E '^(INCREMENT_|OTEL_|DATABASE_URL$)' || true); do unset "$var"; done
   export INCREMENT_SPILL_PATH="$tmp/spill.jsonl"
   cd "$tmp"
+  export RUST_LOG="${RUST_LOG:-info},api::startup=info"   # the "listening" line
   exec "$bin" \
-    --listen "$app" \
+    --listen 127.0.0.1:0 \
     --database-url "sqlite://$tmp/increment.db?mode=rwc" \
     --flush-interval 200ms \
     --cache-capacity 50 \
@@ -125,8 +120,10 @@ bin=$(realpath "$bin")
     --shutdown-timeout 10s
 ) >"$tmp/increment.log" 2>&1 &
 app_pid=$!
+app=$(listening_addr "$tmp/increment.log" "$app_pid" 30)
 wait_http "http://$app/readyz" 30 "$app_pid" increment
-echo "ready (pid $app_pid)"
+echo "increment ready on $app (pid $app_pid)"
+prom=127.0.0.1:$(free_port)
 
 step "prometheus on $prom scraping $app every 1s (config derived from prometheus.yml)"
 python3 scripts/check_dashboard.py render-config --source prometheus.yml --out "$tmp/prometheus.yml" \

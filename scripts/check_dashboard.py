@@ -765,7 +765,7 @@ def live_check(args: argparse.Namespace) -> int:
             failures.append(f"{q.panel} [{q.ref}]: {detail.strip(' <-')}")
 
     print(f"\n== summary: {len(rows)} expressions, {sum(rows)} returned data, {len(rows) - sum(rows)} failed; "
-          f"{len(used)} metric names; {st.panel_count} panels; {len(failures)} failure(s)")
+          f"{st.panel_count} panels; {len(failures)} failure(s)")
     for f in failures:
         print(f"  FAIL {f}")
     return 1 if failures else 0

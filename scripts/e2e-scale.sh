@@ -195,15 +195,9 @@ run_started=$(date +%s)
 watchdog_pid=$!
 
 # ---------------------------------------------------------------------------
-ports=()
-while [ "${#ports[@]}" -lt 4 ]; do
-  p=$(free_port)
-  [[ " ${ports[*]} " == *" $p "* ]] || ports+=("$p")
-done
-inst_port=("" "${ports[0]}" "${ports[1]}" "${ports[2]}")
-nginx_port=${ports[3]}
+nginx_port=$(free_port)
 
-start_instance() {  # start_instance I: instance I on its port, log appended
+start_instance() {  # start_instance I: instance I on its port (a free one the first time), log appended
   local i=$1
   mkdir -p "$tmp/i$i"
   (
@@ -211,8 +205,9 @@ start_instance() {  # start_instance I: instance I on its port, log appended
     # caller; relative paths land in the instance's own directory.
     for var in $(compgen -e | grep -E '^(INCREMENT_|OTEL_|DATABASE_URL$)' || true); do unset "$var"; done
     cd "$tmp/i$i"
+    export RUST_LOG="${RUST_LOG:-info},api::startup=info"   # the "listening" line
     exec "$bin" \
-      --listen "127.0.0.1:${inst_port[$i]}" \
+      --listen "127.0.0.1:${inst_port[$i]:-0}" \
       --database-url "$db_url" \
       --flush-interval 200ms \
       --shutdown-timeout 20s \
@@ -222,9 +217,11 @@ start_instance() {  # start_instance I: instance I on its port, log appended
   inst_pid[$i]=$!
 }
 
-step "three instances on 127.0.0.1:${inst_port[1]}, :${inst_port[2]}, :${inst_port[3]} (started together: migrations under the advisory lock)"
+step "three instances on free ports (started together: migrations under the advisory lock)"
 for i in 1 2 3; do start_instance "$i"; done
 for i in 1 2 3; do
+  addr=$(listening_addr "$tmp/i$i/increment.log" "${inst_pid[$i]}" 60)
+  inst_port[$i]=${addr##*:}
   wait_http "http://127.0.0.1:${inst_port[$i]}/readyz" 60 "${inst_pid[$i]}" "instance $i"
   echo "instance $i ready (pid ${inst_pid[$i]})"
 done

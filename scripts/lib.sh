@@ -31,9 +31,28 @@ stop() {
   wait "$pid" 2>/dev/null || true
 }
 
-# A TCP port free on loopback right now (another process may still take it).
+# A TCP port free on loopback right now, for servers that cannot bind port 0
+# and say which port they got (nginx, Prometheus, the bench ceilings); another
+# process may still take it before they bind. `increment` needs none: start it
+# with `--listen 127.0.0.1:0` and read its address with `listening_addr`.
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# listening_addr LOG PID SECONDS: the address `increment` logged ("listening",
+# text or JSON format, at info level for api::startup) in LOG; calls the
+# caller's `die` when PID exits first or SECONDS pass.
+listening_addr() {
+  local log=$1 pid=$2 seconds=$3 addr
+  local deadline=$(( $(date +%s) + seconds ))
+  while :; do
+    addr=$(sed -E 's/\x1b\[[0-9;]*m//g' "$log" 2>/dev/null | grep 'listening' \
+      | sed -nE 's/.*"?addr"?[=:]"?([0-9.]+:[0-9]+).*/\1/p' | head -n 1)
+    [ -n "$addr" ] && { echo "$addr"; return 0; }
+    kill -0 "$pid" 2>/dev/null || die "pid $pid exited before listening (see $log)"
+    [ "$(date +%s)" -lt "$deadline" ] || die "pid $pid did not listen within ${seconds}s (see $log)"
+    sleep 0.1
+  done
 }
 
 # wait_http URL SECONDS PID NAME: until URL answers 2xx; calls the caller's
