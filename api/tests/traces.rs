@@ -97,11 +97,7 @@ async fn request_and_flush_spans_reach_an_otlp_receiver() {
         .send()
         .await
         .assert_status(poem::http::StatusCode::ACCEPTED);
-    client
-        .post("/increment")
-        .content_type("application/json")
-        .body(r#"{"key":"untraced","value":2}"#)
-        .send()
+    app.increment("untraced", 2)
         .await
         .assert_status(poem::http::StatusCode::ACCEPTED);
     app.flusher.flush_once().await.unwrap();

@@ -223,13 +223,8 @@ async fn an_ambiguous_commit_is_not_applied_twice() {
     };
     settings.flush_interval = Duration::from_secs(3600);
     let app = TestApp::start(db, settings).await;
-    let client = &app.client;
     for (key, value) in [("a", 1), ("b", 2), ("a", 3)] {
-        client
-            .post("/increment")
-            .content_type("application/json")
-            .body(format!(r#"{{"key":"{key}","value":{value}}}"#))
-            .send()
+        app.increment(key, value)
             .await
             .assert_status(poem::http::StatusCode::ACCEPTED);
     }
@@ -245,11 +240,7 @@ async fn an_ambiguous_commit_is_not_applied_twice() {
     assert_eq!(app.counters().await, committed, "the server did commit");
 
     // More traffic while the batch's fate is unknown to the service.
-    client
-        .post("/increment")
-        .content_type("application/json")
-        .body(r#"{"key":"a","value":10}"#)
-        .send()
+    app.increment("a", 10)
         .await
         .assert_status(poem::http::StatusCode::ACCEPTED);
     let retry = flusher.flush_once().await.expect("the retry succeeds");
