@@ -12,27 +12,29 @@
 #      three instances as static upstreams.
 #   4. checks through the proxy: /readyz, /docs, /openapi.json, /metrics
 #      (refused at the edge), X-Request-Id, 413 over 64k
-#   5. scripts/scale_load.py sends REQUESTS increments (default 200,000)
-#      through nginx on CONCURRENCY keep-alive connections (default 64):
-#      half of them on 10 hot keys, the rest over 10,000 cold keys, with
-#      random positive and negative values
+#   5. bench's loadgen sends REQUESTS increments (default 200,000) through
+#      nginx on CONCURRENCY keep-alive connections (default 64): zipf over
+#      10,000 keys (a few hot, a long cold tail), random positive and
+#      negative values
 #   6. about half way through, instance 2 gets SIGTERM and must exit 0 with
 #      everything written. A few seconds later it starts again on the same
 #      port. The load holds at 75% until it is back, so the restarted
 #      instance is sure to get traffic.
 #   7. each instance's share of the 202s, from its /metrics; each must be
 #      above zero
-#   8. everything gets SIGTERM (each instance must exit 0), then every key in
-#      PostgreSQL must equal the sum of the increments answered 202
+#   8. loadgen --verify: every key in PostgreSQL must equal the sum of the
+#      increments answered 202 (waiting for the flushes); then everything
+#      gets SIGTERM, each instance must exit 0 and leave no spill file, and
+#      the stored total must not have moved
 #
 # A request that nginx answers 502/504, or whose connection breaks after it
 # was sent, is "ambiguous": the instance may or may not have applied it. nginx
 # never resends a POST once sent (proxy_next_upstream error timeout, without
-# non_idempotent), so each one is applied at most once. The load tool records
-# its key and value. The check accepts a key only if its stored value is the
-# sum of its 202s plus some subset of its ambiguous values, and fails if there
-# are more than CONCURRENCY ambiguous requests. Any other status fails the
-# run. See scripts/scale_load.py.
+# non_idempotent), so each one is applied at most once. loadgen records its
+# key and value and accepts a key only if its stored value is the sum of its
+# 202s plus some subset of its ambiguous values; it fails if there are more
+# than CONCURRENCY ambiguous requests, and on any other status
+# (--expect-accepted).
 #
 # Run from anywhere: scripts/e2e-scale.sh
 # Environment:
@@ -182,6 +184,14 @@ else
   bin=target/release/increment
 fi
 bin=$(realpath "$bin")
+if [ -n "${LOADGEN_BIN:-}" ]; then
+  loadgen=$LOADGEN_BIN
+else
+  step "cargo build --release -p bench --bin loadgen"
+  run timeout "$BUILD_TIMEOUT" cargo build --release -p bench --bin loadgen
+  loadgen=target/release/loadgen
+fi
+loadgen=$(realpath "$loadgen")
 
 # From here on the whole run is bounded.
 run_started=$(date +%s)
@@ -294,17 +304,19 @@ echo "proxy checks done"
 # ---------------------------------------------------------------------------
 key_prefix="e2e-scale-$$-$(date +%s)"
 step "load: $REQUESTS increments through nginx on $CONCURRENCY connections (seed $SEED, keys $key_prefix:*)"
-python3 scripts/scale_load.py load \
-  --target "$proxy" \
+timeout 300 "$loadgen" \
+  --url "http://$proxy" \
   --requests "$REQUESTS" \
-  --concurrency "$CONCURRENCY" \
-  --hot-keys 10 --cold-keys 10000 --hot-share 0.5 \
+  --connections "$CONCURRENCY" \
+  --keys zipf:10000:1.1 \
   --seed "$SEED" \
-  --key-prefix "$key_prefix" \
-  --out "$tmp/load.json" \
+  --key-prefix "$key_prefix:" \
+  --timeout 30s \
   --progress-file "$tmp/progress" \
-  --gate-file "$tmp/restarted" --gate-at 0.75 --gate-timeout 60 \
-  --max-seconds 240 &
+  --gate-file "$tmp/restarted" --gate-at 0.75 --gate-timeout 60s \
+  --expect-accepted --max-ambiguous "$CONCURRENCY" \
+  --verify "$db_url" --verify-timeout 60s \
+  --json >"$tmp/load.json" 2>"$tmp/load.log" &
 load_pid=$!
 
 progress() { cat "$tmp/progress" 2>/dev/null || echo 0; }
@@ -315,7 +327,7 @@ until [ "$(progress)" -ge "$half" ]; do
 done
 
 r=$RESTARTED
-earlier=$(python3 scripts/scale_load.py count202 --url "http://127.0.0.1:${inst_port[$r]}/metrics")
+earlier=$(python3 scripts/scale_shares.py count202 --url "http://127.0.0.1:${inst_port[$r]}/metrics")
 echo "e2e-scale: $(progress) requests done; SIGTERM to instance $r (pid ${inst_pid[$r]}, $earlier 202s so far)"
 t0=$(date +%s.%N)
 kill -TERM "${inst_pid[$r]}"
@@ -344,18 +356,19 @@ echo "e2e-scale: instance $r is back (pid ${inst_pid[$r]}); $(progress) requests
 load_rc=0
 wait "$load_pid" || load_rc=$?
 load_pid=""
-[ "$load_rc" -eq 0 ] || fail "the load tool exited $load_rc"
+cat "$tmp/load.log"
+[ "$load_rc" -eq 0 ] || fail "loadgen exited $load_rc (refused or too many ambiguous requests, or totals that do not match)"
 
 # ---------------------------------------------------------------------------
 step "shares: each instance's 202s for POST /increment (its /metrics) and nginx's access log"
-client_202=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["accepted_202"])' "$tmp/load.json")
+client_202=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["statuses"].get("202", 0))' "$tmp/load.json")
 shares_args=()
 for i in 1 2 3; do
   spec="i$i=127.0.0.1:${inst_port[$i]}"
   [ "$i" != "$r" ] || spec+="+$earlier"
   shares_args+=(--instance "$spec")
 done
-shares_out=$(python3 scripts/scale_load.py shares "${shares_args[@]}" \
+shares_out=$(python3 scripts/scale_shares.py shares "${shares_args[@]}" \
   --access-log "$tmp/nginx/access.log" --client-202 "$client_202") || fail "an instance served no requests"
 echo "$shares_out"
 
@@ -376,32 +389,33 @@ for i in 1 2 3; do
   [ ! -s "$tmp/i$i/spill.jsonl" ] || fail "instance $i left a spill file"
 done
 
-step "totals: every key in PostgreSQL against the sum of its 202s"
-psql -d "$db" -v ON_ERROR_STOP=1 -qAtc \
-  "COPY (SELECT key, value FROM counters) TO STDOUT WITH (FORMAT csv)" >"$tmp/counters.csv"
+step "totals again, after every instance stopped: nothing more written, nothing rejected"
 rejected=$(psql -d "$db" -v ON_ERROR_STOP=1 -qAtc "SELECT count(*) FROM rejected_increments")
-check_out=$(python3 scripts/scale_load.py check --expected "$tmp/load.json" --db-csv "$tmp/counters.csv" \
-  --max-ambiguous "$CONCURRENCY" --rejected-rows "$rejected") || fail "the totals check failed"
-echo "$check_out"
+[ "$rejected" = 0 ] || fail "$rejected rows in rejected_increments"
+# The sum over the run's keys must not have moved since loadgen's check.
+after=$(psql -d "$db" -v ON_ERROR_STOP=1 -qAtc \
+  "SELECT coalesce(sum(value), 0) FROM counters WHERE key LIKE '$key_prefix:%'")
+verified=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["verify"]["stored_total"])' "$tmp/load.json")
+[ "$after" = "$verified" ] || fail "the stored total moved from $verified to $after after the instances stopped"
+echo "stored total $after, unchanged; rejected rows: $rejected"
 
 # ---------------------------------------------------------------------------
 now=$(date +%s)
 summary=$(python3 - "$tmp/load.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"requests:     {r['requests_done']} of {r['requests_planned']} in {r['seconds']}s "
-      f"= {r['requests_per_second']:,.0f} requests/s through nginx")
+v = r["verify"] or {}
+print(f"requests:     {r['requests']} in {r['duration_s']:.1f}s = {r['rps']:,.0f} requests/s through nginx")
 print(f"statuses:     {r['statuses']}")
-print(f"ambiguous:    {len(r['ambiguous'])} (502/504/broken connection: maybe applied, each at most once)")
-print(f"unsent:       {r['unsent']}")
-print(f"keys written: {len(r['expected'])}")
+print(f"ambiguous:    {r['ambiguous']} (502/504/broken connection: maybe applied, each at most once)")
+print(f"keys written: {v.get('keys')}, totals {v.get('status')} (sum {v.get('stored_total')})")
 EOF
 )
 printf '\n==== e2e-scale summary ====\n'
 echo "$summary"
 echo "restart:      instance $r SIGTERM at half way -> exit $stop_rc in ${stop_seconds}s; back after ${RESTART_PAUSE}s pause"
 grep '^shares: ' <<<"$shares_out" | sed 's/^shares: /shares:  /' || true
-grep -E '^check: (sum|ambiguous|OK|FAILED)' <<<"$check_out" || true
+grep '^verify' "$tmp/load.log" || true
 echo "time:         $(( now - started ))s in all, $(( now - run_started ))s after the build"
 if [ "${#failures[@]}" -gt 0 ]; then
   printf '\ne2e-scale: FAILED (%d):\n' "${#failures[@]}"

@@ -6,15 +6,19 @@
 //! intended send time on a fixed schedule, and its latency is measured from
 //! that time, so a stalled server is charged for the requests it delayed
 //! (no coordinated omission). `--verify DATABASE_URL` checks afterwards that
-//! the database holds exactly the sum of the values answered 2xx, per key.
+//! the database holds exactly the sum of the values answered 2xx, per key;
+//! a request whose fate is unknown (no answer, or a proxy's 502/504) may or
+//! may not count, each at most once: its key's stored value must be the
+//! accepted sum plus some subset of that key's ambiguous values.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Write as _,
     io::{IsTerminal, Write as _},
+    path::PathBuf,
     process::ExitCode,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -101,14 +105,95 @@ struct Args {
     /// RNG seed (default: random).
     #[arg(long)]
     seed: Option<u64>,
+    /// Statuses that leave a request's fate unknown (a proxy's 502/504: it
+    /// may have reached an instance): ambiguous, like a request without an
+    /// answer, not refused.
+    #[arg(long, value_delimiter = ',', default_values_t = [502u16, 504])]
+    ambiguous_status: Vec<u16>,
+    /// Fail when more requests than this end ambiguous.
+    #[arg(long)]
+    max_ambiguous: Option<u64>,
+    /// Fail when a request is refused (answered neither 2xx nor ambiguous).
+    #[arg(long)]
+    expect_accepted: bool,
+    /// Write the number of answered requests to this file every 100 ms (for
+    /// scripts that act in the middle of a run).
+    #[arg(long)]
+    progress_file: Option<PathBuf>,
+    /// With --requests: once this share of them is issued, hold every
+    /// connection until --gate-file exists (a script's signal to go on).
+    #[arg(long, requires = "gate_file", requires = "requests")]
+    gate_at: Option<f64>,
+    #[arg(long)]
+    gate_file: Option<PathBuf>,
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    gate_timeout: Duration,
+}
+
+/// A pause in the run until a file exists.
+struct Gate {
+    /// Requests issued before the pause.
+    at: u64,
+    file: PathBuf,
+    timeout: Duration,
+    open: AtomicBool,
+    timed_out: AtomicBool,
+}
+
+impl Gate {
+    async fn wait(&self) {
+        let deadline = Instant::now() + self.timeout;
+        while !self.open.load(Ordering::Relaxed) {
+            if self.file.exists() {
+                self.open.store(true, Ordering::Relaxed);
+            } else if Instant::now() >= deadline {
+                self.timed_out.store(true, Ordering::Relaxed);
+                self.open.store(true, Ordering::Relaxed);
+            } else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Every sum of a subset of `values` (the empty one included). Ambiguous
+/// requests per key are few (at most one per connection in flight when an
+/// instance stopped), so the set stays small; past 20 values the sums are
+/// bounded by a range instead.
+fn subset_sums(values: &[i64]) -> Reachable {
+    if values.len() > 20 {
+        let low = values.iter().filter(|v| **v < 0).sum();
+        let high = values.iter().filter(|v| **v > 0).sum();
+        return Reachable::Range(low, high);
+    }
+    let mut sums = BTreeSet::from([0i64]);
+    for value in values {
+        let shifted: Vec<i64> = sums.iter().map(|s| s + value).collect();
+        sums.extend(shifted);
+    }
+    Reachable::Exact(sums)
+}
+
+enum Reachable {
+    Exact(BTreeSet<i64>),
+    Range(i64, i64),
+}
+
+impl Reachable {
+    fn contains(&self, extra: i64) -> bool {
+        match self {
+            Reachable::Exact(sums) => sums.contains(&extra),
+            Reachable::Range(low, high) => (*low..=*high).contains(&extra),
+        }
+    }
 }
 
 /// Per-key sums of what the server accepted, for `--verify`.
 struct Tally {
     sums: Vec<AtomicI64>,
     touched: Vec<AtomicBool>,
-    /// Keys of requests whose outcome is unknown (sent, no answer): excluded.
-    uncertain: Vec<AtomicBool>,
+    /// (key, value) of every item of a request whose outcome is unknown.
+    ambiguous: Mutex<Vec<(u32, i64)>>,
 }
 
 impl Tally {
@@ -117,7 +202,7 @@ impl Tally {
         Self {
             sums: (0..n).map(|_| AtomicI64::new(0)).collect(),
             touched: (0..n).map(|_| AtomicBool::new(false)).collect(),
-            uncertain: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            ambiguous: Mutex::new(Vec::new()),
         }
     }
 }
@@ -145,6 +230,10 @@ struct Shared {
     timeout: Duration,
     seed: u64,
     tally: Option<Tally>,
+    ambiguous_status: Vec<u16>,
+    /// Requests whose outcome is unknown.
+    ambiguous: AtomicU64,
+    gate: Option<Gate>,
 }
 
 struct Stats {
@@ -299,6 +388,12 @@ async fn connection_task(shared: Arc<Shared>, id: usize) -> Stats {
                 }
             }
         }
+        if let Some(gate) = &shared.gate
+            && !gate.open.load(Ordering::Relaxed)
+            && shared.issued.load(Ordering::Relaxed) >= gate.at
+        {
+            gate.wait().await;
+        }
         if let Some(budget) = shared.budget
             && shared.issued.fetch_add(1, Ordering::Relaxed) >= budget
         {
@@ -363,6 +458,13 @@ async fn connection_task(shared: Arc<Shared>, id: usize) -> Stats {
                 Err("timeout")
             }
         };
+        let outcome = match outcome {
+            Ok(status) if shared.ambiguous_status.contains(&status) => {
+                *stats.statuses.entry(status).or_default() += 1;
+                Err("ambiguous_status")
+            }
+            other => other,
+        };
         match outcome {
             Ok(status) => {
                 let accepted = (200..300).contains(&status);
@@ -393,12 +495,20 @@ async fn connection_task(shared: Arc<Shared>, id: usize) -> Stats {
                 }
             }
             Err(kind) => {
-                *stats.errors.entry(kind).or_default() += 1;
-                if let Some(tally) = &shared.tally {
-                    for (index, _) in &items {
-                        tally.uncertain[*index as usize].store(true, Ordering::Relaxed);
+                // Sent and not answered (or a proxy's 502/504): maybe applied.
+                // A connect failure sent nothing.
+                if !kind.starts_with("connect") {
+                    shared.ambiguous.fetch_add(1, Ordering::Relaxed);
+                    if let Some(tally) = &shared.tally
+                        && let Ok(mut ambiguous) = tally.ambiguous.lock()
+                    {
+                        ambiguous.extend(items.iter().copied());
                     }
                 }
+                if kind != "ambiguous_status" {
+                    *stats.errors.entry(kind).or_default() += 1;
+                }
+                shared.completed.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -515,6 +625,33 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         timeout: args.timeout,
         seed,
         tally,
+        ambiguous_status: args.ambiguous_status.clone(),
+        ambiguous: AtomicU64::new(0),
+        gate: match (args.gate_at, &args.gate_file, args.requests) {
+            (Some(at), Some(file), Some(requests)) => {
+                if !(0.0..=1.0).contains(&at) {
+                    bail!("--gate-at must be between 0 and 1");
+                }
+                Some(Gate {
+                    at: (requests as f64 * at) as u64,
+                    file: file.clone(),
+                    timeout: args.gate_timeout,
+                    open: AtomicBool::new(false),
+                    timed_out: AtomicBool::new(false),
+                })
+            }
+            _ => None,
+        },
+    });
+    let progress = args.progress_file.clone().map(|file| {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                write_progress(&file, shared.completed.load(Ordering::Relaxed));
+            }
+        })
     });
 
     let mode = match args.rate {
@@ -582,6 +719,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         live.abort();
         eprintln!();
     }
+    if let Some(progress) = progress {
+        progress.abort();
+        if let Some(file) = &args.progress_file {
+            write_progress(file, shared.completed.load(Ordering::Relaxed));
+        }
+    }
     let elapsed = end.saturating_duration_since(record_from).as_secs_f64();
     let elapsed = if elapsed > 0.0 { elapsed } else { f64::EPSILON };
     let rps = total.requests as f64 / elapsed;
@@ -643,10 +786,47 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
 
     let mut ok = true;
+    let ambiguous = shared.ambiguous.load(Ordering::Relaxed);
+    let refused: u64 = total
+        .statuses
+        .iter()
+        .filter(|(s, _)| !(200..300).contains(*s) && !args.ambiguous_status.contains(s))
+        .map(|(_, n)| n)
+        .sum();
+    let accepted_requests: u64 = total
+        .statuses
+        .iter()
+        .filter(|(s, _)| (200..300).contains(*s))
+        .map(|(_, n)| n)
+        .sum();
+    eprintln!(
+        "ambiguous {ambiguous} (no answer, or {:?}: maybe applied, at most once)",
+        args.ambiguous_status
+    );
+    if let Some(max) = args.max_ambiguous
+        && ambiguous > max
+    {
+        eprintln!(
+            "loadgen: FAILED: {ambiguous} ambiguous requests, more than --max-ambiguous {max}"
+        );
+        ok = false;
+    }
+    if args.expect_accepted && refused > 0 {
+        eprintln!("loadgen: FAILED: {refused} requests refused (--expect-accepted)");
+        ok = false;
+    }
+    if shared
+        .gate
+        .as_ref()
+        .is_some_and(|g| g.timed_out.load(Ordering::Relaxed))
+    {
+        eprintln!("loadgen: FAILED: --gate-file did not appear within --gate-timeout");
+        ok = false;
+    }
     let mut verify_json = serde_json::Value::Null;
     if let Some(url) = &args.verify {
         let outcome = verify(&args, &shared, url, &prefix).await?;
-        ok = outcome.ok();
+        ok &= outcome.ok();
         eprintln!("verify    {}", outcome.describe());
         verify_json = outcome.to_json();
     }
@@ -679,6 +859,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             "non2xx": non2xx,
             "errors": total.errors,
             "errors_total": errors_total,
+            "accepted_requests": accepted_requests,
+            "refused": refused,
+            "ambiguous": ambiguous,
             "verify": verify_json,
         });
         println!("{line}");
@@ -695,6 +878,8 @@ struct VerifyOutcome {
     waited: Duration,
     flush: Option<String>,
     expected_total: i128,
+    /// What the database holds over the same keys.
+    stored_total: i128,
 }
 
 impl VerifyOutcome {
@@ -710,7 +895,7 @@ impl VerifyOutcome {
             .unwrap_or_default();
         let uncertain = if self.uncertain > 0 {
             format!(
-                "; {} keys excluded (a request without an answer)",
+                "; {} keys with ambiguous requests, each stored as its accepted sum plus a subset of them",
                 self.uncertain
             )
         } else {
@@ -743,6 +928,7 @@ impl VerifyOutcome {
             "missing": self.missing,
             "uncertain": self.uncertain,
             "expected_total": self.expected_total.to_string(),
+            "stored_total": self.stored_total.to_string(),
             "wait_s": self.waited.as_secs_f64(),
         })
     }
@@ -756,18 +942,23 @@ async fn verify(
 ) -> anyhow::Result<VerifyOutcome> {
     let tally = shared.tally.as_ref().expect("tally exists with --verify");
     let spec = shared.sampler.spec();
+    let mut maybe: HashMap<u32, Vec<i64>> = HashMap::new();
+    for (key, value) in tally
+        .ambiguous
+        .lock()
+        .map_or_else(|e| e.into_inner().clone(), |a| a.clone())
+    {
+        maybe.entry(key).or_default().push(value);
+    }
+    let reachable: HashMap<u32, Reachable> = maybe
+        .iter()
+        .map(|(key, values)| (*key, subset_sums(values)))
+        .collect();
     let expected: Vec<(u32, i64)> = (0..spec.key_count())
-        .filter(|&i| {
-            tally.touched[i as usize].load(Ordering::Relaxed)
-                && !tally.uncertain[i as usize].load(Ordering::Relaxed)
-        })
+        .filter(|&i| tally.touched[i as usize].load(Ordering::Relaxed) || maybe.contains_key(&i))
         .map(|i| (i, tally.sums[i as usize].load(Ordering::Relaxed)))
         .collect();
-    let uncertain = tally
-        .uncertain
-        .iter()
-        .filter(|u| u.load(Ordering::Relaxed))
-        .count();
+    let uncertain = maybe.len();
     let started = Instant::now();
     let flush = match &args.admin_token {
         Some(token) => {
@@ -809,6 +1000,7 @@ async fn verify(
         let mut mismatched = 0;
         let mut missing = 0;
         let mut examples = Vec::new();
+        let mut stored_total: i128 = 0;
         for chunk in expected.chunks(20_000) {
             let names: Vec<String> = chunk
                 .iter()
@@ -821,11 +1013,24 @@ async fn verify(
                 let value: i64 = row.try_get(1)?;
                 if let Some(i) = key.strip_prefix(prefix).and_then(|s| spec.parse_suffix(s)) {
                     stored.insert(i, value);
+                    stored_total += i128::from(value);
                 }
             }
             for (i, want) in chunk {
+                let touched = tally.touched[*i as usize].load(Ordering::Relaxed);
+                // Only accepted requests promise a row; an ambiguous one may
+                // have added any subset of its key's values.
+                let fits = |got: i64| {
+                    reachable
+                        .get(i)
+                        .map_or(got == *want, |r| r.contains(got - want))
+                };
+                let agrees = match stored.get(i) {
+                    Some(got) => fits(*got),
+                    None => !touched,
+                };
                 match stored.get(i) {
-                    Some(got) if got == want => {}
+                    _ if agrees => {}
                     got => {
                         mismatched += 1;
                         if got.is_none() {
@@ -853,8 +1058,41 @@ async fn verify(
                 waited,
                 flush,
                 expected_total,
+                stored_total,
             });
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Replaces `file`'s content with `count` (written aside, then renamed, so a
+/// reader never sees a partial number).
+fn write_progress(file: &std::path::Path, count: u64) {
+    let aside = file.with_extension("tmp");
+    if std::fs::write(&aside, count.to_string()).is_ok() {
+        let _ = std::fs::rename(&aside, file);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ambiguous_value_may_count_once_or_not_at_all() {
+        let sums = subset_sums(&[5, -2]);
+        for extra in [0, 5, -2, 3] {
+            assert!(sums.contains(extra), "{extra}");
+        }
+        for extra in [10, -4, 1, 7] {
+            assert!(
+                !sums.contains(extra),
+                "{extra}: a value counted twice or invented"
+            );
+        }
+        assert!(subset_sums(&[]).contains(0) && !subset_sums(&[]).contains(1));
+        let many: Vec<i64> = (1..=30).collect();
+        let range = subset_sums(&many);
+        assert!(range.contains(465) && range.contains(0) && !range.contains(466));
     }
 }
