@@ -8,6 +8,9 @@
 #   SOAK_DURATION=2m scripts/soak.sh # shorter
 set -euo pipefail
 cd "$(dirname "$0")/.."
+die() { echo "soak: $*" >&2; exit 1; }
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh   # listening_addr, wait_http
 
 duration=${SOAK_DURATION:-10m}
 warmup_samples=${SOAK_WARMUP_SAMPLES:-6}   # first 60 s are warm-up
@@ -27,12 +30,14 @@ psql -h 127.0.0.1 -U postgres -d postgres -qc "CREATE DATABASE $db"
 url="postgres://postgres@127.0.0.1:5432/$db"
 cargo build --release --bin increment -p bench --bins >/dev/null 2>&1 || cargo build --release --bin increment -p bench --bins
 bin=target/release
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 token="soak-admin-token-$$-0000"
-"$bin/increment" --listen "127.0.0.1:$port" --database-url "$url" --spill-path "$work/spill.jsonl" \
+RUST_LOG="${RUST_LOG:-info},api::startup=info" \
+  "$bin/increment" --listen 127.0.0.1:0 --database-url "$url" --spill-path "$work/spill.jsonl" \
   --admin-token "$token" >"$work/server.log" 2>&1 &
 server=$!; pids+=("$server")
-for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+addr=$(listening_addr "$work/server.log" "$server" 30)
+port=${addr##*:}
+wait_http "http://$addr/readyz" 30 "$server" increment
 
 echo "== capacity: closed loop, 64 connections, zipf keys, 10 s"
 max=$("$bin/loadgen" --url "http://127.0.0.1:$port" -c 64 -d 10s --keys zipf:100000 --json 2>/dev/null \
