@@ -8,6 +8,9 @@
 # the 64-bit range (e.g. value 2^63-1 twice), 503 past the pending-key bound.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+die() { echo "schemathesis.sh: $*" >&2; exit 1; }
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh   # listening_addr, wait_http
 
 work=$(mktemp -d)
 server_pid=""
@@ -26,16 +29,13 @@ if [ -z "${INCREMENT_BIN:-}" ]; then
   INCREMENT_BIN="$PWD/target/release/increment"
 fi
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$INCREMENT_BIN" --listen "127.0.0.1:$port" \
+RUST_LOG="${RUST_LOG:-info},api::startup=info" "$INCREMENT_BIN" --listen 127.0.0.1:0 \
   --database-url "sqlite://$work/st.db?mode=rwc" --spill-path "$work/spill.jsonl" \
   --flush-interval 200ms --wait-timeout 2s >"$work/server.log" 2>&1 &
 server_pid=$!
-for _ in $(seq 1 100); do
-  curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
-curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null
+addr=$(listening_addr "$work/server.log" "$server_pid" 30)
+port=${addr##*:}
+wait_http "http://$addr/readyz" 30 "$server_pid" increment
 
 echo "schemathesis $(schemathesis --version | awk '{print $NF}') against http://127.0.0.1:$port/openapi.json"
 status=0
