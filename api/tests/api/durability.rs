@@ -177,3 +177,61 @@ async fn new_keys_get_503_past_the_pending_bound(db: TestDb) {
         "{metrics}"
     );
 }
+
+/// The `wait=true` deadline, in virtual time: a wait that nothing commits
+/// ends at exactly its timeout, not before; a wait whose drain has already
+/// committed returns at once. (Under `tokio::time::pause`, so the test takes
+/// no real seconds; the database is touched only before time is paused.)
+#[tokio::test]
+async fn a_durable_wait_ends_at_its_deadline_in_virtual_time() {
+    use std::num::NonZeroU64;
+
+    use api::{Batcher, Flusher, flusher::WaitOutcome, metrics::Metrics};
+    use migration::MigratorTrait;
+
+    let db = TestDb::sqlite().await;
+    let connection = db.connect().await;
+    migration::Migrator::up(&connection, None)
+        .await
+        .expect("migrations apply");
+    let batcher = Arc::new(Batcher::new(
+        NonZeroU64::new(100).expect("non-zero"),
+        Duration::from_secs(60),
+    ));
+    let flusher = Flusher::new(
+        Arc::clone(&batcher),
+        connection,
+        Arc::new(Metrics::new()),
+        Arc::default(),
+        Duration::from_secs(3600),
+    );
+    let committed = batcher.record_durable("done", 1).expect("recorded");
+    flusher.flush_once().await.expect("the flush succeeds");
+    let pending = batcher.record_durable("waiting", 1).expect("recorded");
+
+    tokio::time::pause();
+    let start = tokio::time::Instant::now();
+    assert_eq!(
+        flusher
+            .wait_committed(committed, "done", Duration::from_secs(5))
+            .await,
+        WaitOutcome::Committed
+    );
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "already committed: no wait"
+    );
+    assert_eq!(
+        flusher
+            .wait_committed(pending, "waiting", Duration::from_secs(5))
+            .await,
+        WaitOutcome::TimedOut
+    );
+    // Timers tick in whole milliseconds: the deadline, rounded up.
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5) && waited <= Duration::from_millis(5_001),
+        "nothing flushed: the wait ends at its deadline ({waited:?})"
+    );
+}
