@@ -43,7 +43,18 @@ async fn shutdown_with_the_database_unavailable_spills_and_the_next_start_replay
         assert_accepted(app.increment(key, value).await).await;
     }
     let (report, db) = app.shut_down().await;
-    assert_eq!(report, ShutdownReport::Spilled { keys: 2, total: 6 });
+    // The flush loop runs meanwhile (every 50 ms): "a" may sit both in the
+    // batch in flight and in what came after it, so 2 or 3 rows are spilled.
+    assert!(
+        matches!(
+            report,
+            ShutdownReport::Spilled {
+                keys: 2..=3,
+                total: 6
+            }
+        ),
+        "{report:?}"
+    );
     assert!(settings.spill_path.exists(), "the spill file is on disk");
 
     // The database is back; the next start writes the spill before serving.
