@@ -103,6 +103,14 @@ run_started=$(date +%s)
 
 step "increment on a free port (SQLite in $tmp)"
 bin=$(realpath "$bin")
+if [ -n "${LOADGEN_BIN:-}" ]; then
+  loadgen=$LOADGEN_BIN
+else
+  step "cargo build --release -p bench --bin loadgen"
+  run timeout "$BUILD_TIMEOUT" cargo build --release -p bench --bin loadgen
+  loadgen=target/release/loadgen
+fi
+loadgen=$(realpath "$loadgen")
 (
   # Only the flags below: no INCREMENT_*/OTEL_*/DATABASE_URL from the caller,
   # and the working directory (where relative paths such as the spill file
@@ -141,8 +149,28 @@ wait_http "http://$prom/-/ready" 60 "$prom_pid" prometheus
 run timeout 60 python3 scripts/check_dashboard.py wait-target --prometheus "http://$prom" --job increment --timeout 30
 
 step "load: ${LOAD_SECONDS}s of increments (valid, 422, 415, a few 413) over many keys"
-run timeout $(( LOAD_SECONDS + 60 )) python3 scripts/check_dashboard.py load \
-  --url "http://$app" --seconds "$LOAD_SECONDS" --rate 250 --workers 2 --keys 2000
+# Valid increments from loadgen (open loop), and beside it a few requests
+# the service refuses, so the rejection panels have data too.
+timeout $(( LOAD_SECONDS + 60 )) "$loadgen" --url "http://$app" -c 2 --rate 200 \
+  -d "${LOAD_SECONDS}s" --keys uniform:2000 --values 1..=5 --key-prefix load: \
+  >"$tmp/loadgen.json" 2>"$tmp/loadgen.log" &
+loadgen_pid=$!
+big=$(python3 -c 'print("{\"key\":\"big\",\"value\":1,\"pad\":\"" + "x" * 81920 + "\"}")')
+refused=0
+load_deadline=$(( $(date +%s) + LOAD_SECONDS ))
+while [ "$(date +%s)" -lt "$load_deadline" ]; do
+  curl -s -o /dev/null --max-time 2 -H 'content-type: application/json' -d '{"key":"load:x","value":"1"}' "http://$app/increment" || true
+  curl -s -o /dev/null --max-time 2 -H 'content-type: text/plain' -d '{"key":"load:x","value":1}' "http://$app/increment" || true
+  curl -s -o /dev/null --max-time 2 "http://$app/healthz" || true
+  if [ $(( refused % 20 )) -eq 0 ]; then
+    curl -s -o /dev/null --max-time 2 -H 'content-type: application/json' --data-binary "$big" "http://$app/increment" || true
+  fi
+  refused=$(( refused + 1 ))
+  sleep 0.1
+done
+wait "$loadgen_pid" || die "loadgen failed (see $tmp/loadgen.log)"
+grep -E '^(requests|status|errors)' "$tmp/loadgen.log"
+echo "beside it: $(( refused * 2 )) refused increments (422, 415), $(( (refused + 19) / 20 )) of 80 KiB (413), $refused GET /healthz"
 load_end=$(date +%s)
 sleep 2   # two more scrapes, so the last samples include the end of the load
 kill -0 "$app_pid" 2>/dev/null || die "increment exited during the load"

@@ -7,7 +7,6 @@ Used by scripts/check-dashboard.sh; each subcommand is one step:
   static            dashboard structure, datasource uids, $instance filters
   render-config     the local Prometheus config derived from prometheus.yml
   wait-target       until Prometheus scrapes the service successfully
-  load              valid and invalid increments for a while
   check             static checks and every expression evaluated through
                     Prometheus's HTTP API (metric names and $instance
                     filters are Rust tests: `cargo test --test shipped`)
@@ -19,12 +18,9 @@ from __future__ import annotations
 
 import argparse
 import glob
-import http.client
 import json
-import random
 import re
 import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -518,97 +514,6 @@ def wait_target(prom: str, job: str, timeout: float) -> None:
 
 
 # --------------------------------------------------------------------------
-# Load
-# --------------------------------------------------------------------------
-
-
-def run_load(base_url: str, seconds: float, rate: float, workers: int, keys: int) -> None:
-    u = urllib.parse.urlsplit(base_url)
-    counts: dict[str, int] = {}
-    lock = threading.Lock()
-    stop_at = time.monotonic() + seconds
-    big = json.dumps({"key": "big", "value": 1, "pad": "x" * (80 * 1024)})
-
-    def request(rng: random.Random) -> tuple[str, str, bytes, dict]:
-        roll = rng.random()
-        key = f"load:{rng.randrange(keys)}"
-        if roll < 0.80:
-            return "valid", "/increment", json.dumps({"key": key, "value": rng.randint(1, 5)}).encode(), {"content-type": "application/json"}
-        if roll < 0.90:
-            return "invalid", "/increment", json.dumps({"key": key, "value": "1"}).encode(), {"content-type": "application/json"}
-        if roll < 0.95:
-            return "bad-type", "/increment", json.dumps({"key": key, "value": 1}).encode(), {"content-type": "text/plain"}
-        if roll < 0.955:
-            return "too-large", "/increment", big.encode(), {"content-type": "application/json"}
-        return "healthz", "/healthz", b"", {}
-
-    def worker(n: int) -> None:
-        rng = random.Random(n)
-        conn = None
-        interval = workers / rate
-        next_at = time.monotonic()
-        while time.monotonic() < stop_at:
-            kind, path, body, headers = request(rng)
-            # The server answers 413 and 415 without reading the body and
-            # then closes the connection (without `connection: close`), so
-            # those go on a connection of their own; the rest reuse one.
-            one_shot = kind in ("bad-type", "too-large")
-            c = None
-            try:
-                if one_shot:
-                    c = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
-                    headers = {**headers, "connection": "close"}
-                else:
-                    if conn is None:
-                        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
-                    c = conn
-                if body:
-                    c.request("POST", path, body=body, headers=headers)
-                else:
-                    c.request("GET", path)
-                resp = c.getresponse()
-                resp.read()
-                outcome = f"{kind} {resp.status}"
-                if one_shot:
-                    c.close()
-                elif resp.getheader("connection", "").lower() == "close":
-                    conn.close()
-                    conn = None
-            except (OSError, http.client.HTTPException) as e:
-                outcome = f"{kind} error:{type(e).__name__}"
-                if c is not None:
-                    c.close()
-                if not one_shot:
-                    conn = None
-            with lock:
-                counts[outcome] = counts.get(outcome, 0) + 1
-            next_at += interval
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        if conn is not None:
-            conn.close()
-
-    threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(workers)]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 30)
-    took = time.monotonic() - started
-    total = sum(counts.values())
-    print(f"load: {total} requests in {took:.1f}s ({total / took:.0f}/s), {keys} distinct keys")
-    for k in sorted(counts):
-        print(f"  {counts[k]:6d}  {k}")
-    expected = {"valid 202", "invalid 422", "bad-type 415", "healthz 200"}
-    missing = [e for e in sorted(expected) if not counts.get(e)]
-    unexpected = {k: v for k, v in counts.items()
-                  if k not in expected | {"too-large 413"} and not k.startswith("too-large error")}
-    if missing or unexpected:
-        raise SystemExit(f"load: missing outcomes {missing}, unexpected {unexpected}")
-
-
-# --------------------------------------------------------------------------
 # The live check
 # --------------------------------------------------------------------------
 
@@ -845,12 +750,6 @@ def main() -> int:
     p.add_argument("--prometheus", required=True)
     p.add_argument("--job", default="increment")
     p.add_argument("--timeout", type=float, default=30)
-    p = sub.add_parser("load")
-    p.add_argument("--url", required=True)
-    p.add_argument("--seconds", type=float, default=20)
-    p.add_argument("--rate", type=float, default=250, help="requests per second, all workers")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--keys", type=int, default=2000)
     p = sub.add_parser("check")
     common(p)
     p.add_argument("--prometheus", required=True)
@@ -874,9 +773,6 @@ def main() -> int:
         return 0
     if args.cmd == "wait-target":
         wait_target(args.prometheus, args.job, args.timeout)
-        return 0
-    if args.cmd == "load":
-        run_load(args.url, args.seconds, args.rate, args.workers, args.keys)
         return 0
     if args.cmd == "check":
         if args.time is None:
