@@ -3,18 +3,20 @@
 #
 #   1. promtool check config prometheus.yml
 #   2. dashboard structure: types, titles, provisioned datasource uids,
-#      an expression per target, $instance in every selector
+#      an expression per target (metric names and the $instance filter are
+#      Rust tests: tests/shipped, run by `cargo test`)
 #   3. starts the release binary (SQLite, 200ms flushes, a 50-key cache with a
 #      1s TTL so entries get evicted) and a Prometheus on loopback scraping it
 #      every second, with a config derived from prometheus.yml
-#   4. sends valid and invalid increments for a while
-#   5. every metric name used by the dashboards must be in the service's
-#      /metrics; every expression, with the Grafana variables substituted,
-#      must be valid and return data through Prometheus's HTTP API
+#   4. bench's loadgen sends valid increments for a while, and a curl loop
+#      beside it requests the service refuses (422, 415, 413)
+#   5. every expression, with the Grafana variables substituted, must be
+#      valid and return data through Prometheus's HTTP API
 #
 # Run from anywhere: scripts/check-dashboard.sh
 # Environment:
 #   INCREMENT_BIN      use this binary instead of `cargo build --release`
+#   LOADGEN_BIN        use this loadgen instead of building bench's
 #   LOAD_SECONDS       how long to send increments (default 20)
 #   BUILD_TIMEOUT      seconds allowed for the release build (default 3600)
 # Every step is bounded in time; the service and Prometheus are stopped on exit.

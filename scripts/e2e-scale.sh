@@ -39,6 +39,7 @@
 # Run from anywhere: scripts/e2e-scale.sh
 # Environment:
 #   INCREMENT_BIN    use this binary instead of `cargo build --release`
+#   LOADGEN_BIN      use this loadgen instead of building bench's
 #   REQUESTS         increments to send (default 200000)
 #   CONCURRENCY      keep-alive connections (default 64)
 #   E2E_SEED         seed for keys and values (default: random, printed)
