@@ -2,27 +2,14 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use poem::http::StatusCode;
 use testkit::{TestDb, db_tests};
-use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{
     TestApp, assert_accepted, error_message, spawn_app, spawn_app_with, test_settings,
 };
 
-/// Runs the real flush loop (interval one hour: only early flushes asked by
-/// durable requests happen) until the guard is dropped.
-struct FlushLoop(CancellationToken);
-
-impl Drop for FlushLoop {
-    fn drop(&mut self) {
-        self.0.cancel();
-    }
-}
-
-fn start_flush_loop(app: &TestApp) -> FlushLoop {
-    let stop = CancellationToken::new();
-    tokio::spawn(Arc::clone(&app.flusher).run_until_stopped(stop.clone()));
-    FlushLoop(stop)
-}
+// No flush loop is started here: the application's own loop runs (interval
+// one hour in the test settings), so only the early flushes that durable
+// requests ask for happen.
 
 async fn post_waiting(app: &TestApp, key: &str, value: i64) -> crate::helpers::Response {
     app.client
@@ -45,7 +32,6 @@ async fn wait_true_does_not_answer_200_for_a_row_rejected_as_an_overflow(db: Tes
     let app = spawn_app(db).await;
     assert_accepted(app.increment("full", i64::MAX).await).await;
     app.flush().await;
-    let _loop = start_flush_loop(&app);
     // Fits the pending sum, not the stored total: the flush commits without it.
     let response = post_waiting(&app, "full", 1).await;
     let problem = crate::helpers::problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
@@ -66,7 +52,6 @@ async fn wait_true_does_not_answer_200_for_a_row_rejected_as_an_overflow(db: Tes
 
 async fn wait_true_answers_200_only_once_committed(db: TestDb) {
     let app = Arc::new(spawn_app(db).await);
-    let _loop = start_flush_loop(&app);
     let response = post_waiting(&app, "durable", 3).await;
     response.assert_status(StatusCode::OK);
     response.assert_bytes(b"");
@@ -111,7 +96,6 @@ async fn wait_true_answers_202_not_committed_when_the_flush_cannot_commit_in_tim
     let mut settings = test_settings(&db);
     settings.wait_timeout = Duration::from_millis(300);
     let app = spawn_app_with(db, settings).await;
-    let flush_loop = start_flush_loop(&app);
     app.db
         .execute("ALTER TABLE counters RENAME TO counters_away")
         .await;
@@ -126,7 +110,6 @@ async fn wait_true_answers_202_not_committed_when_the_flush_cannot_commit_in_tim
     assert!(detail.contains("do not resend"), "{detail}");
 
     // It was accepted all the same: once the database is back it is written, once.
-    drop(flush_loop);
     app.db
         .execute("ALTER TABLE counters_away RENAME TO counters")
         .await;
