@@ -225,7 +225,8 @@ struct Shared {
     deadline: Option<Instant>,
     budget: Option<u64>,
     issued: AtomicU64,
-    /// Recorded answers, for the live line.
+    /// Recorded outcomes (answers, and requests that got none), for the
+    /// live line and --progress-file.
     completed: AtomicU64,
     timeout: Duration,
     seed: u64,
@@ -460,7 +461,9 @@ async fn connection_task(shared: Arc<Shared>, id: usize) -> Stats {
         };
         let outcome = match outcome {
             Ok(status) if shared.ambiguous_status.contains(&status) => {
-                *stats.statuses.entry(status).or_default() += 1;
+                if recording {
+                    *stats.statuses.entry(status).or_default() += 1;
+                }
                 Err("ambiguous_status")
             }
             other => other,
@@ -508,7 +511,9 @@ async fn connection_task(shared: Arc<Shared>, id: usize) -> Stats {
                 if kind != "ambiguous_status" {
                     *stats.errors.entry(kind).or_default() += 1;
                 }
-                shared.completed.fetch_add(1, Ordering::Relaxed);
+                if recording {
+                    shared.completed.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
