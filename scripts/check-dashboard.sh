@@ -101,18 +101,11 @@ else
   run timeout "$BUILD_TIMEOUT" cargo build --release --bin increment
   bin=target/release/increment
 fi
+find_loadgen
 run_started=$(date +%s)
 
 step "increment on a free port (SQLite in $tmp)"
 bin=$(realpath "$bin")
-if [ -n "${LOADGEN_BIN:-}" ]; then
-  loadgen=$LOADGEN_BIN
-else
-  step "cargo build --release -p bench --bin loadgen"
-  run timeout "$BUILD_TIMEOUT" cargo build --release -p bench --bin loadgen
-  loadgen=target/release/loadgen
-fi
-loadgen=$(realpath "$loadgen")
 (
   # Only the flags below: no INCREMENT_*/OTEL_*/DATABASE_URL from the caller,
   # and the working directory (where relative paths such as the spill file

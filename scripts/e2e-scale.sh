@@ -185,14 +185,7 @@ else
   bin=target/release/increment
 fi
 bin=$(realpath "$bin")
-if [ -n "${LOADGEN_BIN:-}" ]; then
-  loadgen=$LOADGEN_BIN
-else
-  step "cargo build --release -p bench --bin loadgen"
-  run timeout "$BUILD_TIMEOUT" cargo build --release -p bench --bin loadgen
-  loadgen=target/release/loadgen
-fi
-loadgen=$(realpath "$loadgen")
+find_loadgen
 
 # From here on the whole run is bounded.
 run_started=$(date +%s)

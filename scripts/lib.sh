@@ -55,6 +55,21 @@ listening_addr() {
   done
 }
 
+# find_loadgen: sets `loadgen` to bench's load generator: $LOADGEN_BIN when
+# set, else a release build of it. Callers define `step` and `die` (and may
+# set BUILD_TIMEOUT).
+find_loadgen() {
+  if [ -n "${LOADGEN_BIN:-}" ]; then
+    loadgen=$LOADGEN_BIN
+  else
+    step "cargo build --release -p bench --bin loadgen"
+    run timeout "${BUILD_TIMEOUT:-3600}" cargo build --release -p bench --bin loadgen
+    loadgen=target/release/loadgen
+  fi
+  [ -x "$loadgen" ] || die "loadgen $loadgen is not an executable"
+  loadgen=$(realpath "$loadgen")
+}
+
 # wait_http URL SECONDS PID NAME: until URL answers 2xx; calls the caller's
 # `die` when PID exits first or SECONDS pass.
 wait_http() {
