@@ -118,14 +118,12 @@ impl TestApp {
             .await
     }
 
-    /// `GET /counters/{key}`.
+    /// `GET /counters/{key}`, the key percent-encoded whole.
     pub async fn read(&self, key: &str) -> Response {
-        let mut url = url::Url::parse("http://x/counters/").expect("a valid base");
-        url.path_segments_mut()
-            .expect("a base with a path")
-            .pop_if_empty()
-            .push(key);
-        self.client.get(url.path()).send().await
+        self.client
+            .get(format!("/counters/{}", percent_encode(key)))
+            .send()
+            .await
     }
 
     /// The `/metrics` exposition text.
@@ -182,6 +180,19 @@ impl TestApp {
     }
 }
 
+/// `text` with every byte outside RFC 3986's unreserved set percent-encoded,
+/// for a path segment or a query value.
+pub fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// An HTTP client for one application: paths, not URLs.
 #[derive(Clone)]
 pub struct Client {
@@ -214,10 +225,6 @@ impl Client {
 
     pub fn post(&self, path: impl AsRef<str>) -> Request {
         self.request(http::Method::POST, path)
-    }
-
-    pub fn put(&self, path: impl AsRef<str>) -> Request {
-        self.request(http::Method::PUT, path)
     }
 
     pub fn delete(&self, path: impl AsRef<str>) -> Request {

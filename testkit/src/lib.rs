@@ -14,7 +14,7 @@
 pub mod app;
 pub mod proxy;
 
-pub use app::{Client, Response, TestApp, test_settings};
+pub use app::{Client, Response, TestApp, percent_encode, test_settings};
 
 use std::collections::BTreeMap;
 

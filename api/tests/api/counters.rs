@@ -4,7 +4,7 @@ use std::sync::{
 };
 
 use poem::http::StatusCode;
-use testkit::{TestDb, db_tests};
+use testkit::{TestDb, db_tests, percent_encode};
 
 use crate::helpers::{TestApp, assert_accepted, error_message, spawn_app};
 
@@ -51,7 +51,7 @@ async fn prefixes_match_exactly_in_code_point_order(db: TestDb) {
         ("\u{D7FF}", vec!["\u{D7FF}"]),
         ("x", vec![]),
     ] {
-        let (status, body) = list(&app, &format!("?prefix={}", encode(prefix))).await;
+        let (status, body) = list(&app, &format!("?prefix={}", percent_encode(prefix))).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(listed(body), expected, "prefix {prefix:?}");
     }
@@ -62,27 +62,9 @@ async fn prefixes_match_exactly_in_code_point_order(db: TestDb) {
     assert_eq!(listed(body), sorted);
 }
 
-/// Percent-encodes every byte outside the unreserved set.
-fn encode(key: &str) -> String {
-    key.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 async fn get_counter(app: &TestApp, key: &str) -> (StatusCode, serde_json::Value) {
-    let response = app
-        .client
-        .get(format!("/counters/{}", encode(key)))
-        .send()
-        .await;
-    let status = response.status();
-    let body = response.text();
-    (status, serde_json::from_str(&body).unwrap())
+    let response = app.read(key).await;
+    (response.status(), response.json())
 }
 
 async fn a_counter_reads_stored_plus_pending(db: TestDb) {
@@ -238,7 +220,9 @@ async fn listing_pages_through_stored_counters_in_key_order(db: TestDb) {
             assert!(counter["updated_at"].as_str().unwrap().contains('T'));
         }
         match body["next"].as_str() {
-            Some(next) => query = format!("?prefix=page%3A&limit=10&after={}", encode(next)),
+            Some(next) => {
+                query = format!("?prefix=page%3A&limit=10&after={}", percent_encode(next))
+            }
             None => break,
         }
     }
