@@ -107,6 +107,23 @@ pub struct Config {
     #[arg(long, env = "INCREMENT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 
+    /// NATS server(s) of the journal (e.g. nats://127.0.0.1:4222, comma-separated
+    /// for a cluster). Set: a 202 means stored in JetStream. Unset: held in memory.
+    #[arg(long, env = "INCREMENT_JOURNAL_URL")]
+    pub journal_url: Option<String>,
+
+    /// JetStream stream of the journal (created when missing).
+    #[arg(long, env = "INCREMENT_JOURNAL_STREAM", default_value = "increments")]
+    pub journal_stream: String,
+
+    /// Replicas of the journal stream when it is created (3 in a cluster).
+    #[arg(long, env = "INCREMENT_JOURNAL_REPLICAS", default_value = "1", value_parser = clap::value_parser!(u64).range(1..=5))]
+    pub journal_replicas: u64,
+
+    /// Bytes the journal stream may hold (e.g. 1GiB); when full, increments get 503.
+    #[arg(long, env = "INCREMENT_JOURNAL_MAX_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    pub journal_max_bytes: usize,
+
     /// OTLP/HTTP endpoint for traces (e.g. http://localhost:4318); unset: no export.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -159,6 +176,13 @@ impl Config {
             idle_timeout: self.idle_timeout,
             max_head_bytes: usize::try_from(self.max_head_bytes).unwrap_or(usize::MAX),
             fast_path: true,
+            journal: self.journal_url.filter(|u| !u.is_empty()).map(|url| {
+                let mut journal = api::journal::JournalSettings::new(url);
+                journal.stream = self.journal_stream;
+                journal.replicas = usize::try_from(self.journal_replicas).unwrap_or(1);
+                journal.max_bytes = i64::try_from(self.journal_max_bytes).unwrap_or(i64::MAX);
+                journal
+            }),
         }
     }
 }
@@ -172,23 +196,29 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-/// A byte size: a number with an optional unit B, KB, KiB, MB, MiB (case-insensitive).
+/// A byte size: a number with an optional unit B, KB, KiB, MB, MiB, GB, GiB (case-insensitive).
 fn parse_bytes(text: &str) -> Result<usize, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let number: usize = digits
-        .parse()
-        .map_err(|_| "expected a number with an optional unit (B, KB, KiB, MB, MiB)".to_owned())?;
+    let number: usize = digits.parse().map_err(|_| {
+        "expected a number with an optional unit (B, KB, KiB, MB, MiB, GB, GiB)".to_owned()
+    })?;
     let multiplier: usize = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "kb" => 1_000,
         "kib" | "k" => 1_024,
         "mb" => 1_000_000,
         "mib" | "m" => 1_048_576,
-        other => return Err(format!("unknown unit {other:?}; use B, KB, KiB, MB or MiB")),
+        "gb" => 1_000_000_000,
+        "gib" | "g" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?}; use B, KB, KiB, MB, MiB, GB or GiB"
+            ));
+        }
     };
     let bytes = number
         .checked_mul(multiplier)

@@ -33,6 +33,21 @@ pub struct Batch {
     pub drain: u64,
     pub deltas: Vec<(String, i128)>,
     pub parts: Vec<Part>,
+    /// With the journal on: the journal messages whose deltas this batch
+    /// holds. The batch is then one part, and its transaction also moves the
+    /// stream's applied offset (see `store::write_batch`).
+    pub journal: Option<JournalSpan>,
+}
+
+/// The journal messages a batch holds: every message of `stream` with a
+/// sequence in `after + 1 ..= through`, and no other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalSpan {
+    pub stream: String,
+    /// The stream's applied offset the batch continues from.
+    pub after: u64,
+    /// The last sequence it holds.
+    pub through: u64,
 }
 
 impl Batch {
@@ -66,7 +81,23 @@ impl Batch {
             drain,
             deltas,
             parts,
+            journal: None,
         }
+    }
+
+    /// This batch as the holder of `span`'s journal messages: one part,
+    /// because the offset moves in the transaction of that part; a crash
+    /// between two parts would otherwise leave the first applied and the
+    /// messages read again.
+    #[must_use]
+    pub fn holding(mut self, span: JournalSpan) -> Self {
+        self.parts = vec![Part {
+            id: self.id.clone(),
+            start: 0,
+            end: self.deltas.len(),
+        }];
+        self.journal = Some(span);
+        self
     }
 
     /// A batch of one part under a known id (a part read back from a spill

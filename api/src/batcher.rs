@@ -39,7 +39,7 @@ use moka::{notification::RemovalCause, sync::Cache};
 use parking_lot::Mutex;
 
 use crate::{
-    batch::Batch,
+    batch::{Batch, JournalSpan},
     metrics::{self, Metrics, Sampled},
 };
 
@@ -524,11 +524,24 @@ impl Batcher {
     /// until [`release`](Self::release). Returns the batch (none when nothing
     /// was pending) and the drain's number. Blocking, like the drain.
     pub fn hand_over(&self) -> (Option<Arc<Batch>>, u64) {
+        self.hand_over_holding(|| None)
+    }
+
+    /// [`hand_over`](Self::hand_over), the batch holding the journal span
+    /// `span` returns (asked only when something was pending).
+    pub fn hand_over_holding(
+        &self,
+        span: impl FnOnce() -> Option<JournalSpan>,
+    ) -> (Option<Arc<Batch>>, u64) {
         let (entries, number) = self.drain_entries();
         if entries.is_empty() {
             return (None, number);
         }
-        let batch = Arc::new(Batch::new(entries, number));
+        let batch = Batch::new(entries, number);
+        let batch = Arc::new(match span() {
+            Some(span) => batch.holding(span),
+            None => batch,
+        });
         self.handed_over_keys
             .store(batch.len() as u64, Ordering::Relaxed);
         *self.handed_over.lock() = Some(Arc::clone(&batch));

@@ -33,6 +33,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::{
     batch::Batch,
     batcher::Batcher,
+    journal::Cursor,
     metrics::Metrics,
     store::{self, WriteOutcome},
     telemetry::SharedRecentRequests,
@@ -128,6 +129,9 @@ pub struct Flusher {
     last_prune: Mutex<Option<Instant>>,
     /// Parts of a large batch written at once, one connection each.
     write_connections: usize,
+    /// With the journal on: which journal messages the batcher holds; each
+    /// drain's batch is stamped with its span.
+    journal: Option<Arc<Cursor>>,
 }
 
 /// The flush lock's guard, over the batch in flight.
@@ -179,6 +183,46 @@ impl Flusher {
             drain_gate: Arc::default(),
             last_prune: Mutex::new(None),
             write_connections: DEFAULT_WRITE_CONNECTIONS,
+            journal: None,
+        }
+    }
+
+    /// Writes journal messages read through `cursor` (the journal mode).
+    #[must_use]
+    pub fn with_journal(mut self, cursor: Arc<Cursor>) -> Self {
+        self.journal = Some(cursor);
+        self
+    }
+
+    /// Asks the loop for an early flush.
+    pub fn request_flush(&self) {
+        self.flush_soon.notify_one();
+    }
+
+    /// Drops the batch in flight and everything pending, because they hold
+    /// journal messages that another writer applies (or may): the journal
+    /// keeps them, and the next reading starts from the stored offset.
+    pub async fn abandon_journal(&self) {
+        let mut in_flight = Arc::clone(&self.in_flight).lock_owned().await;
+        self.abandon_holding(&mut in_flight).await;
+    }
+
+    async fn abandon_holding(&self, in_flight: &mut InFlightGuard) {
+        let Some(cursor) = self.journal.clone() else {
+            return;
+        };
+        if let Some(batch) = in_flight.take() {
+            self.batcher.release(&batch);
+        }
+        let batcher = Arc::clone(&self.batcher);
+        let gate = Arc::clone(&self.drain_gate);
+        if let Err(e) = tokio::task::spawn_blocking(move || {
+            let _no_reads = gate.blocking_write();
+            cursor.abandon(&batcher);
+        })
+        .await
+        {
+            tracing::error!(error = %error_chain(&e), "dropping the abandoned journal reading failed");
         }
     }
 
@@ -325,9 +369,13 @@ impl Flusher {
         );
         let batcher = Arc::clone(&self.batcher);
         let gate = Arc::clone(&self.drain_gate);
+        let journal = self.journal.clone();
         Ok(tokio::task::spawn_blocking(move || {
             let _no_reads = gate.blocking_write();
-            let (batch, number) = batcher.hand_over();
+            let (batch, number) = match &journal {
+                Some(cursor) => cursor.hand_over(&batcher),
+                None => batcher.hand_over(),
+            };
             *in_flight = batch;
             (in_flight, number)
         })
@@ -352,6 +400,11 @@ impl Flusher {
         let maybe_rejected = match outcome {
             WriteOutcome::Committed { rejected, .. } => rejected > 0,
             WriteOutcome::AlreadyCommitted => true,
+            WriteOutcome::JournalMoved => {
+                self.metrics.journal_conflicts_total.inc();
+                self.abandon_holding(in_flight).await;
+                return Ok(0);
+            }
         };
         if maybe_rejected {
             self.remember_rejected(batch).await;
@@ -359,6 +412,9 @@ impl Flusher {
         **in_flight = None;
         self.batcher.release(batch);
         self.publish_committed(batch.drain);
+        if let (Some(cursor), Some(span)) = (&self.journal, &batch.journal) {
+            cursor.note_applied(span.through);
+        }
         match outcome {
             WriteOutcome::Committed {
                 statements,
@@ -371,6 +427,7 @@ impl Flusher {
                 tracing::info!(batch.id = %batch.id, "batch had committed in an earlier attempt; not written again");
                 Ok(0)
             }
+            WriteOutcome::JournalMoved => Ok(0),
         }
     }
 

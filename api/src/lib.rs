@@ -23,6 +23,9 @@
 //! - [`flusher`]: the write loop: the batch in flight, its retry and
 //!   confirmation, the final flush.
 //! - [`store`]: the SQL: the idempotent part write for PostgreSQL and SQLite.
+//! - [`journal`]: with `--journal-url`, NATS JetStream between the intake
+//!   and the batcher: a `202` is stored in the stream; the lease holder reads
+//!   it into the batcher.
 //! - [`spill`]: the local file for what the final flush could not write.
 //! - [`metrics`]: every Prometheus metric, declared once; a leaf.
 //! - [`telemetry`]: the tracing subscriber.
@@ -31,6 +34,7 @@ pub mod batch;
 pub mod batcher;
 pub mod flusher;
 pub mod http;
+pub mod journal;
 pub mod key;
 pub mod metrics;
 pub mod routes;

@@ -31,6 +31,9 @@ const FLUSH_LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Keys per flush buckets: powers of 4 from 1 to ~1M.
+/// Requests per journal message.
+const GROUP_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+
 const FLUSH_KEYS_BUCKETS: &[f64] = &[
     1.0,
     4.0,
@@ -132,6 +135,22 @@ metrics! {
         last_flush_success_timestamp_seconds: Gauge,
         /// Database pool connections by state.
         db_pool_connections: IntGaugeVec["state"],
+        /// Journal messages published, by outcome (stored; refused: certainly
+        /// not stored; unknown: never confirmed).
+        journal_messages_total: IntCounterVec["outcome"],
+        /// Requests per journal message (group commit).
+        journal_group_requests: Histogram = GROUP_BUCKETS,
+        /// Journal publishes retried after an unconfirmed attempt.
+        journal_publish_retries_total: IntCounter,
+        /// Journal messages read into the batcher (on the writer).
+        journal_read_total: IntCounter,
+        /// Journal messages that could not be decoded and were skipped.
+        journal_unreadable_total: IntCounter,
+        /// Batches dropped because another writer had applied their journal
+        /// messages first (they are read again from the stored offset).
+        journal_conflicts_total: IntCounter,
+        /// 1 while this instance holds the journal writer lease.
+        journal_writer: IntGauge,
         /// Always 1; the version as a label.
         build_info: IntGaugeVec["version"],
     }
@@ -239,6 +258,9 @@ impl Metrics {
             metrics
                 .increments_rejected_total
                 .with_label_values(&[reason]);
+        }
+        for outcome in ["stored", "refused", "unknown"] {
+            metrics.journal_messages_total.with_label_values(&[outcome]);
         }
         for cause in ["size", "expired"] {
             metrics.cache_evictions_total.with_label_values(&[cause]);

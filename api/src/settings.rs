@@ -64,6 +64,8 @@ pub struct Settings {
     /// Bearer token of the admin routes; `None`: the routes do not exist.
     /// Secret: never printed (see the `Debug` impl).
     pub admin_token: Option<String>,
+    /// The journal (NATS JetStream); `None`: write-behind, held in memory.
+    pub journal: Option<crate::journal::JournalSettings>,
 }
 
 impl Settings {
@@ -92,6 +94,7 @@ impl Settings {
             idle_timeout: Duration::from_secs(60),
             max_head_bytes: 64 * 1024,
             fast_path: true,
+            journal: None,
         }
     }
 
@@ -163,6 +166,34 @@ impl Settings {
                 why: "must be at least 16 characters",
             });
         }
+        if let Some(journal) = &self.journal {
+            if !matches!(journal.replicas, 1..=5) {
+                return Err(SettingsError::Invalid {
+                    name: "journal-replicas",
+                    value: journal.replicas.to_string(),
+                    why: "must be between 1 and 5 (JetStream's range)",
+                });
+            }
+            if journal.stream.is_empty()
+                || !journal
+                    .stream
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(SettingsError::Invalid {
+                    name: "journal-stream",
+                    value: journal.stream.clone(),
+                    why: "must be letters, digits, '-' or '_'",
+                });
+            }
+            if journal.max_bytes <= 0 {
+                return Err(SettingsError::Invalid {
+                    name: "journal-max-bytes",
+                    value: journal.max_bytes.to_string(),
+                    why: "must be greater than zero",
+                });
+            }
+        }
         if self.db_pool_size == 0 {
             return Err(SettingsError::Invalid {
                 name: "db-pool-size",
@@ -214,6 +245,13 @@ impl fmt::Debug for Settings {
             .field("idle_timeout", &self.idle_timeout)
             .field("max_head_bytes", &self.max_head_bytes)
             .field("fast_path", &self.fast_path)
+            .field(
+                "journal",
+                &self
+                    .journal
+                    .as_ref()
+                    .map(|j| (redact_url(&j.url), &j.stream, j.replicas)),
+            )
             .field(
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "<redacted>"),

@@ -14,6 +14,7 @@ use crate::{
         intake::Intake,
         server::{self, ConnectionLimits},
     },
+    journal::{Journal, Publisher, reader::Reader},
     metrics::{Metrics, Sampled},
     routes::{self, AppState, Lifecycle},
     settings::{Settings, SettingsError},
@@ -38,6 +39,8 @@ pub enum StartupError {
     Migrate(#[source] Redacted),
     #[error("replaying the spill file failed; it is kept for the next start")]
     Replay(#[source] ReplayError),
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
     #[error("binding {addr} failed")]
     Bind {
         addr: SocketAddr,
@@ -80,6 +83,9 @@ pub enum ShutdownReport {
     Spilled { keys: usize, total: i128 },
     /// Not written, and the spill file could not be written either.
     Unwritten { keys: usize, total: i128 },
+    /// With the journal on: not written before the deadline, and kept in
+    /// the journal, from which the next writer applies it.
+    LeftInJournal { keys: usize, total: i128 },
 }
 
 /// A connected, migrated, bound service, ready to run.
@@ -89,6 +95,13 @@ pub struct Application {
     settings: Settings,
     state: AppState,
     flusher: Arc<Flusher>,
+    journal: Option<JournalParts>,
+}
+
+/// The journal's tasks, started with the server.
+struct JournalParts {
+    publisher: Arc<Publisher>,
+    reader: Reader,
 }
 
 impl Application {
@@ -130,22 +143,46 @@ impl Application {
         metrics.sample_at_scrape(Arc::clone(&batcher) as Arc<dyn Sampled>);
         metrics.sample_at_scrape(Arc::new(PoolGauges(db.clone())));
         let recent_requests: SharedRecentRequests = Arc::default();
-        let flusher = Arc::new(
-            Flusher::new(
-                Arc::clone(&batcher),
-                db.clone(),
-                Arc::clone(&metrics),
-                Arc::clone(&recent_requests),
-                settings.flush_interval,
-            )
-            .with_write_connections(settings.flush_connections),
-        );
-        let intake = Intake::new(
+        let journal = match &settings.journal {
+            Some(journal) => Some(Journal::connect(journal.clone()).await?),
+            None => None,
+        };
+        let mut flusher = Flusher::new(
+            Arc::clone(&batcher),
+            db.clone(),
+            Arc::clone(&metrics),
+            Arc::clone(&recent_requests),
+            settings.flush_interval,
+        )
+        .with_write_connections(settings.flush_connections);
+        if let Some(journal) = &journal {
+            flusher = flusher.with_journal(Arc::clone(&journal.cursor));
+        }
+        let flusher = Arc::new(flusher);
+        let mut intake = Intake::new(
             Arc::clone(&batcher),
             Arc::clone(&recent_requests),
             Arc::clone(&metrics),
             settings.flush_interval.as_secs().max(1),
         );
+        let journal = journal.map(|journal| {
+            let publisher = journal.publisher(Arc::clone(&metrics));
+            intake = intake.clone().with_journal(Arc::clone(&publisher));
+            let reader = Reader {
+                stream: journal.stream.clone(),
+                cursor: Arc::clone(&journal.cursor),
+                batcher: Arc::clone(&batcher),
+                flusher: Arc::clone(&flusher),
+                db: db.clone(),
+                metrics: Arc::clone(&metrics),
+                writer: format!(
+                    "{}-{}",
+                    crate::telemetry::default_instance_id(),
+                    uuid::Uuid::new_v4()
+                ),
+            };
+            JournalParts { publisher, reader }
+        });
         let state = AppState {
             batcher,
             flusher: Arc::clone(&flusher),
@@ -160,6 +197,7 @@ impl Application {
             wait_timeout: settings.wait_timeout,
             admin_token: settings.admin_token.as_deref().map(Arc::from),
             fast_path: settings.fast_path,
+            journal: journal.as_ref().map(|j| Arc::clone(&j.reader.cursor)),
         };
         Ok(Self {
             listener,
@@ -167,6 +205,7 @@ impl Application {
             settings,
             state,
             flusher,
+            journal,
         })
     }
 
@@ -211,10 +250,22 @@ impl Application {
             settings,
             state,
             flusher,
+            journal,
         } = self;
         let stop_flushing = CancellationToken::new();
         let flush_loop =
             tokio::spawn(Arc::clone(&flusher).run_until_stopped(stop_flushing.clone()));
+        let stop_journal = CancellationToken::new();
+        let journal = journal.map(|JournalParts { publisher, reader }| {
+            let publishing = tokio::spawn(publisher.run(stop_journal.clone()));
+            let reader = Arc::new(reader);
+            let reading = tokio::spawn({
+                let reader = Arc::clone(&reader);
+                let stop = stop_journal.clone();
+                async move { reader.run_until_stopped(stop).await }
+            });
+            (publishing, reading, reader)
+        });
 
         // The deadline is fixed when the signal arrives; the HTTP drain may use
         // half of the budget, the final flush gets the rest.
@@ -254,18 +305,38 @@ impl Application {
         signal.abort();
         let deadline = signalled_at + settings.shutdown_timeout;
 
+        // No request is left: the publisher has nothing to wait for, and the
+        // reader stops before the final flush takes what it recorded.
+        stop_journal.cancel();
+        let lease = match journal {
+            Some((publishing, reading, reader)) => {
+                if publishing.await.is_err() || reading.await.is_err() {
+                    tracing::error!("a journal task panicked");
+                }
+                Some(reader)
+            }
+            None => None,
+        };
         stop_flushing.cancel();
         if flush_loop.await.is_err() {
             tracing::error!("the flush loop panicked");
         }
         tracing::info!("connections closed; writing everything pending");
-        match flusher.flush_remaining(deadline).await {
-            Ok(()) => {
+        let report = match (flusher.flush_remaining(deadline).await, &lease) {
+            (Ok(()), _) => {
                 tracing::info!("shutdown complete: every accepted increment is written");
                 ShutdownReport::Clean
             }
-            Err(unwritten) => spill_at_exit(&settings.spill_path, unwritten),
+            (Err(Unwritten { keys, total, .. }), Some(_)) => {
+                tracing::warn!(keys, total = %total, "the database did not take the final flush; the increments stay in the journal, and the next writer applies them");
+                ShutdownReport::LeftInJournal { keys, total }
+            }
+            (Err(unwritten), None) => spill_at_exit(&settings.spill_path, unwritten),
+        };
+        if let Some(reader) = lease {
+            reader.release_lease().await;
         }
+        report
     }
 }
 

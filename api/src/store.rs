@@ -9,9 +9,9 @@
 //! written again.
 
 use chrono::{DateTime, Utc};
-use entity::{counters, flush_batches, rejected_increments};
+use entity::{counters, flush_batches, journal_offsets, rejected_increments};
 
-use crate::batch::Batch;
+use crate::batch::{Batch, JournalSpan};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter,
     QueryOrder, QuerySelect, Statement, TransactionTrait,
@@ -73,6 +73,11 @@ pub enum WriteOutcome {
     Committed { statements: usize, rejected: usize },
     /// An earlier attempt had committed every part; nothing was written.
     AlreadyCommitted,
+    /// The batch holds journal messages, and the stream's applied offset is
+    /// no longer the one it continues from: another instance applied those
+    /// messages first. Nothing was written; the batch must be dropped and
+    /// the journal read again from the stored offset.
+    JournalMoved,
 }
 
 /// The keys of `batch` whose rows a flush recorded in `rejected_increments`
@@ -124,12 +129,22 @@ pub async fn write_batch(
     // A loop, not a closure: the futures stay `Send` for the flush task.
     let mut writes = Vec::with_capacity(batch.parts.len());
     for part in &batch.parts {
-        writes.push(write_part(db, &permits, &part.id, batch.rows(part), now));
+        writes.push(write_part(
+            db,
+            &permits,
+            &part.id,
+            batch.rows(part),
+            batch.journal.as_ref(),
+            now,
+        ));
     }
     let results = futures::future::join_all(writes).await;
     let mut total = WriteOutcome::AlreadyCommitted;
     for result in results {
         total = match (total, result?) {
+            (WriteOutcome::JournalMoved, _) | (_, WriteOutcome::JournalMoved) => {
+                WriteOutcome::JournalMoved
+            }
             (WriteOutcome::AlreadyCommitted, outcome) => outcome,
             (committed, WriteOutcome::AlreadyCommitted) => committed,
             (
@@ -165,20 +180,23 @@ async fn write_part(
     permits: &tokio::sync::Semaphore,
     id: &str,
     rows: &[(String, i128)],
+    journal: Option<&JournalSpan>,
     now: DateTime<Utc>,
 ) -> Result<WriteOutcome, DbErr> {
     let _permit = permits
         .acquire()
         .await
         .map_err(|_| DbErr::Custom("the write permits were closed".to_owned()))?;
-    match write_pass(db, id, rows, now, Pass::Fast).await? {
+    match write_pass(db, id, rows, journal, now, Pass::Fast).await? {
         PassOutcome::Done(outcome) => Ok(outcome),
-        PassOutcome::Skipped => match write_pass(db, id, rows, now, Pass::Isolate).await? {
-            PassOutcome::Done(outcome) => Ok(outcome),
-            PassOutcome::Skipped => Err(DbErr::Custom(
-                "rows were skipped while isolating poison rows".to_owned(),
-            )),
-        },
+        PassOutcome::Skipped => {
+            match write_pass(db, id, rows, journal, now, Pass::Isolate).await? {
+                PassOutcome::Done(outcome) => Ok(outcome),
+                PassOutcome::Skipped => Err(DbErr::Custom(
+                    "rows were skipped while isolating poison rows".to_owned(),
+                )),
+            }
+        }
     }
 }
 
@@ -200,6 +218,7 @@ async fn write_pass(
     db: &DatabaseConnection,
     id: &str,
     rows: &[(String, i128)],
+    journal: Option<&JournalSpan>,
     now: DateTime<Utc>,
     pass: Pass,
 ) -> Result<PassOutcome, DbErr> {
@@ -226,6 +245,13 @@ async fn write_pass(
     if txn.execute(&claim).await?.rows_affected() == 0 {
         txn.rollback().await?;
         return Ok(PassOutcome::Done(WriteOutcome::AlreadyCommitted));
+    }
+    if let Some(span) = journal
+        && !advance_journal(&txn, span).await?
+    {
+        txn.rollback().await?;
+        tracing::warn!(part.id = %id, stream = %span.stream, after = span.after, "the journal offset moved: these messages were applied by another writer");
+        return Ok(PassOutcome::Done(WriteOutcome::JournalMoved));
     }
     let backend = txn.get_database_backend();
     let chunk_rows = match backend {
@@ -475,6 +501,110 @@ pub async fn prune_batches(db: &DatabaseConnection, before: DateTime<Utc>) -> Re
         .exec(db)
         .await?;
     Ok(result.rows_affected)
+}
+
+/// Moves `span.stream`'s applied offset from `span.after` to `span.through`,
+/// in the caller's transaction; `false` (nothing changed) when the offset is
+/// not at `span.after`.
+async fn advance_journal<C: ConnectionTrait>(conn: &C, span: &JournalSpan) -> Result<bool, DbErr> {
+    let update = Query::update()
+        .table(journal_offsets::Entity)
+        .value(
+            journal_offsets::Column::AppliedThrough,
+            as_bigint(span.through),
+        )
+        .and_where(journal_offsets::Column::Stream.eq(span.stream.as_str()))
+        .and_where(journal_offsets::Column::AppliedThrough.eq(as_bigint(span.after)))
+        .to_owned();
+    Ok(conn.execute(&update).await?.rows_affected() == 1)
+}
+
+/// Stream sequences are `u64`; a stream never reaches 2^63 messages.
+fn as_bigint(sequence: u64) -> i64 {
+    i64::try_from(sequence).unwrap_or(i64::MAX)
+}
+
+/// The sequence through which `stream`'s messages are applied, creating its
+/// row (at 0, lease free) when missing.
+///
+/// # Errors
+/// Any database error.
+pub async fn journal_applied_through(db: &DatabaseConnection, stream: &str) -> Result<u64, DbErr> {
+    let row = journal_offsets::Entity::find_by_id(stream.to_owned())
+        .one(db)
+        .await?;
+    if let Some(row) = row {
+        return Ok(u64::try_from(row.applied_through).unwrap_or(0));
+    }
+    let insert = Query::insert()
+        .into_table(journal_offsets::Entity)
+        .columns([
+            journal_offsets::Column::Stream,
+            journal_offsets::Column::AppliedThrough,
+            journal_offsets::Column::LeaseUntilMs,
+        ])
+        .values([stream.into(), 0i64.into(), 0i64.into()])
+        .map_err(|e| DbErr::Custom(e.to_string()))?
+        .on_conflict(
+            OnConflict::column(journal_offsets::Column::Stream)
+                .do_nothing()
+                .to_owned(),
+        )
+        .to_owned();
+    db.execute(&insert).await?;
+    let row = journal_offsets::Entity::find_by_id(stream.to_owned())
+        .one(db)
+        .await?;
+    Ok(row.map_or(0, |row| u64::try_from(row.applied_through).unwrap_or(0)))
+}
+
+/// Takes or renews the writer lease of `stream` for `writer` until
+/// `until_ms` (Unix milliseconds): granted when the lease is free, expired
+/// (before `now_ms`) or already `writer`'s. The stream's row must exist
+/// ([`journal_applied_through`] creates it).
+///
+/// # Errors
+/// Any database error.
+pub async fn claim_journal_lease(
+    db: &DatabaseConnection,
+    stream: &str,
+    writer: &str,
+    now_ms: i64,
+    until_ms: i64,
+) -> Result<bool, DbErr> {
+    let update = Query::update()
+        .table(journal_offsets::Entity)
+        .value(journal_offsets::Column::Writer, writer)
+        .value(journal_offsets::Column::LeaseUntilMs, until_ms)
+        .and_where(journal_offsets::Column::Stream.eq(stream))
+        .cond_where(
+            sea_orm::Condition::any()
+                .add(journal_offsets::Column::Writer.eq(writer))
+                .add(journal_offsets::Column::Writer.is_null())
+                .add(journal_offsets::Column::LeaseUntilMs.lt(now_ms)),
+        )
+        .to_owned();
+    Ok(db.execute(&update).await?.rows_affected() == 1)
+}
+
+/// Gives the lease up (at shutdown), if `writer` holds it.
+///
+/// # Errors
+/// Any database error.
+pub async fn release_journal_lease(
+    db: &DatabaseConnection,
+    stream: &str,
+    writer: &str,
+) -> Result<(), DbErr> {
+    let update = Query::update()
+        .table(journal_offsets::Entity)
+        .value(journal_offsets::Column::Writer, Option::<String>::None)
+        .value(journal_offsets::Column::LeaseUntilMs, 0i64)
+        .and_where(journal_offsets::Column::Stream.eq(stream))
+        .and_where(journal_offsets::Column::Writer.eq(writer))
+        .to_owned();
+    db.execute(&update).await?;
+    Ok(())
 }
 
 #[cfg(test)]

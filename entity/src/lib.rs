@@ -4,4 +4,5 @@ pub mod prelude;
 
 pub mod counters;
 pub mod flush_batches;
+pub mod journal_offsets;
 pub mod rejected_increments;

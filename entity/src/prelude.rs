@@ -2,4 +2,5 @@
 
 pub use super::counters::Entity as Counters;
 pub use super::flush_batches::Entity as FlushBatches;
+pub use super::journal_offsets::Entity as JournalOffsets;
 pub use super::rejected_increments::Entity as RejectedIncrements;

@@ -10,6 +10,7 @@ mod m20261128_000001_create_counters;
 mod m20261128_000002_create_flush_batches;
 mod m20261128_000003_create_rejected_increments;
 mod m20261201_000004_create_key_order_indexes;
+mod m20261202_000005_create_journal_offsets;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000002_create_flush_batches::Migration),
             Box::new(m20261128_000003_create_rejected_increments::Migration),
             Box::new(m20261201_000004_create_key_order_indexes::Migration),
+            Box::new(m20261202_000005_create_journal_offsets::Migration),
         ]
     }
 }

@@ -69,7 +69,7 @@ impl<E: Endpoint> FrontDoor<E> {
             Err(e) => return e.as_response(),
         };
         if let Some(intake) = &self.fast_path
-            && let Some(response) = fast_increment(intake, &req, body.as_deref())
+            && let Some(response) = fast_increment(intake, &req, body.as_deref()).await
         {
             return response;
         }
@@ -158,17 +158,20 @@ impl<E: Endpoint> Endpoint for FrontDoor<E> {
 /// same decoder and the same [`Intake`] as the operation
 /// (`routes::increment`), so the answer is the same either way; the
 /// differential test holds both to that. `None` for every other request.
-fn fast_increment(intake: &Intake, req: &Request, body: Option<&[u8]>) -> Option<Response> {
+async fn fast_increment(intake: &Intake, req: &Request, body: Option<&[u8]>) -> Option<Response> {
     if req.method() != Method::POST
         || req.uri().path() != "/increment"
         || req.uri().query().is_some()
     {
         return None;
     }
-    let accepted = content_type_refusal(req.content_type())
+    let decoded = content_type_refusal(req.content_type())
         .map_or(Ok(()), Err)
-        .and_then(|()| decode_increment(body.unwrap_or_default()).map_err(ApiError::from))
-        .and_then(|increment| intake.accept(&increment));
+        .and_then(|()| decode_increment(body.unwrap_or_default()).map_err(ApiError::from));
+    let accepted = match decoded {
+        Ok(increment) => intake.accept(&increment).await,
+        Err(e) => Err(e),
+    };
     Some(match accepted {
         Ok(()) => Response::builder().status(StatusCode::ACCEPTED).finish(),
         Err(e) => e.as_response(),

@@ -20,6 +20,7 @@ use serde_json::value::RawValue;
 use crate::{
     batcher::{BatchError, Batcher},
     http::problem::ApiError,
+    journal::{AppendError, Publisher, Refusal},
     key::{CounterKey, KeyError},
     metrics::Metrics,
     telemetry::SharedRecentRequests,
@@ -589,10 +590,22 @@ poem_openapi::impl_apirequest_for_payload!(JsonBody<T>, T: Type);
 #[derive(Clone)]
 pub struct Intake {
     batcher: Arc<Batcher>,
+    /// With the journal on: increments go there instead of the batcher.
+    journal: Option<Arc<Publisher>>,
     recent_requests: SharedRecentRequests,
     metrics: Arc<Metrics>,
     /// Seconds a refused client should wait: about one flush interval.
     retry_after: u64,
+}
+
+/// What a durable request waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ticket {
+    /// The drain with this number (write-behind; [`crate::Flusher::wait_committed`]).
+    Drain(u64),
+    /// The journal message with this stream sequence
+    /// ([`crate::journal::wait_applied`]).
+    Journal(u64),
 }
 
 impl Intake {
@@ -604,34 +617,56 @@ impl Intake {
     ) -> Self {
         Self {
             batcher,
+            journal: None,
             recent_requests,
             metrics,
             retry_after,
         }
     }
 
+    /// Takes increments into the journal instead of the batcher.
+    #[must_use]
+    pub fn with_journal(mut self, publisher: Arc<Publisher>) -> Self {
+        self.journal = Some(publisher);
+        self
+    }
+
     /// Takes one increment, to be written by a later flush.
     ///
     /// # Errors
-    /// The refusal as the API answers it; nothing is recorded then.
-    pub fn accept(&self, increment: &Increment<'_>) -> Result<(), ApiError> {
-        self.batcher
-            .record(&increment.key, increment.value)
-            .map_err(|e| self.refusal(e, None))?;
+    /// The refusal as the API answers it; nothing is recorded then (except
+    /// [`ApiError::Unconfirmed`]: it may be).
+    pub async fn accept(&self, increment: &Increment<'_>) -> Result<(), ApiError> {
+        if let Some(journal) = &self.journal {
+            self.append(journal, &[(&increment.key, increment.value)], false, false)
+                .await?;
+        } else {
+            self.batcher
+                .record(&increment.key, increment.value)
+                .map_err(|e| self.refusal(e, None))?;
+        }
         self.accepted(1);
         Ok(())
     }
 
     /// Takes one increment that the caller will wait for; returns the ticket
-    /// to wait on ([`crate::Flusher::wait_committed`]).
+    /// to wait on.
     ///
     /// # Errors
     /// As [`Intake::accept`].
-    pub fn accept_durable(&self, increment: &Increment<'_>) -> Result<u64, ApiError> {
-        let ticket = self
-            .batcher
-            .record_durable(&increment.key, increment.value)
-            .map_err(|e| self.refusal(e, None))?;
+    pub async fn accept_durable(&self, increment: &Increment<'_>) -> Result<Ticket, ApiError> {
+        let ticket = if let Some(journal) = &self.journal {
+            Ticket::Journal(
+                self.append(journal, &[(&increment.key, increment.value)], true, false)
+                    .await?,
+            )
+        } else {
+            Ticket::Drain(
+                self.batcher
+                    .record_durable(&increment.key, increment.value)
+                    .map_err(|e| self.refusal(e, None))?,
+            )
+        };
         self.accepted(1);
         Ok(ticket)
     }
@@ -640,17 +675,48 @@ impl Intake {
     ///
     /// # Errors
     /// As [`Intake::accept`]; an overflow names the item's index.
-    pub fn accept_all(&self, increments: &[Increment<'_>]) -> Result<u64, ApiError> {
+    pub async fn accept_all(&self, increments: &[Increment<'_>]) -> Result<u64, ApiError> {
         let items: Vec<(&str, i64)> = increments
             .iter()
             .map(|increment| (increment.key.as_str(), increment.value))
             .collect();
-        self.batcher
-            .record_all(&items)
-            .map_err(|(index, e)| self.refusal(e, Some(index)))?;
+        if let Some(journal) = &self.journal {
+            self.append(journal, &items, false, true).await?;
+        } else {
+            self.batcher
+                .record_all(&items)
+                .map_err(|(index, e)| self.refusal(e, Some(index)))?;
+        }
         let accepted = items.len() as u64;
         self.accepted(accepted);
         Ok(accepted)
+    }
+
+    async fn append(
+        &self,
+        journal: &Publisher,
+        items: &[(&str, i64)],
+        durable: bool,
+        batch: bool,
+    ) -> Result<u64, ApiError> {
+        journal.append(items, durable).await.map_err(|e| match e {
+            AppendError::Overflow(index) => {
+                self.refusal(BatchError::DeltaOverflow, batch.then_some(index))
+            }
+            AppendError::Refused(why) => {
+                self.metrics
+                    .increments_rejected_total
+                    .with_label_values(&["unavailable"])
+                    .inc();
+                let why = match why {
+                    Refusal::Unavailable => "NATS is unreachable",
+                    Refusal::Full => "the stream refused it, it may be full",
+                    Refusal::Busy => "too many messages wait to be published",
+                };
+                ApiError::JournalUnavailable(why, self.retry_after)
+            }
+            AppendError::Unconfirmed => ApiError::Unconfirmed,
+        })
     }
 
     fn accepted(&self, count: u64) {

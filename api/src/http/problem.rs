@@ -62,10 +62,12 @@ pub enum ProblemType {
     DatabaseUnavailable,
     NotReady,
     FlushFailed,
+    JournalUnavailable,
+    Unconfirmed,
 }
 
 impl ProblemType {
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 19] = [
         Self::BadRequest,
         Self::Unauthorized,
         Self::NotFound,
@@ -83,6 +85,8 @@ impl ProblemType {
         Self::DatabaseUnavailable,
         Self::NotReady,
         Self::FlushFailed,
+        Self::JournalUnavailable,
+        Self::Unconfirmed,
     ];
 
     /// The last segment of the type URI.
@@ -105,6 +109,8 @@ impl ProblemType {
             Self::DatabaseUnavailable => "database-unavailable",
             Self::NotReady => "not-ready",
             Self::FlushFailed => "flush-failed",
+            Self::JournalUnavailable => "journal-unavailable",
+            Self::Unconfirmed => "unconfirmed",
         }
     }
 
@@ -125,7 +131,9 @@ impl ProblemType {
             | Self::PendingLimit
             | Self::DatabaseUnavailable
             | Self::NotReady
-            | Self::FlushFailed => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::FlushFailed
+            | Self::JournalUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unconfirmed => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -148,6 +156,8 @@ impl ProblemType {
             Self::DatabaseUnavailable => "The database could not be read",
             Self::NotReady => "Not ready to serve",
             Self::FlushFailed => "The flush failed",
+            Self::JournalUnavailable => "The journal did not take the increment",
+            Self::Unconfirmed => "The journal did not confirm the increment in time",
         }
     }
 
@@ -215,6 +225,16 @@ impl ProblemType {
             Self::FlushFailed => {
                 "`POST /admin/flush` could not write; the batch is kept and retried by the \
                  flusher."
+            }
+            Self::JournalUnavailable => {
+                "With the journal on: NATS is unreachable, the stream is full or refused the \
+                 message, or too many messages wait to be published. Nothing was taken: send it \
+                 again after `Retry-After` seconds."
+            }
+            Self::Unconfirmed => {
+                "With the journal on: the message holding the increment was sent, but the stream \
+                 did not acknowledge it in time. It may be stored (and then it is applied exactly \
+                 once) or not; sending it again may count it twice."
             }
         }
     }
@@ -289,6 +309,15 @@ pub enum ApiError {
     /// 503: `POST /admin/flush` failed.
     #[error("the flush failed; the batch is kept and retried")]
     FlushFailed,
+    /// 503, not taken: the journal refused or is unreachable.
+    #[error("the journal did not take the increment ({0}); nothing was taken, retry after {1} s")]
+    JournalUnavailable(&'static str, u64),
+    /// 504: sent to the journal, not acknowledged in time; may be applied.
+    #[error(
+        "the journal did not acknowledge the increment in time: it may or may not be applied \
+         (at most once); do not resend it blindly"
+    )]
+    Unconfirmed,
 }
 
 impl ApiError {
@@ -311,6 +340,8 @@ impl ApiError {
             Self::DatabaseUnavailable { .. } => ProblemType::DatabaseUnavailable,
             Self::NotReady(_) => ProblemType::NotReady,
             Self::FlushFailed => ProblemType::FlushFailed,
+            Self::JournalUnavailable(..) => ProblemType::JournalUnavailable,
+            Self::Unconfirmed => ProblemType::Unconfirmed,
         }
     }
 
@@ -324,7 +355,8 @@ impl ApiError {
         match self {
             Self::Overloaded { retry_after }
             | Self::PendingLimit { retry_after }
-            | Self::DatabaseUnavailable { retry_after } => Some(*retry_after),
+            | Self::DatabaseUnavailable { retry_after }
+            | Self::JournalUnavailable(_, retry_after) => Some(*retry_after),
             _ => None,
         }
     }

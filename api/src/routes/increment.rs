@@ -13,13 +13,16 @@ use poem_openapi::{
     types::{Example, Type},
 };
 
+use sea_orm::DatabaseConnection;
+
 use super::AppState;
 use crate::{
     flusher::{Flusher, WaitOutcome},
     http::{
-        intake::{Intake, JsonBody, decode_batch, decode_increment},
+        intake::{Intake, JsonBody, Ticket, decode_batch, decode_increment},
         problem::{ApiError, ProblemJson},
     },
+    journal::{self, Cursor},
 };
 
 #[derive(Tags)]
@@ -219,6 +222,9 @@ ingestion_errors!(BatchResponse);
 pub struct IncrementApi {
     intake: Intake,
     flusher: Arc<Flusher>,
+    /// With the journal on: where durable requests see their message applied.
+    journal: Option<Arc<Cursor>>,
+    db: DatabaseConnection,
     wait_timeout: Duration,
 }
 
@@ -227,6 +233,8 @@ impl IncrementApi {
         Self {
             intake: state.intake.clone(),
             flusher: Arc::clone(&state.flusher),
+            journal: state.journal.clone(),
+            db: state.db.clone(),
             wait_timeout: state.wait_timeout,
         }
     }
@@ -254,20 +262,31 @@ impl IncrementApi {
             Err(e) => return ApiError::from(e).into(),
         };
         if wait.0 != Some(true) {
-            return match self.intake.accept(&increment) {
+            return match self.intake.accept(&increment).await {
                 Ok(()) => IncrementResponse::Accepted(AcceptedBody(None)),
                 Err(e) => e.into(),
             };
         }
-        let ticket = match self.intake.accept_durable(&increment) {
+        let ticket = match self.intake.accept_durable(&increment).await {
             Ok(ticket) => ticket,
             Err(e) => return e.into(),
         };
-        match self
-            .flusher
-            .wait_committed(ticket, &increment.key, self.wait_timeout)
-            .await
-        {
+        let outcome = match (ticket, &self.journal) {
+            (Ticket::Drain(drain), _) => {
+                self.flusher
+                    .wait_committed(drain, &increment.key, self.wait_timeout)
+                    .await
+            }
+            (Ticket::Journal(sequence), Some(cursor)) => {
+                if journal::wait_applied(&self.db, cursor, sequence, self.wait_timeout).await {
+                    WaitOutcome::Committed
+                } else {
+                    WaitOutcome::TimedOut
+                }
+            }
+            (Ticket::Journal(_), None) => WaitOutcome::TimedOut,
+        };
+        match outcome {
             WaitOutcome::Committed => IncrementResponse::Written,
             WaitOutcome::Rejected => ApiError::CounterOverflow.into(),
             WaitOutcome::TimedOut => {
@@ -294,7 +313,7 @@ impl IncrementApi {
             Ok(increments) => increments,
             Err(e) => return ApiError::from(e).into(),
         };
-        match self.intake.accept_all(&increments) {
+        match self.intake.accept_all(&increments).await {
             Ok(accepted) => BatchResponse::Accepted(Json(BatchAccepted { accepted })),
             Err(e) => e.into(),
         }

@@ -60,6 +60,8 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
     /// Answer plain `POST /increment` on the front door's fast path.
     pub fast_path: bool,
+    /// With the journal on: what is applied, for durable requests.
+    pub journal: Option<Arc<crate::journal::Cursor>>,
 }
 
 /// The routes as metric labels: a fixed set, whatever path a client sends.

@@ -1,0 +1,149 @@
+//! Where the journal stands on this instance: which messages the batcher
+//! holds, which are applied. Shared by the reader (records messages), the
+//! flusher (drains them into batches, learns what committed) and durable
+//! requests (wait for their message to be applied).
+//!
+//! One lock covers recording a message and draining the batcher, so a batch
+//! holds exactly the messages its span names: every message up to the last
+//! one recorded before the drain, none after.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::{
+    batch::{Batch, JournalSpan},
+    batcher::{BatchError, Batcher},
+};
+
+/// Why a message was not recorded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecordError {
+    /// The batcher cannot take it now (bound or `i64` range); retry after a flush.
+    #[error("the batcher cannot take the message now: {0}")]
+    Batcher(BatchError),
+    /// The reading it belongs to was abandoned (see [`Cursor::abandon`]).
+    #[error("the reading was abandoned")]
+    Stale,
+}
+
+struct State {
+    /// Counts readings: a reading starts at the stored offset and ends when
+    /// abandoned.
+    reading: u64,
+    /// The last sequence recorded into the batcher.
+    recorded: u64,
+    /// The last sequence handed over in a batch.
+    handed_over: u64,
+}
+
+/// See the module doc. Share with an `Arc`.
+pub struct Cursor {
+    stream: String,
+    state: Mutex<State>,
+    /// The highest sequence known applied (committed here, or read from the
+    /// database).
+    applied: tokio::sync::watch::Sender<u64>,
+}
+
+impl Cursor {
+    pub fn new(stream: impl Into<String>) -> Arc<Self> {
+        Arc::new(Self {
+            stream: stream.into(),
+            state: Mutex::new(State {
+                reading: 0,
+                recorded: 0,
+                handed_over: 0,
+            }),
+            applied: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// Starts a reading from `applied` (the stored offset); returns its number.
+    pub fn start_reading(&self, applied: u64) -> u64 {
+        let mut state = self.state.lock();
+        state.reading += 1;
+        state.recorded = applied;
+        state.handed_over = applied;
+        drop(state);
+        self.note_applied(applied);
+        self.state.lock().reading
+    }
+
+    /// Records the message `sequence` of reading `reading` into `batcher`,
+    /// all of its items or none.
+    ///
+    /// # Errors
+    /// [`RecordError`]; nothing is recorded then.
+    pub fn record(
+        &self,
+        reading: u64,
+        sequence: u64,
+        batcher: &Batcher,
+        items: &[(&str, i64)],
+    ) -> Result<(), RecordError> {
+        let mut state = self.state.lock();
+        if state.reading != reading {
+            return Err(RecordError::Stale);
+        }
+        batcher
+            .record_all(items)
+            .map_err(|(_, e)| RecordError::Batcher(e))?;
+        state.recorded = sequence;
+        Ok(())
+    }
+
+    /// Drains `batcher` into a batch holding the messages recorded since the
+    /// last hand-over. Blocking, like the drain.
+    pub fn hand_over(&self, batcher: &Batcher) -> (Option<Arc<Batch>>, u64) {
+        let mut state = self.state.lock();
+        batcher.hand_over_holding(|| {
+            let span = JournalSpan {
+                stream: self.stream.clone(),
+                after: state.handed_over,
+                through: state.recorded,
+            };
+            state.handed_over = state.recorded;
+            Some(span)
+        })
+    }
+
+    /// Ends the current reading: another writer applied messages this one
+    /// holds (or may). Drops everything the batcher holds (all of it came
+    /// from the journal, which keeps it). Blocking, like the drain.
+    pub fn abandon(&self, batcher: &Batcher) {
+        let mut state = self.state.lock();
+        state.reading += 1;
+        drop(batcher.drain());
+        drop(state);
+    }
+
+    /// Whether reading `reading` is still the current one.
+    pub fn is_current(&self, reading: u64) -> bool {
+        self.state.lock().reading == reading
+    }
+
+    /// `through` is applied (committed here, or read from the database).
+    pub fn note_applied(&self, through: u64) {
+        self.applied.send_if_modified(|applied| {
+            let advanced = through > *applied;
+            if advanced {
+                *applied = through;
+            }
+            advanced
+        });
+    }
+
+    /// The highest sequence known applied.
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    pub fn subscribe_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+}

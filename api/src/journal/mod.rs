@@ -1,0 +1,207 @@
+//! The journal: NATS JetStream between the intake and the database, so that
+//! a `202` survives any crash (`--journal-url`).
+//!
+//! - [`publisher`]: group commit; a request is answered once the message
+//!   holding it is acknowledged by the stream.
+//! - [`reader`]: on the instance holding the writer lease, reads the stream
+//!   from the stored offset into the batcher.
+//! - [`cursor`]: which messages the batcher holds and which are applied;
+//!   the flusher stamps each batch with its span, and the transaction that
+//!   writes it moves the stored offset (exactly once: see `store`).
+//! - [`codec`]: the message body.
+//!
+//! Stream: file storage, `discard: new` (a full stream refuses, so a
+//! publisher sees it; `discard: old` would silently delete unapplied
+//! increments), limits retention, purged up to the applied offset.
+
+pub mod codec;
+pub mod cursor;
+pub mod publisher;
+pub mod reader;
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream::{self, stream};
+use sea_orm::DatabaseConnection;
+
+pub use cursor::Cursor;
+pub use publisher::{AppendError, Outcome, Publisher, PublisherSettings, Refusal};
+
+use crate::{metrics::Metrics, store};
+
+/// The journal's settings (see `Settings`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalSettings {
+    /// `nats://host:port`, comma-separated for a cluster.
+    pub url: String,
+    pub stream: String,
+    pub replicas: usize,
+    /// Bytes the stream may hold; beyond, publishes are refused (503).
+    pub max_bytes: i64,
+    /// How long the stream remembers message ids (dedup of retried publishes).
+    pub duplicate_window: Duration,
+    /// How long a request waits for its message's acknowledgement.
+    pub ack_timeout: Duration,
+}
+
+impl JournalSettings {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            stream: "increments".to_owned(),
+            replicas: 1,
+            max_bytes: 1 << 30,
+            duplicate_window: Duration::from_secs(5 * 60),
+            ack_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The subject increments are published on.
+    pub fn subject(&self) -> String {
+        format!("{}.journal", self.stream)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("connecting to NATS at {url} failed")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("setting up the JetStream stream {stream} failed")]
+    Stream {
+        stream: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "the existing stream {0} discards old messages when full, which would delete unapplied increments; set its discard policy to new"
+    )]
+    DiscardOld(String),
+}
+
+/// A connected journal: its client, stream and cursor.
+pub struct Journal {
+    pub settings: JournalSettings,
+    pub client: async_nats::Client,
+    pub jetstream: jetstream::Context,
+    pub stream: stream::Stream,
+    pub cursor: Arc<Cursor>,
+}
+
+impl Journal {
+    /// Connects and creates the stream when missing.
+    ///
+    /// # Errors
+    /// [`JournalError`].
+    pub async fn connect(settings: JournalSettings) -> Result<Self, JournalError> {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .name("increment")
+            .connect(settings.url.as_str());
+        // retry_on_initial_connect returns at once; wait (bounded) for the
+        // first connection so a wrong URL fails the start.
+        let client = client.await.map_err(|source| JournalError::Connect {
+            url: settings.url.clone(),
+            source,
+        })?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(JournalError::Stream {
+                    stream: settings.stream.clone(),
+                    source: format!("no connection to {} within 10 s", settings.url).into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(settings.ack_timeout)
+            .build(client.clone());
+        let stream_error =
+            |source: Box<dyn std::error::Error + Send + Sync>| JournalError::Stream {
+                stream: settings.stream.clone(),
+                source,
+            };
+        let config = stream::Config {
+            name: settings.stream.clone(),
+            subjects: vec![settings.subject()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::New,
+            max_bytes: settings.max_bytes,
+            duplicate_window: settings.duplicate_window,
+            num_replicas: settings.replicas,
+            ..Default::default()
+        };
+        let mut stream = jetstream
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| stream_error(Box::new(e)))?;
+        let info = stream.info().await.map_err(|e| stream_error(Box::new(e)))?;
+        if info.config.discard == stream::DiscardPolicy::Old {
+            return Err(JournalError::DiscardOld(settings.stream.clone()));
+        }
+        let cursor = Cursor::new(settings.stream.clone());
+        Ok(Self {
+            settings,
+            client,
+            jetstream,
+            stream,
+            cursor,
+        })
+    }
+
+    pub fn publisher(&self, metrics: Arc<Metrics>) -> Arc<Publisher> {
+        let ack_timeout = self.settings.ack_timeout;
+        Publisher::new(
+            self.client.clone(),
+            self.jetstream.clone(),
+            PublisherSettings {
+                subject: self.settings.subject(),
+                in_flight: 16,
+                max_waiting_groups: 64,
+                max_message_bytes: 256 * 1024,
+                ack_timeout,
+                request_timeout: ack_timeout + Duration::from_secs(1),
+                retry_horizon: self.settings.duplicate_window / 4,
+            },
+            metrics,
+        )
+    }
+}
+
+/// Waits until the message `sequence` is applied to the database (by any
+/// instance), up to `timeout`. `true` when it is.
+pub async fn wait_applied(
+    db: &DatabaseConnection,
+    cursor: &Cursor,
+    sequence: u64,
+    timeout: Duration,
+) -> bool {
+    let mut applied = cursor.subscribe_applied();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if *applied.borrow_and_update() >= sequence {
+            return true;
+        }
+        // Another instance may be the writer: the stored offset tells.
+        if let Ok(stored) = store::journal_applied_through(db, cursor.stream()).await {
+            cursor.note_applied(stored);
+            if stored >= sequence {
+                return true;
+            }
+        }
+        let wake = deadline.min(tokio::time::Instant::now() + Duration::from_millis(25));
+        tokio::select! {
+            _ = applied.changed() => {}
+            () = tokio::time::sleep_until(wake) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return *applied.borrow() >= sequence;
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Reads the journal into the batcher, on the one instance holding the
+//! writer lease: an ordered consumer from the stored offset, each message
+//! recorded whole through the [`Cursor`]; the flusher writes the batches and
+//! moves the offset in the same transaction. Messages up to the stored
+//! offset are purged from the stream (they are applied).
+//!
+//! Instances without the lease wait for it; an instance that dies stops
+//! renewing it, and another takes over within a lease period, reading from
+//! the stored offset: nothing is stranded.
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use futures::StreamExt;
+use sea_orm::DatabaseConnection;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    codec,
+    cursor::{Cursor, RecordError},
+    publisher::DURABLE_HEADER,
+};
+use crate::{Batcher, Flusher, metrics::Metrics, store, telemetry::error_chain};
+
+/// How long a lease lasts unless renewed; renewed every third of it.
+pub const LEASE: Duration = Duration::from_secs(6);
+
+pub struct Reader {
+    pub stream: jetstream::stream::Stream,
+    pub cursor: Arc<Cursor>,
+    pub batcher: Arc<Batcher>,
+    pub flusher: Arc<Flusher>,
+    pub db: DatabaseConnection,
+    pub metrics: Arc<Metrics>,
+    /// This instance's name in the lease.
+    pub writer: String,
+}
+
+/// Why a reading ended.
+enum Ended {
+    Stopped,
+    /// Lease lost, offset moved, or the consumer failed: start over.
+    Restart,
+}
+
+impl Reader {
+    /// Takes the lease when it can and reads until `stop`.
+    pub async fn run_until_stopped(&self, stop: CancellationToken) {
+        loop {
+            if !self.wait_for_lease(&stop).await {
+                break;
+            }
+            match self.read(&stop).await {
+                Ended::Stopped => break,
+                Ended::Restart => {
+                    // Whatever this reading recorded is dropped; the next one
+                    // starts from the stored offset.
+                    self.flusher.abandon_journal().await;
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    /// After the final flush: lets another instance take over at once.
+    pub async fn release_lease(&self) {
+        if let Err(e) =
+            store::release_journal_lease(&self.db, self.cursor.stream(), &self.writer).await
+        {
+            tracing::warn!(error = %error_chain(&e), "releasing the journal lease failed; another instance takes over when it expires");
+        }
+    }
+
+    async fn claim(&self) -> Result<bool, sea_orm::DbErr> {
+        // Creates the stream's row on first use.
+        store::journal_applied_through(&self.db, self.cursor.stream()).await?;
+        let now = now_ms();
+        store::claim_journal_lease(
+            &self.db,
+            self.cursor.stream(),
+            &self.writer,
+            now,
+            now + LEASE.as_millis() as i64,
+        )
+        .await
+    }
+
+    /// `false` when stopped first.
+    async fn wait_for_lease(&self, stop: &CancellationToken) -> bool {
+        loop {
+            match self.claim().await {
+                Ok(true) => {
+                    self.metrics.journal_writer.set(1);
+                    return true;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "claiming the journal lease failed; retrying")
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return false,
+                () = tokio::time::sleep(LEASE / 3) => {}
+            }
+        }
+    }
+
+    async fn read(&self, stop: &CancellationToken) -> Ended {
+        let applied = match store::journal_applied_through(&self.db, self.cursor.stream()).await {
+            Ok(applied) => applied,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "reading the journal offset failed");
+                return Ended::Restart;
+            }
+        };
+        let reading = self.cursor.start_reading(applied);
+        tracing::info!(
+            stream = self.cursor.stream(),
+            applied,
+            "reading the journal"
+        );
+        let consumer = self
+            .stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: applied + 1,
+                },
+                ..Default::default()
+            })
+            .await;
+        let mut messages = match consumer {
+            Ok(consumer) => match consumer.messages().await {
+                Ok(messages) => messages,
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "reading the journal failed");
+                    return Ended::Restart;
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "creating the journal consumer failed");
+                return Ended::Restart;
+            }
+        };
+        let mut renew = tokio::time::interval(LEASE / 3);
+        renew.tick().await;
+        let mut purged = applied;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return Ended::Stopped,
+                _ = renew.tick() => {
+                    if !self.renew(reading).await {
+                        return Ended::Restart;
+                    }
+                    purged = self.purge(purged).await;
+                }
+                message = messages.next() => {
+                    let message = match message {
+                        Some(Ok(message)) => message,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %error_chain(&e), "reading the journal failed; starting over from the stored offset");
+                            return Ended::Restart;
+                        }
+                        None => return Ended::Restart,
+                    };
+                    let Ok(info) = message.info() else {
+                        tracing::warn!("a journal message without its metadata; starting over");
+                        return Ended::Restart;
+                    };
+                    let sequence = info.stream_sequence;
+                    let durable = message
+                        .headers
+                        .as_ref()
+                        .is_some_and(|h| h.get(DURABLE_HEADER).is_some());
+                    if !self.record(reading, sequence, &message.payload, stop).await {
+                        return if stop.is_cancelled() { Ended::Stopped } else { Ended::Restart };
+                    }
+                    if durable {
+                        self.flusher.request_flush();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Renews the lease; `false` when it was lost (another instance has it).
+    async fn renew(&self, reading: u64) -> bool {
+        if !self.cursor.is_current(reading) {
+            return false;
+        }
+        match self.claim().await {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::warn!("the journal lease went to another instance; stopping to read");
+                self.metrics.journal_writer.set(0);
+                false
+            }
+            // The database is away: nobody can write meanwhile, and the
+            // offset check keeps two writers from applying a message twice.
+            Err(_) => true,
+        }
+    }
+
+    /// Purges what is applied; returns the sequence purged through.
+    async fn purge(&self, purged: u64) -> u64 {
+        let applied = self.cursor.applied();
+        if applied <= purged {
+            return purged;
+        }
+        match self.stream.purge().sequence(applied + 1).await {
+            Ok(_) => applied,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "purging applied journal messages failed; will retry");
+                purged
+            }
+        }
+    }
+
+    /// Records one message, waiting for room in the batcher; `false` when
+    /// the reading ended or `stop` came first.
+    async fn record(
+        &self,
+        reading: u64,
+        sequence: u64,
+        body: &[u8],
+        stop: &CancellationToken,
+    ) -> bool {
+        let items = match codec::decode(body) {
+            Ok(items) => items,
+            Err(e) => {
+                tracing::error!(error = %e, sequence, "a journal message could not be read; skipped");
+                self.metrics.journal_unreadable_total.inc();
+                // An empty record still moves the cursor past it.
+                return self
+                    .cursor
+                    .record(reading, sequence, &self.batcher, &[])
+                    .is_ok();
+            }
+        };
+        loop {
+            match self.cursor.record(reading, sequence, &self.batcher, &items) {
+                Ok(()) => {
+                    self.metrics.journal_read_total.inc();
+                    return true;
+                }
+                Err(RecordError::Stale) => return false,
+                Err(RecordError::Batcher(_)) => {
+                    // Full or out of range until the next flush: the journal
+                    // holds the backlog, not this process.
+                    self.flusher.request_flush();
+                    tokio::select! {
+                        () = stop.cancelled() => return false,
+                        () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
