@@ -12,9 +12,11 @@
 //! is configured, and fails instead when `CI` is set.
 
 pub mod app;
+pub mod nats;
 pub mod proxy;
 
 pub use app::{Client, Response, TestApp, percent_encode, test_settings};
+pub use nats::NatsServer;
 
 use std::collections::BTreeMap;
 

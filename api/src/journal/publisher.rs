@@ -254,6 +254,7 @@ impl Publisher {
             };
             let Some(group) = group else {
                 // Let the publishes in flight finish.
+                drop(slot);
                 let _all = slots
                     .acquire_many(self.settings.in_flight.max(1) as u32)
                     .await;

@@ -12,6 +12,7 @@ mod flush;
 mod front_door;
 mod health;
 mod increment;
+mod journal;
 mod limits;
 mod metrics;
 mod parity;

@@ -1,0 +1,199 @@
+//! The journal mode (`--journal-url`) with a private nats-server: a 202 is
+//! stored in the stream, applied once, and a 503 means nothing was taken.
+
+use std::{num::NonZeroU64, sync::Arc, time::Duration};
+
+use api::{
+    Batcher, FlushOutcome, Flusher, ShutdownReport,
+    journal::{Cursor, JournalSettings},
+    metrics::Metrics,
+};
+use http::StatusCode;
+use migration::MigratorTrait;
+use testkit::{NatsServer, TestApp, TestDb, db_tests, eventually};
+
+fn journaled(nats: &NatsServer) -> impl FnOnce(&mut api::Settings) + '_ {
+    move |settings| {
+        let mut journal = JournalSettings::new(nats.url());
+        journal.ack_timeout = Duration::from_secs(2);
+        settings.journal = Some(journal);
+        settings.flush_interval = Duration::from_millis(100);
+    }
+}
+
+db_tests!(
+    every_202_is_applied_once_through_the_journal,
+    with_nats_unreachable_increments_get_503_and_nothing_is_counted,
+    a_second_writer_of_the_same_messages_applies_nothing,
+);
+
+async fn every_202_is_applied_once_through_the_journal(db: TestDb) {
+    let nats = NatsServer::start();
+    let app = TestApp::start_with(db, journaled(&nats)).await;
+    for _ in 0..50 {
+        app.increment("page:home", 2)
+            .await
+            .assert_status(StatusCode::ACCEPTED);
+    }
+    let batch = app
+        .client
+        .post("/increments")
+        .content_type("application/json")
+        .body(r#"{"increments":[{"key":"a","value":1},{"key":"b","value":-3},{"key":"a","value":4}]}"#)
+        .send()
+        .await;
+    batch.assert_status(StatusCode::ACCEPTED);
+    let durable = app
+        .client
+        .post("/increment?wait=true")
+        .content_type("application/json")
+        .body(r#"{"key":"durable","value":7}"#)
+        .send()
+        .await;
+    durable.assert_status(StatusCode::OK);
+    // Answered 200: applied by the time of the answer.
+    assert_eq!(app.db.counters().await.get("durable"), Some(&7));
+    eventually(Duration::from_secs(20), "every 202 is applied", || async {
+        app.db.counters().await.get("page:home") == Some(&100)
+    })
+    .await;
+    let scrape = app.scrape().await;
+    assert!(scrape.contains("increment_journal_writer 1"), "{scrape}");
+    let (report, db) = app.shut_down().await;
+    assert_eq!(report, ShutdownReport::Clean);
+    let counters = db.counters().await;
+    assert_eq!(
+        (
+            counters["page:home"],
+            counters["a"],
+            counters["b"],
+            counters["durable"]
+        ),
+        (100, 5, -3, 7)
+    );
+}
+
+async fn with_nats_unreachable_increments_get_503_and_nothing_is_counted(db: TestDb) {
+    let mut nats = NatsServer::start();
+    let app = TestApp::start_with(db, journaled(&nats)).await;
+    app.increment("k", 1)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    nats.kill();
+    let mut unconfirmed = 0;
+    // The client notices the lost connection within moments; until then an
+    // attempt may be unconfirmed (504), never 202.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let response = app.increment("k", 1).await;
+        match response.status() {
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert!(response.header("retry-after").is_some());
+                assert!(response.text().contains("/problems/journal-unavailable"));
+                break;
+            }
+            StatusCode::GATEWAY_TIMEOUT => unconfirmed += 1,
+            other => panic!("with NATS down: {other}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a 503 within 20 s of NATS going away"
+        );
+    }
+    for _ in 0..20 {
+        app.increment("k", 1)
+            .await
+            .assert_status(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    nats.restart();
+    eventually(
+        Duration::from_secs(30),
+        "202 again once NATS is back",
+        || async { app.increment("k", 100).await.status() == StatusCode::ACCEPTED },
+    )
+    .await;
+    // The first 1, the 100 that got a 202; each unconfirmed 1 at most once;
+    // none of the 21+ refused ones.
+    eventually(
+        Duration::from_secs(30),
+        "the accepted increments are applied",
+        || async { app.db.counters().await.get("k").is_some_and(|v| *v >= 101) },
+    )
+    .await;
+    let (_, db) = app.shut_down().await;
+    let stored = db.counters().await["k"];
+    assert!(
+        (101..=101 + unconfirmed).contains(&stored),
+        "stored {stored}: 101 accepted, {unconfirmed} unconfirmed, 21 or more refused"
+    );
+}
+
+/// Two writers read the same journal messages (a crash between commit and
+/// purge, a lease taken over while the old holder still flushes): the
+/// stored offset lets only the first batch commit.
+async fn a_second_writer_of_the_same_messages_applies_nothing(db: TestDb) {
+    let connection = db.connect().await;
+    migration::Migrator::up(&connection, None).await.unwrap();
+    let writer = |cursor: &Arc<Cursor>| {
+        let batcher = Arc::new(Batcher::new(
+            NonZeroU64::new(1000).unwrap(),
+            Duration::from_secs(3600),
+        ));
+        let flusher = Flusher::new(
+            Arc::clone(&batcher),
+            connection.clone(),
+            Arc::new(Metrics::new()),
+            Arc::default(),
+            Duration::from_secs(3600),
+        )
+        .with_journal(Arc::clone(cursor));
+        (batcher, Arc::new(flusher))
+    };
+    let (first_cursor, second_cursor) = (Cursor::new("s"), Cursor::new("s"));
+    let (first_batcher, first) = writer(&first_cursor);
+    let (second_batcher, second) = writer(&second_cursor);
+    api::store::journal_applied_through(&connection, "s")
+        .await
+        .unwrap();
+    let messages: [&[(&str, i64)]; 3] = [&[("x", 1), ("y", 2)], &[("x", 10)], &[("z", -5)]];
+    let first_reading = first_cursor.start_reading(0);
+    let second_reading = second_cursor.start_reading(0);
+    for (sequence, items) in (1..).zip(messages) {
+        first_cursor
+            .record(first_reading, sequence, &first_batcher, items)
+            .unwrap();
+        second_cursor
+            .record(second_reading, sequence, &second_batcher, items)
+            .unwrap();
+    }
+    assert!(matches!(
+        first.flush_once().await.unwrap(),
+        FlushOutcome::Written { keys: 3, .. }
+    ));
+    second.flush_once().await.unwrap();
+    assert!(
+        !second_cursor.is_current(second_reading),
+        "the second reading is abandoned"
+    );
+    assert_eq!(
+        second_batcher.pending_keys(),
+        0,
+        "and what it held is dropped"
+    );
+    let stored = db.counters().await;
+    assert_eq!((stored["x"], stored["y"], stored["z"]), (11, 2, -5));
+    assert_eq!(
+        api::store::journal_applied_through(&connection, "s")
+            .await
+            .unwrap(),
+        3
+    );
+    // Read again from the stored offset, the second writer goes on.
+    let reading = second_cursor.start_reading(3);
+    second_cursor
+        .record(reading, 4, &second_batcher, &[("x", 100)])
+        .unwrap();
+    second.flush_once().await.unwrap();
+    assert_eq!(db.counters().await["x"], 111);
+    assert_eq!(second_cursor.applied(), 4);
+}
