@@ -3,4 +3,5 @@
 
 mod crash;
 mod e2e;
+mod journal;
 mod service;

@@ -19,6 +19,11 @@ pub struct Service {
 impl Service {
     /// Starts the binary against `db`; `spill_dir` holds its spill file.
     pub async fn start(db: &TestDb, spill_dir: &Path) -> Self {
+        Self::start_with(db, spill_dir, &[]).await
+    }
+
+    /// [`start`](Self::start) with more flags.
+    pub async fn start_with(db: &TestDb, spill_dir: &Path, extra: &[&str]) -> Self {
         // Port 0: the binary binds a free port itself and logs it (JSON), so
         // no other process can take the port between a pick and the bind.
         let mut child = Command::new(env!("CARGO_BIN_EXE_increment"))
@@ -29,6 +34,7 @@ impl Service {
             .args(["--log-format", "json"])
             .arg("--spill-path")
             .arg(spill_dir.join("spill.jsonl"))
+            .args(extra)
             .env("RUST_LOG", "warn,api::startup=info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
