@@ -205,6 +205,20 @@ fn problems(compose: &Value, root: &Path, template: &str) -> Vec<String> {
                      INCREMENT_SHUTDOWN_TIMEOUT ({timeout:?}), or Docker kills it mid-flush"
                 ));
             }
+            let journal = env_value(&env, "INCREMENT_JOURNAL_URL").unwrap_or("");
+            if names.contains("nats") && !journal.contains("//nats:") {
+                problems.push(
+                    "increment's INCREMENT_JOURNAL_URL does not point at the nats service"
+                        .to_owned(),
+                );
+            }
+            if journal.contains("//nats:")
+                && text(&increment["depends_on"]["nats"], "condition") != Some("service_healthy")
+            {
+                problems.push(
+                    "increment does not wait for the journal (nats) to be healthy".to_owned(),
+                );
+            }
             if names.contains("db")
                 && !env_value(&env, "DATABASE_URL")
                     .unwrap_or("")
@@ -213,6 +227,30 @@ fn problems(compose: &Value, root: &Path, template: &str) -> Vec<String> {
                 problems
                     .push("increment's DATABASE_URL does not point at the db service".to_owned());
             }
+        }
+    }
+
+    if let Some(nats) = service("nats") {
+        let command: Vec<&str> = nats
+            .get("command")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let store = command
+            .iter()
+            .position(|arg| *arg == "-sd")
+            .and_then(|at| command.get(at + 1));
+        if !command.contains(&"-js") {
+            problems.push("nats runs without JetStream (-js)".to_owned());
+        }
+        match store {
+            Some(store) if volumes(nats).iter().any(|(source, target)| target == store && !source.starts_with('.')) => {}
+            _ => problems.push(
+                "nats keeps its JetStream store (-sd) outside a named volume: a new container would lose acknowledged increments"
+                    .to_owned(),
+            ),
         }
     }
 
@@ -295,7 +333,7 @@ fn broken_copies_are_refused() {
         edit(&mut compose);
         problems(&compose, &root, &template)
     };
-    let cases: [(&str, &Edit); 5] = [
+    let cases: [(&str, &Edit); 8] = [
         ("stop_grace_period", &|c| {
             c["services"]["increment"]["stop_grace_period"] = "5s".into()
         }),
@@ -311,6 +349,18 @@ fn broken_copies_are_refused() {
                 .as_mapping_mut()
                 .unwrap();
             env.remove("INCREMENT_PROXY_LISTEN");
+        }),
+        ("JetStream store", &|c| {
+            c["services"]["nats"]["volumes"] = serde_yaml::from_str("[]").unwrap();
+        }),
+        ("INCREMENT_JOURNAL_URL", &|c| {
+            c["services"]["increment"]["environment"]["INCREMENT_JOURNAL_URL"] = "".into()
+        }),
+        ("wait for the journal", &|c| {
+            let deps = c["services"]["increment"]["depends_on"]
+                .as_mapping_mut()
+                .unwrap();
+            deps.remove("nats");
         }),
         ("bind-mount source", &|c| {
             c["services"]["nginx"]["volumes"] =
