@@ -132,6 +132,8 @@ pub struct Flusher {
     /// With the journal on: which journal messages the batcher holds; each
     /// drain's batch is stamped with its span.
     journal: Option<Arc<Cursor>>,
+    /// The last flush failed: its batch waits in flight for a retry.
+    stalled: std::sync::atomic::AtomicBool,
 }
 
 /// The flush lock's guard, over the batch in flight.
@@ -184,6 +186,7 @@ impl Flusher {
             last_prune: Mutex::new(None),
             write_connections: DEFAULT_WRITE_CONNECTIONS,
             journal: None,
+            stalled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -192,6 +195,13 @@ impl Flusher {
     pub fn with_journal(mut self, cursor: Arc<Cursor>) -> Self {
         self.journal = Some(cursor);
         self
+    }
+
+    /// Whether the last flush failed (its batch waits for a retry). The
+    /// journal reader stops reading meanwhile: the journal, not memory,
+    /// holds the backlog while the database is away.
+    pub fn is_stalled(&self) -> bool {
+        self.stalled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Asks the loop for an early flush.
@@ -252,13 +262,17 @@ impl Flusher {
         let result = self.flush_serialised(in_flight).await;
         let metrics = &self.metrics;
         match &result {
-            Ok(FlushOutcome::Empty) => metrics.last_flush_success_timestamp_seconds.set(unix_now()),
+            Ok(FlushOutcome::Empty) => {
+                self.stalled.store(false, std::sync::atomic::Ordering::Relaxed);
+                metrics.last_flush_success_timestamp_seconds.set(unix_now());
+            }
             Ok(FlushOutcome::Written { keys, .. }) => {
                 metrics
                     .flush_duration_seconds
                     .observe(started.elapsed().as_secs_f64());
                 metrics.flush_keys.observe(*keys as f64);
                 metrics.flushed_keys_total.inc_by(*keys as u64);
+                self.stalled.store(false, std::sync::atomic::Ordering::Relaxed);
                 metrics.last_flush_success_timestamp_seconds.set(unix_now());
             }
             Err(_) => {
@@ -266,6 +280,7 @@ impl Flusher {
                     .flush_duration_seconds
                     .observe(started.elapsed().as_secs_f64());
                 metrics.flush_failures_total.inc();
+                self.stalled.store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::Span::current().record("outcome", "failed");
             }
         }

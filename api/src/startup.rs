@@ -102,6 +102,7 @@ pub struct Application {
 struct JournalParts {
     publisher: Arc<Publisher>,
     reader: Reader,
+    client: async_nats::Client,
 }
 
 impl Application {
@@ -181,7 +182,11 @@ impl Application {
                     uuid::Uuid::new_v4()
                 ),
             };
-            JournalParts { publisher, reader }
+            JournalParts {
+                publisher,
+                reader,
+                client: journal.client.clone(),
+            }
         });
         let state = AppState {
             batcher,
@@ -198,6 +203,7 @@ impl Application {
             admin_token: settings.admin_token.as_deref().map(Arc::from),
             fast_path: settings.fast_path,
             journal: journal.as_ref().map(|j| Arc::clone(&j.reader.cursor)),
+            journal_client: journal.as_ref().map(|j| j.client.clone()),
         };
         Ok(Self {
             listener,
@@ -256,16 +262,20 @@ impl Application {
         let flush_loop =
             tokio::spawn(Arc::clone(&flusher).run_until_stopped(stop_flushing.clone()));
         let stop_journal = CancellationToken::new();
-        let journal = journal.map(|JournalParts { publisher, reader }| {
-            let publishing = tokio::spawn(publisher.run(stop_journal.clone()));
-            let reader = Arc::new(reader);
-            let reading = tokio::spawn({
-                let reader = Arc::clone(&reader);
-                let stop = stop_journal.clone();
-                async move { reader.run_until_stopped(stop).await }
-            });
-            (publishing, reading, reader)
-        });
+        let journal = journal.map(
+            |JournalParts {
+                 publisher, reader, ..
+             }| {
+                let publishing = tokio::spawn(publisher.run(stop_journal.clone()));
+                let reader = Arc::new(reader);
+                let reading = tokio::spawn({
+                    let reader = Arc::clone(&reader);
+                    let stop = stop_journal.clone();
+                    async move { reader.run_until_stopped(stop).await }
+                });
+                (publishing, reading, reader)
+            },
+        );
 
         // The deadline is fixed when the signal arrives; the HTTP drain may use
         // half of the budget, the final flush gets the rest.

@@ -239,6 +239,16 @@ impl Reader {
                     .is_ok();
             }
         };
+        // While the database refuses the batch in flight, read nothing more.
+        while self.flusher.is_stalled() {
+            tokio::select! {
+                () = stop.cancelled() => return false,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            if !self.cursor.is_current(reading) {
+                return false;
+            }
+        }
         loop {
             match self.cursor.record(reading, sequence, &self.batcher, &items) {
                 Ok(()) => {

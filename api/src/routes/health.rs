@@ -19,6 +19,9 @@ enum HealthTag {
 
 pub struct HealthApi {
     db: DatabaseConnection,
+    /// With the journal on, readiness follows NATS, not the database: the
+    /// journal takes increments while the database is away.
+    journal: Option<async_nats::Client>,
     lifecycle: Lifecycle,
 }
 
@@ -26,6 +29,7 @@ impl HealthApi {
     pub fn new(state: &AppState) -> Self {
         Self {
             db: state.db.clone(),
+            journal: state.journal_client.clone(),
             lifecycle: state.lifecycle.clone(),
         }
     }
@@ -33,7 +37,8 @@ impl HealthApi {
 
 #[derive(ApiResponse)]
 enum ReadyResponse {
-    /// The database answers and the service is not shutting down.
+    /// The database answers (with the journal on: NATS is connected) and
+    /// the service is not shutting down.
     #[oai(status = 200)]
     Ready(PlainText<&'static str>),
     /// `not-ready`: shutting down, or the database does not answer.
@@ -49,11 +54,20 @@ impl HealthApi {
         PlainText("ok")
     }
 
-    /// Readiness: 200 when the database answers and the service is not shutting down.
+    /// Readiness: 200 when increments can be taken and the service is not
+    /// shutting down: the database answers, or with the journal on, NATS is
+    /// connected (the journal holds increments while the database is away).
     #[oai(path = "/readyz", method = "get", operation_id = "readyz")]
     async fn readyz(&self) -> ReadyResponse {
         if self.lifecycle.is_shutting_down() {
             return ReadyResponse::NotReady(ApiError::NotReady("shutting down").payload());
+        }
+        if let Some(client) = &self.journal {
+            return if client.connection_state() == async_nats::connection::State::Connected {
+                ReadyResponse::Ready(PlainText("ready"))
+            } else {
+                ReadyResponse::NotReady(ApiError::NotReady("journal (NATS) unavailable").payload())
+            };
         }
         match tokio::time::timeout(READINESS_DB_TIMEOUT, self.db.ping()).await {
             Ok(Ok(())) => ReadyResponse::Ready(PlainText("ready")),

@@ -62,6 +62,8 @@ pub struct AppState {
     pub fast_path: bool,
     /// With the journal on: what is applied, for durable requests.
     pub journal: Option<Arc<crate::journal::Cursor>>,
+    /// With the journal on: its connection, for readiness.
+    pub journal_client: Option<async_nats::Client>,
 }
 
 /// The routes as metric labels: a fixed set, whatever path a client sends.

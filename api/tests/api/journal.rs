@@ -197,3 +197,134 @@ async fn a_second_writer_of_the_same_messages_applies_nothing(db: TestDb) {
     assert_eq!(db.counters().await["x"], 111);
     assert_eq!(second_cursor.applied(), 4);
 }
+
+/// Resident memory of this process (the application runs in it), in bytes.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// A 15 s PostgreSQL outage under load with the journal on: `202`s go on
+/// (the journal holds the backlog, not memory), readiness stays up, and
+/// every `202` is applied once the database is back. PostgreSQL only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_keeps_taking_increments_into_the_journal() {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let proxy =
+        testkit::proxy::FaultProxy::start(db.postgres_addr().expect("a PostgreSQL address")).await;
+    let nats = NatsServer::start();
+    let url = proxy.url_for(&db.url);
+    let app = Arc::new(
+        TestApp::start_with(db, |settings| {
+            journaled(&nats)(settings);
+            settings.database_url = url;
+        })
+        .await,
+    );
+    const KEYS: usize = 8;
+    let acked: Arc<[AtomicI64; KEYS]> = Arc::new(Default::default());
+    let others = Arc::new(AtomicI64::new(0));
+    let running = Arc::new(AtomicBool::new(true));
+    let clients: Vec<_> = (0..8)
+        .map(|client| {
+            let (app, acked, others, running) = (
+                Arc::clone(&app),
+                Arc::clone(&acked),
+                Arc::clone(&others),
+                Arc::clone(&running),
+            );
+            tokio::spawn(async move {
+                let mut i = client;
+                while running.load(Ordering::SeqCst) {
+                    i += 1;
+                    let key = i % KEYS;
+                    match app.increment(&format!("k{key}"), 1).await.status() {
+                        StatusCode::ACCEPTED => {
+                            acked[key].fetch_add(1, Ordering::SeqCst);
+                        }
+                        _ => {
+                            others.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let total = || acked.iter().map(|a| a.load(Ordering::SeqCst)).sum::<i64>();
+    eventually(
+        Duration::from_secs(30),
+        "load is taken and written",
+        || async { total() >= 1_000 && !app.counters().await.is_empty() },
+    )
+    .await;
+
+    proxy.refuse();
+    proxy.cut_all();
+    let at_outage = total();
+    let mut rss = Vec::new();
+    let outage = tokio::time::Instant::now();
+    while outage.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        rss.push(rss_bytes());
+        assert!(
+            app.ready().await,
+            "ready while the journal takes increments"
+        );
+    }
+    let during = total() - at_outage;
+    assert!(
+        during >= 2_000,
+        "only {during} increments taken during the outage"
+    );
+    let grown = rss.last().unwrap().saturating_sub(rss[1]);
+    println!(
+        "outage: {during} increments answered 202 in 15 s; RSS {} → {} MiB",
+        rss[1] >> 20,
+        rss.last().unwrap() >> 20
+    );
+    assert!(
+        grown < 64 << 20,
+        "memory grew by {} MiB: {rss:?}",
+        grown >> 20
+    );
+
+    proxy.restore();
+    let before = total();
+    eventually(
+        Duration::from_secs(30),
+        "load is taken after the outage",
+        || std::future::ready(total() >= before + 1_000),
+    )
+    .await;
+    running.store(false, Ordering::SeqCst);
+    for client in clients {
+        client.await.unwrap();
+    }
+    assert_eq!(others.load(Ordering::SeqCst), 0, "every request got a 202");
+    let expected: Vec<i64> = acked.iter().map(|a| a.load(Ordering::SeqCst)).collect();
+    eventually(Duration::from_secs(60), "every 202 is applied", || async {
+        let stored = app.counters().await;
+        (0..KEYS).all(|k| stored.get(&format!("k{k}")) == Some(&expected[k]))
+    })
+    .await;
+    let app = Arc::into_inner(app).expect("the clients are done");
+    let (report, db) = app.shut_down().await;
+    assert_eq!(report, ShutdownReport::Clean);
+    let stored = db.counters().await;
+    for k in 0..KEYS {
+        assert_eq!(stored[&format!("k{k}")], expected[k], "k{k}");
+    }
+}
