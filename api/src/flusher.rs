@@ -263,7 +263,8 @@ impl Flusher {
         let metrics = &self.metrics;
         match &result {
             Ok(FlushOutcome::Empty) => {
-                self.stalled.store(false, std::sync::atomic::Ordering::Relaxed);
+                self.stalled
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 metrics.last_flush_success_timestamp_seconds.set(unix_now());
             }
             Ok(FlushOutcome::Written { keys, .. }) => {
@@ -272,7 +273,8 @@ impl Flusher {
                     .observe(started.elapsed().as_secs_f64());
                 metrics.flush_keys.observe(*keys as f64);
                 metrics.flushed_keys_total.inc_by(*keys as u64);
-                self.stalled.store(false, std::sync::atomic::Ordering::Relaxed);
+                self.stalled
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 metrics.last_flush_success_timestamp_seconds.set(unix_now());
             }
             Err(_) => {
@@ -280,7 +282,8 @@ impl Flusher {
                     .flush_duration_seconds
                     .observe(started.elapsed().as_secs_f64());
                 metrics.flush_failures_total.inc();
-                self.stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.stalled
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::Span::current().record("outcome", "failed");
             }
         }

@@ -16,7 +16,7 @@ pub mod nats;
 pub mod proxy;
 
 pub use app::{Client, Response, TestApp, percent_encode, test_settings};
-pub use nats::NatsServer;
+pub use nats::{NatsCluster, NatsServer};
 
 use std::collections::BTreeMap;
 

@@ -14,19 +14,71 @@ pub struct NatsServer {
     child: Option<Child>,
     addr: SocketAddr,
     store: tempfile::TempDir,
+    /// Cluster flags (name, route listener, routes), empty for a lone server.
+    cluster: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Three JetStream nodes clustered on loopback.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts three nodes routed to each other (JetStream elects a meta
+    /// leader a few seconds later; clients retry until then).
+    pub fn start() -> Self {
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_urls: Vec<String> = routes
+            .iter()
+            .map(|port| format!("nats://127.0.0.1:{port}"))
+            .collect();
+        let nodes = (0..3)
+            .map(|node| {
+                let cluster = vec![
+                    "-n".to_owned(),
+                    format!("node{node}"),
+                    "--cluster_name".to_owned(),
+                    "increment-test".to_owned(),
+                    "--cluster".to_owned(),
+                    route_urls[node].clone(),
+                    "--routes".to_owned(),
+                    route_urls.join(","),
+                ];
+                NatsServer::start_with(cluster)
+            })
+            .collect();
+        Self { nodes }
+    }
+
+    /// Every node's URL, comma-separated (what `--journal-url` takes).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 impl NatsServer {
     /// Starts a server on a free loopback port and waits until it accepts.
     pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        Self::start_with(Vec::new())
+    }
+
+    fn start_with(cluster: Vec<String>) -> Self {
         let mut server = Self {
             child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
             store: tempfile::tempdir().expect("a store directory"),
+            cluster,
         };
         server.restart();
         server
@@ -54,6 +106,7 @@ impl NatsServer {
             .arg(self.addr.port().to_string())
             .arg("-sd")
             .arg(self.store.path())
+            .args(&self.cluster)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

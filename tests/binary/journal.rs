@@ -269,3 +269,33 @@ async fn is_writer(base: &str) -> bool {
             .any(|line| line == "increment_journal_writer 1")
     })
 }
+
+/// A three-node JetStream cluster with an R3 stream: one node SIGKILLed
+/// under load, then started again; no `202` is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_a_three_node_cluster_sigkilled_loses_no_202() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let mut cluster = testkit::NatsCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let urls = cluster.urls();
+    let service = Service::start_with(
+        &db,
+        dir.path(),
+        &["--journal-url", &urls, "--journal-replicas", "3"],
+    )
+    .await;
+    let load = Load::start(vec![service.base.clone()]);
+    load.until_acked_more(3_000, "3,000 increments taken").await;
+    cluster.nodes[0].kill();
+    load.until_acked_more(2_000, "2,000 more taken with a node down")
+        .await;
+    cluster.nodes[0].restart();
+    load.until_acked_more(1_000, "1,000 more with the node back")
+        .await;
+    let tally = load.stop().await;
+    assert_exact(&db, &tally).await;
+    service.terminate();
+    assert!(service.wait_for_exit().await.success());
+}

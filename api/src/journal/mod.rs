@@ -56,6 +56,19 @@ impl JournalSettings {
         }
     }
 
+    /// The servers of `url` (comma-separated).
+    ///
+    /// # Errors
+    /// The first entry that is not a NATS URL.
+    pub fn servers(&self) -> Result<Vec<async_nats::ServerAddr>, std::io::Error> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(str::parse)
+            .collect()
+    }
+
     /// The subject increments are published on.
     pub fn subject(&self) -> String {
         format!("{}.journal", self.stream)
@@ -64,6 +77,12 @@ impl JournalSettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
+    #[error("--journal-url {url:?} is not a list of NATS URLs (nats://host:port,…)")]
+    Url {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("connecting to NATS at {url} failed")]
     Connect {
         url: String,
@@ -97,11 +116,15 @@ impl Journal {
     /// # Errors
     /// [`JournalError`].
     pub async fn connect(settings: JournalSettings) -> Result<Self, JournalError> {
+        let servers = settings.servers().map_err(|source| JournalError::Url {
+            url: settings.url.clone(),
+            source,
+        })?;
         let client = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
             .name("increment")
-            .connect(settings.url.as_str());
+            .connect(servers);
         // retry_on_initial_connect returns at once; wait (bounded) for the
         // first connection so a wrong URL fails the start.
         let client = client.await.map_err(|source| JournalError::Connect {
@@ -137,10 +160,20 @@ impl Journal {
             num_replicas: settings.replicas,
             ..Default::default()
         };
-        let mut stream = jetstream
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| stream_error(Box::new(e)))?;
+        // A cluster starting with us may not have elected its JetStream
+        // leader yet: retry for a while before giving up.
+        let mut attempts = 0;
+        let mut stream = loop {
+            match jetstream.get_or_create_stream(config.clone()).await {
+                Ok(stream) => break stream,
+                Err(e) if attempts < 60 => {
+                    attempts += 1;
+                    tracing::info!(error = %crate::telemetry::error_chain(&e), "the journal stream is not available yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(stream_error(Box::new(e))),
+            }
+        };
         let info = stream.info().await.map_err(|e| stream_error(Box::new(e)))?;
         if info.config.discard == stream::DiscardPolicy::Old {
             return Err(JournalError::DiscardOld(settings.stream.clone()));
