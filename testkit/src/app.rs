@@ -172,6 +172,21 @@ impl TestApp {
         (report, db)
     }
 
+    /// Stops the server with no shutdown sequence at all (a crash, as far
+    /// as the database and the journal can tell); returns the database.
+    pub async fn crash(self) -> TestDb {
+        let Self {
+            server,
+            mut _guard,
+            db,
+            ..
+        } = self;
+        _guard.0 = None;
+        server.abort();
+        let _ = server.await;
+        db
+    }
+
     /// Shuts down and asserts that everything accepted was written.
     pub async fn shut_down_cleanly(self) -> TestDb {
         let (report, db) = self.shut_down().await;

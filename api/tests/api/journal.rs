@@ -328,3 +328,65 @@ async fn a_database_outage_keeps_taking_increments_into_the_journal() {
         assert_eq!(stored[&format!("k{k}")], expected[k], "k{k}");
     }
 }
+
+/// The COMMIT that applied journal messages succeeds but its answer never
+/// arrives, and the instance dies before it learns or purges anything: the
+/// next instance reads from the stored offset and applies nothing twice.
+/// PostgreSQL only (the proxy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_commit_and_acknowledgement_applies_nothing_twice() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let proxy =
+        testkit::proxy::FaultProxy::start(db.postgres_addr().expect("a PostgreSQL address")).await;
+    let nats = NatsServer::start();
+    let url = proxy.url_for(&db.url);
+    let settings = |settings: &mut api::Settings| {
+        journaled(&nats)(settings);
+        settings.database_url = url.clone();
+        // Only the test's flushes write.
+        settings.flush_interval = Duration::from_secs(3600);
+    };
+    let app = TestApp::start_with(db, settings).await;
+    for (key, value) in [("a", 1), ("b", 2), ("a", 3)] {
+        app.increment(key, value)
+            .await
+            .assert_status(StatusCode::ACCEPTED);
+    }
+    eventually(
+        Duration::from_secs(20),
+        "the reader took the three messages",
+        || async {
+            app.batcher.pending_for("a") == Some(4) && app.batcher.pending_for("b") == Some(2)
+        },
+    )
+    .await;
+    proxy.cut_after_next_commit();
+    assert!(
+        app.flusher.flush_once().await.is_err(),
+        "the COMMIT's answer never came"
+    );
+    assert_eq!(proxy.swallowed_commits(), 1);
+    let committed = [("a".to_owned(), 4), ("b".to_owned(), 2)].into();
+    assert_eq!(app.counters().await, committed, "the server did commit");
+    let db = app.crash().await;
+
+    let app = TestApp::start_with(db, settings).await;
+    app.increment("b", 10)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    eventually(
+        Duration::from_secs(30),
+        "the new reader took the new message",
+        || async { app.batcher.pending_for("b") == Some(10) },
+    )
+    .await;
+    app.flusher.flush_once().await.expect("the flush succeeds");
+    assert_eq!(
+        app.counters().await,
+        [("a".to_owned(), 4), ("b".to_owned(), 12)].into(),
+        "the committed messages were not applied again"
+    );
+    app.shut_down_cleanly().await;
+}
