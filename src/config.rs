@@ -124,6 +124,11 @@ pub struct Config {
     #[arg(long, env = "INCREMENT_JOURNAL_MAX_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
     pub journal_max_bytes: usize,
 
+    /// Journal publishes awaiting acknowledgement at once; requests arriving
+    /// meanwhile are grouped into the next message.
+    #[arg(long, env = "INCREMENT_JOURNAL_IN_FLIGHT", default_value = "1", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub journal_in_flight: u64,
+
     /// OTLP/HTTP endpoint for traces (e.g. http://localhost:4318); unset: no export.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -181,6 +186,7 @@ impl Config {
                 journal.stream = self.journal_stream;
                 journal.replicas = usize::try_from(self.journal_replicas).unwrap_or(1);
                 journal.max_bytes = i64::try_from(self.journal_max_bytes).unwrap_or(i64::MAX);
+                journal.in_flight = usize::try_from(self.journal_in_flight).unwrap_or(1);
                 journal
             }),
         }

@@ -25,6 +25,10 @@ pub enum RecordError {
     /// The reading it belongs to was abandoned (see [`Cursor::abandon`]).
     #[error("the reading was abandoned")]
     Stale,
+    /// A drain holds the cursor; try again in a moment (the reader runs on
+    /// a request worker, which must not block for a drain).
+    #[error("a drain is in progress")]
+    Busy,
 }
 
 struct State {
@@ -86,7 +90,7 @@ impl Cursor {
         batcher: &Batcher,
         items: &[(&str, i64)],
     ) -> Result<(), RecordError> {
-        let mut state = self.state.lock();
+        let mut state = self.state.try_lock().ok_or(RecordError::Busy)?;
         if state.reading != reading {
             return Err(RecordError::Stale);
         }

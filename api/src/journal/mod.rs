@@ -42,6 +42,9 @@ pub struct JournalSettings {
     pub duplicate_window: Duration,
     /// How long a request waits for its message's acknowledgement.
     pub ack_timeout: Duration,
+    /// Publishes awaiting their acknowledgement at once; requests arriving
+    /// meanwhile join the next message (fewer: larger groups, fewer messages).
+    pub in_flight: usize,
 }
 
 impl JournalSettings {
@@ -53,6 +56,7 @@ impl JournalSettings {
             max_bytes: 1 << 30,
             duplicate_window: Duration::from_secs(5 * 60),
             ack_timeout: Duration::from_secs(5),
+            in_flight: 1,
         }
     }
 
@@ -195,7 +199,7 @@ impl Journal {
             self.jetstream.clone(),
             PublisherSettings {
                 subject: self.settings.subject(),
-                in_flight: 16,
+                in_flight: self.settings.in_flight,
                 max_waiting_groups: 64,
                 max_message_bytes: 256 * 1024,
                 ack_timeout,

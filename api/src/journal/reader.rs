@@ -233,10 +233,7 @@ impl Reader {
                 tracing::error!(error = %e, sequence, "a journal message could not be read; skipped");
                 self.metrics.journal_unreadable_total.inc();
                 // An empty record still moves the cursor past it.
-                return self
-                    .cursor
-                    .record(reading, sequence, &self.batcher, &[])
-                    .is_ok();
+                Vec::new()
             }
         };
         // While the database refuses the batch in flight, read nothing more.
@@ -256,6 +253,12 @@ impl Reader {
                     return true;
                 }
                 Err(RecordError::Stale) => return false,
+                Err(RecordError::Busy) => {
+                    tokio::select! {
+                        () = stop.cancelled() => return false,
+                        () = tokio::time::sleep(Duration::from_millis(1)) => {}
+                    }
+                }
                 Err(RecordError::Batcher(_)) => {
                     // Full or out of range until the next flush: the journal
                     // holds the backlog, not this process.
