@@ -198,6 +198,16 @@ async fn a_second_writer_of_the_same_messages_applies_nothing(db: TestDb) {
     assert_eq!(second_cursor.applied(), 4);
 }
 
+/// A PostgreSQL database behind a fault proxy (its URL through the proxy)
+/// and a nats-server; `None` without PostgreSQL.
+async fn through_proxy() -> Option<(TestDb, testkit::proxy::FaultProxy, NatsServer, String)> {
+    let db = TestDb::postgres().await?;
+    let proxy =
+        testkit::proxy::FaultProxy::start(db.postgres_addr().expect("a PostgreSQL address")).await;
+    let url = proxy.url_for(&db.url);
+    Some((db, proxy, NatsServer::start(), url))
+}
+
 /// Resident memory of this process (the application runs in it), in bytes.
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -220,13 +230,9 @@ fn rss_bytes() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_keeps_taking_increments_into_the_journal() {
     use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-    let Some(db) = TestDb::postgres().await else {
+    let Some((db, proxy, nats, url)) = through_proxy().await else {
         return;
     };
-    let proxy =
-        testkit::proxy::FaultProxy::start(db.postgres_addr().expect("a PostgreSQL address")).await;
-    let nats = NatsServer::start();
-    let url = proxy.url_for(&db.url);
     let app = Arc::new(
         TestApp::start_with(db, |settings| {
             journaled(&nats)(settings);
@@ -335,13 +341,9 @@ async fn a_database_outage_keeps_taking_increments_into_the_journal() {
 /// PostgreSQL only (the proxy).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_commit_and_acknowledgement_applies_nothing_twice() {
-    let Some(db) = TestDb::postgres().await else {
+    let Some((db, proxy, nats, url)) = through_proxy().await else {
         return;
     };
-    let proxy =
-        testkit::proxy::FaultProxy::start(db.postgres_addr().expect("a PostgreSQL address")).await;
-    let nats = NatsServer::start();
-    let url = proxy.url_for(&db.url);
     let settings = |settings: &mut api::Settings| {
         journaled(&nats)(settings);
         settings.database_url = url.clone();
