@@ -143,11 +143,17 @@ pub enum BatchResponse {
     /// and field) or `pending-overflow`. Nothing was applied.
     #[oai(status = 422)]
     Unprocessable(ProblemJson),
-    /// `pending-limit` (too many distinct keys are waiting for the database)
-    /// or `overloaded` (too many requests in flight). Nothing was taken:
-    /// send it again after `Retry-After` seconds.
+    /// `pending-limit` (too many distinct keys are waiting for the database),
+    /// `overloaded` (too many requests in flight) or, with the journal on,
+    /// `journal-unavailable`. Nothing was taken: send it again after
+    /// `Retry-After` seconds.
     #[oai(status = 503)]
     Unavailable(ProblemJson, #[oai(header = "Retry-After")] u64),
+    /// `unconfirmed`, with the journal on: sent to the journal but not
+    /// acknowledged in time. It may be applied (at most once) or not; do not
+    /// resend it blindly.
+    #[oai(status = 504)]
+    Unconfirmed(ProblemJson),
 }
 
 #[derive(ApiResponse)]
@@ -181,11 +187,17 @@ pub enum IncrementResponse {
     /// the 64-bit range). Nothing was applied.
     #[oai(status = 422)]
     Unprocessable(ProblemJson),
-    /// `pending-limit` (too many distinct keys are waiting for the database)
-    /// or `overloaded` (too many requests in flight). Nothing was taken:
-    /// send it again after `Retry-After` seconds.
+    /// `pending-limit` (too many distinct keys are waiting for the database),
+    /// `overloaded` (too many requests in flight) or, with the journal on,
+    /// `journal-unavailable`. Nothing was taken: send it again after
+    /// `Retry-After` seconds.
     #[oai(status = 503)]
     Unavailable(ProblemJson, #[oai(header = "Retry-After")] u64),
+    /// `unconfirmed`, with the journal on: sent to the journal but not
+    /// acknowledged in time. It may be applied (at most once) or not; do not
+    /// resend it blindly.
+    #[oai(status = 504)]
+    Unconfirmed(ProblemJson),
 }
 
 /// The error variants both ingestion responses share, filled from an
@@ -206,6 +218,7 @@ macro_rules! ingestion_errors {
                     413 => Self::PayloadTooLarge(body),
                     415 => Self::UnsupportedMediaType(body),
                     503 => Self::Unavailable(body, err.retry_after().unwrap_or(1)),
+                    504 => Self::Unconfirmed(body),
                     // Every other refusal of an ingestion request is a 422
                     // (`ApiError::problem_type` decides; the others cannot
                     // arise here).
@@ -316,6 +329,48 @@ impl IncrementApi {
         match self.intake.accept_all(&increments).await {
             Ok(accepted) => BatchResponse::Accepted(Json(BatchAccepted { accepted })),
             Err(e) => e.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use poem::IntoResponse;
+
+    use super::*;
+
+    /// Every refusal an ingestion can produce keeps its own status in the
+    /// operation's response (a 504 must not turn into a 422, which would say
+    /// "nothing was applied").
+    #[test]
+    fn ingestion_refusals_keep_their_status() {
+        let refusals = [
+            ApiError::RequestTimeout(Duration::from_secs(1)),
+            ApiError::PayloadTooLarge { limit: 1 },
+            ApiError::UnsupportedMediaType(String::new()),
+            ApiError::MalformedJson(String::new()),
+            ApiError::Invalid(String::new()),
+            ApiError::PendingOverflow(String::new()),
+            ApiError::CounterOverflow,
+            ApiError::Overloaded { retry_after: 1 },
+            ApiError::PendingLimit { retry_after: 1 },
+            ApiError::JournalUnavailable("test", 1),
+            ApiError::Unconfirmed,
+        ];
+        for err in refusals {
+            let status = err.status();
+            assert_eq!(
+                IncrementResponse::from(err.clone())
+                    .into_response()
+                    .status(),
+                status,
+                "{err:?}"
+            );
+            assert_eq!(
+                BatchResponse::from(err.clone()).into_response().status(),
+                status,
+                "{err:?}"
+            );
         }
     }
 }
