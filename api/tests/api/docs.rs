@@ -30,7 +30,10 @@ async fn the_openapi_document_lists_every_status_with_its_schema() {
     let responses = operation["responses"].as_object().unwrap();
     let mut statuses: Vec<&str> = responses.keys().map(String::as_str).collect();
     statuses.sort_unstable();
-    assert_eq!(statuses, ["200", "202", "408", "413", "415", "422", "503", "504"]);
+    assert_eq!(
+        statuses,
+        ["200", "202", "408", "413", "415", "422", "503", "504"]
+    );
     assert_eq!(
         responses["503"]["headers"]["RETRY-AFTER"]["schema"]["type"],
         "integer"
