@@ -260,21 +260,17 @@ impl Flusher {
         let in_flight = Arc::clone(&self.in_flight).lock_owned().await;
         let started = Instant::now();
         let result = self.flush_serialised(in_flight).await;
+        self.stalled
+            .store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
         let metrics = &self.metrics;
         match &result {
-            Ok(FlushOutcome::Empty) => {
-                self.stalled
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-                metrics.last_flush_success_timestamp_seconds.set(unix_now());
-            }
+            Ok(FlushOutcome::Empty) => metrics.last_flush_success_timestamp_seconds.set(unix_now()),
             Ok(FlushOutcome::Written { keys, .. }) => {
                 metrics
                     .flush_duration_seconds
                     .observe(started.elapsed().as_secs_f64());
                 metrics.flush_keys.observe(*keys as f64);
                 metrics.flushed_keys_total.inc_by(*keys as u64);
-                self.stalled
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 metrics.last_flush_success_timestamp_seconds.set(unix_now());
             }
             Err(_) => {
@@ -282,8 +278,6 @@ impl Flusher {
                     .flush_duration_seconds
                     .observe(started.elapsed().as_secs_f64());
                 metrics.flush_failures_total.inc();
-                self.stalled
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::Span::current().record("outcome", "failed");
             }
         }

@@ -74,9 +74,8 @@ impl Reader {
         }
     }
 
+    /// Takes or renews the lease (the stream's row must exist).
     async fn claim(&self) -> Result<bool, sea_orm::DbErr> {
-        // Creates the stream's row on first use.
-        store::journal_applied_through(&self.db, self.cursor.stream()).await?;
         let now = now_ms();
         store::claim_journal_lease(
             &self.db,
@@ -91,7 +90,13 @@ impl Reader {
     /// `false` when stopped first.
     async fn wait_for_lease(&self, stop: &CancellationToken) -> bool {
         loop {
-            match self.claim().await {
+            // Creates the stream's row on first use; renewals need not ask.
+            let claimed = match store::journal_applied_through(&self.db, self.cursor.stream()).await
+            {
+                Ok(_) => self.claim().await,
+                Err(e) => Err(e),
+            };
+            match claimed {
                 Ok(true) => {
                     self.metrics.journal_writer.set(1);
                     return true;
