@@ -8,7 +8,7 @@
 #
 # Options: --rounds N, --duration SECS (per measurement), --out FILE,
 #          --skip-build (use target/release as it is), --scenarios LIST
-#          (comma list of direct,nginx,naive,flush; default all).
+#          (comma list of direct,nginx,naive,flush,journal; default all).
 # Env: INCREMENT_BIN (a prebuilt service binary), PG (base URL, default
 #      postgres://postgres@127.0.0.1:5432), KEEP_SCRATCH=1.
 #
@@ -27,6 +27,11 @@
 #           the service with exact-total verification
 #   flush   one flush of 1M pending keys (POST /admin/flush) vs one raw unnest
 #           upsert of the same keys with psql; resident memory with 1M pending keys
+#   journal the same binary with --journal-url (own nats-server with JetStream)
+#           vs without it (write-behind), hot and 100k uniform keys, vs Redis
+#           INCR with appendonly yes + appendfsync everysec; open-loop p99 at
+#           half the journal maximum; journal messages/s, requests per message,
+#           stream bytes per increment and database commits/s during each run
 #
 # Noise: before each measurement the script waits (at most 15 s) for the
 # machine to be idle; during it, it records the CPU used by processes that are
@@ -43,7 +48,7 @@ DUR=8
 WARM=2
 OUT="$ROOT/BENCHMARKS.md"
 BUILD=1
-SCENARIOS="direct,nginx,naive,flush"
+SCENARIOS="direct,nginx,naive,flush,journal"
 ROUNDS_SET=0
 DUR_SET=0
 while [ $# -gt 0 ]; do
@@ -54,7 +59,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift ;;
     --skip-build) BUILD=0 ;;
     --scenarios) SCENARIOS=$2; shift ;;
-    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -140,9 +145,14 @@ py() { python3 "$ROOT/scripts/bench_helpers.py" "$@"; }
 
 # ---------------------------------------------------------------------------
 # Tools and builds.
-for tool in python3 psql pgbench curl redis-server redis-benchmark nginx wrk envsubst; do
+tools=(python3 psql curl bc)
+has direct && tools+=(redis-server redis-benchmark wrk)
+has nginx && tools+=(nginx envsubst)
+has naive && tools+=(pgbench)
+has journal && tools+=(redis-server redis-benchmark nats-server)
+for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] \
-    || die "$tool is missing (apt-get install -y postgresql-client postgresql-contrib redis-server nginx-light wrk gettext-base curl python3)"
+    || die "$tool is missing (apt-get install -y postgresql-client postgresql-contrib redis-server nginx-light wrk gettext-base curl python3 bc nats-server)"
 done
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 if ! timeout 5 psql "$PG/postgres" -XAtqc 'select 1' >/dev/null 2>&1; then
@@ -185,9 +195,9 @@ crate_version() { awk -v n="$1" '$0=="name = \""n"\""{getline; gsub(/version = |
   echo "crates=hyper $(crate_version hyper), poem $(crate_version poem), poem-openapi $(crate_version poem-openapi), tokio $(crate_version tokio), moka $(crate_version moka), sea-orm $(crate_version sea-orm), sqlx $(crate_version sqlx), serde_json $(crate_version serde_json)"
   echo "postgres=PostgreSQL $(psql "$PG/postgres" -XAtqc 'show server_version')"
   echo "pgconf=shared_buffers $(psql "$PG/postgres" -XAtqc 'show shared_buffers'), synchronous_commit $(psql "$PG/postgres" -XAtqc 'show synchronous_commit'), fsync $(psql "$PG/postgres" -XAtqc 'show fsync')"
-  echo "nginx=$("$NGINX" -v 2>&1 | sed 's/nginx version: //')"
-  echo "redis=Redis $(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')"
-  echo "pgbench=$(pgbench --version | awk '{print $3}')"
+  echo "nginx=$("$NGINX" -v 2>&1 | sed 's/nginx version: //' || echo '-')"
+  echo "redis=Redis $(redis-server --version 2>/dev/null | sed -n 's/.*v=\([^ ]*\).*/\1/p')"
+  echo "pgbench=$(pgbench --version 2>/dev/null | awk '{print $3}')"
   echo "loadavg=$(cut -d' ' -f1-3 /proc/loadavg)"
   echo "conns=$CONNS"
   echo "warm=$WARM"
@@ -257,14 +267,16 @@ stop_server() { # name
 }
 
 REDIS_PORT=""
-start_redis() {
+start_redis() { # [aof]: appendonly yes + appendfsync everysec (Redis's crash-safe setting)
   REDIS_PORT=$(free_port)
-  mkdir -p "$SCRATCH/redis"
-  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
-    --dir "$SCRATCH/redis" --logfile "$SCRATCH/redis/redis.log" >/dev/null 2>&1 &
+  local dir="$SCRATCH/redis$REDIS_PORT" persist=(--appendonly no)
+  [ "${1:-}" = aof ] && persist=(--appendonly yes --appendfsync everysec)
+  mkdir -p "$dir"
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" "${persist[@]}" \
+    --dir "$dir" --logfile "$dir/redis.log" >/dev/null 2>&1 &
   PID[redis]=$!
   STARTED+=("${PID[redis]}")
-  note_server "redis-server --port $REDIS_PORT --bind 127.0.0.1 --save \"\" --appendonly no   # own instance, not the shared :6379"
+  note_server "redis-server --port $REDIS_PORT --bind 127.0.0.1 --save \"\" ${persist[*]}   # own instance, not the shared :6379"
   local i
   for i in $(seq 1 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
   redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 || die "redis did not start"
@@ -308,7 +320,7 @@ measure() {
   while [ "$1" != "--" ]; do fields+=("$1"); shift; done
   shift
   local attempt rc out cpu best="" best_others=1000000 others cmdtxt
-  cmdtxt=$(printf '%q ' "$@" | sed "s#$SCRATCH#\$SCRATCH#g; s#$ROOT/##g; s#$TOKEN#\$TOKEN#g; s#with_commits [^ ]* [^ ]* -- ##")
+  cmdtxt=$(printf '%q ' "$@" | sed "s#$SCRATCH#\$SCRATCH#g; s#$ROOT/##g; s#$TOKEN#\$TOKEN#g; s#with_\(commits\|journal\) [^ ]* [^ ]* -- ##")
   for attempt in 1 2 3; do
     py idle 25 "$IDLE_WAIT" >/dev/null
     out="$SCRATCH/out.$scen.$cfg.$round.$attempt"
@@ -571,6 +583,107 @@ if has flush; then
       timeout 900 psql "$PG/incbench_flush" -X -v ON_ERROR_STOP=1 -f "$SCRATCH/raw.$round.sql"
     rm -f "$SCRATCH/raw.$round.sql"
   done
+fi
+
+# ---------------------------------------------------------------------------
+# Scenario: journal mode vs write-behind vs crash-safe Redis (issue 13).
+NATS_PORT=""
+NATS_MON=""
+start_nats() {
+  local bin
+  bin=$(command -v "${NATS_SERVER:-nats-server}" || true)
+  [ -n "$bin" ] || die "nats-server is missing (apt-get install -y nats-server)"
+  NATS_PORT=$(free_port)
+  NATS_MON=$(free_port)
+  mkdir -p "$SCRATCH/nats"
+  "$bin" -js -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON" -sd "$SCRATCH/nats" >"$SCRATCH/nats.log" 2>&1 &
+  PID[nats]=$!
+  STARTED+=("${PID[nats]}")
+  note_server "nats-server -js -a 127.0.0.1 -p $NATS_PORT -m $NATS_MON -sd \$SCRATCH/nats   # $("$bin" --version)"
+  wait_http "http://127.0.0.1:$NATS_MON/healthz" "${PID[nats]}" nats
+  log "nats-server on :$NATS_PORT (monitor :$NATS_MON, pid ${PID[nats]})"
+}
+# A counter of the service's metrics (labels included in the name), 0 if absent.
+metric_or_0() { local v; v=$(metric "$1" "$2"); echo "${v:-0}"; }
+stream_sample() { # -> "bytes messages" of the stream now (JetStream's own count)
+  curl -s --max-time 5 "http://127.0.0.1:$NATS_MON/jsz?streams=true" | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+for a in d.get("account_details") or []:
+    for st in a.get("stream_detail") or []:
+        if st.get("name") == "increments":
+            s = st["state"]; print(s.get("bytes", 0), s.get("messages", 0)); sys.exit()
+print(0, 0)'
+}
+# with_journal DB PORT -- cmd...: with_commits, plus the journal's messages
+# and requests over the run and the stream's bytes per message mid-run.
+with_journal() {
+  local db=$1 port=$2; shift 3
+  local m0 g0 m1 g1 rc=0 sample="$SCRATCH/stream.sample"
+  m0=$(metric_or_0 "$port" 'increment_journal_messages_total{outcome="stored"}')
+  g0=$(metric_or_0 "$port" increment_journal_group_requests_sum)
+  : >"$sample"
+  ( sleep $(( WARM + DUR / 2 )); stream_sample >"$sample" ) &
+  local sampler=$!
+  with_commits "$db" "$port" -- "$@" || rc=$?
+  wait "$sampler" 2>/dev/null || true
+  m1=$(metric_or_0 "$port" 'increment_journal_messages_total{outcome="stored"}')
+  g1=$(metric_or_0 "$port" increment_journal_group_requests_sum)
+  python3 - "$EXTRA" "$m0" "$m1" "$g0" "$g1" "$(cat "$sample")" <<'PY'
+import json, sys
+path = sys.argv[1]
+m0, m1, g0, g1 = (float(x or 0) for x in sys.argv[2:6])
+sample = (sys.argv[6] or "0 0").split()
+rec = json.load(open(path))
+msgs, reqs = m1 - m0, g1 - g0
+rec.update({"journal_messages": msgs, "journal_requests": reqs,
+            "journal_msgs_per_s": msgs / rec["load_s"] if rec.get("load_s") else None,
+            "requests_per_message": reqs / msgs if msgs else None})
+b, n = float(sample[0]), float(sample[1])
+if n and msgs:
+    rec["stream_bytes_per_message"] = b / n
+    rec["stream_bytes_per_increment"] = b / n / (reqs / msgs)
+json.dump(rec, open(path, "w"))
+PY
+  return "$rc"
+}
+
+if has journal; then
+  log "== journal: --journal-url vs write-behind (same binary) vs redis INCR with appendfsync everysec"
+  create_db incbench_journal_wb
+  create_db incbench_journal
+  start_nats
+  start_service svc_wb incbench_journal_wb "$SVC_WORKERS"
+  start_service svc_journal incbench_journal "$SVC_WORKERS" --journal-url "nats://127.0.0.1:$NATS_PORT"
+  start_redis aof
+  common=(--warmup "${WARM}s" -d "${DUR}s")
+  for round in $(seq 1 "$ROUNDS"); do
+    log "journal round $round/$ROUNDS"
+    for keys in hot uniform:100000; do
+      k=${keys%%:*}
+      measure journal "write_behind_$k" "$round" loadgen -- with_commits incbench_journal_wb "${PORT[svc_wb]}" -- \
+        lg --url "http://127.0.0.1:${PORT[svc_wb]}" "${common[@]}" --keys "$keys"
+      measure journal "journal_$k" "$round" loadgen -- with_journal incbench_journal "${PORT[svc_journal]}" -- \
+        lg --url "http://127.0.0.1:${PORT[svc_journal]}" "${common[@]}" --keys "$keys"
+    done
+    measure journal redis_aof_everysec "$round" redis -- timeout $(( DUR * 4 + 60 )) \
+      redis-benchmark -p "$REDIS_PORT" -t incr -n $(( 55000 * DUR )) -c "$CONNS" -P 1 --csv
+    measure journal redis_aof_everysec_r100k "$round" redis -- timeout $(( DUR * 4 + 60 )) \
+      redis-benchmark -p "$REDIS_PORT" -t incr -n $(( 55000 * DUR )) -c "$CONNS" -P 1 -r 100000 --csv
+  done
+  stop_server redis
+  stop_server svc_wb
+  half_jhot=$(py median "$RESULTS" journal journal_hot rate | awk '{printf "%d", $1 / 2}')
+  half_juni=$(py median "$RESULTS" journal journal_uniform rate | awk '{printf "%d", $1 / 2}')
+  for round in $(seq 1 "$HALF_ROUNDS"); do
+    log "journal: open loop at half the journal maximum ($half_jhot / $half_juni req/s), round $round/$HALF_ROUNDS"
+    measure journal half_journal_hot "$round" loadgen -- with_journal incbench_journal "${PORT[svc_journal]}" -- \
+      lg --url "http://127.0.0.1:${PORT[svc_journal]}" "${common[@]}" --keys hot --rate "$half_jhot"
+    measure journal half_journal_uniform "$round" loadgen -- with_journal incbench_journal "${PORT[svc_journal]}" -- \
+      lg --url "http://127.0.0.1:${PORT[svc_journal]}" "${common[@]}" --keys uniform:100000 --rate "$half_juni"
+  done
+  stop_server svc_journal
+  stop_server nats
 fi
 
 # ---------------------------------------------------------------------------

@@ -254,6 +254,12 @@ def render(results_path, meta_path, out_path, quick):
             notes.append(f"{fmt(median_of(rs, 'keys'))} keys, {fmt(median_of(rs, 'statements'))} statements, {fmt(median_of(rs, 'seconds'), 2)} s")
         if any(r.get("kind") == "psql" for r in rs):
             notes.append(f"{fmt(median_of(rs, 'keys'))} keys, {fmt(median_of(rs, 'ms') / 1000.0, 2)} s")
+        if any(r.get("journal_messages") for r in rs):
+            notes.append(f"journal {fmt(median_of(rs, 'journal_msgs_per_s'))} messages/s, "
+                         f"{fmt(median_of(rs, 'requests_per_message'), 1)} requests/message"
+                         + (f", stream {fmt(median_of(rs, 'stream_bytes_per_message'))} B/message = "
+                            f"{fmt(median_of(rs, 'stream_bytes_per_increment'), 1)} B/increment"
+                            if median_of(rs, "stream_bytes_per_message") else ""))
         if any(r.get("rate_target") for r in rs):
             notes.append(f"open loop at {fmt(median_of(rs, 'rate_target'))} req/s")
         bad = sum((r.get("non2xx") or 0) + (r.get("errors_total") or 0) + (r.get("failed") or 0) for r in rs)
@@ -317,6 +323,21 @@ def render(results_path, meta_path, out_path, quick):
         rs = select(results, "flush", "service_flush")
         proj = median_of(rs, "rss_1m_mb")
         absolute("RSS with 1,000,000 pending keys" + (" (projected from the quick run)" if quick else ""), proj, 400, "MB", nd=0)
+
+    if med("journal", "journal_hot") is not None:
+        for k, redis in (("hot", "redis_aof_everysec"), ("uniform", "redis_aof_everysec_r100k")):
+            j = med("journal", f"journal_{k}")
+            ratio(f"journal {k}: journal / write-behind (same binary)", j, med("journal", f"write_behind_{k}"), 0.5)
+            ratio(f"journal {k}: journal / redis INCR appendfsync everysec (stretch)", j, med("journal", redis), 1.0)
+        for k in ("hot", "uniform"):
+            absolute(f"journal p99 at half the journal max rate, {k} keys (open loop)", med("journal", f"half_journal_{k}", "p99_ms"), 10, "ms")
+        for cfg in ("journal_hot", "journal_uniform", "half_journal_hot", "half_journal_uniform"):
+            rs = select(results, "journal", cfg)
+            # Over the whole window (the load and its 2.5 s tail): one flush
+            # per 1 s interval plus one writer-lease renewal every 2 s = 1.5/s.
+            cps = [(r["commits"] - r.get("autovac", 0)) / (r["load_s"] + 2.5) for r in rs if r.get("load_s") and "commits" in r]
+            if cps:
+                absolute(f"commits/s during {cfg} ({fmt(med('journal', cfg))} req/s; over load + 2.5 s tail, worst run, autovacuum excluded)", max(cps), 2.0, "/s")
 
     def table(header, body):
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
