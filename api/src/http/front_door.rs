@@ -66,7 +66,16 @@ impl<E: Endpoint> FrontDoor<E> {
         };
         let body = match self.limits.read_body(&mut req).await {
             Ok(body) => body,
-            Err(e) => return e.as_response(),
+            Err(e) => {
+                // The body was not read (whole): the connection cannot carry
+                // another request. Saying so keeps clients from sending their
+                // next request on a connection about to close.
+                let mut response = e.as_response();
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return response;
+            }
         };
         if let Some(intake) = &self.fast_path
             && let Some(response) = fast_increment(intake, &req, body.as_deref()).await
@@ -153,7 +162,7 @@ impl<E: Endpoint> Endpoint for FrontDoor<E> {
     }
 }
 
-/// `POST /increment` without a query string, answered before the route tree
+/// `POST /increment` without a query string or `Idempotency-Key`, answered before the route tree
 /// (whose layers box and copy each request's future): the same checks, the
 /// same decoder and the same [`Intake`] as the operation
 /// (`routes::increment`), so the answer is the same either way; the
@@ -162,6 +171,7 @@ async fn fast_increment(intake: &Intake, req: &Request, body: Option<&[u8]>) -> 
     if req.method() != Method::POST
         || req.uri().path() != "/increment"
         || req.uri().query().is_some()
+        || req.headers().contains_key(crate::idempotency::HEADER)
     {
         return None;
     }

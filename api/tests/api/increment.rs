@@ -165,6 +165,9 @@ async fn content_type_and_size_errors(db: TestDb) {
     let at_limit = app.post_json(&padded(64 * 1024)).await;
     assert_accepted(at_limit).await;
     let over = app.post_json(&padded(64 * 1024 + 1)).await;
+    // The body was not read: the connection closes, and says so (a client
+    // reusing it would see its next request cut off).
+    assert_eq!(over.header("connection"), Some("close"));
     let message = error_message(over, StatusCode::PAYLOAD_TOO_LARGE).await;
     assert!(message.contains("65536"), "{message}");
 
