@@ -8,7 +8,7 @@
 #
 # Options: --rounds N, --duration SECS (per measurement), --out FILE,
 #          --skip-build (use target/release as it is), --scenarios LIST
-#          (comma list of direct,nginx,naive,flush,journal; default all).
+#          (comma list of direct,nginx,naive,flush,journal,keyed; default all).
 # Env: INCREMENT_BIN (a prebuilt service binary), PG (base URL, default
 #      postgres://postgres@127.0.0.1:5432), KEEP_SCRATCH=1.
 #
@@ -32,6 +32,8 @@
 #           INCR with appendonly yes + appendfsync everysec; open-loop p99 at
 #           half the journal maximum; journal messages/s, requests per message,
 #           stream bytes per increment and database commits/s during each run
+#   keyed   requests with a unique Idempotency-Key each vs plain ones, same
+#           service, hot and 100k uniform keys, exact totals checked (--verify)
 #
 # Noise: before each measurement the script waits (at most 15 s) for the
 # machine to be idle; during it, it records the CPU used by processes that are
@@ -48,7 +50,7 @@ DUR=8
 WARM=2
 OUT="$ROOT/BENCHMARKS.md"
 BUILD=1
-SCENARIOS="direct,nginx,naive,flush,journal"
+SCENARIOS="direct,nginx,naive,flush,journal,keyed"
 ROUNDS_SET=0
 DUR_SET=0
 while [ $# -gt 0 ]; do
@@ -59,7 +61,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift ;;
     --skip-build) BUILD=0 ;;
     --scenarios) SCENARIOS=$2; shift ;;
-    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -684,6 +686,26 @@ if has journal; then
   done
   stop_server svc_journal
   stop_server nats
+fi
+
+# ---------------------------------------------------------------------------
+# Scenario: requests with an Idempotency-Key vs plain ones (issue 14).
+if has keyed; then
+  log "== keyed: a unique Idempotency-Key per request vs plain requests, same service"
+  create_db incbench_keyed
+  start_service svc_keyed incbench_keyed "$SVC_WORKERS"
+  kurl="$PG/incbench_keyed"
+  for round in $(seq 1 "$ROUNDS"); do
+    log "keyed round $round/$ROUNDS"
+    for keys in hot uniform:100000; do
+      k=${keys%%:*}
+      measure keyed "plain_$k" "$round" loadgen -- lg --url "http://127.0.0.1:${PORT[svc_keyed]}" \
+        --warmup "${WARM}s" -d "${DUR}s" --keys "$keys" --verify "$kurl" --admin-token "$TOKEN"
+      measure keyed "keyed_$k" "$round" loadgen -- lg --url "http://127.0.0.1:${PORT[svc_keyed]}" \
+        --warmup "${WARM}s" -d "${DUR}s" --keys "$keys" --idempotency-keys --verify "$kurl" --admin-token "$TOKEN"
+    done
+  done
+  stop_server svc_keyed
 fi
 
 # ---------------------------------------------------------------------------

@@ -339,6 +339,13 @@ def render(results_path, meta_path, out_path, quick):
             if cps:
                 absolute(f"commits/s during {cfg} ({fmt(med('journal', cfg))} req/s; over load + 2.5 s tail, worst run, autovacuum excluded)", max(cps), 2.0, "/s")
 
+    if med("keyed", "keyed_hot") is not None:
+        for k in ("hot", "uniform"):
+            ratio(f"Idempotency-Key, {k}: keyed / plain requests (same service)", med("keyed", f"keyed_{k}"), med("keyed", f"plain_{k}"), 0.5)
+        v = [r.get("verify") for r in results if r.get("scenario") == "keyed" and isinstance(r.get("verify"), dict)]
+        okc = sum(1 for x in v if x.get("status") == "ok")
+        targets.append(["keyed totals exact (--verify, every run)", f"{okc}/{len(v)} runs", "", "", "all", "PASS" if v and okc == len(v) else "FAIL"])
+
     def table(header, body):
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]

@@ -77,6 +77,10 @@ struct Args {
     /// Prefix of every key (default: a fresh random one, so totals start at zero).
     #[arg(long)]
     key_prefix: Option<String>,
+    /// Send a unique `Idempotency-Key` header with every request (the cost of
+    /// keyed requests; a retry is not simulated).
+    #[arg(long)]
+    idempotency_keys: bool,
     /// Extra request header, `Name: value` (repeatable).
     #[arg(short = 'H', long = "header")]
     headers: Vec<String>,
@@ -213,6 +217,8 @@ struct Shared {
     head: Vec<u8>,
     /// Extra header lines, each ending in CRLF.
     extra_headers: String,
+    /// Prefix of the unique `Idempotency-Key` of each request, if any.
+    idempotency_prefix: Option<String>,
     sampler: KeySampler,
     values: ValueSpec,
     batch: usize,
@@ -414,6 +420,14 @@ async fn connection_task(shared: Arc<Shared>, id: usize) -> Stats {
         request.extend_from_slice(itoa(body.len() as u64).as_bytes());
         request.extend_from_slice(b"\r\n");
         request.extend_from_slice(shared.extra_headers.as_bytes());
+        if let Some(prefix) = &shared.idempotency_prefix {
+            request.extend_from_slice(b"Idempotency-Key: \"");
+            request.extend_from_slice(prefix.as_bytes());
+            request.extend_from_slice(itoa(id as u64).as_bytes());
+            request.push(b'-');
+            request.extend_from_slice(itoa(k).as_bytes());
+            request.extend_from_slice(b"\"\r\n");
+        }
         request.extend_from_slice(b"\r\n");
         request.extend_from_slice(&body);
 
@@ -615,6 +629,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         target: target.clone(),
         head,
         extra_headers,
+        idempotency_prefix: args
+            .idempotency_keys
+            .then(|| format!("{}{seed:016x}-", prefix.trim_end_matches(':'))),
         sampler: KeySampler::new(&args.keys),
         values: args.values,
         batch: args.batch,
