@@ -129,6 +129,14 @@ pub struct Config {
     #[arg(long, env = "INCREMENT_JOURNAL_IN_FLIGHT", default_value = "1", value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub journal_in_flight: u64,
 
+    /// How long a request's Idempotency-Key keeps its repeats from being applied (e.g. 24h).
+    #[arg(long, env = "INCREMENT_IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = parse_duration)]
+    pub idempotency_window: Duration,
+
+    /// Idempotency-Keys each instance remembers to answer repeats at once (the database catches the rest).
+    #[arg(long, env = "INCREMENT_IDEMPOTENCY_MEMORY", default_value = "100000", value_parser = clap::value_parser!(u64).range(1..))]
+    pub idempotency_memory: u64,
+
     /// OTLP/HTTP endpoint for traces (e.g. http://localhost:4318); unset: no export.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -181,6 +189,8 @@ impl Config {
             idle_timeout: self.idle_timeout,
             max_head_bytes: usize::try_from(self.max_head_bytes).unwrap_or(usize::MAX),
             fast_path: true,
+            idempotency_window: self.idempotency_window,
+            idempotency_memory: self.idempotency_memory,
             journal: self.journal_url.filter(|u| !u.is_empty()).map(|url| {
                 let mut journal = api::journal::JournalSettings::new(url);
                 journal.stream = self.journal_stream;

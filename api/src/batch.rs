@@ -37,6 +37,24 @@ pub struct Batch {
     /// holds. The batch is then one part, and its transaction also moves the
     /// stream's applied offset (see `store::write_batch`).
     pub journal: Option<JournalSpan>,
+    /// Requests that carried an `Idempotency-Key`. Their items are included
+    /// in `deltas`; the transaction subtracts those of a request whose key
+    /// was already applied. A batch holding any is one part (the keys and
+    /// the rows they guard commit together).
+    pub keyed: Vec<Keyed>,
+}
+
+/// One request that carried an `Idempotency-Key`: applied only if no other
+/// request with that key was applied within the window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyed {
+    /// The client's key, as validated at the edge.
+    pub key: String,
+    /// A digest of the request (operation and items): a key reused with
+    /// another body is told apart by it.
+    pub fingerprint: i64,
+    /// The request's increments, summed per counter key.
+    pub items: Vec<(String, i64)>,
 }
 
 /// The journal messages a batch holds: every message of `stream` with a
@@ -82,7 +100,23 @@ impl Batch {
             deltas,
             parts,
             journal: None,
+            keyed: Vec::new(),
         }
+    }
+
+    /// This batch with the keyed requests whose items its deltas include:
+    /// one part, so the keys commit with the rows they guard.
+    #[must_use]
+    pub fn guarding(mut self, keyed: Vec<Keyed>) -> Self {
+        if !keyed.is_empty() {
+            self.parts = vec![Part {
+                id: self.id.clone(),
+                start: 0,
+                end: self.deltas.len(),
+            }];
+            self.keyed = keyed;
+        }
+        self
     }
 
     /// This batch as the holder of `span`'s journal messages: one part,

@@ -39,7 +39,7 @@ use moka::{notification::RemovalCause, sync::Cache};
 use parking_lot::Mutex;
 
 use crate::{
-    batch::{Batch, JournalSpan},
+    batch::{Batch, JournalSpan, Keyed},
     metrics::{self, Metrics, Sampled},
 };
 
@@ -70,6 +70,10 @@ struct SideMap {
     counted: u64,
     /// Drains started so far.
     drains: u64,
+    /// Requests with an `Idempotency-Key` whose items are in `deltas`
+    /// (recorded under this lock, so a drain takes a request and its items
+    /// together).
+    keyed: Vec<Keyed>,
 }
 
 impl SideMap {
@@ -446,6 +450,53 @@ impl Batcher {
         Ok(drains + 1)
     }
 
+    /// Records requests that carried an `Idempotency-Key`, with `plain`
+    /// items beside them (a journal message holds both): every item goes to
+    /// the side map, together with the requests themselves, so the very next
+    /// drain carries a request and its items together. All or nothing;
+    /// returns that drain's number.
+    ///
+    /// # Errors
+    /// As [`record_all`](Self::record_all), without an index; nothing is
+    /// recorded then.
+    pub fn record_keyed(&self, plain: &[(&str, i64)], keyed: &[Keyed]) -> Result<u64, BatchError> {
+        let mut sums: HashMap<&str, i128> = HashMap::new();
+        let items = plain
+            .iter()
+            .map(|(key, delta)| (*key, *delta))
+            .chain(keyed.iter().flat_map(|request| {
+                request
+                    .items
+                    .iter()
+                    .map(|(key, delta)| (key.as_str(), *delta))
+            }));
+        for (key, delta) in items {
+            *sums.entry(key).or_insert(0) += i128::from(delta);
+        }
+        let room = self.max_pending_keys.saturating_sub(self.pending_keys());
+        if room < sums.len() as u64 {
+            let new_keys = sums.keys().filter(|key| !self.holds(key)).count();
+            if room < new_keys as u64 {
+                return Err(BatchError::Full);
+            }
+        }
+        let mut side = self.side.lock();
+        for (key, sum) in &sums {
+            let current = side.deltas.get(*key).copied().unwrap_or(0);
+            if i64::try_from(current + sum).is_err() {
+                return Err(BatchError::DeltaOverflow);
+            }
+        }
+        for (key, sum) in sums {
+            side.add(key, sum, &self.handed_over, &self.side_keys);
+        }
+        side.keyed.extend(keyed.iter().cloned());
+        let drains = side.drains;
+        drop(side);
+        self.note_pending();
+        Ok(drains + 1)
+    }
+
     fn note_pending(&self) {
         // A load first: the common case (already set) stays a read.
         if self.pending_since.load(Ordering::Relaxed) == 0 {
@@ -481,7 +532,7 @@ impl Batcher {
     /// Runs moka's maintenance first, so expired entries reach the listener;
     /// that can take up to ~100 ms: call it from a blocking context.
     pub fn drain_numbered(&self) -> (Deltas, u64) {
-        let (entries, number) = self.drain_entries();
+        let (entries, _, number) = self.drain_entries();
         let mut deltas = Deltas::with_capacity(entries.len());
         for (key, delta) in entries {
             *deltas.entry(key).or_insert(0) += delta;
@@ -492,15 +543,19 @@ impl Batcher {
     /// The drain itself: every delta taken, unsorted, a key possibly twice
     /// (aside and live); [`Batch::new`] sorts and merges. A vector, not a map:
     /// hashing a million keys here cost more than the sort that follows.
-    fn drain_entries(&self) -> (Vec<(String, i128)>, u64) {
+    fn drain_entries(&self) -> (Vec<(String, i128)>, Vec<Keyed>, u64) {
         self.pending_since.store(0, Ordering::Relaxed);
         self.cache.run_pending_tasks();
-        let (side, number) = {
+        let (side, keyed, number) = {
             let mut side = self.side.lock();
             side.drains += 1;
             side.counted = 0;
             self.side_keys.store(0, Ordering::Relaxed);
-            (std::mem::take(&mut side.deltas), side.drains)
+            (
+                std::mem::take(&mut side.deltas),
+                std::mem::take(&mut side.keyed),
+                side.drains,
+            )
         };
         let dirty = self.dirty_list.lock().take();
         let mut entries = Vec::with_capacity(side.len() + dirty.len());
@@ -512,7 +567,7 @@ impl Batcher {
                 entries.push((key.into_string(), i128::from(delta)));
             }
         }
-        (entries, number)
+        (entries, keyed, number)
     }
 
     /// [`drain_numbered`](Self::drain_numbered) without the number.
@@ -533,11 +588,11 @@ impl Batcher {
         &self,
         span: impl FnOnce() -> Option<JournalSpan>,
     ) -> (Option<Arc<Batch>>, u64) {
-        let (entries, number) = self.drain_entries();
+        let (entries, keyed, number) = self.drain_entries();
         if entries.is_empty() {
             return (None, number);
         }
-        let batch = Batch::new(entries, number);
+        let batch = Batch::new(entries, number).guarding(keyed);
         let batch = Arc::new(match span() {
             Some(span) => batch.holding(span),
             None => batch,

@@ -23,6 +23,8 @@
 //! - [`flusher`]: the write loop: the batch in flight, its retry and
 //!   confirmation, the final flush.
 //! - [`store`]: the SQL: the idempotent part write for PostgreSQL and SQLite.
+//! - [`idempotency`]: the `Idempotency-Key` header, request fingerprints,
+//!   and this instance's memory of recent keys (the database decides).
 //! - [`journal`]: with `--journal-url`, NATS JetStream between the intake
 //!   and the batcher: a `202` is stored in the stream; the lease holder reads
 //!   it into the batcher.
@@ -34,6 +36,7 @@ pub mod batch;
 pub mod batcher;
 pub mod flusher;
 pub mod http;
+pub mod idempotency;
 pub mod journal;
 pub mod key;
 pub mod metrics;

@@ -151,6 +151,16 @@ metrics! {
         journal_conflicts_total: IntCounter,
         /// 1 while this instance holds the journal writer lease.
         journal_writer: IntGauge,
+        /// Requests repeating an applied or pending `Idempotency-Key` with
+        /// the same body, answered as the first and not applied again, by
+        /// where they were caught (memory: on this instance at the door;
+        /// database: in the flush's transaction).
+        idempotency_repeats_total: IntCounterVec["stage"],
+        /// Requests reusing an `Idempotency-Key` with another body: refused
+        /// with 422 at the door (memory), or left out by the flush (database).
+        idempotency_reused_total: IntCounterVec["stage"],
+        /// `Idempotency-Key`s deleted once older than the window.
+        idempotency_keys_pruned_total: IntCounter,
         /// Always 1; the version as a label.
         build_info: IntGaugeVec["version"],
     }
@@ -261,6 +271,12 @@ impl Metrics {
         }
         for outcome in ["stored", "refused", "unknown"] {
             metrics.journal_messages_total.with_label_values(&[outcome]);
+        }
+        for stage in ["memory", "database"] {
+            metrics
+                .idempotency_repeats_total
+                .with_label_values(&[stage]);
+            metrics.idempotency_reused_total.with_label_values(&[stage]);
         }
         for cause in ["size", "expired"] {
             metrics.cache_evictions_total.with_label_values(&[cause]);

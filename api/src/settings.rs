@@ -66,6 +66,11 @@ pub struct Settings {
     pub admin_token: Option<String>,
     /// The journal (NATS JetStream); `None`: write-behind, held in memory.
     pub journal: Option<crate::journal::JournalSettings>,
+    /// How long an applied `Idempotency-Key` keeps its repeats out.
+    pub idempotency_window: Duration,
+    /// `Idempotency-Key`s each instance remembers (repeats answered at the
+    /// door); older ones are still caught by the database.
+    pub idempotency_memory: u64,
 }
 
 impl Settings {
@@ -95,6 +100,8 @@ impl Settings {
             max_head_bytes: 64 * 1024,
             fast_path: true,
             journal: None,
+            idempotency_window: crate::store::DEFAULT_IDEMPOTENCY_WINDOW,
+            idempotency_memory: crate::http::intake::DEFAULT_RECENT_KEYS,
         }
     }
 
@@ -111,6 +118,7 @@ impl Settings {
             ("header-timeout", self.header_timeout),
             ("body-timeout", self.body_timeout),
             ("idle-timeout", self.idle_timeout),
+            ("idempotency-window", self.idempotency_window),
         ];
         for (name, value) in positive {
             if value.is_zero() {
@@ -245,6 +253,8 @@ impl fmt::Debug for Settings {
             .field("idle_timeout", &self.idle_timeout)
             .field("max_head_bytes", &self.max_head_bytes)
             .field("fast_path", &self.fast_path)
+            .field("idempotency_window", &self.idempotency_window)
+            .field("idempotency_memory", &self.idempotency_memory)
             .field(
                 "journal",
                 &self

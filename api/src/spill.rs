@@ -16,7 +16,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::Batch;
+use crate::batch::{Batch, Keyed};
 
 /// Why the spill file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,17 @@ pub enum SpillError {
 struct SpilledBatch {
     batch_id: String,
     deltas: Vec<(String, String)>,
+    /// Requests with an `Idempotency-Key` whose items `deltas` include (a
+    /// batch holding any is one part); absent in files of earlier versions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    keyed: Vec<SpilledKeyed>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SpilledKeyed {
+    key: String,
+    fingerprint: i64,
+    items: Vec<(String, i64)>,
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> SpillError + '_ {
@@ -93,6 +104,15 @@ fn to_disk(batch: &Batch) -> Vec<SpilledBatch> {
                 .iter()
                 .map(|(key, delta)| (key.clone(), delta.to_string()))
                 .collect(),
+            keyed: batch
+                .keyed
+                .iter()
+                .map(|request| SpilledKeyed {
+                    key: request.key.clone(),
+                    fingerprint: request.fingerprint,
+                    items: request.items.clone(),
+                })
+                .collect(),
         })
         .collect()
 }
@@ -126,7 +146,16 @@ pub fn read(path: &Path) -> Result<Option<Vec<Batch>>, SpillError> {
                 .map_err(|_| invalid(format!("line {}: delta {delta:?}", number + 1)))?;
             deltas.push((key, delta));
         }
-        batches.push(Batch::restored(spilled.batch_id, deltas));
+        let keyed = spilled
+            .keyed
+            .into_iter()
+            .map(|request| Keyed {
+                key: request.key,
+                fingerprint: request.fingerprint,
+                items: request.items,
+            })
+            .collect();
+        batches.push(Batch::restored(spilled.batch_id, deltas).guarding(keyed));
     }
     Ok(Some(batches))
 }
@@ -156,7 +185,13 @@ mod tests {
             [("a".to_owned(), 1), ("b\n\"q\"".to_owned(), -2)],
             3,
         ));
-        let wide = Arc::new(Batch::new([("w".to_owned(), 3 * i128::from(i64::MAX))], 0));
+        let wide = Arc::new(
+            Batch::new([("w".to_owned(), 3 * i128::from(i64::MAX))], 0).guarding(vec![Keyed {
+                key: "retry-1".to_owned(),
+                fingerprint: -5,
+                items: vec![("w".to_owned(), 7)],
+            }]),
+        );
         write(&path, std::slice::from_ref(&first)).unwrap();
         write(&path, std::slice::from_ref(&wide)).unwrap();
         let back = read(&path).unwrap().unwrap();
@@ -164,6 +199,8 @@ mod tests {
         assert_eq!(back[0].id, first.id);
         assert_eq!(back[0].deltas, first.deltas);
         assert_eq!(back[1].deltas, wide.deltas);
+        assert!(back[0].keyed.is_empty());
+        assert_eq!(back[1].keyed, wide.keyed, "keyed requests are kept");
         remove(&path).unwrap();
         assert!(read(&path).unwrap().is_none());
     }

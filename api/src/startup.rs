@@ -124,7 +124,7 @@ impl Application {
                 .await
                 .map_err(|e| StartupError::Migrate(Redacted::new(&e, &settings.database_url)))?;
         }
-        replay_spill(&db, &settings.spill_path)
+        replay_spill(&db, &settings.spill_path, settings.idempotency_window)
             .await
             .map_err(StartupError::Replay)?;
         let listener = tokio::net::TcpListener::bind(settings.listen)
@@ -155,7 +155,8 @@ impl Application {
             Arc::clone(&recent_requests),
             settings.flush_interval,
         )
-        .with_write_connections(settings.flush_connections);
+        .with_write_connections(settings.flush_connections)
+        .with_idempotency_window(settings.idempotency_window);
         if let Some(journal) = &journal {
             flusher = flusher.with_journal(Arc::clone(&journal.cursor));
         }
@@ -165,7 +166,8 @@ impl Application {
             Arc::clone(&recent_requests),
             Arc::clone(&metrics),
             settings.flush_interval.as_secs().max(1),
-        );
+        )
+        .with_idempotency(settings.idempotency_memory, settings.idempotency_window);
         let journal = journal.map(|journal| {
             let publisher = journal.publisher(Arc::clone(&metrics));
             intake = intake.clone().with_journal(Arc::clone(&publisher));
@@ -384,14 +386,18 @@ fn spill_at_exit(path: &std::path::Path, unwritten: Unwritten) -> ShutdownReport
 /// Writes the batches of a spill file left by an earlier run, each under its
 /// own id (so one that had committed is not applied twice), then deletes it.
 /// Runs before the service accepts traffic.
-async fn replay_spill(db: &DatabaseConnection, path: &std::path::Path) -> Result<(), ReplayError> {
+async fn replay_spill(
+    db: &DatabaseConnection,
+    path: &std::path::Path,
+    idempotency_window: std::time::Duration,
+) -> Result<(), ReplayError> {
     let Some(batches) = spill::read(path)? else {
         return Ok(());
     };
     let mut keys = 0;
     for batch in &batches {
         // Spilled batches come back as one part each: one connection.
-        store::write_batch(db, batch, chrono::Utc::now(), 1).await?;
+        store::write_batch_keyed(db, batch, chrono::Utc::now(), 1, idempotency_window).await?;
         keys += batch.len();
     }
     spill::remove(path)?;

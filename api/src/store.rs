@@ -9,9 +9,9 @@
 //! written again.
 
 use chrono::{DateTime, Utc};
-use entity::{counters, flush_batches, journal_offsets, rejected_increments};
+use entity::{counters, flush_batches, idempotency_keys, journal_offsets, rejected_increments};
 
-use crate::batch::{Batch, JournalSpan};
+use crate::batch::{Batch, JournalSpan, Keyed};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter,
     QueryOrder, QuerySelect, Statement, TransactionTrait,
@@ -70,7 +70,16 @@ pub enum WriteOutcome {
     /// `rejected` rows whose total would have left `bigint` (recorded in
     /// `rejected_increments` instead). Parts committed by an earlier attempt
     /// were skipped.
-    Committed { statements: usize, rejected: usize },
+    ///
+    /// `repeats` keyed requests were left out because their
+    /// `Idempotency-Key` had been applied already (or came twice in the
+    /// batch); `reused` of them carried another body under that key.
+    Committed {
+        statements: usize,
+        rejected: usize,
+        repeats: usize,
+        reused: usize,
+    },
     /// An earlier attempt had committed every part; nothing was written.
     AlreadyCommitted,
     /// The batch holds journal messages, and the stream's applied offset is
@@ -114,13 +123,34 @@ pub const OVERFLOW_REASON: &str = "stored value + delta is outside the bigint ra
 /// # Errors
 /// Any database error. The outcome of a part is then unknown only if the
 /// error came from its COMMIT; retrying with the same batch is correct either way.
-#[tracing::instrument(name = "db.write_batch", skip_all, fields(batch.id = %batch.id, batch.keys = batch.len() as i64, batch.parts = batch.parts.len() as i64))]
 pub async fn write_batch(
     db: &DatabaseConnection,
     batch: &Batch,
     now: DateTime<Utc>,
     connections: usize,
 ) -> Result<WriteOutcome, DbErr> {
+    write_batch_keyed(db, batch, now, connections, DEFAULT_IDEMPOTENCY_WINDOW).await
+}
+
+/// How long an applied `Idempotency-Key` is remembered unless configured.
+pub const DEFAULT_IDEMPOTENCY_WINDOW: std::time::Duration =
+    std::time::Duration::from_secs(24 * 3600);
+
+/// [`write_batch`], remembering the batch's `Idempotency-Key`s for
+/// `idempotency_window`: a key applied longer ago than that counts as new.
+///
+/// # Errors
+/// As [`write_batch`].
+#[tracing::instrument(name = "db.write_batch", skip_all, fields(batch.id = %batch.id, batch.keys = batch.len() as i64, batch.parts = batch.parts.len() as i64, batch.keyed = batch.keyed.len() as i64))]
+pub async fn write_batch_keyed(
+    db: &DatabaseConnection,
+    batch: &Batch,
+    now: DateTime<Utc>,
+    connections: usize,
+    idempotency_window: std::time::Duration,
+) -> Result<WriteOutcome, DbErr> {
+    let keys_since =
+        now - chrono::Duration::from_std(idempotency_window).unwrap_or(chrono::Duration::MAX);
     let connections = match db.get_database_backend() {
         DbBackend::Postgres => connections.max(1),
         _ => 1,
@@ -134,7 +164,11 @@ pub async fn write_batch(
             &permits,
             &part.id,
             batch.rows(part),
-            batch.journal.as_ref(),
+            Guards {
+                journal: batch.journal.as_ref(),
+                keyed: &batch.keyed,
+                keys_since,
+            },
             now,
         ));
     }
@@ -151,14 +185,20 @@ pub async fn write_batch(
                 WriteOutcome::Committed {
                     statements,
                     rejected,
+                    repeats,
+                    reused,
                 },
                 WriteOutcome::Committed {
                     statements: more_statements,
                     rejected: more_rejected,
+                    repeats: more_repeats,
+                    reused: more_reused,
                 },
             ) => WriteOutcome::Committed {
                 statements: statements + more_statements,
                 rejected: rejected + more_rejected,
+                repeats: repeats + more_repeats,
+                reused: reused + more_reused,
             },
         };
     }
@@ -180,24 +220,33 @@ async fn write_part(
     permits: &tokio::sync::Semaphore,
     id: &str,
     rows: &[(String, i128)],
-    journal: Option<&JournalSpan>,
+    guards: Guards<'_>,
     now: DateTime<Utc>,
 ) -> Result<WriteOutcome, DbErr> {
     let _permit = permits
         .acquire()
         .await
         .map_err(|_| DbErr::Custom("the write permits were closed".to_owned()))?;
-    match write_pass(db, id, rows, journal, now, Pass::Fast).await? {
+    match write_pass(db, id, rows, guards, now, Pass::Fast).await? {
         PassOutcome::Done(outcome) => Ok(outcome),
-        PassOutcome::Skipped => {
-            match write_pass(db, id, rows, journal, now, Pass::Isolate).await? {
-                PassOutcome::Done(outcome) => Ok(outcome),
-                PassOutcome::Skipped => Err(DbErr::Custom(
-                    "rows were skipped while isolating poison rows".to_owned(),
-                )),
-            }
-        }
+        PassOutcome::Skipped => match write_pass(db, id, rows, guards, now, Pass::Isolate).await? {
+            PassOutcome::Done(outcome) => Ok(outcome),
+            PassOutcome::Skipped => Err(DbErr::Custom(
+                "rows were skipped while isolating poison rows".to_owned(),
+            )),
+        },
     }
+}
+
+/// What a part's transaction checks besides its own id.
+#[derive(Clone, Copy)]
+struct Guards<'a> {
+    /// The journal messages the part holds (their offset moves with it).
+    journal: Option<&'a JournalSpan>,
+    /// Keyed requests whose items the part's rows include.
+    keyed: &'a [Keyed],
+    /// A key applied before this counts as new.
+    keys_since: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,10 +267,11 @@ async fn write_pass(
     db: &DatabaseConnection,
     id: &str,
     rows: &[(String, i128)],
-    journal: Option<&JournalSpan>,
+    guards: Guards<'_>,
     now: DateTime<Utc>,
     pass: Pass,
 ) -> Result<PassOutcome, DbErr> {
+    let journal = guards.journal;
     let txn = db.begin().await?;
     let claim = Query::insert()
         .into_table(flush_batches::Entity)
@@ -254,11 +304,23 @@ async fn write_pass(
         return Ok(PassOutcome::Done(WriteOutcome::JournalMoved));
     }
     let backend = txn.get_database_backend();
+    let mut statements = 0;
+    let (mut repeats, mut reused) = (0, 0);
+    let unguarded;
+    let rows = if guards.keyed.is_empty() {
+        rows
+    } else {
+        let claimed = claim_keys(&txn, id, guards.keyed, guards.keys_since, now).await?;
+        statements += claimed.statements;
+        repeats = claimed.repeats.len();
+        reused = claimed.reused;
+        unguarded = without(rows, &claimed.repeats);
+        &unguarded[..]
+    };
     let chunk_rows = match backend {
         DbBackend::Postgres => POSTGRES_ROWS_PER_STATEMENT,
         _ => SQLITE_ROWS_PER_STATEMENT,
     };
-    let mut statements = 0;
     let mut rejected: Vec<(&str, i64)> = Vec::new();
     for round in rounds(rows) {
         for chunk in round.chunks(chunk_rows) {
@@ -287,7 +349,183 @@ async fn write_pass(
     Ok(PassOutcome::Done(WriteOutcome::Committed {
         statements,
         rejected: rejected.len(),
+        repeats,
+        reused,
     }))
+}
+
+/// What [`claim_keys`] found.
+struct Claimed<'a> {
+    /// Keyed requests not to apply: their key was applied within the window
+    /// (or an earlier request of the same batch holds it).
+    repeats: Vec<&'a Keyed>,
+    /// Of those, how many carried another body than the one applied.
+    reused: usize,
+    statements: usize,
+}
+
+/// Inserts the batch's `Idempotency-Key`s; a key already there and applied
+/// at or after `since` is a repeat. Within the batch, the first request of a
+/// key wins.
+async fn claim_keys<'a, C: ConnectionTrait>(
+    conn: &C,
+    batch_id: &str,
+    keyed: &'a [Keyed],
+    since: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<Claimed<'a>, DbErr> {
+    let mut first: std::collections::HashMap<&str, &Keyed> =
+        std::collections::HashMap::with_capacity(keyed.len());
+    let mut claimed = Claimed {
+        repeats: Vec::new(),
+        reused: 0,
+        statements: 0,
+    };
+    let mut candidates: Vec<&Keyed> = Vec::with_capacity(keyed.len());
+    for request in keyed {
+        match first.get(request.key.as_str()) {
+            Some(winner) => {
+                claimed.reused += usize::from(winner.fingerprint != request.fingerprint);
+                claimed.repeats.push(request);
+            }
+            None => {
+                first.insert(&request.key, request);
+                candidates.push(request);
+            }
+        }
+    }
+    let backend = conn.get_database_backend();
+    let mut inserted: std::collections::HashSet<String> =
+        std::collections::HashSet::with_capacity(candidates.len());
+    // 4 binds per row plus the cut-off, under SQLite's limit.
+    for chunk in candidates.chunks(SQLITE_MAX_BINDS / 4 - 1) {
+        claimed.statements += 1;
+        let stmt = claim_statement(backend, batch_id, chunk, since, now);
+        for row in conn.query_all_raw(stmt).await? {
+            inserted.insert(row.try_get::<String>("", "key")?);
+        }
+    }
+    let held: Vec<&Keyed> = candidates
+        .into_iter()
+        .filter(|request| !inserted.contains(&request.key))
+        .collect();
+    if !held.is_empty() {
+        // Rare (a client retried): learn whether the applied body differed.
+        claimed.statements += 1;
+        let stored: std::collections::HashMap<String, i64> = idempotency_keys::Entity::find()
+            .select_only()
+            .column(idempotency_keys::Column::Key)
+            .column(idempotency_keys::Column::Fingerprint)
+            .filter(idempotency_keys::Column::Key.is_in(held.iter().map(|r| r.key.as_str())))
+            .into_tuple::<(String, i64)>()
+            .all(conn)
+            .await?
+            .into_iter()
+            .collect();
+        for request in held {
+            claimed.reused += usize::from(
+                stored
+                    .get(&request.key)
+                    .is_some_and(|fingerprint| *fingerprint != request.fingerprint),
+            );
+            claimed.repeats.push(request);
+        }
+    }
+    Ok(claimed)
+}
+
+/// The insert of `chunk`'s keys; returns the keys it inserted, or took over
+/// from a row older than `since`.
+fn claim_statement(
+    backend: DbBackend,
+    batch_id: &str,
+    chunk: &[&Keyed],
+    since: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Statement {
+    const TAKE_OVER: &str = "ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint, \
+         batch_id = excluded.batch_id, created_at = excluded.created_at \
+         WHERE idempotency_keys.created_at < ";
+    if backend == DbBackend::Postgres {
+        let keys: Vec<String> = chunk.iter().map(|r| r.key.clone()).collect();
+        let fingerprints: Vec<i64> = chunk.iter().map(|r| r.fingerprint).collect();
+        let sql = format!(
+            "INSERT INTO idempotency_keys (key, fingerprint, batch_id, created_at) \
+             SELECT k, f, $3, $4 FROM unnest($1::text[], $2::bigint[]) AS t(k, f) \
+             {TAKE_OVER}$5 RETURNING key"
+        );
+        return Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            sql,
+            [
+                keys.into(),
+                fingerprints.into(),
+                batch_id.into(),
+                now.into(),
+                since.into(),
+            ],
+        );
+    }
+    let rows = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
+    let sql = format!(
+        "INSERT INTO idempotency_keys (key, fingerprint, batch_id, created_at) VALUES {rows} \
+         {TAKE_OVER}? RETURNING key"
+    );
+    let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 4 + 1);
+    for request in chunk {
+        values.push(request.key.as_str().into());
+        values.push(request.fingerprint.into());
+        values.push(batch_id.into());
+        values.push(now.into());
+    }
+    values.push(since.into());
+    Statement::from_sql_and_values(backend, sql, values)
+}
+
+/// `rows` (sorted, unique keys) minus the items of `repeats`.
+fn without(rows: &[(String, i128)], repeats: &[&Keyed]) -> Vec<(String, i128)> {
+    let mut rows = rows.to_vec();
+    for request in repeats {
+        for (key, delta) in &request.items {
+            if let Ok(index) = rows.binary_search_by(|(k, _)| k.as_str().cmp(key)) {
+                rows[index].1 -= i128::from(*delta);
+            }
+        }
+    }
+    rows
+}
+
+/// Deletes up to `limit` `Idempotency-Key`s applied before `before`;
+/// returns how many. One short statement: the pruner calls it in a loop,
+/// never inside a flush.
+///
+/// # Errors
+/// Any database error.
+pub async fn prune_idempotency_keys(
+    db: &DatabaseConnection,
+    before: DateTime<Utc>,
+    limit: u64,
+) -> Result<u64, DbErr> {
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => {
+            "DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys \
+             WHERE created_at < $1 ORDER BY created_at LIMIT $2)"
+        }
+        _ => {
+            "DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys \
+             WHERE created_at < ? ORDER BY created_at LIMIT ?)"
+        }
+    };
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let result = db
+        .execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql,
+            [before.into(), limit.into()],
+        ))
+        .await?;
+    Ok(result.rows_affected())
 }
 
 /// Applies a row only when the sum stays in `bigint` (written so that the

@@ -4,5 +4,6 @@ pub mod prelude;
 
 pub mod counters;
 pub mod flush_batches;
+pub mod idempotency_keys;
 pub mod journal_offsets;
 pub mod rejected_increments;

@@ -2,5 +2,6 @@
 
 pub use super::counters::Entity as Counters;
 pub use super::flush_batches::Entity as FlushBatches;
+pub use super::idempotency_keys::Entity as IdempotencyKeys;
 pub use super::journal_offsets::Entity as JournalOffsets;
 pub use super::rejected_increments::Entity as RejectedIncrements;

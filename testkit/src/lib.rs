@@ -40,6 +40,17 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// The same database under a second handle, for a second instance; it
+    /// drops nothing (the original must outlive it).
+    pub fn alias(&self) -> Self {
+        Self {
+            url: self.url.clone(),
+            backend: self.backend,
+            _dir: None,
+            postgres: None,
+        }
+    }
+
     /// A new, empty SQLite database in a temporary directory.
     pub async fn sqlite() -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory can be created");

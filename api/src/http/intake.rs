@@ -7,7 +7,7 @@
 //! iterative skipper, so any nesting depth is fine (the body size bounds the
 //! work) and no depth limit differs between paths.
 
-use std::{borrow::Cow, fmt, sync::Arc};
+use std::{borrow::Cow, collections::BTreeMap, fmt, sync::Arc};
 
 use poem_openapi::{
     payload::{ParsePayload, Payload},
@@ -18,8 +18,10 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde_json::value::RawValue;
 
 use crate::{
+    batch::Keyed,
     batcher::{BatchError, Batcher},
     http::problem::ApiError,
+    idempotency::{self, Begin, Operation, Recent},
     journal::{AppendError, Publisher, Refusal},
     key::{CounterKey, KeyError},
     metrics::Metrics,
@@ -596,7 +598,25 @@ pub struct Intake {
     metrics: Arc<Metrics>,
     /// Seconds a refused client should wait: about one flush interval.
     retry_after: u64,
+    /// The `Idempotency-Key`s this instance took recently, with the answer
+    /// each got.
+    recent: Recent<KeyedAnswer>,
 }
+
+/// The answer a keyed request got, given again to its repeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyedAnswer {
+    /// What a `wait=true` request (first or repeat) waits for.
+    pub ticket: Ticket,
+    /// How many increments it carried.
+    pub accepted: u64,
+    /// This answer is a repeat's: the request was not taken again.
+    pub repeat: bool,
+}
+
+/// Keys remembered per instance unless configured (an older one is still
+/// caught by the database).
+pub const DEFAULT_RECENT_KEYS: u64 = 100_000;
 
 /// What a durable request waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -621,7 +641,92 @@ impl Intake {
             recent_requests,
             metrics,
             retry_after,
+            recent: Recent::new(
+                DEFAULT_RECENT_KEYS,
+                crate::store::DEFAULT_IDEMPOTENCY_WINDOW,
+            ),
         }
+    }
+
+    /// Remembers up to `capacity` `Idempotency-Key`s here, each for `window`.
+    #[must_use]
+    pub fn with_idempotency(mut self, capacity: u64, window: std::time::Duration) -> Self {
+        self.recent = Recent::new(capacity, window);
+        self
+    }
+
+    /// Takes a request that carried an `Idempotency-Key`: once per key, as
+    /// far as this instance can tell (the flush's transaction decides across
+    /// instances). A repeat with the same body gets the first answer and is
+    /// not taken again; one with another body is refused.
+    ///
+    /// # Errors
+    /// As [`Intake::accept_all`], plus [`ApiError::IdempotencyKeyReused`].
+    pub async fn accept_keyed(
+        &self,
+        key: String,
+        operation: Operation,
+        increments: &[Increment<'_>],
+        durable: bool,
+    ) -> Result<KeyedAnswer, ApiError> {
+        let batch = operation == Operation::Increments;
+        let mut sums: BTreeMap<&str, i64> = BTreeMap::new();
+        for (index, increment) in increments.iter().enumerate() {
+            let sum = sums.entry(increment.key.as_str()).or_insert(0);
+            *sum = sum
+                .checked_add(increment.value)
+                .ok_or_else(|| self.refusal(BatchError::DeltaOverflow, batch.then_some(index)))?;
+        }
+        let fingerprint = idempotency::fingerprint(
+            operation,
+            increments.iter().map(|i| (i.key.as_str(), i.value)),
+        );
+        let first = match self.recent.begin(&key, fingerprint).await {
+            Begin::First(first) => first,
+            Begin::Repeat(answer) => {
+                self.metrics
+                    .idempotency_repeats_total
+                    .with_label_values(&["memory"])
+                    .inc();
+                return Ok(KeyedAnswer {
+                    repeat: true,
+                    ..answer
+                });
+            }
+            Begin::Reused => {
+                self.metrics
+                    .idempotency_reused_total
+                    .with_label_values(&["memory"])
+                    .inc();
+                return Err(ApiError::IdempotencyKeyReused);
+            }
+        };
+        let keyed = Keyed {
+            key,
+            fingerprint,
+            items: sums.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        };
+        let ticket = match &self.journal {
+            Some(journal) => Ticket::Journal(
+                journal
+                    .append_keyed(keyed, durable)
+                    .await
+                    .map_err(|e| self.append_refusal(e, batch))?,
+            ),
+            None => Ticket::Drain(
+                self.batcher
+                    .record_keyed(&[], std::slice::from_ref(&keyed))
+                    .map_err(|e| self.refusal(e, None))?,
+            ),
+        };
+        let answer = KeyedAnswer {
+            ticket,
+            accepted: increments.len() as u64,
+            repeat: false,
+        };
+        first.taken(answer);
+        self.accepted(answer.accepted);
+        Ok(answer)
     }
 
     /// Takes increments into the journal instead of the batcher.
@@ -699,7 +804,14 @@ impl Intake {
         durable: bool,
         batch: bool,
     ) -> Result<u64, ApiError> {
-        journal.append(items, durable).await.map_err(|e| match e {
+        journal
+            .append(items, durable)
+            .await
+            .map_err(|e| self.append_refusal(e, batch))
+    }
+
+    fn append_refusal(&self, e: AppendError, batch: bool) -> ApiError {
+        match e {
             AppendError::Overflow(index) => {
                 self.refusal(BatchError::DeltaOverflow, batch.then_some(index))
             }
@@ -716,7 +828,7 @@ impl Intake {
                 ApiError::JournalUnavailable(why, self.retry_after)
             }
             AppendError::Unconfirmed => ApiError::Unconfirmed,
-        })
+        }
     }
 
     fn accepted(&self, count: u64) {

@@ -64,10 +64,12 @@ pub enum ProblemType {
     FlushFailed,
     JournalUnavailable,
     Unconfirmed,
+    InvalidIdempotencyKey,
+    IdempotencyKeyReused,
 }
 
 impl ProblemType {
-    pub const ALL: [Self; 19] = [
+    pub const ALL: [Self; 21] = [
         Self::BadRequest,
         Self::Unauthorized,
         Self::NotFound,
@@ -87,6 +89,8 @@ impl ProblemType {
         Self::FlushFailed,
         Self::JournalUnavailable,
         Self::Unconfirmed,
+        Self::InvalidIdempotencyKey,
+        Self::IdempotencyKeyReused,
     ];
 
     /// The last segment of the type URI.
@@ -111,6 +115,8 @@ impl ProblemType {
             Self::FlushFailed => "flush-failed",
             Self::JournalUnavailable => "journal-unavailable",
             Self::Unconfirmed => "unconfirmed",
+            Self::InvalidIdempotencyKey => "invalid-idempotency-key",
+            Self::IdempotencyKeyReused => "idempotency-key-reused",
         }
     }
 
@@ -126,7 +132,9 @@ impl ProblemType {
             Self::MalformedJson
             | Self::InvalidRequest
             | Self::PendingOverflow
-            | Self::CounterOverflow => StatusCode::UNPROCESSABLE_ENTITY,
+            | Self::CounterOverflow
+            | Self::InvalidIdempotencyKey
+            | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Overloaded
             | Self::PendingLimit
             | Self::DatabaseUnavailable
@@ -158,6 +166,8 @@ impl ProblemType {
             Self::FlushFailed => "The flush failed",
             Self::JournalUnavailable => "The journal did not take the increment",
             Self::Unconfirmed => "The journal did not confirm the increment in time",
+            Self::InvalidIdempotencyKey => "The Idempotency-Key header is not valid",
+            Self::IdempotencyKeyReused => "The Idempotency-Key was used for another request",
         }
     }
 
@@ -234,7 +244,18 @@ impl ProblemType {
             Self::Unconfirmed => {
                 "With the journal on: the message holding the increment was sent, but the stream \
                  did not acknowledge it in time. It may be stored (and then it is applied exactly \
-                 once) or not; sending it again may count it twice."
+                 once) or not; sending it again may count it twice. Sent with an \
+                 `Idempotency-Key`, sending it again with the same key is safe."
+            }
+            Self::InvalidIdempotencyKey => {
+                "The `Idempotency-Key` header must hold 1 to 255 printable ASCII characters, as \
+                 a quoted string (`Idempotency-Key: \"8e03978e-40d5\"`) or bare, and appear \
+                 once. Nothing was applied."
+            }
+            Self::IdempotencyKeyReused => {
+                "A request with this `Idempotency-Key` and another body (operation, keys or \
+                 values) was taken within `--idempotency-window`. Nothing was applied; use a new \
+                 key for a new request."
             }
         }
     }
@@ -312,6 +333,15 @@ pub enum ApiError {
     /// 503, not taken: the journal refused or is unreachable.
     #[error("the journal did not take the increment ({0}); nothing was taken, retry after {1} s")]
     JournalUnavailable(&'static str, u64),
+    /// 422: the `Idempotency-Key` header is not valid.
+    #[error("{0}")]
+    InvalidIdempotencyKey(String),
+    /// 422: the `Idempotency-Key` was taken with another body.
+    #[error(
+        "this Idempotency-Key was used for a request with another body within the idempotency \
+         window; nothing was applied"
+    )]
+    IdempotencyKeyReused,
     /// 504: sent to the journal, not acknowledged in time; may be applied.
     #[error(
         "the journal did not acknowledge the increment in time: it may or may not be applied \
@@ -342,6 +372,8 @@ impl ApiError {
             Self::FlushFailed => ProblemType::FlushFailed,
             Self::JournalUnavailable(..) => ProblemType::JournalUnavailable,
             Self::Unconfirmed => ProblemType::Unconfirmed,
+            Self::InvalidIdempotencyKey(_) => ProblemType::InvalidIdempotencyKey,
+            Self::IdempotencyKeyReused => ProblemType::IdempotencyKeyReused,
         }
     }
 

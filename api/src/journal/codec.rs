@@ -1,10 +1,27 @@
 //! The body of a journal message: the increments of one group, summed per
-//! key. Binary, because every message is stored and read once more: a
-//! version byte, then per item the key's length (LEB128), its UTF-8 bytes and
-//! the delta (zigzag LEB128).
+//! key, and the group's requests that carried an `Idempotency-Key`, each
+//! kept whole. Binary, because every message is stored and read once more.
+//!
+//! Version 1 (no keyed request): a version byte, then per item the key's
+//! length (LEB128), its UTF-8 bytes and the delta (zigzag LEB128).
+//! Version 2: the version byte, the number of plain items (LEB128), those
+//! items, then per keyed request its key (length and bytes), its fingerprint
+//! (zigzag LEB128), its number of items and those items.
 
-/// First byte of every message this version writes.
+use crate::batch::Keyed;
+
+/// First byte of a message without keyed requests (the common case).
 const VERSION: u8 = 1;
+/// First byte of a message with keyed requests.
+const VERSION_KEYED: u8 = 2;
+
+/// A decoded body: plain items borrowed, keyed requests owned (they go
+/// whole into the batch).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Message<'a> {
+    pub items: Vec<(&'a str, i64)>,
+    pub keyed: Vec<Keyed>,
+}
 
 /// Why a message body could not be read. Such a message is skipped and
 /// counted; it was not written by this version of the service.
@@ -25,10 +42,60 @@ pub fn encode<'a>(items: impl IntoIterator<Item = (&'a str, i64)>, out: &mut Vec
     out.clear();
     out.push(VERSION);
     for (key, delta) in items {
-        put_varint(out, key.len() as u64);
-        out.extend_from_slice(key.as_bytes());
-        put_varint(out, ((delta << 1) ^ (delta >> 63)) as u64);
+        put_item(out, key, delta);
     }
+}
+
+/// Appends the encoding of `items` and `keyed` to `out` (cleared first):
+/// version 1 when `keyed` is empty.
+pub fn encode_message<'a>(
+    items: impl ExactSizeIterator<Item = (&'a str, i64)>,
+    keyed: &[Keyed],
+    out: &mut Vec<u8>,
+) {
+    if keyed.is_empty() {
+        return encode(items, out);
+    }
+    out.clear();
+    out.push(VERSION_KEYED);
+    put_varint(out, items.len() as u64);
+    for (key, delta) in items {
+        put_item(out, key, delta);
+    }
+    for request in keyed {
+        put_varint(out, request.key.len() as u64);
+        out.extend_from_slice(request.key.as_bytes());
+        put_varint(out, zigzag(request.fingerprint));
+        put_varint(out, request.items.len() as u64);
+        for (key, delta) in &request.items {
+            put_item(out, key, *delta);
+        }
+    }
+}
+
+/// Bytes one keyed request takes at most, for sizing messages.
+pub fn max_keyed_len(request: &Keyed) -> usize {
+    request.key.len()
+        + 30
+        + request
+            .items
+            .iter()
+            .map(|(key, _)| max_item_len(key))
+            .sum::<usize>()
+}
+
+fn put_item(out: &mut Vec<u8>, key: &str, delta: i64) {
+    put_varint(out, key.len() as u64);
+    out.extend_from_slice(key.as_bytes());
+    put_varint(out, zigzag(delta));
+}
+
+fn zigzag(value: i64) -> u64 {
+    ((value << 1) ^ (value >> 63)) as u64
+}
+
+fn unzigzag(value: u64) -> i64 {
+    ((value >> 1) as i64) ^ -((value & 1) as i64)
 }
 
 /// Bytes one item takes at most, for sizing messages.
@@ -36,32 +103,65 @@ pub fn max_item_len(key: &str) -> usize {
     key.len() + 10 + 10
 }
 
-/// The items of a message body, keys borrowed.
+/// The items and keyed requests of a message body, plain keys borrowed.
 ///
 /// # Errors
 /// [`CodecError`] for a body this version did not write.
-pub fn decode(body: &[u8]) -> Result<Vec<(&str, i64)>, CodecError> {
+pub fn decode(body: &[u8]) -> Result<Message<'_>, CodecError> {
     let (&version, mut rest) = body.split_first().ok_or(CodecError::Truncated)?;
-    if version != VERSION {
-        return Err(CodecError::Version(version));
-    }
-    let mut items = Vec::new();
-    while !rest.is_empty() {
-        let len = usize::try_from(take_varint(&mut rest)?).map_err(|_| CodecError::Truncated)?;
-        if rest.len() < len {
-            return Err(CodecError::Truncated);
+    let mut message = Message::default();
+    match version {
+        VERSION => {
+            while !rest.is_empty() {
+                message.items.push(take_item(&mut rest)?);
+            }
         }
-        let (key, tail) = rest.split_at(len);
-        rest = tail;
-        let key = std::str::from_utf8(key).map_err(|_| CodecError::NotUtf8)?;
-        let zigzag = take_varint(&mut rest)?;
-        let delta = ((zigzag >> 1) as i64) ^ -((zigzag & 1) as i64);
-        items.push((key, delta));
+        VERSION_KEYED => {
+            let plain = take_varint(&mut rest)?;
+            for _ in 0..plain {
+                message.items.push(take_item(&mut rest)?);
+            }
+            while !rest.is_empty() {
+                let key = take_str(&mut rest)?.to_owned();
+                let fingerprint = unzigzag(take_varint(&mut rest)?);
+                let count = take_varint(&mut rest)?;
+                let mut items = Vec::new();
+                for _ in 0..count {
+                    let (item, delta) = take_item(&mut rest)?;
+                    items.push((item.to_owned(), delta));
+                }
+                if items.is_empty() {
+                    return Err(CodecError::Empty);
+                }
+                message.keyed.push(Keyed {
+                    key,
+                    fingerprint,
+                    items,
+                });
+            }
+        }
+        other => return Err(CodecError::Version(other)),
     }
-    if items.is_empty() {
+    if message.items.is_empty() && message.keyed.is_empty() {
         return Err(CodecError::Empty);
     }
-    Ok(items)
+    Ok(message)
+}
+
+fn take_str<'a>(rest: &mut &'a [u8]) -> Result<&'a str, CodecError> {
+    let len = usize::try_from(take_varint(rest)?).map_err(|_| CodecError::Truncated)?;
+    if rest.len() < len {
+        return Err(CodecError::Truncated);
+    }
+    let (text, tail) = rest.split_at(len);
+    *rest = tail;
+    std::str::from_utf8(text).map_err(|_| CodecError::NotUtf8)
+}
+
+fn take_item<'a>(rest: &mut &'a [u8]) -> Result<(&'a str, i64), CodecError> {
+    let key = take_str(rest)?;
+    let delta = unzigzag(take_varint(rest)?);
+    Ok((key, delta))
 }
 
 fn put_varint(out: &mut Vec<u8>, mut value: u64) {
@@ -103,7 +203,46 @@ mod tests {
         let mut body = Vec::new();
         encode(items.iter().copied(), &mut body);
         assert!(body.len() <= 1 + items.iter().map(|(k, _)| max_item_len(k)).sum::<usize>());
-        assert_eq!(decode(&body).unwrap(), items);
+        assert_eq!(decode(&body).unwrap().items, items);
+        assert!(decode(&body).unwrap().keyed.is_empty());
+    }
+
+    #[test]
+    fn keyed_requests_survive_the_round_trip() {
+        let keyed = vec![
+            Keyed {
+                key: "order-17".to_owned(),
+                fingerprint: i64::MIN,
+                items: vec![("a".to_owned(), 3), ("b".to_owned(), -1)],
+            },
+            Keyed {
+                key: "k".repeat(255),
+                fingerprint: 42,
+                items: vec![("a".to_owned(), i64::MAX)],
+            },
+        ];
+        let plain = [("a", 1), ("c", -7)];
+        let mut body = Vec::new();
+        encode_message(plain.iter().copied(), &keyed, &mut body);
+        assert!(
+            body.len()
+                <= 1 + 10 + 2 * max_item_len("a") + keyed.iter().map(max_keyed_len).sum::<usize>()
+        );
+        let message = decode(&body).unwrap();
+        assert_eq!(message.items, plain);
+        assert_eq!(message.keyed, keyed);
+        encode_message(std::iter::empty(), &keyed[..1], &mut body);
+        let message = decode(&body).unwrap();
+        assert!(message.items.is_empty());
+        assert_eq!(message.keyed, keyed[..1]);
+        // Without keyed requests: version 1, as before.
+        encode_message(plain.iter().copied(), &[], &mut body);
+        assert_eq!(body[0], VERSION);
+        assert_eq!(decode(&[VERSION_KEYED, 0]), Err(CodecError::Empty));
+        assert_eq!(
+            decode(&[VERSION_KEYED, 0, 1, b'x', 0, 0]),
+            Err(CodecError::Empty)
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use crate::{
     batch::{Batch, JournalSpan},
     batcher::{BatchError, Batcher},
+    journal::codec::Message,
 };
 
 /// Why a message was not recorded.
@@ -88,15 +89,21 @@ impl Cursor {
         reading: u64,
         sequence: u64,
         batcher: &Batcher,
-        items: &[(&str, i64)],
+        message: &Message<'_>,
     ) -> Result<(), RecordError> {
         let mut state = self.state.try_lock().ok_or(RecordError::Busy)?;
         if state.reading != reading {
             return Err(RecordError::Stale);
         }
-        batcher
-            .record_all(items)
-            .map_err(|(_, e)| RecordError::Batcher(e))?;
+        if message.keyed.is_empty() {
+            batcher
+                .record_all(&message.items)
+                .map_err(|(_, e)| RecordError::Batcher(e))?;
+        } else {
+            batcher
+                .record_keyed(&message.items, &message.keyed)
+                .map_err(RecordError::Batcher)?;
+        }
         state.recorded = sequence;
         Ok(())
     }

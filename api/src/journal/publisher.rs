@@ -27,7 +27,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::codec;
-use crate::metrics::Metrics;
+use crate::{batch::Keyed, metrics::Metrics};
 
 /// Header marking a message that a `wait=true` request waits for: the
 /// reader asks for an early flush when it sees one.
@@ -89,6 +89,11 @@ pub struct PublisherSettings {
 
 struct Group {
     deltas: HashMap<CompactString, i64>,
+    /// Requests with an `Idempotency-Key`, kept whole (not summed).
+    keyed: Vec<Keyed>,
+    /// Per key, the sum of the keyed requests' items: with `deltas`, what a
+    /// reader adds for the key, which must stay in `i64`.
+    keyed_totals: HashMap<CompactString, i64>,
     bytes: usize,
     durable: bool,
     requests: u64,
@@ -99,7 +104,9 @@ impl Group {
     fn new() -> Self {
         Self {
             deltas: HashMap::new(),
-            bytes: 1,
+            keyed: Vec::new(),
+            keyed_totals: HashMap::new(),
+            bytes: 1 + 10,
             durable: false,
             requests: 0,
             outcome: watch::Sender::new(None),
@@ -149,10 +156,29 @@ impl Publisher {
     /// [`AppendError`]: refused (nothing stored), overflow (nothing stored),
     /// or unconfirmed.
     pub async fn append(&self, items: &[(&str, i64)], durable: bool) -> Result<u64, AppendError> {
+        self.append_request(items, None, durable).await
+    }
+
+    /// Journals one request that carried an `Idempotency-Key`, whole (its
+    /// items summed per key, in `keyed`), and returns the stream sequence
+    /// of the message holding it.
+    ///
+    /// # Errors
+    /// As [`append`](Self::append).
+    pub async fn append_keyed(&self, keyed: Keyed, durable: bool) -> Result<u64, AppendError> {
+        self.append_request(&[], Some(keyed), durable).await
+    }
+
+    async fn append_request(
+        &self,
+        items: &[(&str, i64)],
+        keyed: Option<Keyed>,
+        durable: bool,
+    ) -> Result<u64, AppendError> {
         if self.client.connection_state() != State::Connected {
             return Err(AppendError::Refused(Refusal::Unavailable));
         }
-        let mut outcome = self.join(items, durable)?;
+        let mut outcome = self.join(items, keyed, durable)?;
         let waited = tokio::time::timeout(
             self.settings.request_timeout,
             outcome.wait_for(Option::is_some),
@@ -174,26 +200,35 @@ impl Publisher {
     fn join(
         &self,
         items: &[(&str, i64)],
+        keyed: Option<Keyed>,
         durable: bool,
     ) -> Result<watch::Receiver<Option<Outcome>>, AppendError> {
         let mut sums: HashMap<&str, (i64, usize)> = HashMap::with_capacity(items.len());
-        for (index, (key, delta)) in items.iter().enumerate() {
+        let keyed_items = keyed.iter().flat_map(|request| {
+            request
+                .items
+                .iter()
+                .map(|(key, delta)| (key.as_str(), *delta))
+        });
+        for (index, (key, delta)) in items.iter().copied().chain(keyed_items).enumerate() {
             let entry = sums.entry(key).or_insert((0, index));
             entry.0 = entry
                 .0
-                .checked_add(*delta)
+                .checked_add(delta)
                 .ok_or(AppendError::Overflow(index))?;
             entry.1 = index;
         }
-        let bytes: usize = sums.keys().map(|key| codec::max_item_len(key)).sum();
+        let bytes: usize = match &keyed {
+            Some(request) => codec::max_keyed_len(request),
+            None => sums.keys().map(|key| codec::max_item_len(key)).sum(),
+        };
         let mut groups = self.groups.lock();
         let fits = |group: &Group| {
             (group.bytes + bytes <= self.settings.max_message_bytes || group.requests == 0)
                 && sums.iter().all(|(key, (sum, _))| {
-                    group
-                        .deltas
-                        .get(*key)
-                        .is_none_or(|held| held.checked_add(*sum).is_some())
+                    let held = i128::from(group.deltas.get(*key).copied().unwrap_or(0))
+                        + i128::from(group.keyed_totals.get(*key).copied().unwrap_or(0));
+                    i64::try_from(held + i128::from(*sum)).is_ok()
                 })
         };
         if !fits(&groups.open) {
@@ -204,12 +239,23 @@ impl Publisher {
             groups.sealed.push_back(sealed);
         }
         let group = &mut groups.open;
-        for (key, (sum, _)) in sums {
-            match group.deltas.get_mut(key) {
-                Some(held) => *held += sum,
-                None => {
-                    group.deltas.insert(CompactString::from(key), sum);
-                    group.bytes += codec::max_item_len(key);
+        if keyed.is_some() {
+            for (key, (sum, _)) in sums {
+                *group
+                    .keyed_totals
+                    .entry(CompactString::from(key))
+                    .or_insert(0) += sum;
+            }
+            group.bytes += bytes;
+            group.keyed.extend(keyed);
+        } else {
+            for (key, (sum, _)) in sums {
+                match group.deltas.get_mut(key) {
+                    Some(held) => *held += sum,
+                    None => {
+                        group.deltas.insert(CompactString::from(key), sum);
+                        group.bytes += codec::max_item_len(key);
+                    }
                 }
             }
         }
@@ -288,8 +334,9 @@ impl Publisher {
     /// One group's message, attempted until an answer is certain.
     async fn publish(&self, group: &Group) -> Outcome {
         let mut body = Vec::with_capacity(group.bytes);
-        codec::encode(
+        codec::encode_message(
             group.deltas.iter().map(|(k, v)| (k.as_str(), *v)),
+            &group.keyed,
             &mut body,
         );
         let body = bytes::Bytes::from(body);

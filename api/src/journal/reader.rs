@@ -232,13 +232,13 @@ impl Reader {
         body: &[u8],
         stop: &CancellationToken,
     ) -> bool {
-        let items = match codec::decode(body) {
-            Ok(items) => items,
+        let message = match codec::decode(body) {
+            Ok(message) => message,
             Err(e) => {
                 tracing::error!(error = %e, sequence, "a journal message could not be read; skipped");
                 self.metrics.journal_unreadable_total.inc();
                 // An empty record still moves the cursor past it.
-                Vec::new()
+                codec::Message::default()
             }
         };
         // While the database refuses the batch in flight, read nothing more.
@@ -252,7 +252,10 @@ impl Reader {
             }
         }
         loop {
-            match self.cursor.record(reading, sequence, &self.batcher, &items) {
+            match self
+                .cursor
+                .record(reading, sequence, &self.batcher, &message)
+            {
                 Ok(()) => {
                     self.metrics.journal_read_total.inc();
                     return true;

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use poem_openapi::{
     ApiResponse, Object, OpenApi, ResponseContent, Tags,
-    param::Query,
+    param::{Header, Query},
     payload::Json,
     registry::{MetaMediaType, Registry},
     types::{Example, Type},
@@ -19,11 +19,30 @@ use super::AppState;
 use crate::{
     flusher::{Flusher, WaitOutcome},
     http::{
-        intake::{Intake, JsonBody, Ticket, decode_batch, decode_increment},
+        intake::{Increment, Intake, JsonBody, Ticket, decode_batch, decode_increment},
         problem::{ApiError, ProblemJson},
     },
+    idempotency::{self, Operation},
     journal::{self, Cursor},
 };
+
+/// The key of the request's `Idempotency-Key` header, if one was sent.
+/// Read from the raw header (the documented parameter would take a value
+/// that is not visible ASCII for no header at all, and a repeated header for
+/// its first copy).
+fn idempotency_key(request: &poem::Request) -> Result<Option<String>, ApiError> {
+    let mut values = request.headers().get_all(idempotency::HEADER).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let invalid = |e: idempotency::KeyError| ApiError::InvalidIdempotencyKey(e.to_string());
+    if values.next().is_some() {
+        return Err(invalid(idempotency::KeyError::Repeated));
+    }
+    idempotency::parse_key(value.as_bytes())
+        .map(Some)
+        .map_err(invalid)
+}
 
 #[derive(Tags)]
 enum IncrementTag {
@@ -269,21 +288,92 @@ impl IncrementApi {
         body: JsonBody<IncrementSchema>,
         /// Answer only once the increment is committed to the database.
         wait: Query<Option<bool>>,
+        /// Makes a retry safe: requests with the same key within
+        /// `--idempotency-window` (24 h by default) are applied once, on any
+        /// instance; a repeat gets the first answer. 1 to 255 printable ASCII
+        /// characters, quoted (`"…"`) or bare. A key reused with another body
+        /// is refused (422 `idempotency-key-reused`).
+        #[oai(name = "Idempotency-Key")]
+        _key: Header<Option<String>>,
+        request: &poem::Request,
     ) -> IncrementResponse {
         let increment = match decode_increment(&body.bytes) {
             Ok(increment) => increment,
             Err(e) => return ApiError::from(e).into(),
         };
-        if wait.0 != Some(true) {
-            return match self.intake.accept(&increment).await {
-                Ok(()) => IncrementResponse::Accepted(AcceptedBody(None)),
-                Err(e) => e.into(),
-            };
-        }
-        let ticket = match self.intake.accept_durable(&increment).await {
-            Ok(ticket) => ticket,
+        let durable = wait.0 == Some(true);
+        let key = match idempotency_key(request) {
+            Ok(key) => key,
             Err(e) => return e.into(),
         };
+        let ticket = match key {
+            Some(key) => {
+                let keyed = self
+                    .intake
+                    .accept_keyed(
+                        key,
+                        Operation::Increment,
+                        std::slice::from_ref(&increment),
+                        durable,
+                    )
+                    .await;
+                match keyed {
+                    Ok(answer) if durable => answer.ticket,
+                    Ok(_) => return IncrementResponse::Accepted(AcceptedBody(None)),
+                    Err(e) => return e.into(),
+                }
+            }
+            None if !durable => {
+                return match self.intake.accept(&increment).await {
+                    Ok(()) => IncrementResponse::Accepted(AcceptedBody(None)),
+                    Err(e) => e.into(),
+                };
+            }
+            None => match self.intake.accept_durable(&increment).await {
+                Ok(ticket) => ticket,
+                Err(e) => return e.into(),
+            },
+        };
+        self.wait_for(ticket, &increment).await
+    }
+
+    /// Add several increments at once: all of them, or none.
+    ///
+    /// The whole body is validated first; any bad item gives 422 naming its
+    /// index, and nothing is applied. Same guarantee as `POST /increment`:
+    /// each accepted increment is written exactly once.
+    #[oai(path = "/increments", method = "post", operation_id = "increments")]
+    async fn increments(
+        &self,
+        body: JsonBody<IncrementBatchSchema>,
+        /// As for `POST /increment`: the whole batch is applied once per key.
+        #[oai(name = "Idempotency-Key")]
+        _key: Header<Option<String>>,
+        request: &poem::Request,
+    ) -> BatchResponse {
+        let increments = match decode_batch(&body.bytes) {
+            Ok(increments) => increments,
+            Err(e) => return ApiError::from(e).into(),
+        };
+        let accepted = match idempotency_key(request) {
+            Ok(Some(key)) => self
+                .intake
+                .accept_keyed(key, Operation::Increments, &increments, false)
+                .await
+                .map(|answer| answer.accepted),
+            Ok(None) => self.intake.accept_all(&increments).await,
+            Err(e) => Err(e),
+        };
+        match accepted {
+            Ok(accepted) => BatchResponse::Accepted(Json(BatchAccepted { accepted })),
+            Err(e) => e.into(),
+        }
+    }
+}
+
+impl IncrementApi {
+    /// Waits for `ticket` (a durable request's write) and answers it.
+    async fn wait_for(&self, ticket: Ticket, increment: &Increment<'_>) -> IncrementResponse {
         let outcome = match (ticket, &self.journal) {
             (Ticket::Drain(drain), _) => {
                 self.flusher
@@ -314,23 +404,6 @@ impl IncrementApi {
             }
         }
     }
-
-    /// Add several increments at once: all of them, or none.
-    ///
-    /// The whole body is validated first; any bad item gives 422 naming its
-    /// index, and nothing is applied. Same guarantee as `POST /increment`:
-    /// each accepted increment is written exactly once.
-    #[oai(path = "/increments", method = "post", operation_id = "increments")]
-    async fn increments(&self, body: JsonBody<IncrementBatchSchema>) -> BatchResponse {
-        let increments = match decode_batch(&body.bytes) {
-            Ok(increments) => increments,
-            Err(e) => return ApiError::from(e).into(),
-        };
-        match self.intake.accept_all(&increments).await {
-            Ok(accepted) => BatchResponse::Accepted(Json(BatchAccepted { accepted })),
-            Err(e) => e.into(),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -356,6 +429,8 @@ mod tests {
             ApiError::PendingLimit { retry_after: 1 },
             ApiError::JournalUnavailable("test", 1),
             ApiError::Unconfirmed,
+            ApiError::InvalidIdempotencyKey(String::new()),
+            ApiError::IdempotencyKeyReused,
         ];
         for err in refusals {
             let status = err.status();

@@ -132,7 +132,9 @@ async fn a_replayed_batch_is_not_applied_twice(db: TestDb) {
         first,
         store::WriteOutcome::Committed {
             statements: 1,
-            rejected: 0
+            rejected: 0,
+            repeats: 0,
+            reused: 0,
         }
     );
     let retry = store::write_batch(&app.connection, &batch, now, 2)

@@ -5,7 +5,7 @@ use std::{num::NonZeroU64, sync::Arc, time::Duration};
 
 use api::{
     Batcher, FlushOutcome, Flusher, ShutdownReport,
-    journal::{Cursor, JournalSettings},
+    journal::{Cursor, JournalSettings, codec::Message},
     metrics::Metrics,
 };
 use http::StatusCode;
@@ -159,11 +159,12 @@ async fn a_second_writer_of_the_same_messages_applies_nothing(db: TestDb) {
     let first_reading = first_cursor.start_reading(0);
     let second_reading = second_cursor.start_reading(0);
     for (sequence, items) in (1..).zip(messages) {
+        let message = message(items);
         first_cursor
-            .record(first_reading, sequence, &first_batcher, items)
+            .record(first_reading, sequence, &first_batcher, &message)
             .unwrap();
         second_cursor
-            .record(second_reading, sequence, &second_batcher, items)
+            .record(second_reading, sequence, &second_batcher, &message)
             .unwrap();
     }
     assert!(matches!(
@@ -191,7 +192,7 @@ async fn a_second_writer_of_the_same_messages_applies_nothing(db: TestDb) {
     // Read again from the stored offset, the second writer goes on.
     let reading = second_cursor.start_reading(3);
     second_cursor
-        .record(reading, 4, &second_batcher, &[("x", 100)])
+        .record(reading, 4, &second_batcher, &message(&[("x", 100)]))
         .unwrap();
     second.flush_once().await.unwrap();
     assert_eq!(db.counters().await["x"], 111);
@@ -391,4 +392,12 @@ async fn a_crash_between_commit_and_acknowledgement_applies_nothing_twice() {
         "the committed messages were not applied again"
     );
     app.shut_down_cleanly().await;
+}
+
+/// A journal message holding `items` only.
+fn message<'a>(items: &[(&'a str, i64)]) -> Message<'a> {
+    Message {
+        items: items.to_vec(),
+        keyed: Vec::new(),
+    }
 }

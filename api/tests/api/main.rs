@@ -11,6 +11,7 @@ mod faults;
 mod flush;
 mod front_door;
 mod health;
+mod idempotency;
 mod increment;
 mod journal;
 mod limits;

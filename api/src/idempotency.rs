@@ -1,0 +1,313 @@
+//! `Idempotency-Key` (IETF httpapi draft "The Idempotency-Key HTTP Header
+//! Field"): the header's syntax, the fingerprint of a request, and this
+//! instance's memory of the keys it took recently.
+//!
+//! The guarantee itself lives in the database: the transaction that applies
+//! a keyed request inserts its key into `idempotency_keys` first and leaves
+//! the request out when the key is already there (see `store`). The memory
+//! here only answers repeats on the same instance at once, with the first
+//! answer, and tells a reused key (another body) before it is taken.
+
+use std::{sync::Arc, time::Duration};
+
+use moka::{ops::compute::Op, sync::Cache};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+/// The request header, lower-case as HTTP/1.1 and poem compare it.
+pub const HEADER: &str = "idempotency-key";
+
+/// Longest key accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// Why an `Idempotency-Key` value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("the Idempotency-Key header is empty")]
+    Empty,
+    #[error("the Idempotency-Key header is longer than {MAX_KEY_LEN} characters")]
+    TooLong,
+    #[error(
+        "the Idempotency-Key header may hold only printable ASCII (a quoted string, \
+         as in Idempotency-Key: \"8e03978e-40d5-43e8-bc93-6894a57f9324\", or the bare value)"
+    )]
+    Character,
+    #[error("the Idempotency-Key header appears more than once")]
+    Repeated,
+}
+
+/// The key named by an `Idempotency-Key` header value.
+///
+/// The draft defines the field as a Structured Field string (`"…"`, with
+/// `\"` and `\\` escapes); many clients send the bare value, which is
+/// accepted too. The key is what the quotes enclose: 1 to [`MAX_KEY_LEN`]
+/// printable ASCII characters (space to `~`).
+///
+/// # Errors
+/// [`KeyError`] naming what is wrong.
+pub fn parse_key(value: &[u8]) -> Result<String, KeyError> {
+    let value = value.trim_ascii();
+    let key: Vec<u8> = match value.strip_prefix(b"\"") {
+        Some(quoted) => {
+            let mut key = Vec::with_capacity(quoted.len());
+            let mut chars = quoted.iter();
+            let mut closed = false;
+            while let Some(&c) = chars.next() {
+                match c {
+                    b'\\' => match chars.next() {
+                        Some(&escaped @ (b'"' | b'\\')) => key.push(escaped),
+                        _ => return Err(KeyError::Character),
+                    },
+                    b'"' => {
+                        closed = true;
+                        break;
+                    }
+                    c => key.push(c),
+                }
+            }
+            if !closed || chars.next().is_some() {
+                return Err(KeyError::Character);
+            }
+            key
+        }
+        None => {
+            if value.contains(&b'"') {
+                return Err(KeyError::Character);
+            }
+            value.to_vec()
+        }
+    };
+    if key.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(KeyError::TooLong);
+    }
+    if !key.iter().all(|c| (b' '..=b'~').contains(c)) {
+        return Err(KeyError::Character);
+    }
+    // Printable ASCII only: valid UTF-8.
+    String::from_utf8(key).map_err(|_| KeyError::Character)
+}
+
+/// Which operation a keyed request was sent to (part of its fingerprint: the
+/// same items sent to the other operation are another request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Increment,
+    Increments,
+}
+
+/// A digest of a request: its operation and its items in order. Stable
+/// across instances and versions (SHA-256, first 8 bytes), so any instance
+/// can tell a repeat from a reused key.
+pub fn fingerprint<'a>(
+    operation: Operation,
+    items: impl IntoIterator<Item = (&'a str, i64)>,
+) -> i64 {
+    let mut hasher = Sha256::new();
+    hasher.update(match operation {
+        Operation::Increment => b"increment\0".as_slice(),
+        Operation::Increments => b"increments\0".as_slice(),
+    });
+    for (key, value) in items {
+        hasher.update((key.len() as u64).to_le_bytes());
+        hasher.update(key.as_bytes());
+        hasher.update(value.to_le_bytes());
+    }
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_le_bytes(first)
+}
+
+/// One key's first request on this instance.
+struct Claim<A> {
+    fingerprint: i64,
+    /// `None` while the first request is being taken; then its answer, or
+    /// `Released` when it was refused (the key is free again).
+    answer: watch::Sender<Option<Answer<A>>>,
+}
+
+#[derive(Clone)]
+enum Answer<A> {
+    Taken(A),
+    Released,
+}
+
+/// What [`Recent::begin`] found.
+pub enum Begin<A: Clone + Send + Sync + 'static> {
+    /// The first request with this key here: take it, then
+    /// [`First::taken`] (or drop the guard if it was refused).
+    First(First<A>),
+    /// A repeat of a request taken here, with the same body: answer as it was.
+    Repeat(A),
+    /// The key was taken here with another body.
+    Reused,
+}
+
+/// The first request of a key, until it is taken or refused.
+pub struct First<A: Clone + Send + Sync + 'static> {
+    recent: Recent<A>,
+    key: String,
+    claim: Arc<Claim<A>>,
+    taken: bool,
+}
+
+impl<A: Clone + Send + Sync + 'static> First<A> {
+    /// The request was taken with `answer`: repeats get it from now on.
+    pub fn taken(mut self, answer: A) {
+        self.taken = true;
+        self.claim.answer.send_replace(Some(Answer::Taken(answer)));
+    }
+}
+
+impl<A: Clone + Send + Sync + 'static> Drop for First<A> {
+    fn drop(&mut self) {
+        if self.taken {
+            return;
+        }
+        // Refused (or cancelled): the key is free; waiting repeats try again.
+        let claim = Arc::clone(&self.claim);
+        self.recent
+            .claims
+            .entry_by_ref(self.key.as_str())
+            .and_compute_with(|entry| match entry {
+                Some(entry) if Arc::ptr_eq(entry.value(), &claim) => Op::Remove,
+                _ => Op::Nop,
+            });
+        self.claim.answer.send_replace(Some(Answer::Released));
+    }
+}
+
+/// The keys this instance took within the window (at most `capacity` of
+/// them; an older one forgotten here is still caught by the database).
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Recent<A: Clone + Send + Sync + 'static> {
+    claims: Cache<String, Arc<Claim<A>>>,
+}
+
+impl<A: Clone + Send + Sync + 'static> Recent<A> {
+    pub fn new(capacity: u64, window: Duration) -> Self {
+        Self {
+            claims: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(window)
+                .build(),
+        }
+    }
+
+    /// Claims `key` for a request with `fingerprint`, or finds the request
+    /// that holds it (waiting while that one is being taken).
+    pub async fn begin(&self, key: &str, fingerprint: i64) -> Begin<A> {
+        loop {
+            let entry = self.claims.entry_by_ref(key).or_insert_with(|| {
+                Arc::new(Claim {
+                    fingerprint,
+                    answer: watch::Sender::new(None),
+                })
+            });
+            let fresh = entry.is_fresh();
+            let claim = entry.into_value();
+            if fresh {
+                return Begin::First(First {
+                    recent: self.clone(),
+                    key: key.to_owned(),
+                    claim,
+                    taken: false,
+                });
+            }
+            if claim.fingerprint != fingerprint {
+                return Begin::Reused;
+            }
+            let mut answer = claim.answer.subscribe();
+            let settled = answer
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|a| a.clone());
+            match settled {
+                Some(Answer::Taken(answer)) => return Begin::Repeat(answer),
+                // Released (or its sender vanished): claim it afresh.
+                Some(Answer::Released) | None => {
+                    self.claims
+                        .entry_by_ref(key)
+                        .and_compute_with(|entry| match entry {
+                            Some(entry) if Arc::ptr_eq(entry.value(), &claim) => Op::Remove,
+                            _ => Op::Nop,
+                        });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_structured_strings_or_bare_values() {
+        assert_eq!(parse_key(b"\"abc-123\"").unwrap(), "abc-123");
+        assert_eq!(parse_key(b" abc-123 ").unwrap(), "abc-123");
+        assert_eq!(parse_key(br#""a \"q\" \\ b""#).unwrap(), r#"a "q" \ b"#);
+        assert_eq!(parse_key(b"\"with space\"").unwrap(), "with space");
+        assert_eq!(parse_key(&[b'k'; MAX_KEY_LEN]).unwrap().len(), MAX_KEY_LEN);
+        assert_eq!(parse_key(b""), Err(KeyError::Empty));
+        assert_eq!(parse_key(b"\"\""), Err(KeyError::Empty));
+        assert_eq!(parse_key(&[b'k'; MAX_KEY_LEN + 1]), Err(KeyError::TooLong));
+        for bad in [
+            b"\"open".as_slice(),
+            b"\"a\" b",
+            b"a\"b",
+            b"\"a\\x\"",
+            "ключ".as_bytes(),
+            b"a\x01b",
+            b"\"a\x7fb\"",
+        ] {
+            assert_eq!(parse_key(bad), Err(KeyError::Character), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn fingerprints_tell_bodies_and_operations_apart() {
+        let one = fingerprint(Operation::Increment, [("a", 1)]);
+        assert_eq!(one, fingerprint(Operation::Increment, [("a", 1)]));
+        assert_ne!(one, fingerprint(Operation::Increment, [("a", 2)]));
+        assert_ne!(one, fingerprint(Operation::Increment, [("b", 1)]));
+        assert_ne!(one, fingerprint(Operation::Increments, [("a", 1)]));
+        // Lengths are framed: moving a byte between key and next key differs.
+        assert_ne!(
+            fingerprint(Operation::Increments, [("ab", 1), ("c", 1)]),
+            fingerprint(Operation::Increments, [("a", 1), ("bc", 1)])
+        );
+    }
+
+    #[tokio::test]
+    async fn repeats_wait_for_the_first_answer_and_a_refusal_frees_the_key() {
+        let recent: Recent<u32> = Recent::new(100, Duration::from_secs(60));
+        let Begin::First(first) = recent.begin("k", 1).await else {
+            panic!("the first request claims the key");
+        };
+        let repeat = tokio::spawn({
+            let recent = recent.clone();
+            async move { matches!(recent.begin("k", 1).await, Begin::Repeat(7)) }
+        });
+        assert!(matches!(recent.begin("k", 2).await, Begin::Reused));
+        first.taken(7);
+        assert!(repeat.await.unwrap(), "the repeat got the first answer");
+
+        let Begin::First(refused) = recent.begin("r", 1).await else {
+            panic!("a new key");
+        };
+        let waiting = tokio::spawn({
+            let recent = recent.clone();
+            async move { matches!(recent.begin("r", 1).await, Begin::First(_)) }
+        });
+        tokio::task::yield_now().await;
+        drop(refused);
+        assert!(waiting.await.unwrap(), "after a refusal the key is free");
+        assert!(matches!(recent.begin("r", 3).await, Begin::First(_)));
+    }
+}

@@ -1,0 +1,695 @@
+//! `Idempotency-Key`: requests with the same key are applied at most once,
+//! on one instance or several, across restarts and crashes, with the
+//! journal on or off. Instances here share one database (SQLite file or a
+//! PostgreSQL database) as replicas do.
+
+use std::time::Duration;
+
+use api::journal::JournalSettings;
+use http::StatusCode;
+use testkit::{NatsServer, Response, TestApp, TestDb, db_tests, eventually};
+
+use crate::helpers::problem;
+
+db_tests!(
+    a_repeat_gets_the_first_answer_and_is_applied_once,
+    a_key_reused_with_another_body_is_refused,
+    bad_keys_are_refused_and_nothing_is_applied,
+    a_retry_to_another_instance_after_the_flush_is_not_applied,
+    a_retry_to_another_instance_while_the_first_is_pending_is_applied_once,
+    concurrent_repeats_on_two_instances_are_applied_once,
+    a_retry_after_a_restart_is_not_applied,
+    a_key_counts_as_new_once_the_window_has_passed_and_is_pruned,
+    with_the_journal_a_retry_after_a_crash_is_applied_once,
+    a_batch_applies_the_first_request_of_a_key_and_leaves_out_the_others,
+    pruning_deletes_old_keys_a_bounded_statement_at_a_time,
+);
+
+/// `POST /increment` with an `Idempotency-Key`.
+async fn keyed(app: &TestApp, idempotency_key: &str, key: &str, value: i64) -> Response {
+    keyed_to(app, "/increment", idempotency_key, key, value).await
+}
+
+async fn keyed_to(
+    app: &TestApp,
+    path: &str,
+    idempotency_key: &str,
+    key: &str,
+    value: i64,
+) -> Response {
+    app.client
+        .post(path)
+        .header("idempotency-key", idempotency_key)
+        .content_type("application/json")
+        .body(serde_json::json!({ "key": key, "value": value }).to_string())
+        .send()
+        .await
+}
+
+async fn keyed_batch(app: &TestApp, idempotency_key: &str, items: &[(&str, i64)]) -> Response {
+    let items: Vec<_> = items
+        .iter()
+        .map(|(key, value)| serde_json::json!({ "key": key, "value": value }))
+        .collect();
+    app.client
+        .post("/increments")
+        .header("idempotency-key", idempotency_key)
+        .content_type("application/json")
+        .body(serde_json::json!({ "increments": items }).to_string())
+        .send()
+        .await
+}
+
+/// The value of a labelled counter in a scrape, 0 when absent.
+fn metric(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn stored_keys(db: &TestDb) -> i64 {
+    let connection = db.connect().await;
+    use sea_orm::{ConnectionTrait, Statement};
+    let row = connection
+        .query_one_raw(Statement::from_string(
+            connection.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM idempotency_keys",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get::<i64>("", "n").unwrap()
+}
+
+async fn a_repeat_gets_the_first_answer_and_is_applied_once(db: TestDb) {
+    let app = TestApp::start_with(db, |_| {}).await;
+    for _ in 0..3 {
+        let response = keyed(&app, "\"order-1\"", "a", 5).await;
+        response.assert_status(StatusCode::ACCEPTED);
+        response.assert_bytes(b"");
+    }
+    // The same key bare is the same key.
+    keyed(&app, "order-1", "a", 5)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    for _ in 0..2 {
+        let response = keyed_batch(&app, "batch-1", &[("b", 1), ("c", 2), ("b", 3)]).await;
+        response.assert_status(StatusCode::ACCEPTED);
+        response.assert_json(serde_json::json!({ "accepted": 3 }));
+    }
+    app.flush().await;
+    // After the flush, still a repeat (remembered here), with wait=true: 200.
+    keyed_to(&app, "/increment?wait=true", "order-1", "a", 5)
+        .await
+        .assert_status(StatusCode::OK);
+    // A first request with wait=true waits for its commit.
+    keyed_to(&app, "/increment?wait=true", "order-2", "a", 100)
+        .await
+        .assert_status(StatusCode::OK);
+    keyed_to(&app, "/increment?wait=true", "order-2", "a", 100)
+        .await
+        .assert_status(StatusCode::OK);
+    // Plain requests are untouched.
+    app.increment("a", 1)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    app.flush().await;
+    let scrape = app.scrape().await;
+    assert_eq!(
+        metric(
+            &scrape,
+            "increment_idempotency_repeats_total{stage=\"memory\"}"
+        ),
+        6.0,
+        "{scrape}"
+    );
+    let db = app.shut_down_cleanly().await;
+    let counters = db.counters().await;
+    assert_eq!(
+        (counters["a"], counters["b"], counters["c"]),
+        (106, 4, 2),
+        "each keyed request applied once"
+    );
+    assert_eq!(stored_keys(&db).await, 3);
+}
+
+async fn a_key_reused_with_another_body_is_refused(db: TestDb) {
+    let app = TestApp::start_with(db, |_| {}).await;
+    keyed(&app, "k1", "a", 5)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    for (path, body) in [
+        ("/increment", r#"{"key":"a","value":6}"#),
+        ("/increment", r#"{"key":"b","value":5}"#),
+        ("/increments", r#"{"increments":[{"key":"a","value":5}]}"#),
+    ] {
+        let response = app
+            .client
+            .post(path)
+            .header("idempotency-key", "k1")
+            .content_type("application/json")
+            .body(body)
+            .send()
+            .await;
+        let problem = problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(
+            problem.type_uri, "/problems/idempotency-key-reused",
+            "{body}"
+        );
+    }
+    app.flush().await;
+    // Still refused after the flush.
+    let response = keyed(&app, "k1", "a", 6).await;
+    assert_eq!(
+        problem(response, StatusCode::UNPROCESSABLE_ENTITY)
+            .await
+            .type_uri,
+        "/problems/idempotency-key-reused"
+    );
+    let scrape = app.scrape().await;
+    assert_eq!(
+        metric(
+            &scrape,
+            "increment_idempotency_reused_total{stage=\"memory\"}"
+        ),
+        4.0
+    );
+    let db = app.shut_down_cleanly().await;
+    let counters = db.counters().await;
+    assert_eq!(counters.get("a"), Some(&5));
+    assert_eq!(
+        counters.get("b"),
+        None,
+        "the reused key's body is not applied"
+    );
+}
+
+async fn bad_keys_are_refused_and_nothing_is_applied(db: TestDb) {
+    let app = TestApp::start_with(db, |_| {}).await;
+    let long = "k".repeat(256);
+    for bad in ["", "\"\"", "\"open", "a\"b", long.as_str(), "tab\there"] {
+        let response = keyed(&app, bad, "a", 1).await;
+        let problem = problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(
+            problem.type_uri, "/problems/invalid-idempotency-key",
+            "{bad:?}"
+        );
+        assert!(problem.detail.contains("Idempotency-Key"), "{problem:?}");
+    }
+    // Not visible ASCII at all: refused before the operation, still a 4xx.
+    let response = app
+        .client
+        .post("/increment")
+        .header(
+            "idempotency-key",
+            http::HeaderValue::from_bytes("ключ".as_bytes()).unwrap(),
+        )
+        .content_type("application/json")
+        .body(r#"{"key":"a","value":1}"#)
+        .send()
+        .await;
+    assert_eq!(
+        problem(response, StatusCode::UNPROCESSABLE_ENTITY)
+            .await
+            .type_uri,
+        "/problems/invalid-idempotency-key"
+    );
+    // Twice: which one would count?
+    let response = app
+        .client
+        .post("/increment")
+        .header("idempotency-key", "one")
+        .header("idempotency-key", "two")
+        .content_type("application/json")
+        .body(r#"{"key":"a","value":1}"#)
+        .send()
+        .await;
+    assert_eq!(
+        problem(response, StatusCode::UNPROCESSABLE_ENTITY)
+            .await
+            .type_uri,
+        "/problems/invalid-idempotency-key"
+    );
+    app.flush().await;
+    let db = app.shut_down_cleanly().await;
+    assert!(db.counters().await.is_empty());
+}
+
+async fn a_retry_to_another_instance_after_the_flush_is_not_applied(db: TestDb) {
+    let alias = db.alias();
+    let first = TestApp::start_with(db, |_| {}).await;
+    let second = TestApp::start_with(alias, |_| {}).await;
+    keyed(&first, "retry-1", "a", 5)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    first.flush().await;
+    // The retry lands on the other instance, which has not seen the key.
+    keyed(&second, "retry-1", "a", 5)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    keyed_to(&second, "/increment?wait=true", "retry-1", "a", 5)
+        .await
+        .assert_status(StatusCode::OK);
+    // Another body under the key on the other instance: taken there (it
+    // cannot tell yet), left out by its flush, counted as reused.
+    keyed(&second, "retry-2", "b", 1)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    keyed(&first, "retry-2", "b", 2)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    second.flush().await;
+    first.flush().await;
+    let scrape = second.scrape().await;
+    assert_eq!(
+        metric(
+            &scrape,
+            "increment_idempotency_repeats_total{stage=\"database\"}"
+        ),
+        1.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        metric(
+            &first.scrape().await,
+            "increment_idempotency_reused_total{stage=\"database\"}"
+        ),
+        1.0
+    );
+    let db = first.shut_down_cleanly().await;
+    second.shut_down_cleanly().await;
+    let counters = db.counters().await;
+    assert_eq!((counters["a"], counters["b"]), (5, 1));
+}
+
+async fn a_retry_to_another_instance_while_the_first_is_pending_is_applied_once(db: TestDb) {
+    let alias = db.alias();
+    let first = TestApp::start_with(db, |_| {}).await;
+    let second = TestApp::start_with(alias, |_| {}).await;
+    keyed(&first, "pending-1", "a", 5)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    first
+        .increment("a", 1)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    keyed(&second, "pending-1", "a", 5)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    second
+        .increment("a", 10)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    // The retry's flush commits first; the original's flush leaves it out
+    // but writes the plain increment beside it.
+    second.flush().await;
+    first.flush().await;
+    let db = first.shut_down_cleanly().await;
+    second.shut_down_cleanly().await;
+    assert_eq!(db.counters().await["a"], 16);
+}
+
+async fn concurrent_repeats_on_two_instances_are_applied_once(db: TestDb) {
+    let alias = db.alias();
+    let first = std::sync::Arc::new(TestApp::start_with(db, |_| {}).await);
+    let second = std::sync::Arc::new(TestApp::start_with(alias, |_| {}).await);
+    let mut sends = Vec::new();
+    for round in 0..40 {
+        let app = std::sync::Arc::clone(if round % 2 == 0 { &first } else { &second });
+        sends.push(tokio::spawn(async move {
+            keyed(&app, &format!("concurrent-{}", round % 4), "a", 1)
+                .await
+                .status()
+        }));
+    }
+    for send in sends {
+        assert_eq!(send.await.unwrap(), StatusCode::ACCEPTED);
+    }
+    // Both flush at once.
+    let (a, b) = tokio::join!(first.flusher.flush_once(), second.flusher.flush_once());
+    a.unwrap();
+    b.unwrap();
+    let first = std::sync::Arc::into_inner(first).unwrap();
+    let second = std::sync::Arc::into_inner(second).unwrap();
+    let db = first.shut_down_cleanly().await;
+    second.shut_down_cleanly().await;
+    assert_eq!(db.counters().await["a"], 4, "four keys, each applied once");
+}
+
+async fn a_retry_after_a_restart_is_not_applied(db: TestDb) {
+    let app = TestApp::start_with(db, |_| {}).await;
+    keyed(&app, "restart-1", "a", 5)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    keyed_batch(&app, "restart-2", &[("a", 1), ("b", 1)])
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    // SIGTERM's sequence: the final flush writes them (and their keys).
+    let db = app.shut_down_cleanly().await;
+    let app = TestApp::start_with(db, |_| {}).await;
+    keyed(&app, "restart-1", "a", 5)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    keyed_batch(&app, "restart-2", &[("a", 1), ("b", 1)])
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    app.flush().await;
+    let db = app.shut_down_cleanly().await;
+    let counters = db.counters().await;
+    assert_eq!((counters["a"], counters["b"]), (6, 1));
+}
+
+async fn a_key_counts_as_new_once_the_window_has_passed_and_is_pruned(db: TestDb) {
+    let app = TestApp::start_with(db, |settings| {
+        settings.idempotency_window = Duration::from_millis(500);
+    })
+    .await;
+    keyed(&app, "expiring", "a", 5)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    keyed(&app, "other", "b", 1)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    app.flush().await;
+    // Repeats within the window change nothing; once it has passed, the
+    // same request is a new one (applied again) and old keys are deleted.
+    eventually(
+        Duration::from_secs(20),
+        "the key is new again after its window",
+        || async {
+            keyed(&app, "expiring", "a", 5)
+                .await
+                .assert_status(StatusCode::ACCEPTED);
+            app.flush().await;
+            let a = app.counters().await["a"];
+            assert!(a == 5 || a == 10, "a = {a}");
+            a == 10
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(20), "old keys are pruned", || async {
+        keyed(&app, "expiring", "a", 0).await.status();
+        app.flush().await;
+        metric(
+            &app.scrape().await,
+            "increment_idempotency_keys_pruned_total",
+        ) >= 1.0
+    })
+    .await;
+    let db = app.shut_down_cleanly().await;
+    assert_eq!(db.counters().await["b"], 1);
+}
+
+async fn with_the_journal_a_retry_after_a_crash_is_applied_once(db: TestDb) {
+    let nats = NatsServer::start();
+    let journaled = |settings: &mut api::Settings| {
+        let mut journal = JournalSettings::new(nats.url());
+        journal.ack_timeout = Duration::from_secs(2);
+        settings.journal = Some(journal);
+        settings.flush_interval = Duration::from_millis(100);
+    };
+    let app = TestApp::start_with(db, journaled).await;
+    keyed(&app, "journal-1", "a", 5)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    keyed_batch(&app, "journal-2", &[("a", 1), ("b", 2)])
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    app.increment("a", 100)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    // No shutdown sequence: as far as the journal and the database can tell,
+    // a SIGKILL. The client never heard back and retries on a new instance.
+    let db = app.crash().await;
+    let app = TestApp::start_with(db, journaled).await;
+    keyed_to(&app, "/increment?wait=true", "journal-1", "a", 5)
+        .await
+        .assert_status(StatusCode::OK);
+    keyed_batch(&app, "journal-2", &[("a", 1), ("b", 2)])
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    keyed_to(&app, "/increment?wait=true", "journal-3", "c", 1)
+        .await
+        .assert_status(StatusCode::OK);
+    eventually(Duration::from_secs(20), "every message applied", || async {
+        app.db.counters().await.get("b") == Some(&2)
+    })
+    .await;
+    let db = app.shut_down_cleanly().await;
+    let counters = db.counters().await;
+    assert_eq!(
+        (counters["a"], counters["b"], counters["c"]),
+        (106, 2, 1),
+        "each keyed request once, the plain one once"
+    );
+}
+
+/// Two copies of a request in one batch (the journal holds both when a
+/// client retried through another instance): the first is applied, the
+/// second left out, and a copy with another body is counted as reused.
+async fn a_batch_applies_the_first_request_of_a_key_and_leaves_out_the_others(db: TestDb) {
+    use api::batch::{Batch, Keyed};
+    let connection = db.connect().await;
+    <migration::Migrator as migration::MigratorTrait>::up(&connection, None)
+        .await
+        .unwrap();
+    let request = |key: &str, value: i64| Keyed {
+        key: key.to_owned(),
+        fingerprint: api::idempotency::fingerprint(
+            api::idempotency::Operation::Increment,
+            [("a", value)],
+        ),
+        items: vec![("a".to_owned(), value)],
+    };
+    let keyed = vec![
+        request("x", 5),
+        request("x", 5),
+        request("x", 7),
+        request("y", 1),
+    ];
+    // The deltas include every copy, plus a plain 100.
+    let batch = Batch::new([("a".to_owned(), 5 + 5 + 7 + 1 + 100)], 1).guarding(keyed);
+    let now = chrono::Utc::now();
+    let outcome = api::store::write_batch(&connection, &batch, now, 2)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            outcome,
+            api::store::WriteOutcome::Committed {
+                repeats: 2,
+                reused: 1,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(db.counters().await["a"], 106);
+    // A later batch with x again: already applied.
+    let later = Batch::new([("a".to_owned(), 5)], 2).guarding(vec![request("x", 5)]);
+    let outcome = api::store::write_batch(&connection, &later, now, 2)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            outcome,
+            api::store::WriteOutcome::Committed {
+                repeats: 1,
+                reused: 0,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(db.counters().await["a"], 106);
+    assert_eq!(stored_keys(&db).await, 2);
+}
+
+async fn pruning_deletes_old_keys_a_bounded_statement_at_a_time(db: TestDb) {
+    use sea_orm::{ActiveValue::Set, EntityTrait};
+    let connection = db.connect().await;
+    <migration::Migrator as migration::MigratorTrait>::up(&connection, None)
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    let old = now - chrono::Duration::hours(25);
+    let rows: Vec<entity::idempotency_keys::ActiveModel> = (0..2_600)
+        .map(|i| entity::idempotency_keys::ActiveModel {
+            key: Set(format!("key-{i}")),
+            fingerprint: Set(i),
+            batch_id: Set("b".to_owned()),
+            created_at: Set(if i < 2_500 { old } else { now }.into()),
+        })
+        .collect();
+    for chunk in rows.chunks(500) {
+        entity::idempotency_keys::Entity::insert_many(chunk.to_vec())
+            .exec(&connection)
+            .await
+            .unwrap();
+    }
+    let before = now - chrono::Duration::hours(24);
+    let mut deleted = Vec::new();
+    loop {
+        let n = api::store::prune_idempotency_keys(&connection, before, 1_000)
+            .await
+            .unwrap();
+        deleted.push(n);
+        if n < 1_000 {
+            break;
+        }
+    }
+    assert_eq!(deleted, vec![1_000, 1_000, 500]);
+    assert_eq!(
+        stored_keys(&db).await,
+        100,
+        "the keys inside the window stay"
+    );
+}
+
+/// One step of a client and two instances, for the property test.
+#[derive(Debug, Clone)]
+enum Step {
+    /// Send the request of key `key` to `instance` (`wait=true` or not).
+    Send {
+        instance: usize,
+        key: u8,
+        wait: bool,
+    },
+    Flush {
+        instance: usize,
+    },
+    /// SIGTERM's sequence, then a new instance on the same database.
+    Restart {
+        instance: usize,
+    },
+    /// No shutdown sequence: what it held is lost (the client never heard
+    /// back, or heard 202 and lost it with the process).
+    Crash {
+        instance: usize,
+    },
+}
+
+fn steps() -> impl proptest::strategy::Strategy<Value = Vec<Step>> {
+    use proptest::prelude::*;
+    let step = prop_oneof![
+        6 => (0..2usize, 0..4u8, proptest::bool::weighted(0.2))
+            .prop_map(|(instance, key, wait)| Step::Send { instance, key, wait }),
+        3 => (0..2usize).prop_map(|instance| Step::Flush { instance }),
+        1 => (0..2usize).prop_map(|instance| Step::Restart { instance }),
+        1 => (0..2usize).prop_map(|instance| Step::Crash { instance }),
+    ];
+    proptest::collection::vec(step, 1..14)
+}
+
+/// Runs `steps`, then retries every key once more on instance 0 (a client
+/// that cannot know what its lost answers said) and flushes both: every key
+/// sent is applied exactly once, and the counts equal it.
+async fn run_steps(db: TestDb, steps: &[Step]) {
+    let mut apps = [
+        Some(TestApp::start_with(db.alias(), |_| {}).await),
+        Some(TestApp::start_with(db.alias(), |_| {}).await),
+    ];
+    let mut sent = std::collections::BTreeSet::new();
+    for step in steps {
+        match *step {
+            Step::Send {
+                instance,
+                key,
+                wait,
+            } => {
+                let app = apps[instance].as_ref().unwrap();
+                let path = if wait {
+                    "/increment?wait=true"
+                } else {
+                    "/increment"
+                };
+                let response = keyed_to(app, path, &format!("k{key}"), &format!("c{key}"), 1).await;
+                let expected = if wait {
+                    StatusCode::OK
+                } else {
+                    StatusCode::ACCEPTED
+                };
+                assert_eq!(response.status(), expected, "{step:?}");
+                sent.insert(key);
+            }
+            Step::Flush { instance } => {
+                apps[instance]
+                    .as_ref()
+                    .unwrap()
+                    .flusher
+                    .flush_once()
+                    .await
+                    .unwrap();
+            }
+            Step::Restart { instance } => {
+                let handle = apps[instance].take().unwrap().shut_down_cleanly().await;
+                apps[instance] = Some(TestApp::start_with(handle, |_| {}).await);
+            }
+            Step::Crash { instance } => {
+                let handle = apps[instance].take().unwrap().crash().await;
+                apps[instance] = Some(TestApp::start_with(handle, |_| {}).await);
+            }
+        }
+    }
+    for key in &sent {
+        let app = apps[0].as_ref().unwrap();
+        keyed_to(
+            app,
+            "/increment?wait=true",
+            &format!("k{key}"),
+            &format!("c{key}"),
+            1,
+        )
+        .await
+        .assert_status(StatusCode::OK);
+    }
+    for app in apps.iter_mut() {
+        app.take().unwrap().shut_down_cleanly().await;
+    }
+    let counters = db.counters().await;
+    let expected: std::collections::BTreeMap<String, i64> =
+        sent.iter().map(|key| (format!("c{key}"), 1)).collect();
+    assert_eq!(counters, expected, "steps: {steps:?}");
+}
+
+fn interleavings(cases: u32, postgres: bool) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = proptest::test_runner::Config {
+        cases,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    runner
+        .run(&steps(), |steps| {
+            runtime.block_on(async {
+                let db = if postgres {
+                    TestDb::postgres().await
+                } else {
+                    Some(TestDb::sqlite().await)
+                };
+                if let Some(db) = db {
+                    run_steps(db, &steps).await;
+                }
+            });
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Random interleavings of sends, retries, flushes, restarts and crashes
+/// across two instances: each key is applied exactly once.
+#[test]
+fn random_interleavings_on_two_instances_apply_each_key_once_sqlite() {
+    interleavings(24, false);
+}
+
+#[test]
+fn random_interleavings_on_two_instances_apply_each_key_once_postgres() {
+    interleavings(8, true);
+}
