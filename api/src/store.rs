@@ -395,47 +395,50 @@ async fn claim_keys<'a, C: ConnectionTrait>(
         }
     }
     let backend = conn.get_database_backend();
-    let mut inserted: std::collections::HashSet<String> =
-        std::collections::HashSet::with_capacity(candidates.len());
+    let mut held: Vec<&Keyed> = Vec::new();
+    let mut stored: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
     // 4 binds per row plus the cut-off, under SQLite's limit.
     for chunk in candidates.chunks(SQLITE_MAX_BINDS / 4 - 1) {
         claimed.statements += 1;
         let stmt = claim_statement(backend, batch_id, chunk, since, now);
-        for row in conn.query_all_raw(stmt).await? {
-            inserted.insert(row.try_get::<String>("", "key")?);
+        let taken = conn.execute_raw(stmt).await?.rows_affected();
+        if taken == chunk.len() as u64 {
+            continue; // The common case: every key is new.
         }
-    }
-    let held: Vec<&Keyed> = candidates
-        .into_iter()
-        .filter(|request| !inserted.contains(&request.key))
-        .collect();
-    if !held.is_empty() {
-        // Rare (a client retried): learn whether the applied body differed.
+        // Rare (a client retried): the keys this statement did not take are
+        // the ones held under another batch id, with the body applied then.
         claimed.statements += 1;
-        let stored: std::collections::HashMap<String, i64> = idempotency_keys::Entity::find()
+        let keys: Vec<&str> = chunk.iter().map(|request| request.key.as_str()).collect();
+        let rows: Vec<(String, i64)> = idempotency_keys::Entity::find()
             .select_only()
             .column(idempotency_keys::Column::Key)
             .column(idempotency_keys::Column::Fingerprint)
-            .filter(idempotency_keys::Column::Key.is_in(held.iter().map(|r| r.key.as_str())))
+            .filter(idempotency_keys::Column::Key.is_in(keys))
+            .filter(idempotency_keys::Column::BatchId.ne(batch_id))
             .into_tuple::<(String, i64)>()
             .all(conn)
-            .await?
-            .into_iter()
-            .collect();
-        for request in held {
-            claimed.reused += usize::from(
-                stored
-                    .get(&request.key)
-                    .is_some_and(|fingerprint| *fingerprint != request.fingerprint),
-            );
-            claimed.repeats.push(request);
-        }
+            .await?;
+        stored.extend(rows);
+        held.extend(
+            chunk
+                .iter()
+                .copied()
+                .filter(|request| stored.contains_key(&request.key)),
+        );
+    }
+    for request in held {
+        claimed.reused += usize::from(
+            stored
+                .get(&request.key)
+                .is_some_and(|fingerprint| *fingerprint != request.fingerprint),
+        );
+        claimed.repeats.push(request);
     }
     Ok(claimed)
 }
 
-/// The insert of `chunk`'s keys; returns the keys it inserted, or took over
-/// from a row older than `since`.
+/// The insert of `chunk`'s keys: a new key is inserted, one applied before
+/// `since` taken over (both under `batch_id`), a younger one left alone.
 fn claim_statement(
     backend: DbBackend,
     batch_id: &str,
@@ -452,7 +455,7 @@ fn claim_statement(
         let sql = format!(
             "INSERT INTO idempotency_keys (key, fingerprint, batch_id, created_at) \
              SELECT k, f, $3, $4 FROM unnest($1::text[], $2::bigint[]) AS t(k, f) \
-             {TAKE_OVER}$5 RETURNING key"
+             {TAKE_OVER}$5"
         );
         return Statement::from_sql_and_values(
             DbBackend::Postgres,
@@ -469,7 +472,7 @@ fn claim_statement(
     let rows = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
     let sql = format!(
         "INSERT INTO idempotency_keys (key, fingerprint, batch_id, created_at) VALUES {rows} \
-         {TAKE_OVER}? RETURNING key"
+         {TAKE_OVER}?"
     );
     let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 4 + 1);
     for request in chunk {
@@ -493,6 +496,51 @@ fn without(rows: &[(String, i128)], repeats: &[&Keyed]) -> Vec<(String, i128)> {
         }
     }
     rows
+}
+
+/// The fingerprints of those of `keys` applied at or after `since`.
+///
+/// # Errors
+/// Any database error.
+pub async fn applied_fingerprints(
+    db: &DatabaseConnection,
+    keys: &[String],
+    since: DateTime<Utc>,
+) -> Result<std::collections::HashMap<String, i64>, DbErr> {
+    let backend = db.get_database_backend();
+    // PostgreSQL: one array bind, so one statement text (prepared once)
+    // whatever the number of keys; an `IN ($1, …)` list of varying length
+    // is a new statement each time.
+    let stmt = if backend == DbBackend::Postgres {
+        Statement::from_sql_and_values(
+            backend,
+            "SELECT key, fingerprint FROM idempotency_keys \
+             WHERE key = ANY($1::text[]) AND created_at >= $2",
+            [keys.to_vec().into(), since.into()],
+        )
+    } else {
+        let marks = vec!["?"; keys.len()].join(", ");
+        let mut values: Vec<sea_orm::Value> = keys.iter().map(|k| k.as_str().into()).collect();
+        values.push(since.into());
+        Statement::from_sql_and_values(
+            backend,
+            format!(
+                "SELECT key, fingerprint FROM idempotency_keys \
+                 WHERE key IN ({marks}) AND created_at >= ?"
+            ),
+            values,
+        )
+    };
+    db.query_all_raw(stmt)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get::<String>("", "key")?,
+                row.try_get::<i64>("", "fingerprint")?,
+            ))
+        })
+        .collect()
 }
 
 /// Deletes up to `limit` `Idempotency-Key`s applied before `before`;
