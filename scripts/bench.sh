@@ -33,7 +33,8 @@
 #           half the journal maximum; journal messages/s, requests per message,
 #           stream bytes per increment and database commits/s during each run
 #   keyed   requests with a unique Idempotency-Key each vs plain ones, same
-#           service, hot and 100k uniform keys, exact totals checked (--verify)
+#           service (and one with --idempotency-lookup false), hot and 100k
+#           uniform keys, exact totals checked (--verify)
 #
 # Noise: before each measurement the script waits (at most 15 s) for the
 # machine to be idle; during it, it records the CPU used by processes that are
@@ -693,7 +694,9 @@ fi
 if has keyed; then
   log "== keyed: a unique Idempotency-Key per request vs plain requests, same service"
   create_db incbench_keyed
+  create_db incbench_keyed_nl
   start_service svc_keyed incbench_keyed "$SVC_WORKERS"
+  start_service svc_keyed_nl incbench_keyed_nl "$SVC_WORKERS" --idempotency-lookup false
   kurl="$PG/incbench_keyed"
   for round in $(seq 1 "$ROUNDS"); do
     log "keyed round $round/$ROUNDS"
@@ -703,9 +706,12 @@ if has keyed; then
         --warmup "${WARM}s" -d "${DUR}s" --keys "$keys" --verify "$kurl" --admin-token "$TOKEN"
       measure keyed "keyed_$k" "$round" loadgen -- lg --url "http://127.0.0.1:${PORT[svc_keyed]}" \
         --warmup "${WARM}s" -d "${DUR}s" --keys "$keys" --idempotency-keys --verify "$kurl" --admin-token "$TOKEN"
+      measure keyed "keyed_nolookup_$k" "$round" loadgen -- lg --url "http://127.0.0.1:${PORT[svc_keyed_nl]}" \
+        --warmup "${WARM}s" -d "${DUR}s" --keys "$keys" --idempotency-keys --verify "$PG/incbench_keyed_nl" --admin-token "$TOKEN"
     done
   done
   stop_server svc_keyed
+  stop_server svc_keyed_nl
 fi
 
 # ---------------------------------------------------------------------------

@@ -342,6 +342,8 @@ def render(results_path, meta_path, out_path, quick):
     if med("keyed", "keyed_hot") is not None:
         for k in ("hot", "uniform"):
             ratio(f"Idempotency-Key, {k}: keyed / plain requests (same service)", med("keyed", f"keyed_{k}"), med("keyed", f"plain_{k}"), 0.5)
+            if med("keyed", f"keyed_nolookup_{k}") is not None:
+                ratio(f"Idempotency-Key, {k}, --idempotency-lookup false: keyed / plain requests", med("keyed", f"keyed_nolookup_{k}"), med("keyed", f"plain_{k}"), 0.5)
         v = [r.get("verify") for r in results if r.get("scenario") == "keyed" and isinstance(r.get("verify"), dict)]
         okc = sum(1 for x in v if x.get("status") == "ok")
         targets.append(["keyed totals exact (--verify, every run)", f"{okc}/{len(v)} runs", "", "", "all", "PASS" if v and okc == len(v) else "FAIL"])

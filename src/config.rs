@@ -137,6 +137,12 @@ pub struct Config {
     #[arg(long, env = "INCREMENT_IDEMPOTENCY_MEMORY", default_value = "100000", value_parser = clap::value_parser!(u64).range(1..))]
     pub idempotency_memory: u64,
 
+    /// Look Idempotency-Keys this instance does not remember up in the database before taking
+    /// their request (a retry through another instance is then answered at once, a reused key
+    /// refused with 422); false: the flush alone decides (cheaper; still applied once).
+    #[arg(long, env = "INCREMENT_IDEMPOTENCY_LOOKUP", default_value = "true", action = clap::ArgAction::Set)]
+    pub idempotency_lookup: bool,
+
     /// OTLP/HTTP endpoint for traces (e.g. http://localhost:4318); unset: no export.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -191,6 +197,7 @@ impl Config {
             fast_path: true,
             idempotency_window: self.idempotency_window,
             idempotency_memory: self.idempotency_memory,
+            idempotency_lookup: self.idempotency_lookup,
             journal: self.journal_url.filter(|u| !u.is_empty()).map(|url| {
                 let mut journal = api::journal::JournalSettings::new(url);
                 journal.stream = self.journal_stream;

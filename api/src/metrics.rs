@@ -153,11 +153,12 @@ metrics! {
         journal_writer: IntGauge,
         /// Requests repeating an applied or pending `Idempotency-Key` with
         /// the same body, answered as the first and not applied again, by
-        /// where they were caught (memory: on this instance at the door;
-        /// database: in the flush's transaction).
+        /// where they were caught (memory: on this instance; database: looked
+        /// up at the door, or in the flush's transaction).
         idempotency_repeats_total: IntCounterVec["stage"],
         /// Requests reusing an `Idempotency-Key` with another body: refused
-        /// with 422 at the door (memory), or left out by the flush (database).
+        /// with 422 at the door (memory, or database when looked up there),
+        /// or left out by the flush (database).
         idempotency_reused_total: IntCounterVec["stage"],
         /// `Idempotency-Key`s deleted once older than the window.
         idempotency_keys_pruned_total: IntCounter,

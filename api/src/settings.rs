@@ -71,6 +71,11 @@ pub struct Settings {
     /// `Idempotency-Key`s each instance remembers (repeats answered at the
     /// door); older ones are still caught by the database.
     pub idempotency_memory: u64,
+    /// Look keys this instance does not remember up in the database before
+    /// taking their request (a cross-instance repeat is then answered at
+    /// once, a reused key refused); off: the flush's transaction alone
+    /// decides, which is cheaper.
+    pub idempotency_lookup: bool,
 }
 
 impl Settings {
@@ -102,6 +107,7 @@ impl Settings {
             journal: None,
             idempotency_window: crate::store::DEFAULT_IDEMPOTENCY_WINDOW,
             idempotency_memory: crate::http::intake::DEFAULT_RECENT_KEYS,
+            idempotency_lookup: true,
         }
     }
 
@@ -255,6 +261,7 @@ impl fmt::Debug for Settings {
             .field("fast_path", &self.fast_path)
             .field("idempotency_window", &self.idempotency_window)
             .field("idempotency_memory", &self.idempotency_memory)
+            .field("idempotency_lookup", &self.idempotency_lookup)
             .field(
                 "journal",
                 &self

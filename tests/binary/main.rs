@@ -3,5 +3,6 @@
 
 mod crash;
 mod e2e;
+mod idempotency;
 mod journal;
 mod service;

@@ -162,7 +162,8 @@ impl<E: Endpoint> Endpoint for FrontDoor<E> {
     }
 }
 
-/// `POST /increment` without a query string or `Idempotency-Key`, answered before the route tree
+/// `POST /increment` without a query string (with or without an
+/// `Idempotency-Key`), answered before the route tree
 /// (whose layers box and copy each request's future): the same checks, the
 /// same decoder and the same [`Intake`] as the operation
 /// (`routes::increment`), so the answer is the same either way; the
@@ -171,16 +172,26 @@ async fn fast_increment(intake: &Intake, req: &Request, body: Option<&[u8]>) -> 
     if req.method() != Method::POST
         || req.uri().path() != "/increment"
         || req.uri().query().is_some()
-        || req.headers().contains_key(crate::idempotency::HEADER)
     {
         return None;
     }
     let decoded = content_type_refusal(req.content_type())
         .map_or(Ok(()), Err)
         .and_then(|()| decode_increment(body.unwrap_or_default()).map_err(ApiError::from));
-    let accepted = match decoded {
-        Ok(increment) => intake.accept(&increment).await,
-        Err(e) => Err(e),
+    let key = crate::idempotency::key_of(req.headers())
+        .map_err(|e| ApiError::InvalidIdempotencyKey(e.to_string()));
+    let accepted = match (decoded, key) {
+        (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+        (Ok(increment), Ok(None)) => intake.accept(&increment).await,
+        (Ok(increment), Ok(Some(key))) => intake
+            .accept_keyed(
+                key,
+                crate::idempotency::Operation::Increment,
+                std::slice::from_ref(&increment),
+                false,
+            )
+            .await
+            .map(|_| ()),
     };
     Some(match accepted {
         Ok(()) => Response::builder().status(StatusCode::ACCEPTED).finish(),

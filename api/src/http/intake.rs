@@ -21,7 +21,7 @@ use crate::{
     batch::Keyed,
     batcher::{BatchError, Batcher},
     http::problem::ApiError,
-    idempotency::{self, Begin, Operation, Recent},
+    idempotency::{self, Applied, Begin, Operation, Recent, Stored},
     journal::{AppendError, Publisher, Refusal},
     key::{CounterKey, KeyError},
     metrics::Metrics,
@@ -601,6 +601,9 @@ pub struct Intake {
     /// The `Idempotency-Key`s this instance took recently, with the answer
     /// each got.
     recent: Recent<KeyedAnswer>,
+    /// Where keys not remembered here are looked up first (`None`: only the
+    /// flush's transaction decides).
+    applied: Option<Applied>,
 }
 
 /// The answer a keyed request got, given again to its repeats.
@@ -626,6 +629,9 @@ pub enum Ticket {
     /// The journal message with this stream sequence
     /// ([`crate::journal::wait_applied`]).
     Journal(u64),
+    /// Nothing to wait for: committed already (a repeat of a request the
+    /// database has applied).
+    Committed,
 }
 
 impl Intake {
@@ -645,7 +651,17 @@ impl Intake {
                 DEFAULT_RECENT_KEYS,
                 crate::store::DEFAULT_IDEMPOTENCY_WINDOW,
             ),
+            applied: None,
         }
+    }
+
+    /// Looks keys that this instance does not remember up in the database
+    /// before taking their request: a repeat of an applied request is then
+    /// answered as applied, a reused key refused, on any instance.
+    #[must_use]
+    pub fn with_applied_lookup(mut self, applied: Applied) -> Self {
+        self.applied = Some(applied);
+        self
     }
 
     /// Remembers up to `capacity` `Idempotency-Key`s here, each for `window`.
@@ -701,6 +717,34 @@ impl Intake {
                 return Err(ApiError::IdempotencyKeyReused);
             }
         };
+        let stored = match &self.applied {
+            Some(applied) => applied.lookup(&key).await,
+            None => Stored::Unknown,
+        };
+        match stored {
+            Stored::Applied(applied) if applied == fingerprint => {
+                self.metrics
+                    .idempotency_repeats_total
+                    .with_label_values(&["database"])
+                    .inc();
+                let answer = KeyedAnswer {
+                    ticket: Ticket::Committed,
+                    accepted: increments.len() as u64,
+                    repeat: true,
+                };
+                first.taken(answer);
+                return Ok(answer);
+            }
+            Stored::Applied(_) => {
+                self.metrics
+                    .idempotency_reused_total
+                    .with_label_values(&["database"])
+                    .inc();
+                // Dropping `first` frees the key here; the database keeps it.
+                return Err(ApiError::IdempotencyKeyReused);
+            }
+            Stored::Absent | Stored::Unknown => {}
+        }
         let keyed = Keyed {
             key,
             fingerprint,

@@ -27,21 +27,9 @@ use crate::{
 };
 
 /// The key of the request's `Idempotency-Key` header, if one was sent.
-/// Read from the raw header (the documented parameter would take a value
-/// that is not visible ASCII for no header at all, and a repeated header for
-/// its first copy).
 fn idempotency_key(request: &poem::Request) -> Result<Option<String>, ApiError> {
-    let mut values = request.headers().get_all(idempotency::HEADER).iter();
-    let Some(value) = values.next() else {
-        return Ok(None);
-    };
-    let invalid = |e: idempotency::KeyError| ApiError::InvalidIdempotencyKey(e.to_string());
-    if values.next().is_some() {
-        return Err(invalid(idempotency::KeyError::Repeated));
-    }
-    idempotency::parse_key(value.as_bytes())
-        .map(Some)
-        .map_err(invalid)
+    idempotency::key_of(request.headers())
+        .map_err(|e| ApiError::InvalidIdempotencyKey(e.to_string()))
 }
 
 #[derive(Tags)]
@@ -388,6 +376,7 @@ impl IncrementApi {
                 }
             }
             (Ticket::Journal(_), None) => WaitOutcome::TimedOut,
+            (Ticket::Committed, _) => WaitOutcome::Committed,
         };
         match outcome {
             WaitOutcome::Committed => IncrementResponse::Written,

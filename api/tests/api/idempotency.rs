@@ -244,7 +244,16 @@ async fn a_retry_to_another_instance_after_the_flush_is_not_applied(db: TestDb) 
         .await
         .assert_status(StatusCode::ACCEPTED);
     first.flush().await;
-    // The retry lands on the other instance, which has not seen the key.
+    // The retry lands on the other instance, which has not seen the key. With
+    // another body, found applied in the database: refused at once.
+    let response = keyed(&second, "retry-1", "a", 6).await;
+    assert_eq!(
+        problem(response, StatusCode::UNPROCESSABLE_ENTITY)
+            .await
+            .type_uri,
+        "/problems/idempotency-key-reused"
+    );
+    // With the same body: found applied, answered as the first was.
     keyed(&second, "retry-1", "a", 5)
         .await
         .assert_status(StatusCode::ACCEPTED);
@@ -272,10 +281,19 @@ async fn a_retry_to_another_instance_after_the_flush_is_not_applied(db: TestDb) 
     );
     assert_eq!(
         metric(
+            &scrape,
+            "increment_idempotency_reused_total{stage=\"database\"}"
+        ),
+        1.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        metric(
             &first.scrape().await,
             "increment_idempotency_reused_total{stage=\"database\"}"
         ),
-        1.0
+        1.0,
+        "the flush left out the second body"
     );
     let db = first.shut_down_cleanly().await;
     second.shut_down_cleanly().await;
