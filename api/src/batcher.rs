@@ -301,6 +301,24 @@ impl Batcher {
         }
     }
 
+    /// Refuses `count` distinct keys (`keys`) when those not already pending
+    /// do not fit under the bound; the keys are looked at only when the
+    /// bound is near.
+    fn admit_all<'k>(
+        &self,
+        keys: impl Iterator<Item = &'k str>,
+        count: usize,
+    ) -> Result<(), BatchError> {
+        let room = self.max_pending_keys.saturating_sub(self.pending_keys());
+        if room < count as u64 {
+            let new_keys = keys.filter(|key| !self.holds(key)).count();
+            if room < new_keys as u64 {
+                return Err(BatchError::Full);
+            }
+        }
+        Ok(())
+    }
+
     /// Whether `key` has a delta pending here (live, aside or handed over).
     fn holds(&self, key: &str) -> bool {
         self.pending_for(key).is_some()
@@ -364,13 +382,8 @@ impl Batcher {
             let sum = i64::try_from(sum).map_err(|_| (last_index, BatchError::DeltaOverflow))?;
             sums.push((key, sum, last_index));
         }
-        let room = self.max_pending_keys.saturating_sub(self.pending_keys());
-        if room < sums.len() as u64 {
-            let new_keys = sums.iter().filter(|(key, _, _)| !self.holds(key)).count();
-            if room < new_keys as u64 {
-                return Err((0, BatchError::Full));
-            }
-        }
+        self.admit_all(sums.iter().map(|(key, _, _)| *key), sums.len())
+            .map_err(|e| (0, e))?;
         // Look up (or create) every slot before taking any lock: a moka call
         // may run maintenance, whose listener takes these locks.
         let slots: Vec<Arc<Slot>> = sums.iter().map(|(key, _, _)| self.slot(key)).collect();
@@ -473,13 +486,7 @@ impl Batcher {
         for (key, delta) in items {
             *sums.entry(key).or_insert(0) += i128::from(delta);
         }
-        let room = self.max_pending_keys.saturating_sub(self.pending_keys());
-        if room < sums.len() as u64 {
-            let new_keys = sums.keys().filter(|key| !self.holds(key)).count();
-            if room < new_keys as u64 {
-                return Err(BatchError::Full);
-            }
-        }
+        self.admit_all(sums.keys().copied(), sums.len())?;
         let mut side = self.side.lock();
         for (key, sum) in &sums {
             let current = side.deltas.get(*key).copied().unwrap_or(0);

@@ -613,8 +613,6 @@ pub struct KeyedAnswer {
     pub ticket: Ticket,
     /// How many increments it carried.
     pub accepted: u64,
-    /// This answer is a repeat's: the request was not taken again.
-    pub repeat: bool,
 }
 
 /// Keys remembered per instance unless configured (an older one is still
@@ -704,10 +702,7 @@ impl Intake {
                     .idempotency_repeats_total
                     .with_label_values(&["memory"])
                     .inc();
-                return Ok(KeyedAnswer {
-                    repeat: true,
-                    ..answer
-                });
+                return Ok(answer);
             }
             Begin::Reused => {
                 self.metrics
@@ -730,7 +725,6 @@ impl Intake {
                 let answer = KeyedAnswer {
                     ticket: Ticket::Committed,
                     accepted: increments.len() as u64,
-                    repeat: true,
                 };
                 first.taken(answer);
                 return Ok(answer);
@@ -766,7 +760,6 @@ impl Intake {
         let answer = KeyedAnswer {
             ticket,
             accepted: increments.len() as u64,
-            repeat: false,
         };
         first.taken(answer);
         self.accepted(answer.accepted);

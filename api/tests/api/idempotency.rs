@@ -60,6 +60,16 @@ async fn keyed_batch(app: &TestApp, idempotency_key: &str, items: &[(&str, i64)]
         .await
 }
 
+/// Asserts a 422 problem document of type `type_uri`.
+async fn assert_refused(response: Response, type_uri: &str) {
+    assert_eq!(
+        problem(response, StatusCode::UNPROCESSABLE_ENTITY)
+            .await
+            .type_uri,
+        type_uri
+    );
+}
+
 /// The value of a labelled counter in a scrape, 0 when absent.
 fn metric(scrape: &str, series: &str) -> f64 {
     scrape
@@ -161,12 +171,7 @@ async fn a_key_reused_with_another_body_is_refused(db: TestDb) {
     app.flush().await;
     // Still refused after the flush.
     let response = keyed(&app, "k1", "a", 6).await;
-    assert_eq!(
-        problem(response, StatusCode::UNPROCESSABLE_ENTITY)
-            .await
-            .type_uri,
-        "/problems/idempotency-key-reused"
-    );
+    assert_refused(response, "/problems/idempotency-key-reused").await;
     let scrape = app.scrape().await;
     assert_eq!(
         metric(
@@ -197,7 +202,7 @@ async fn bad_keys_are_refused_and_nothing_is_applied(db: TestDb) {
         );
         assert!(problem.detail.contains("Idempotency-Key"), "{problem:?}");
     }
-    // Not visible ASCII at all: refused before the operation, still a 4xx.
+    // Not visible ASCII at all: refused, not taken for a request without a key.
     let response = app
         .client
         .post("/increment")
@@ -209,12 +214,7 @@ async fn bad_keys_are_refused_and_nothing_is_applied(db: TestDb) {
         .body(r#"{"key":"a","value":1}"#)
         .send()
         .await;
-    assert_eq!(
-        problem(response, StatusCode::UNPROCESSABLE_ENTITY)
-            .await
-            .type_uri,
-        "/problems/invalid-idempotency-key"
-    );
+    assert_refused(response, "/problems/invalid-idempotency-key").await;
     // Twice: which one would count?
     let response = app
         .client
@@ -225,12 +225,7 @@ async fn bad_keys_are_refused_and_nothing_is_applied(db: TestDb) {
         .body(r#"{"key":"a","value":1}"#)
         .send()
         .await;
-    assert_eq!(
-        problem(response, StatusCode::UNPROCESSABLE_ENTITY)
-            .await
-            .type_uri,
-        "/problems/invalid-idempotency-key"
-    );
+    assert_refused(response, "/problems/invalid-idempotency-key").await;
     app.flush().await;
     let db = app.shut_down_cleanly().await;
     assert!(db.counters().await.is_empty());
@@ -247,12 +242,7 @@ async fn a_retry_to_another_instance_after_the_flush_is_not_applied(db: TestDb) 
     // The retry lands on the other instance, which has not seen the key. With
     // another body, found applied in the database: refused at once.
     let response = keyed(&second, "retry-1", "a", 6).await;
-    assert_eq!(
-        problem(response, StatusCode::UNPROCESSABLE_ENTITY)
-            .await
-            .type_uri,
-        "/problems/idempotency-key-reused"
-    );
+    assert_refused(response, "/problems/idempotency-key-reused").await;
     // With the same body: found applied, answered as the first was.
     keyed(&second, "retry-1", "a", 5)
         .await
