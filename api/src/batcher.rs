@@ -209,6 +209,10 @@ pub struct Batcher {
     /// Nanoseconds after `epoch` (plus one, so 0 means none); an atomic
     /// because every request touches it.
     pending_since: AtomicU64,
+    /// `pending_since` of the batch handed over and not yet released (0:
+    /// none), so a batch that a failing flush keeps retrying still counts
+    /// as pending.
+    handed_over_since: AtomicU64,
     /// Origin of `pending_since`.
     epoch: Instant,
 }
@@ -288,6 +292,7 @@ impl Batcher {
             dirty_slots,
             dirty_list: Mutex::new(DirtyList::default()),
             pending_since: AtomicU64::new(0),
+            handed_over_since: AtomicU64::new(0),
             epoch: Instant::now(),
         }
     }
@@ -539,7 +544,7 @@ impl Batcher {
     /// Runs moka's maintenance first, so expired entries reach the listener;
     /// that can take up to ~100 ms: call it from a blocking context.
     pub fn drain_numbered(&self) -> (Deltas, u64) {
-        let (entries, _, number) = self.drain_entries();
+        let (entries, _, number, _) = self.drain_entries();
         let mut deltas = Deltas::with_capacity(entries.len());
         for (key, delta) in entries {
             *deltas.entry(key).or_insert(0) += delta;
@@ -550,8 +555,11 @@ impl Batcher {
     /// The drain itself: every delta taken, unsorted, a key possibly twice
     /// (aside and live); [`Batch::new`] sorts and merges. A vector, not a map:
     /// hashing a million keys here cost more than the sort that follows.
-    fn drain_entries(&self) -> (Vec<(String, i128)>, Vec<Keyed>, u64) {
-        self.pending_since.store(0, Ordering::Relaxed);
+    ///
+    /// Also returns when the oldest of them was recorded (`pending_since`).
+    #[allow(clippy::type_complexity)]
+    fn drain_entries(&self) -> (Vec<(String, i128)>, Vec<Keyed>, u64, u64) {
+        let since = self.pending_since.swap(0, Ordering::Relaxed);
         self.cache.run_pending_tasks();
         let (side, keyed, number) = {
             let mut side = self.side.lock();
@@ -574,7 +582,7 @@ impl Batcher {
                 entries.push((key.into_string(), i128::from(delta)));
             }
         }
-        (entries, keyed, number)
+        (entries, keyed, number, since)
     }
 
     /// [`drain_numbered`](Self::drain_numbered) without the number.
@@ -595,10 +603,11 @@ impl Batcher {
         &self,
         span: impl FnOnce() -> Option<JournalSpan>,
     ) -> (Option<Arc<Batch>>, u64) {
-        let (entries, keyed, number) = self.drain_entries();
+        let (entries, keyed, number, since) = self.drain_entries();
         if entries.is_empty() {
             return (None, number);
         }
+        self.handed_over_since.store(since, Ordering::Relaxed);
         let batch = Batch::new(entries, number).guarding(keyed);
         let batch = Arc::new(match span() {
             Some(span) => batch.holding(span),
@@ -621,6 +630,7 @@ impl Batcher {
         if handed_over.as_ref().is_some_and(|b| Arc::ptr_eq(b, batch)) {
             *handed_over = None;
             self.handed_over_keys.store(0, Ordering::Relaxed);
+            self.handed_over_since.store(0, Ordering::Relaxed);
         }
     }
 
@@ -652,16 +662,19 @@ impl Batcher {
             + self.handed_over_keys.load(Ordering::Relaxed)
     }
 
-    /// Age of the oldest delta recorded since the last drain.
+    /// Age of the oldest delta not yet written: recorded since the last
+    /// drain, or in the batch handed over and not yet released.
     pub fn oldest_pending_age(&self) -> Option<Duration> {
-        match self.pending_since.load(Ordering::Relaxed) {
-            0 => None,
-            since => Some(
-                self.epoch
-                    .elapsed()
-                    .saturating_sub(Duration::from_nanos(since - 1)),
-            ),
-        }
+        let oldest = [&self.pending_since, &self.handed_over_since]
+            .into_iter()
+            .map(|since| since.load(Ordering::Relaxed))
+            .filter(|&since| since != 0)
+            .min()?;
+        Some(
+            self.epoch
+                .elapsed()
+                .saturating_sub(Duration::from_nanos(oldest - 1)),
+        )
     }
 
     /// Evictions by cause since start.
@@ -719,6 +732,34 @@ mod tests {
         assert_eq!(drained.len(), keys);
         assert!(drained.values().all(|total| *total == rounds));
         assert!(b.dirty_list.lock().entries.is_empty());
+    }
+
+    /// A batch handed over to a flush that keeps failing (the database
+    /// down) is still pending: its age keeps counting until it is released,
+    /// so an outage shows on `oldest_pending_age_seconds` even without new
+    /// requests.
+    #[test]
+    fn a_batch_handed_over_stays_pending_until_released() {
+        let b = batcher(100, Duration::from_secs(60));
+        b.record("a", 1).unwrap();
+        let recorded_age = b.oldest_pending_age().expect("pending");
+        let (batch, _) = b.hand_over();
+        let batch = batch.expect("a batch");
+        let handed_over_age = b.oldest_pending_age().expect("still pending");
+        assert!(handed_over_age >= recorded_age, "counted from the record");
+        b.record("b", 1).unwrap();
+        assert!(
+            b.oldest_pending_age().expect("pending") >= handed_over_age,
+            "the older of the two"
+        );
+        b.release(&batch);
+        let newer = b.oldest_pending_age().expect("b is pending");
+        assert!(newer <= b.epoch.elapsed());
+        let _ = b.hand_over();
+        let (next, _) = b.hand_over();
+        assert!(next.is_none());
+        b.release(&b.handed_over().expect("b's batch"));
+        assert_eq!(b.oldest_pending_age(), None);
     }
 
     #[test]
