@@ -4,7 +4,9 @@
 use std::{net::SocketAddr, num::NonZeroU64, path::PathBuf, time::Duration};
 
 use api::telemetry::{LogFormat, TelemetrySettings};
-use clap::Parser;
+use clap::{
+    ArgMatches, CommandFactory, FromArgMatches, Parser, error::ErrorKind, parser::ValueSource,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,12 +28,20 @@ pub struct Config {
     )]
     pub database_url: String,
 
+    /// File holding the database URL (a Docker or Kubernetes secret); instead of DATABASE_URL.
+    #[arg(long, env = "DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+
+    /// How long start-up waits for the database to answer, retrying with backoff (e.g. 30s, 2m).
+    #[arg(long, env = "INCREMENT_DB_CONNECT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub db_connect_timeout: Duration,
+
     /// How often pending increments are written (e.g. 200ms, 1s).
     #[arg(long, env = "INCREMENT_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub flush_interval: Duration,
 
     /// Distinct keys held in the cache before entries are evicted (evicted deltas are still written). At least 1.
-    #[arg(long, env = "INCREMENT_CACHE_CAPACITY", default_value = "1000000")]
+    #[arg(long, env = "INCREMENT_CACHE_CAPACITY", default_value = "1000000", value_parser = parse_non_zero)]
     pub cache_capacity: NonZeroU64,
 
     /// Time to live of a key's cache entry, counted from its creation.
@@ -43,24 +53,30 @@ pub struct Config {
     pub max_body: usize,
 
     /// Maximum database connections.
-    #[arg(long, env = "INCREMENT_DB_POOL_SIZE", default_value = "10", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "INCREMENT_DB_POOL_SIZE", default_value = "10", value_parser = parse_count::<u32>)]
     pub db_pool_size: u32,
 
     /// Parts of a large flush (over 50,000 keys) written at once, one database
     /// connection each (PostgreSQL; SQLite writes one at a time).
-    #[arg(long, env = "INCREMENT_FLUSH_CONNECTIONS", default_value = "4", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "INCREMENT_FLUSH_CONNECTIONS", default_value = "4", value_parser = parse_count::<u64>)]
     pub flush_connections: u64,
 
-    /// Time allowed from SIGTERM/Ctrl-C to exit: draining connections, then the final flush.
-    #[arg(long, env = "INCREMENT_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub shutdown_timeout: Duration,
+    /// Time allowed from SIGTERM/Ctrl-C to exit: draining connections, then the final flush
+    /// [default: 30s, or the stop grace period minus 5s].
+    #[arg(long, env = "INCREMENT_SHUTDOWN_TIMEOUT", value_parser = parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
+
+    /// Time the platform allows from SIGTERM to SIGKILL (compose stop_grace_period, Kubernetes
+    /// terminationGracePeriodSeconds minus preStop); the shutdown timeout is kept 5s below it.
+    #[arg(long, env = "INCREMENT_STOP_GRACE_PERIOD", value_parser = parse_duration)]
+    pub stop_grace_period: Option<Duration>,
 
     /// Do not apply pending migrations at start.
     #[arg(long, env = "INCREMENT_NO_MIGRATE")]
     pub no_migrate: bool,
 
     /// Distinct keys held in memory before new keys get 503 (keys already held still merge).
-    #[arg(long, env = "INCREMENT_MAX_PENDING_KEYS", default_value = "1000000", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "INCREMENT_MAX_PENDING_KEYS", default_value = "1000000", value_parser = parse_count::<u64>)]
     pub max_pending_keys: u64,
 
     /// How long POST /increment?wait=true waits for its flush to commit before 503.
@@ -75,16 +91,25 @@ pub struct Config {
     )]
     pub spill_path: PathBuf,
 
+    /// Directory for spill files, shared by replicas (a named volume): each run spills to its
+    /// own file there and every start replays all files left in it, each once. Replaces --spill-path.
+    #[arg(long, env = "INCREMENT_SPILL_DIR")]
+    pub spill_dir: Option<PathBuf>,
+
     /// Bearer token for the admin routes (at least 16 characters); unset: no admin routes.
     #[arg(long, env = "INCREMENT_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
+    /// File holding the admin token (a Docker or Kubernetes secret); instead of INCREMENT_ADMIN_TOKEN.
+    #[arg(long, env = "INCREMENT_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// Open connections at most; further clients wait in the kernel's backlog.
-    #[arg(long, env = "INCREMENT_MAX_CONNECTIONS", default_value = "10000", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "INCREMENT_MAX_CONNECTIONS", default_value = "10000", value_parser = parse_count::<u64>)]
     pub max_connections: u64,
 
     /// Requests handled at once at most; more get 503 with Retry-After.
-    #[arg(long, env = "INCREMENT_MAX_IN_FLIGHT", default_value = "10000", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "INCREMENT_MAX_IN_FLIGHT", default_value = "10000", value_parser = parse_count::<u64>)]
     pub max_in_flight: u64,
 
     /// A request's head must be complete within this: from the accept for a connection's first request, from its first byte for later ones (else the connection is closed).
@@ -134,7 +159,7 @@ pub struct Config {
     pub idempotency_window: Duration,
 
     /// Idempotency-Keys each instance remembers to answer repeats at once (the database catches the rest).
-    #[arg(long, env = "INCREMENT_IDEMPOTENCY_MEMORY", default_value = "100000", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "INCREMENT_IDEMPOTENCY_MEMORY", default_value = "100000", value_parser = parse_count::<u64>)]
     pub idempotency_memory: u64,
 
     /// Look Idempotency-Keys this instance does not remember up in the database before taking
@@ -156,7 +181,76 @@ pub struct Config {
     pub instance_id: Option<String>,
 }
 
+/// The shutdown timeout when neither it nor a stop grace period is set.
+const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Kept between the shutdown timeout and the platform's SIGKILL: the time to
+/// write the spill file and exit after the final flush gives up.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
+
 impl Config {
+    /// Flags and environment, with secrets read from their files and the
+    /// settings that follow from others filled in; exits with a usage error
+    /// (status 2) when they disagree, like any bad flag.
+    pub fn load() -> Self {
+        let matches = Self::command().get_matches();
+        let config = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        config.resolve(&matches).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Like [`load`](Self::load), from `args`, returning the error.
+    #[cfg(test)]
+    pub fn try_load<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Self::command().try_get_matches_from(args)?;
+        Self::from_arg_matches(&matches)?.resolve(&matches)
+    }
+
+    fn resolve(mut self, matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let conflict =
+            |message: String| Self::command().error(ErrorKind::ArgumentConflict, message);
+        let invalid = |message: String| Self::command().error(ErrorKind::ValueValidation, message);
+        let given = |id: &str| {
+            matches
+                .value_source(id)
+                .is_some_and(|source| source != ValueSource::DefaultValue)
+        };
+        if let Some(path) = self.database_url_file.take() {
+            if given("database_url") {
+                return Err(conflict(
+                    "DATABASE_URL (or --database-url) and DATABASE_URL_FILE are both set; keep one"
+                        .to_owned(),
+                ));
+            }
+            self.database_url =
+                read_secret(&path).map_err(|e| invalid(format!("DATABASE_URL_FILE: {e}")))?;
+        }
+        if let Some(path) = self.admin_token_file.take() {
+            if self.admin_token.is_some() {
+                return Err(conflict(
+                    "INCREMENT_ADMIN_TOKEN (or --admin-token) and INCREMENT_ADMIN_TOKEN_FILE are both set; keep one"
+                        .to_owned(),
+                ));
+            }
+            self.admin_token = Some(
+                read_secret(&path)
+                    .map_err(|e| invalid(format!("INCREMENT_ADMIN_TOKEN_FILE: {e}")))?,
+            );
+        }
+        if self.spill_dir.is_some() && given("spill_path") {
+            return Err(conflict(
+                "--spill-path (INCREMENT_SPILL_PATH) and --spill-dir (INCREMENT_SPILL_DIR) are both set; keep one"
+                    .to_owned(),
+            ));
+        }
+        self.shutdown_timeout =
+            Some(shutdown_timeout(self.shutdown_timeout, self.stop_grace_period).map_err(invalid)?);
+        Ok(self)
+    }
+
     pub fn telemetry_settings(&self) -> TelemetrySettings {
         TelemetrySettings {
             log_format: match self.log_format.as_str() {
@@ -182,11 +276,13 @@ impl Config {
             max_body: self.max_body,
             db_pool_size: self.db_pool_size,
             flush_connections: usize::try_from(self.flush_connections).unwrap_or(usize::MAX),
-            shutdown_timeout: self.shutdown_timeout,
+            shutdown_timeout: self.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
             migrate: !self.no_migrate,
             max_pending_keys: self.max_pending_keys,
             wait_timeout: self.wait_timeout,
             spill_path: self.spill_path,
+            spill_dir: self.spill_dir,
+            db_connect_timeout: self.db_connect_timeout,
             admin_token: self.admin_token.filter(|t| !t.is_empty()),
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
             max_in_flight: usize::try_from(self.max_in_flight).unwrap_or(usize::MAX),
@@ -210,9 +306,69 @@ impl Config {
     }
 }
 
+/// The shutdown timeout from the flag and the platform's grace period: kept
+/// [`SHUTDOWN_MARGIN`] below the grace period, so the process is not killed
+/// in the middle of its final flush or of writing the spill file.
+fn shutdown_timeout(
+    timeout: Option<Duration>,
+    grace: Option<Duration>,
+) -> Result<Duration, String> {
+    let Some(grace) = grace else {
+        return Ok(timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT));
+    };
+    let Some(room) = grace
+        .checked_sub(SHUTDOWN_MARGIN)
+        .filter(|room| *room >= Duration::from_secs(1))
+    else {
+        return Err(format!(
+            "--stop-grace-period {}: must be at least 6s (the shutdown timeout is kept 5s below it)",
+            humantime::format_duration(grace)
+        ));
+    };
+    match timeout {
+        None => Ok(room),
+        Some(timeout) if timeout <= room => Ok(timeout),
+        Some(timeout) => Err(format!(
+            "--shutdown-timeout {} does not fit in --stop-grace-period {}: the platform would kill the \
+             process during its final flush; use at most {} (or leave --shutdown-timeout unset)",
+            humantime::format_duration(timeout),
+            humantime::format_duration(grace),
+            humantime::format_duration(room)
+        )),
+    }
+}
+
+/// A secret read from a file: one value, its trailing line break removed.
+fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let value = text.strip_suffix('\n').unwrap_or(&text);
+    let value = value.strip_suffix('\r').unwrap_or(value);
+    if value.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(value.to_owned())
+}
+
+/// A whole number of at least 1.
+fn parse_count<T: std::str::FromStr + Default + PartialEq>(text: &str) -> Result<T, String> {
+    match text.trim().parse::<T>() {
+        Ok(value) if value != T::default() => Ok(value),
+        Ok(_) => Err("must be at least 1".to_owned()),
+        Err(_) => Err("expected a whole number of at least 1 (e.g. 10)".to_owned()),
+    }
+}
+
+/// A count of at least 1, as a `NonZeroU64`.
+fn parse_non_zero(text: &str) -> Result<NonZeroU64, String> {
+    parse_count::<u64>(text).map(|n| NonZeroU64::new(n).unwrap_or(NonZeroU64::MIN))
+}
+
 /// A humantime duration greater than zero.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    let duration = humantime::parse_duration(text).map_err(|_| {
+        "expected a duration with its unit, such as 250ms, 1s, 2m or 1h30m".to_owned()
+    })?;
     if duration.is_zero() {
         return Err("must be greater than zero".to_owned());
     }
@@ -298,6 +454,117 @@ mod tests {
                 "{flag} {value}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn flag_errors_explain_what_is_expected() {
+        for (flag, value, expected) in [
+            ("--cache-capacity", "0", "must be at least 1"),
+            ("--max-in-flight", "many", "a whole number of at least 1"),
+            ("--flush-interval", "5", "such as 250ms, 1s"),
+        ] {
+            let err = Config::try_load(["increment", flag, value])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{flag} {value}: {err}");
+            assert!(
+                !err.contains("non-zero type") && !err.contains("expected number at"),
+                "no library wording: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_shutdown_timeout_follows_the_stop_grace_period() {
+        let timeout = |args: &[&str]| {
+            Config::try_load(std::iter::once("increment").chain(args.iter().copied()))
+                .map(|config| config.into_settings().shutdown_timeout)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(timeout(&[]), Ok(Duration::from_secs(30)));
+        assert_eq!(
+            timeout(&["--stop-grace-period", "30s"]),
+            Ok(Duration::from_secs(25))
+        );
+        assert_eq!(
+            timeout(&["--stop-grace-period", "60s", "--shutdown-timeout", "20s"]),
+            Ok(Duration::from_secs(20))
+        );
+        let too_long =
+            timeout(&["--stop-grace-period", "30s", "--shutdown-timeout", "28s"]).unwrap_err();
+        assert!(too_long.contains("use at most 25s"), "{too_long}");
+        let too_short = timeout(&["--stop-grace-period", "5s"]).unwrap_err();
+        assert!(too_short.contains("at least 6s"), "{too_short}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_not_from_both_places() {
+        let dir = tempfile::tempdir().unwrap();
+        let url_file = dir.path().join("url");
+        std::fs::write(&url_file, "postgres://u:secret@db/x\n").unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "0123456789abcdef0123\r\n").unwrap();
+        let url_arg = url_file.to_str().unwrap();
+        let token_arg = token_file.to_str().unwrap();
+        let settings = Config::try_load([
+            "increment",
+            "--database-url-file",
+            url_arg,
+            "--admin-token-file",
+            token_arg,
+        ])
+        .unwrap()
+        .into_settings();
+        assert_eq!(settings.database_url, "postgres://u:secret@db/x");
+        assert_eq!(
+            settings.admin_token.as_deref(),
+            Some("0123456789abcdef0123")
+        );
+
+        for args in [
+            [
+                "--database-url",
+                "sqlite://a.db",
+                "--database-url-file",
+                url_arg,
+            ],
+            [
+                "--admin-token",
+                "0123456789abcdef",
+                "--admin-token-file",
+                token_arg,
+            ],
+        ] {
+            let err = Config::try_load(std::iter::once("increment").chain(args))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("both set"), "{err}");
+        }
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let err = Config::try_load(["increment", "--database-url-file", empty.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is empty"), "{err}");
+        let err = Config::try_load(["increment", "--database-url-file", "/nonexistent/url"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot read /nonexistent/url"), "{err}");
+    }
+
+    #[test]
+    fn a_spill_dir_replaces_the_spill_path() {
+        let settings = Config::try_load(["increment", "--spill-dir", "/var/lib/increment/spill"])
+            .unwrap()
+            .into_settings();
+        assert_eq!(
+            settings.spill_dir.as_deref(),
+            Some(std::path::Path::new("/var/lib/increment/spill"))
+        );
+        let err = Config::try_load(["increment", "--spill-dir", "d", "--spill-path", "f.jsonl"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("both set"), "{err}");
     }
 
     #[test]

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use api::{Application, ShutdownReport};
-use clap::Parser;
 
 /// mimalloc instead of glibc's malloc: smaller per-allocation overhead for the
 /// millions of small cache entries, and faster small allocations on the
@@ -17,7 +16,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = config::Config::parse();
+    let config = config::Config::load();
     let telemetry_settings = config.telemetry_settings();
     let telemetry =
         Arc::new(api::telemetry::init(&telemetry_settings).context("starting logs and traces")?);

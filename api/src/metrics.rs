@@ -118,8 +118,18 @@ metrics! {
         /// Cache entries that left by size or expiry (their deltas are kept
         /// and written).
         cache_evictions_total: IntCounterVec["cause"],
-        /// Age of the oldest delta not yet taken by a flush.
+        /// Age of the oldest delta not yet written: held in memory, or in a
+        /// batch a failing flush keeps retrying (so it grows through a
+        /// database outage).
         oldest_pending_age_seconds: Gauge,
+        /// The configured bound on pending keys (`--max-pending-keys`):
+        /// past it, new keys get 503.
+        pending_keys_limit: IntGauge,
+        /// The configured bound on requests handled at once
+        /// (`--max-in-flight`): past it, requests get 503.
+        http_requests_in_flight_limit: IntGauge,
+        /// The configured flush interval, seconds (`--flush-interval`).
+        flush_interval_seconds: Gauge,
         /// Duration of a flush that wrote something or failed.
         flush_duration_seconds: Histogram = FLUSH_LATENCY_BUCKETS,
         /// Distinct keys written per flush.
@@ -151,6 +161,9 @@ metrics! {
         journal_conflicts_total: IntCounter,
         /// 1 while this instance holds the journal writer lease.
         journal_writer: IntGauge,
+        /// Journal messages stored but not yet applied to the database (set
+        /// on the writer every few seconds; 0 elsewhere).
+        journal_lag_messages: IntGauge,
         /// Requests repeating an applied or pending `Idempotency-Key` with
         /// the same body, answered as the first and not applied again, by
         /// where they were caught (memory: on this instance; database: looked

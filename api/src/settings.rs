@@ -9,6 +9,9 @@ pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 /// The smallest `max_head_bytes` hyper takes (it refuses to start below).
 pub const MIN_HEAD_BYTES: usize = 8192;
 
+/// How long start-up waits for the database unless told otherwise.
+pub const DEFAULT_DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Everything the service needs to start.
 #[derive(Clone)]
 pub struct Settings {
@@ -43,6 +46,13 @@ pub struct Settings {
     /// Where the final flush spills what the database did not take; replayed
     /// at the next start.
     pub spill_path: PathBuf,
+    /// A directory replicas may share (a named volume): each run spills to
+    /// its own file there, and each start replays every file left in it.
+    /// Set: `spill_path` is not used.
+    pub spill_dir: Option<PathBuf>,
+    /// How long start-up waits for the database to answer, retrying with
+    /// backoff, before giving up with the last cause.
+    pub db_connect_timeout: Duration,
     /// Open connections at most; more wait in the kernel's backlog.
     pub max_connections: usize,
     /// Requests handled at once at most; more get 503.
@@ -96,6 +106,8 @@ impl Settings {
             max_pending_keys: 1_000_000,
             wait_timeout: Duration::from_secs(5),
             spill_path: PathBuf::from("increment-spill.jsonl"),
+            spill_dir: None,
+            db_connect_timeout: DEFAULT_DB_CONNECT_TIMEOUT,
             admin_token: None,
             max_connections: 10_000,
             max_in_flight: 10_000,
@@ -125,6 +137,7 @@ impl Settings {
             ("body-timeout", self.body_timeout),
             ("idle-timeout", self.idle_timeout),
             ("idempotency-window", self.idempotency_window),
+            ("db-connect-timeout", self.db_connect_timeout),
         ];
         for (name, value) in positive {
             if value.is_zero() {
@@ -252,6 +265,8 @@ impl fmt::Debug for Settings {
             .field("max_pending_keys", &self.max_pending_keys)
             .field("wait_timeout", &self.wait_timeout)
             .field("spill_path", &self.spill_path)
+            .field("spill_dir", &self.spill_dir)
+            .field("db_connect_timeout", &self.db_connect_timeout)
             .field("max_connections", &self.max_connections)
             .field("max_in_flight", &self.max_in_flight)
             .field("header_timeout", &self.header_timeout)

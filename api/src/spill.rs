@@ -172,9 +172,135 @@ pub fn remove(path: &Path) -> Result<(), SpillError> {
     }
 }
 
+/// The extension of spill files; a directory shared by instances is
+/// scanned for it (files being written have `.tmp` until renamed).
+const EXTENSION: &str = "jsonl";
+
+/// The spill file of one run of an instance in a shared directory: a name no
+/// other run uses, so instances never write each other's files.
+pub fn own_file(dir: &Path) -> PathBuf {
+    dir.join(format!("spill-{}.{EXTENSION}", uuid::Uuid::new_v4()))
+}
+
+/// Spill files left in `dir` by earlier runs of any instance sharing it,
+/// oldest name first; an absent directory has none.
+///
+/// # Errors
+/// [`SpillError`] when the directory cannot be listed.
+pub fn left_in(dir: &Path) -> Result<Vec<PathBuf>, SpillError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error(dir)(e)),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(io_error(dir))?.path();
+        if path.extension().is_some_and(|e| e == EXTENSION) && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// A spill file locked by this process for its replay: another instance
+/// starting meanwhile skips it, and one that starts after finds it gone.
+/// The lock goes with the process, so a replay cut short by a crash is
+/// taken up by the next start (its batches keep their ids: nothing is
+/// applied twice).
+pub struct Claimed {
+    path: PathBuf,
+    /// Holds the lock.
+    _file: fs::File,
+}
+
+impl Claimed {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Deletes the file once its batches are written, then lets go of it.
+    ///
+    /// # Errors
+    /// [`SpillError`] when it cannot be removed.
+    pub fn remove(self) -> Result<(), SpillError> {
+        remove(&self.path)
+    }
+}
+
+/// Locks `path` for replay; `None` when another process holds it or it was
+/// replayed and removed since it was listed.
+///
+/// # Errors
+/// [`SpillError`] when it cannot be opened or locked for another reason.
+pub fn claim(path: &Path) -> Result<Option<Claimed>, SpillError> {
+    let file = match fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(path)(e)),
+    };
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => return Ok(None),
+        Err(fs::TryLockError::Error(e)) => return Err(io_error(path)(e)),
+    }
+    // Between the open and the lock, another instance may have replayed the
+    // file and removed it: then this handle is of a file no longer there.
+    if !same_file(&file, path).map_err(io_error(path))? {
+        return Ok(None);
+    }
+    Ok(Some(Claimed {
+        path: path.to_owned(),
+        _file: file,
+    }))
+}
+
+#[cfg(unix)]
+fn same_file(file: &fs::File, path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let open = file.metadata()?;
+    match fs::metadata(path) {
+        Ok(named) => Ok(named.dev() == open.dev() && named.ino() == open.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &fs::File, path: &Path) -> io::Result<bool> {
+    Ok(path.exists())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_directory_lists_finished_spill_files_and_claims_each_once() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(left_in(&dir.path().join("absent")).unwrap().is_empty());
+        let batch = Arc::new(Batch::new([("a".to_owned(), 1)], 1));
+        let first = own_file(dir.path());
+        let second = own_file(dir.path());
+        assert_ne!(first, second, "each run has its own file");
+        write(&first, std::slice::from_ref(&batch)).unwrap();
+        write(&second, std::slice::from_ref(&batch)).unwrap();
+        fs::write(dir.path().join("spill-x.tmp"), "half written").unwrap();
+        let mut expected = vec![first.clone(), second.clone()];
+        expected.sort();
+        assert_eq!(left_in(dir.path()).unwrap(), expected, "not the .tmp");
+
+        let claimed = claim(&first).unwrap().expect("free");
+        assert!(claim(&first).unwrap().is_none(), "held by another replay");
+        let before_removal = fs::File::open(&first).unwrap();
+        claimed.remove().unwrap();
+        assert!(claim(&first).unwrap().is_none(), "gone");
+        // A handle opened before the removal locks a file no longer there.
+        before_removal.try_lock().unwrap();
+        assert!(!same_file(&before_removal, &first).unwrap());
+        assert!(claim(&second).unwrap().is_some());
+    }
 
     #[test]
     fn batches_round_trip_with_their_ids_and_wide_deltas() {

@@ -57,6 +57,10 @@ pub struct Redacted(String);
 
 impl Redacted {
     fn new(err: &DbErr, database_url: &str) -> Self {
+        Self::of(err, database_url)
+    }
+
+    fn of(err: &(dyn std::error::Error + 'static), database_url: &str) -> Self {
         Self(crate::settings::scrub(
             &crate::telemetry::error_chain(err),
             &crate::settings::url_secrets(database_url),
@@ -93,6 +97,8 @@ pub struct Application {
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     settings: Settings,
+    /// Where this run spills what its final flush could not write.
+    spill_file: std::path::PathBuf,
     state: AppState,
     flusher: Arc<Flusher>,
     journal: Option<JournalParts>,
@@ -118,20 +124,31 @@ impl Application {
     /// [`StartupError`] naming the step that failed.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         settings.validate()?;
-        let db = connect(&settings)
+        let db = connect_waiting(&settings)
             .await
-            .map_err(|e| StartupError::Connect {
+            .map_err(|source| StartupError::Connect {
                 url: crate::settings::redact_url(&settings.database_url),
-                source: Redacted::new(&e, &settings.database_url),
+                source,
             })?;
         if settings.migrate {
             migrate(&settings)
                 .await
                 .map_err(|e| StartupError::Migrate(Redacted::new(&e, &settings.database_url)))?;
         }
-        replay_spill(&db, &settings.spill_path, settings.idempotency_window)
-            .await
-            .map_err(StartupError::Replay)?;
+        let spill_file = match &settings.spill_dir {
+            Some(dir) => {
+                replay_spill_dir(&db, dir, settings.idempotency_window)
+                    .await
+                    .map_err(StartupError::Replay)?;
+                spill::own_file(dir)
+            }
+            None => {
+                replay_spill(&db, &settings.spill_path, settings.idempotency_window)
+                    .await
+                    .map_err(StartupError::Replay)?;
+                settings.spill_path.clone()
+            }
+        };
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .map_err(|source| StartupError::Bind {
@@ -148,6 +165,7 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         metrics.sample_at_scrape(Arc::clone(&batcher) as Arc<dyn Sampled>);
         metrics.sample_at_scrape(Arc::new(PoolGauges(db.clone())));
+        export_limits(&metrics, &settings);
         let recent_requests: SharedRecentRequests = Arc::default();
         let journal = match &settings.journal {
             Some(journal) => Some(Journal::connect(journal.clone()).await?),
@@ -223,6 +241,7 @@ impl Application {
             listener,
             local_addr,
             settings,
+            spill_file,
             state,
             flusher,
             journal,
@@ -268,6 +287,7 @@ impl Application {
             listener,
             local_addr,
             settings,
+            spill_file,
             state,
             flusher,
             journal,
@@ -355,7 +375,7 @@ impl Application {
                 tracing::warn!(keys, total = %total, "the database did not take the final flush; the increments stay in the journal, and the next writer applies them");
                 ShutdownReport::LeftInJournal { keys, total }
             }
-            (Err(unwritten), None) => spill_at_exit(&settings.spill_path, unwritten),
+            (Err(unwritten), None) => spill_at_exit(&spill_file, unwritten),
         };
         if let Some(reader) = lease {
             reader.release_lease().await;
@@ -395,6 +415,20 @@ fn spill_at_exit(path: &std::path::Path, unwritten: Unwritten) -> ShutdownReport
     }
 }
 
+/// Exports the configured bounds, so dashboards and alerts compare what is
+/// used with what is allowed.
+fn export_limits(metrics: &Metrics, settings: &Settings) {
+    metrics
+        .pending_keys_limit
+        .set(i64::try_from(settings.max_pending_keys).unwrap_or(i64::MAX));
+    metrics
+        .http_requests_in_flight_limit
+        .set(i64::try_from(settings.max_in_flight).unwrap_or(i64::MAX));
+    metrics
+        .flush_interval_seconds
+        .set(settings.flush_interval.as_secs_f64());
+}
+
 /// Writes the batches of a spill file left by an earlier run, each under its
 /// own id (so one that had committed is not applied twice), then deletes it.
 /// Runs before the service accepts traffic.
@@ -419,6 +453,29 @@ async fn replay_spill(
         path = %path.display(),
         "replayed the spill file of an earlier shutdown"
     );
+    Ok(())
+}
+
+/// Replays every spill file left in a directory shared by instances, each
+/// under a lock so that instances starting together replay each file once.
+/// The directory is created when missing.
+async fn replay_spill_dir(
+    db: &DatabaseConnection,
+    dir: &std::path::Path,
+    idempotency_window: std::time::Duration,
+) -> Result<(), ReplayError> {
+    std::fs::create_dir_all(dir).map_err(|source| SpillError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for path in spill::left_in(dir)? {
+        // Held by another instance's replay, or replayed since the listing.
+        let Some(claimed) = spill::claim(&path)? else {
+            continue;
+        };
+        replay_spill(db, claimed.path(), idempotency_window).await?;
+        claimed.remove()?;
+    }
     Ok(())
 }
 
@@ -479,6 +536,92 @@ impl Sampled for PoolGauges {
 }
 
 /// Opens the pool with settings suited to each backend.
+/// First delay between attempts to reach the database at start-up; doubled
+/// per attempt up to [`CONNECT_RETRY_MAX`].
+const CONNECT_RETRY_FIRST: Duration = Duration::from_millis(250);
+const CONNECT_RETRY_MAX: Duration = Duration::from_secs(4);
+
+/// Connects, waiting up to `db_connect_timeout` for a database that does not
+/// answer yet (still starting, its network or name not up: common when
+/// containers start together). Each failed attempt is logged with its real
+/// cause; a cause that waiting cannot cure (authentication, an unknown
+/// database, a bad URL, a SQLite file that cannot be opened) ends at once.
+async fn connect_waiting(settings: &Settings) -> Result<DatabaseConnection, Redacted> {
+    let url = &settings.database_url;
+    let deadline = tokio::time::Instant::now() + settings.db_connect_timeout;
+    let mut delay = CONNECT_RETRY_FIRST;
+    let mut attempt: u32 = 1;
+    loop {
+        // One plain connection first: the pool would report "pool timed
+        // out" and hide why.
+        let failure = match probe(url).await {
+            Ok(()) => match connect(settings).await {
+                Ok(db) => return Ok(db),
+                Err(e) => Redacted::new(&e, url),
+            },
+            Err(e) if !may_pass(&e) => return Err(with_hint(Redacted::of(&e, url), url)),
+            Err(e) => Redacted::of(&e, url),
+        };
+        let now = tokio::time::Instant::now();
+        if now + delay > deadline {
+            return Err(Redacted(format!(
+                "{failure} (still failing after {attempt} attempts over {:?}, --db-connect-timeout)",
+                settings.db_connect_timeout
+            )));
+        }
+        tracing::warn!(
+            attempt,
+            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            error = %failure,
+            url = %crate::settings::redact_url(url),
+            "the database does not answer yet; retrying"
+        );
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(CONNECT_RETRY_MAX);
+        attempt += 1;
+    }
+}
+
+/// One connection, opened and closed, with the driver's own error.
+async fn probe(url: &str) -> Result<(), sea_orm::sqlx::Error> {
+    use sea_orm::sqlx::{ConnectOptions as _, Connection as _};
+    if url.starts_with("postgres") {
+        let options: sea_orm::sqlx::postgres::PgConnectOptions = url.parse()?;
+        let connection = tokio::time::timeout(Duration::from_secs(5), options.connect())
+            .await
+            .map_err(|_| sea_orm::sqlx::Error::PoolTimedOut)??;
+        connection.close().await
+    } else if url.starts_with("sqlite") {
+        let options: sea_orm::sqlx::sqlite::SqliteConnectOptions = url.parse()?;
+        options.connect().await?.close().await
+    } else {
+        // Another scheme: SeaORM's own connect says what is wrong with it.
+        Ok(())
+    }
+}
+
+/// Whether waiting may cure `error`: the server is unreachable, or says it
+/// is starting up or shutting down (SQLSTATE class 57P).
+fn may_pass(error: &sea_orm::sqlx::Error) -> bool {
+    use sea_orm::sqlx::Error;
+    match error {
+        Error::Io(_) | Error::PoolTimedOut => true,
+        Error::Database(e) => e.code().is_some_and(|code| code.starts_with("57P")),
+        _ => false,
+    }
+}
+
+/// Adds what to do for the usual first-run mistake: a SQLite file that does
+/// not exist, opened without `mode=rwc`.
+fn with_hint(error: Redacted, url: &str) -> Redacted {
+    if url.starts_with("sqlite") && !url.contains("mode=") {
+        let hint = "the file does not exist or cannot be opened; to create it, add ?mode=rwc \
+                    (e.g. sqlite://increment.db?mode=rwc)";
+        return Redacted(format!("{}: {hint}", error.0));
+    }
+    error
+}
+
 async fn connect(settings: &Settings) -> Result<DatabaseConnection, DbErr> {
     let mut options = ConnectOptions::new(settings.database_url.clone());
     options

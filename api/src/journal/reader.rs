@@ -25,6 +25,10 @@ use crate::{Batcher, Flusher, metrics::Metrics, store, telemetry::error_chain};
 /// How long a lease lasts unless renewed; renewed every third of it.
 pub const LEASE: Duration = Duration::from_secs(6);
 
+/// How often the writer reads the stream's last sequence for the lag gauge
+/// (one small JetStream API request).
+const LAG_SAMPLE: Duration = Duration::from_secs(2);
+
 pub struct Reader {
     pub stream: jetstream::stream::Stream,
     pub cursor: Arc<Cursor>,
@@ -44,13 +48,53 @@ enum Ended {
 }
 
 impl Reader {
-    /// Takes the lease when it can and reads until `stop`.
+    /// Takes the lease when it can and reads until `stop`; meanwhile keeps
+    /// the lag gauge current.
     pub async fn run_until_stopped(&self, stop: CancellationToken) {
+        tokio::select! {
+            () = self.read_until_stopped(&stop) => {}
+            () = self.watch_lag(&stop) => {}
+        }
+    }
+
+    /// Sets `journal_lag_messages` every [`LAG_SAMPLE`] while this instance
+    /// holds the lease (0 otherwise). Its own loop: reading blocks while the
+    /// database is away, which is when the lag matters most.
+    async fn watch_lag(&self, stop: &CancellationToken) {
+        let mut tick = tokio::time::interval(LAG_SAMPLE);
         loop {
-            if !self.wait_for_lease(&stop).await {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            // The gauge is this reader's own record of holding the lease.
+            if self.metrics.journal_writer.get() != 1 {
+                self.metrics.journal_lag_messages.set(0);
+                continue;
+            }
+            match self.stream.get_info().await {
+                Ok(info) => {
+                    let lag = info
+                        .state
+                        .last_sequence
+                        .saturating_sub(self.cursor.applied());
+                    self.metrics
+                        .journal_lag_messages
+                        .set(i64::try_from(lag).unwrap_or(i64::MAX));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %error_chain(&e), "reading the journal stream's state failed");
+                }
+            }
+        }
+    }
+
+    async fn read_until_stopped(&self, stop: &CancellationToken) {
+        loop {
+            if !self.wait_for_lease(stop).await {
                 break;
             }
-            match self.read(&stop).await {
+            match self.read(stop).await {
                 Ended::Stopped => break,
                 Ended::Restart => {
                     // Whatever this reading recorded is dropped; the next one

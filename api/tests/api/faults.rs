@@ -99,6 +99,30 @@ async fn load(
     }
 }
 
+/// Start-up before the database answers (containers started together): it
+/// keeps trying with backoff and starts once the database is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_waits_for_a_database_that_comes_late() {
+    let Some((db, proxy, mut settings)) = through_proxy().await else {
+        return;
+    };
+    proxy.refuse();
+    settings.db_connect_timeout = Duration::from_secs(30);
+    let building = tokio::spawn(api::Application::build(settings));
+    // The outage itself: long enough for several attempts (250 ms, 500 ms, …).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(!building.is_finished(), "still waiting for the database");
+    proxy.restore();
+    let app = tokio::time::timeout(Duration::from_secs(20), building)
+        .await
+        .expect("started within 20 s of the database's return")
+        .expect("the task ran")
+        .expect("started");
+    assert!(app.local_addr().port() > 0);
+    drop(app);
+    drop(db);
+}
+
 /// Load runs; the database becomes unreachable and new keys push past the
 /// pending-key bound; it comes back. Every 202 is stored exactly once, 503s
 /// come only past the bound (with Retry-After), and /readyz follows the

@@ -9,6 +9,7 @@ db_tests!(
     shutdown_writes_everything_pending,
     shutdown_with_the_database_unavailable_spills_and_the_next_start_replays,
     a_spilled_batch_that_had_committed_is_not_replayed_twice,
+    a_shared_spill_dir_is_replayed_by_whichever_instance_starts_next,
 );
 
 async fn shutdown_writes_everything_pending(db: TestDb) {
@@ -84,4 +85,57 @@ async fn a_spilled_batch_that_had_committed_is_not_replayed_twice(db: TestDb) {
     let restarted = spawn_app_with(app.db, settings.clone()).await;
     assert_eq!(restarted.counters().await.get("k"), Some(&7));
     assert!(!settings.spill_path.exists());
+}
+
+/// Replicas share a spill directory (a named volume): what one spilled at
+/// shutdown is replayed by the next start of any of them, each file once; a
+/// file another instance is replaying (locked) is left to it.
+async fn a_shared_spill_dir_is_replayed_by_whichever_instance_starts_next(db: TestDb) {
+    let shared = tempfile::tempdir().unwrap();
+    let spill_dir = shared.path().join("spill");
+    let mut settings = test_settings(&db);
+    settings.shutdown_timeout = Duration::from_secs(1);
+    settings.spill_dir = Some(spill_dir.clone());
+    let app = spawn_app_with(db, settings.clone()).await;
+    assert!(spill_dir.is_dir(), "created at start");
+    app.db
+        .execute("ALTER TABLE counters RENAME TO counters_away")
+        .await;
+    for (key, value) in [("a", 1), ("b", 2)] {
+        assert_accepted(app.increment(key, value).await).await;
+    }
+    let (report, db) = app.shut_down().await;
+    assert!(
+        matches!(report, ShutdownReport::Spilled { total: 3, .. }),
+        "{report:?}"
+    );
+    let spilled = api::spill::left_in(&spill_dir).unwrap();
+    assert_eq!(spilled.len(), 1, "{spilled:?}");
+    db.execute("ALTER TABLE counters_away RENAME TO counters")
+        .await;
+
+    // Another instance's file, still being replayed by it (locked).
+    let other = api::spill::own_file(&spill_dir);
+    let batch = std::sync::Arc::new(api::batch::Batch::new([("c".to_owned(), 5)], 1));
+    api::spill::write(&other, &[batch]).unwrap();
+    let replaying = api::spill::claim(&other).unwrap().expect("not locked yet");
+
+    let replacement = spawn_app_with(db, settings.clone()).await;
+    assert_eq!(
+        replacement.counters().await,
+        BTreeMap::from([("a".into(), 1), ("b".into(), 2)]),
+        "the dead instance's file is replayed; the locked one is left"
+    );
+    assert_eq!(
+        api::spill::left_in(&spill_dir).unwrap(),
+        vec![other.clone()]
+    );
+
+    // Its replayer died without finishing: the lock went with it, and the
+    // next start takes the file up.
+    drop(replaying);
+    let (_, db) = replacement.shut_down().await;
+    let next = spawn_app_with(db, settings).await;
+    assert_eq!(next.counters().await.get("c"), Some(&5));
+    assert!(api::spill::left_in(&spill_dir).unwrap().is_empty());
 }

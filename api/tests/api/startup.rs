@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use api::Application;
 use sea_orm::{ConnectionTrait, Statement};
 use testkit::TestDb;
@@ -49,11 +51,15 @@ async fn the_start_up_error_of_an_unreachable_database_hides_the_password() {
     ] {
         let mut settings = api::Settings::with_database(url.clone());
         settings.migrate = false;
+        settings.db_connect_timeout = Duration::from_millis(600);
         let err = match Application::build(settings).await {
             Ok(_) => panic!("nothing listens on {port}"),
             Err(err) => err,
         };
         let chain = api::telemetry::error_chain(&err);
+        // The driver's own cause, not the pool's "timed out".
+        assert!(chain.contains("refused"), "{chain}");
+        assert!(chain.contains("attempts over 600ms"), "{chain}");
         let debug = format!("{err:?}");
         for text in [&chain, &debug] {
             assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
@@ -62,4 +68,19 @@ async fn the_start_up_error_of_an_unreachable_database_hides_the_password() {
             }
         }
     }
+}
+
+/// A SQLite file that does not exist, opened without `mode=rwc`: the error
+/// says how to have it created, at once (waiting cannot help).
+#[tokio::test]
+async fn a_missing_sqlite_file_says_how_to_create_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("new.db").display());
+    let started = std::time::Instant::now();
+    let err = match Application::build(api::Settings::with_database(url)).await {
+        Ok(_) => panic!("the file does not exist"),
+        Err(err) => api::telemetry::error_chain(&err),
+    };
+    assert!(err.contains("add ?mode=rwc"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "not retried");
 }
