@@ -5,6 +5,7 @@
 #   docker build -t increment .
 #   docker run --rm -p 4000:4000 increment          # embedded SQLite in /var/lib/increment
 #   docker compose up -d --scale increment=3        # with PostgreSQL, nginx, Prometheus, Grafana, Tempo
+#   kubectl apply -k deploy/kubernetes              # see deploy/kubernetes/README.md
 #
 # Build stage: the Rust image with the cargo registry and target directory in
 # BuildKit cache mounts, so a rebuild after a source change compiles only what
@@ -31,17 +32,25 @@ RUN apt-get update \
     && groupadd --system --gid 10001 increment \
     && useradd --system --uid 10001 --gid increment --home-dir /var/lib/increment \
         --no-create-home --shell /usr/sbin/nologin increment \
-    && install -d -o increment -g increment -m 0750 /var/lib/increment
+    && install -d -o increment -g increment -m 0750 /var/lib/increment /var/lib/increment/spill
 COPY --from=build /out/increment /usr/local/bin/increment
 
-# /var/lib/increment is the working directory and a volume. The spill file is
-# written there at shutdown if the database did not take the final flush, and
-# replayed at the next start, so it has to outlive the container. With
-# several replicas each container gets its own anonymous volume, so each has
-# its own spill file. Without DATABASE_URL the service uses its default, a
-# SQLite file relative to the working directory, which is also this one.
+# /var/lib/increment is the working directory and a volume. Without
+# DATABASE_URL the service uses its default, a SQLite file relative to the
+# working directory.
+# /var/lib/increment/spill is the spill dir: at shutdown, if the database did
+# not take the final flush, the instance writes its own file there, and at
+# start an instance replays every file it finds (each once). It has to
+# outlive the container and may be shared: docker-compose.yml mounts one
+# named volume there for every replica, Kubernetes an emptyDir or a volume
+# claim. The directory belongs to the service's user, and Docker copies that
+# owner into a new named volume mounted on it, so the user can write there.
+# INCREMENT_STOP_GRACE_PERIOD is the time between SIGTERM and SIGKILL the
+# platform allows, the service's shutdown timeout being 5 s less. 10s is
+# `docker stop`'s default; compose and Kubernetes set their own.
 ENV INCREMENT_LISTEN=0.0.0.0:4000 \
-    INCREMENT_SPILL_PATH=/var/lib/increment/spill.jsonl
+    INCREMENT_SPILL_DIR=/var/lib/increment/spill \
+    INCREMENT_STOP_GRACE_PERIOD=10s
 WORKDIR /var/lib/increment
 VOLUME ["/var/lib/increment"]
 USER increment:increment
@@ -55,8 +64,9 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["curl", "-fsS", "-o", "/dev/null", "--max-time", "2", "http://127.0.0.1:4000/healthz"]
 
 # SIGTERM (Docker's default stop signal) starts the graceful shutdown: stop
-# accepting, finish in-flight requests, write everything. Give it time with
-# `docker stop -t` / compose `stop_grace_period` longer than
-# INCREMENT_SHUTDOWN_TIMEOUT (30s by default).
+# accepting, finish in-flight requests, write everything. To give it longer,
+# raise both together: `docker run --stop-timeout 60 -e
+# INCREMENT_STOP_GRACE_PERIOD=60s` (compose: stop_grace_period, which
+# docker-compose.yml ties to the same variable).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/increment"]

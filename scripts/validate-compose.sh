@@ -17,8 +17,14 @@
 #      `pip download`). It runs as a docker CLI plugin when `docker` exists,
 #      otherwise on its own.
 #   4. What the schema cannot check (dependencies, mounts, build context,
-#      scaling, the stop grace period, nginx's placeholders) is a Rust test:
-#      tests/shipped/compose.rs, run by `cargo test`.
+#      scaling, the stop grace period, the spill dir, limits, secrets,
+#      nginx's placeholders) is a Rust test: tests/shipped/compose.rs, run by
+#      `cargo test`. This script checks the part of it that depends on how
+#      Compose resolves the file, on the CLI's normalised output: with
+#      INCREMENT_STOP_GRACE_PERIOD set, stop_grace_period and the service's
+#      variable both take the value; the spill dir is a named volume; every
+#      service has CPU and memory limits; the secrets are files that exist
+#      and no password is a plain environment value.
 #   5. nginx -t on nginx/increment.conf.template rendered the way the nginx
 #      image renders it, with the nginx service's environment. This is skipped
 #      if there is no local nginx or envsubst. An nginx older than 1.27.3
@@ -91,6 +97,8 @@ unset_env=(-u PUBLISH_ADDRESS -u INCREMENT_HTTP_PORT -u GRAFANA_PORT -u PROMETHE
   -u POSTGRES_USER -u POSTGRES_PASSWORD -u POSTGRES_DB -u GRAFANA_ADMIN_USER -u GRAFANA_ADMIN_PASSWORD
   -u INCREMENT_FLUSH_INTERVAL -u INCREMENT_SHUTDOWN_TIMEOUT -u RUST_LOG -u POSTGRES_IMAGE
   -u INCREMENT_IMAGE -u NGINX_IMAGE -u PROMETHEUS_IMAGE -u GRAFANA_IMAGE -u TEMPO_IMAGE
+  -u NATS_IMAGE -u INCREMENT_STOP_GRACE_PERIOD -u INCREMENT_SECRETS_DIR -u INCREMENT_ACCESS_LOG
+  -u INCREMENT_JOURNAL_URL -u INCREMENT_JOURNAL_MAX_BYTES
   -u COMPOSE_FILE -u COMPOSE_PROJECT_NAME -u COMPOSE_PROFILES)
 if command -v docker >/dev/null; then
   # The docker CLI finds the plugin in $DOCKER_CONFIG/cli-plugins. The
@@ -133,6 +141,56 @@ python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("services:", 
 step "3. the normalised config (variables filled in) against the schema"
 validate_schema "$tmp/normalised.json" || die "the normalised config does not match the schema"
 echo "valid"
+
+step "4. the invariants, as the Compose CLI resolves them"
+# A value no default has: if both places take it, they are one variable.
+# (`env -u` in compose() would drop it, so the plugin binary is run directly.)
+env "${unset_env[@]}" INCREMENT_STOP_GRACE_PERIOD=47s DOCKER_CONFIG="$tmp/docker" \
+  "$tmp/docker/cli-plugins/docker-compose" -f "$compose_file" config --format json >"$tmp/grace-47s.json"
+python3 - "$tmp/normalised.json" "$tmp/grace-47s.json" <<'EOF' || die "the compose file breaks an invariant (above)"
+import json, os, sys
+config, moved = (json.load(open(path)) for path in sys.argv[1:3])
+problems = []
+increment = config["services"]["increment"]
+env = increment.get("environment", {})
+grace = increment.get("stop_grace_period")
+print(f"stop_grace_period {grace}, INCREMENT_STOP_GRACE_PERIOD {env.get('INCREMENT_STOP_GRACE_PERIOD')}")
+if grace != env.get("INCREMENT_STOP_GRACE_PERIOD"):
+    problems.append("stop_grace_period and INCREMENT_STOP_GRACE_PERIOD differ")
+moved_increment = moved["services"]["increment"]
+if {moved_increment.get("stop_grace_period"), moved_increment["environment"].get("INCREMENT_STOP_GRACE_PERIOD")} != {"47s"}:
+    problems.append("INCREMENT_STOP_GRACE_PERIOD=47s does not set both stop_grace_period and the service's variable")
+else:
+    print("with INCREMENT_STOP_GRACE_PERIOD=47s: stop_grace_period 47s, the service told 47s")
+if "INCREMENT_SHUTDOWN_TIMEOUT" in env:
+    problems.append("INCREMENT_SHUTDOWN_TIMEOUT is set; it is derived from the grace period")
+spill = env.get("INCREMENT_SPILL_DIR")
+mounts = [v for v in increment.get("volumes", []) if v.get("target") == spill]
+if mounts and mounts[0]["type"] == "volume" and mounts[0]["source"] in config.get("volumes", {}):
+    print(f"spill dir {spill}: named volume {config['volumes'][mounts[0]['source']]['name']}, the same for every replica")
+else:
+    problems.append(f"the spill dir {spill} is not on a named volume")
+limits = {}
+for name, service in sorted(config["services"].items()):
+    limit = service.get("deploy", {}).get("resources", {}).get("limits", {})
+    if limit.get("cpus") and limit.get("memory"):
+        limits[name] = f"{limit['cpus']} CPU / {int(limit['memory']) >> 20} MiB"
+    else:
+        problems.append(f"{name} has no CPU and memory limits")
+print("limits: " + ", ".join(f"{n} {l}" for n, l in limits.items()))
+for name, secret in sorted(config.get("secrets", {}).items()):
+    if not os.path.isfile(secret.get("file", "")):
+        problems.append(f"the secret {name}'s file {secret.get('file')} does not exist")
+for service, plain in (("increment", "DATABASE_URL"), ("increment", "INCREMENT_ADMIN_TOKEN"), ("db", "POSTGRES_PASSWORD")):
+    service_env = config["services"][service].get("environment", {})
+    if plain in service_env or f"{plain}_FILE" not in service_env:
+        problems.append(f"{service}: {plain} is not read from a file ({plain}_FILE)")
+print("secrets as files: " + ", ".join(f"{n} <- {s.get('file')}" for n, s in sorted(config.get("secrets", {}).items())))
+for p in problems:
+    print("  " + p)
+sys.exit(1 if problems else 0)
+EOF
+echo "invariants: hold"
 
 step "5. nginx -t on nginx/increment.conf.template, filled in as the nginx image would do it"
 # The image's entrypoint runs envsubst on the names of the environment

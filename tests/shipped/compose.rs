@@ -7,6 +7,64 @@ use std::{collections::BTreeSet, path::Path, time::Duration};
 
 use serde_yaml::Value;
 
+/// The service takes this off its stop grace period to get its shutdown
+/// timeout, and refuses a shutdown timeout above the grace period less this.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
+
+/// The files a service reads its secrets from: `VARIABLE_FILE` set to
+/// `/run/secrets/NAME`, NAME among the service's secrets and a top-level
+/// secret with a `file`. Returns (variable, the file's path from the root).
+fn secret_files(
+    compose: &Value,
+    service: &Value,
+    variables: &[&str],
+) -> Result<Vec<(String, String)>, String> {
+    let env = environment(service);
+    let granted: BTreeSet<&str> = service
+        .get("secrets")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().or_else(|| text(s, "source")))
+        .collect();
+    let mut files = Vec::new();
+    for variable in variables {
+        if env_value(&env, variable).is_some() {
+            return Err(format!(
+                "{variable} is set as a plain value; use {variable}_FILE and a secret"
+            ));
+        }
+        let file_variable = format!("{variable}_FILE");
+        let Some(path) = env_value(&env, &file_variable) else {
+            return Err(format!("{file_variable} is not set"));
+        };
+        let Some(name) = path.strip_prefix("/run/secrets/") else {
+            return Err(format!(
+                "{file_variable} ({path}) is not under /run/secrets"
+            ));
+        };
+        if !granted.contains(name) {
+            return Err(format!(
+                "{file_variable}: the service is not given the secret {name}"
+            ));
+        }
+        let Some(file) = text(&compose["secrets"][name], "file") else {
+            return Err(format!(
+                "{file_variable}: the secret {name} is not a top-level secret from a file"
+            ));
+        };
+        files.push(((*variable).to_owned(), file.to_owned()));
+    }
+    Ok(files)
+}
+
+/// A secret file's content as the service reads it (trailing newline trimmed).
+fn read_secret(root: &Path, file: &str) -> Result<String, String> {
+    std::fs::read_to_string(root.join(file))
+        .map(|content| content.trim_end_matches(['\n', '\r']).to_owned())
+        .map_err(|e| format!("the secret file {file}: {e}"))
+}
+
 /// `text` with `${VAR:-default}` / `${VAR-default}` replaced by the default,
 /// `${VAR}` and `$VAR` by nothing, and `$$` by `$`.
 fn interpolate(text: &str) -> String {
@@ -152,6 +210,12 @@ fn problems(compose: &Value, root: &Path, template: &str) -> Vec<String> {
     let service = |name: &str| services.get(name);
     for (name, spec) in services {
         let name = name.as_str().unwrap_or("?");
+        let limits = &spec["deploy"]["resources"]["limits"];
+        if limits.get("cpus").is_none() || limits.get("memory").is_none() {
+            problems.push(format!(
+                "{name} has no CPU and memory limits (deploy.resources.limits)"
+            ));
+        }
         if let Some(Value::Mapping(deps)) = spec.get("depends_on") {
             for (dep, condition) in deps {
                 let dep = dep.as_str().unwrap_or("?");
@@ -197,13 +261,100 @@ fn problems(compose: &Value, root: &Path, template: &str) -> Vec<String> {
                 problems.push("increment has a container_name; it could not be scaled".to_owned());
             }
             let env = environment(increment);
-            let timeout = duration(env_value(&env, "INCREMENT_SHUTDOWN_TIMEOUT").unwrap_or("30s"));
+            // Docker's SIGTERM-to-SIGKILL time, and what the service is told it is.
             let grace = duration(text(increment, "stop_grace_period").unwrap_or("10s"));
-            if grace <= timeout {
+            match env_value(&env, "INCREMENT_STOP_GRACE_PERIOD").map(duration) {
+                None => problems.push(
+                    "increment: INCREMENT_STOP_GRACE_PERIOD is not set, so the shutdown timeout is not derived from stop_grace_period"
+                        .to_owned(),
+                ),
+                Some(told) if told != grace => problems.push(format!(
+                    "increment: stop_grace_period ({grace:?}) is not the INCREMENT_STOP_GRACE_PERIOD the service is told ({told:?})"
+                )),
+                Some(_) => {}
+            }
+            if let Some(timeout) = env_value(&env, "INCREMENT_SHUTDOWN_TIMEOUT").map(duration)
+                && timeout + SHUTDOWN_MARGIN > grace
+            {
                 problems.push(format!(
-                    "increment: stop_grace_period ({grace:?}) must be longer than \
-                     INCREMENT_SHUTDOWN_TIMEOUT ({timeout:?}), or Docker kills it mid-flush"
+                    "increment: INCREMENT_SHUTDOWN_TIMEOUT ({timeout:?}) is above stop_grace_period \
+                     ({grace:?}) less {SHUTDOWN_MARGIN:?}: the service refuses to start"
                 ));
+            }
+            // The service wants at least a second of shutdown after the margin.
+            if grace < SHUTDOWN_MARGIN + Duration::from_secs(1) {
+                problems.push(format!(
+                    "increment: stop_grace_period ({grace:?}) is under 6s: the service refuses a grace period that leaves less than 1s after the {SHUTDOWN_MARGIN:?} margin"
+                ));
+            }
+            // Spill files on a named volume that every replica mounts, so a
+            // replacement replays what a stopped replica left.
+            let named: BTreeSet<&str> = compose
+                .get("volumes")
+                .and_then(Value::as_mapping)
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, _)| k.as_str())
+                .collect();
+            match env_value(&env, "INCREMENT_SPILL_DIR") {
+                None => problems.push("increment: INCREMENT_SPILL_DIR is not set (spill files would stay in the container)".to_owned()),
+                Some(dir) => {
+                    if !volumes(increment)
+                        .iter()
+                        .any(|(source, target)| target == dir && named.contains(source.as_str()))
+                    {
+                        problems.push(format!(
+                            "increment: the spill dir {dir} is not on a named volume shared by the replicas"
+                        ));
+                    }
+                }
+            }
+            if env_value(&env, "INCREMENT_SPILL_PATH").is_some() {
+                problems.push("increment: INCREMENT_SPILL_PATH is one file per container; use INCREMENT_SPILL_DIR".to_owned());
+            }
+            // Secrets as files, and the database URL agreeing with the
+            // database's own user, password and name.
+            let db_password = service("db").map(|db| {
+                let files = secret_files(compose, db, &["POSTGRES_PASSWORD"])?;
+                read_secret(root, &files[0].1)
+            });
+            if let Some(Err(problem)) = &db_password {
+                problems.push(format!("db: {problem}"));
+            }
+            let secrets = secret_files(
+                compose,
+                increment,
+                &["DATABASE_URL", "INCREMENT_ADMIN_TOKEN"],
+            )
+            .and_then(|files| {
+                Ok((
+                    read_secret(root, &files[0].1)?,
+                    read_secret(root, &files[1].1)?,
+                ))
+            });
+            match secrets {
+                Err(problem) => problems.push(format!("increment: {problem}")),
+                Ok((url, token)) => {
+                    if token.len() < 16 {
+                        problems.push(
+                            "increment: the admin token is shorter than 16 characters".to_owned(),
+                        );
+                    }
+                    if let (Some(db), Some(Ok(password))) = (service("db"), &db_password) {
+                        let db_env = environment(db);
+                        let expected = format!(
+                            "postgres://{}:{password}@db:5432/{}",
+                            env_value(&db_env, "POSTGRES_USER").unwrap_or("postgres"),
+                            env_value(&db_env, "POSTGRES_DB").unwrap_or("postgres"),
+                        );
+                        if url != expected {
+                            problems.push(
+                                "increment's database-url does not point at the db service with its user, password and database"
+                                    .to_owned(),
+                            );
+                        }
+                    }
+                }
             }
             let journal = env_value(&env, "INCREMENT_JOURNAL_URL").unwrap_or("");
             if names.contains("nats") && !journal.contains("//nats:") {
@@ -218,14 +369,6 @@ fn problems(compose: &Value, root: &Path, template: &str) -> Vec<String> {
                 problems.push(
                     "increment does not wait for the journal (nats) to be healthy".to_owned(),
                 );
-            }
-            if names.contains("db")
-                && !env_value(&env, "DATABASE_URL")
-                    .unwrap_or("")
-                    .contains("@db:")
-            {
-                problems
-                    .push("increment's DATABASE_URL does not point at the db service".to_owned());
             }
         }
     }
@@ -333,9 +476,47 @@ fn broken_copies_are_refused() {
         edit(&mut compose);
         problems(&compose, &root, &template)
     };
-    let cases: [(&str, &Edit); 8] = [
+    let cases: [(&str, &Edit); 18] = [
         ("stop_grace_period", &|c| {
             c["services"]["increment"]["stop_grace_period"] = "5s".into()
+        }),
+        ("is under 6s", &|c| {
+            c["services"]["increment"]["stop_grace_period"] = "5s".into();
+            c["services"]["increment"]["environment"]["INCREMENT_STOP_GRACE_PERIOD"] = "5s".into();
+        }),
+        ("INCREMENT_STOP_GRACE_PERIOD is not set", &|c| {
+            let env = c["services"]["increment"]["environment"]
+                .as_mapping_mut()
+                .unwrap();
+            env.remove("INCREMENT_STOP_GRACE_PERIOD");
+        }),
+        ("refuses to start", &|c| {
+            c["services"]["increment"]["environment"]["INCREMENT_SHUTDOWN_TIMEOUT"] = "26s".into()
+        }),
+        ("not on a named volume", &|c| {
+            c["services"]["increment"]["volumes"] =
+                serde_yaml::from_str("[\"/tmp/spill:/var/lib/increment/spill\"]").unwrap();
+        }),
+        ("one file per container", &|c| {
+            c["services"]["increment"]["environment"]["INCREMENT_SPILL_PATH"] =
+                "/var/lib/increment/spill.jsonl".into()
+        }),
+        ("tempo has no CPU and memory limits", &|c| {
+            c["services"]["tempo"]["deploy"]["resources"]["limits"] =
+                serde_yaml::from_str("{memory: 1g}").unwrap();
+        }),
+        ("DATABASE_URL is set as a plain value", &|c| {
+            c["services"]["increment"]["environment"]["DATABASE_URL"] =
+                "postgres://increment:increment@db:5432/increment".into()
+        }),
+        ("POSTGRES_PASSWORD is set as a plain value", &|c| {
+            c["services"]["db"]["environment"]["POSTGRES_PASSWORD"] = "increment".into()
+        }),
+        ("not given the secret admin-token", &|c| {
+            c["services"]["increment"]["secrets"] = serde_yaml::from_str("[database-url]").unwrap();
+        }),
+        ("with its user, password and database", &|c| {
+            c["services"]["db"]["environment"]["POSTGRES_DB"] = "other".into()
         }),
         ("host ports", &|c| {
             c["services"]["increment"]["ports"] = serde_yaml::from_str("[\"4000:4000\"]").unwrap()
@@ -376,9 +557,54 @@ fn broken_copies_are_refused() {
     }
 }
 
+/// `stop_grace_period` and the service's `INCREMENT_STOP_GRACE_PERIOD` are
+/// one expression (a YAML alias), so setting the variable moves both.
+#[test]
+fn the_grace_period_is_written_once() {
+    let raw: Value = serde_yaml::from_str(&crate::read("docker-compose.yml")).expect("valid YAML");
+    let increment = &raw["services"]["increment"];
+    let docker = text(increment, "stop_grace_period");
+    let told = text(&increment["environment"], "INCREMENT_STOP_GRACE_PERIOD");
+    assert_eq!(docker, told);
+    assert!(
+        docker.is_some_and(|d| d.starts_with("${INCREMENT_STOP_GRACE_PERIOD:-")),
+        "{docker:?}"
+    );
+    let source = crate::read("docker-compose.yml");
+    assert_eq!(
+        source.matches("${INCREMENT_STOP_GRACE_PERIOD").count(),
+        1,
+        "the default is written once"
+    );
+}
+
 #[test]
 fn interpolation_and_durations_follow_compose() {
     assert_eq!(interpolate("${A:-1s}/${B-x}/${C}/$$D/$E."), "1s/x//$D/.");
     assert_eq!(duration("1m30s"), Duration::from_secs(90));
     assert_eq!(duration("500ms"), Duration::from_millis(500));
+}
+
+/// `.env.example` lists every variable the compose file reads.
+#[test]
+fn env_example_lists_every_variable() {
+    let compose = crate::read("docker-compose.yml");
+    let example = crate::read(".env.example");
+    let listed: BTreeSet<&str> = example
+        .lines()
+        .filter_map(|line| line.trim_start_matches('#').split_once('='))
+        .map(|(name, _)| name)
+        .collect();
+    let read: BTreeSet<&str> = compose
+        .match_indices("${")
+        // `$${NAME}` is the container's own variable, not the compose file's.
+        .filter(|(at, _)| !compose[..*at].ends_with('$'))
+        .filter_map(|(at, _)| {
+            let rest = &compose[at + 2..];
+            let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
+            Some(&rest[..end])
+        })
+        .collect();
+    let missing: Vec<&&str> = read.difference(&listed).collect();
+    assert!(missing.is_empty(), ".env.example lacks {missing:?}");
 }
