@@ -28,7 +28,7 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 /// An RFC 9457 problem document.
 #[derive(Debug, Clone, PartialEq, Eq, Object, serde::Serialize, serde::Deserialize)]
 pub struct Problem {
-    /// What kind of problem: `/problems/{slug}`, one per cause (the README
+    /// What kind of problem: `/problems/{slug}`, one per cause (docs/api.md
     /// lists them); stable, so clients may branch on it. `about:blank` for
     /// statuses with no cause of their own.
     #[oai(rename = "type")]

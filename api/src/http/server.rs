@@ -16,7 +16,7 @@
 //!   its head must be complete within `header_timeout`. At shutdown, heads
 //!   still incomplete are abandoned at once.
 //! - **HTTP/1.1 only**: an HTTP/2 preface is a malformed HTTP/1 request and
-//!   the connection is closed (see the README for why).
+//!   the connection is closed (docs/design.md says why).
 
 use std::{
     convert::Infallible,
