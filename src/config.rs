@@ -132,6 +132,11 @@ pub struct Config {
     #[arg(long, env = "INCREMENT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 
+    /// One log line per request (target increment::access, INFO): method, route, status,
+    /// duration_ms, request_bytes, response_bytes, request_id, trace_id.
+    #[arg(long, env = "INCREMENT_ACCESS_LOG")]
+    pub access_log: bool,
+
     /// NATS server(s) of the journal (e.g. nats://127.0.0.1:4222, comma-separated
     /// for a cluster). Set: a 202 means stored in JetStream. Unset: held in memory.
     #[arg(long, env = "INCREMENT_JOURNAL_URL")]
@@ -294,6 +299,7 @@ impl Config {
             idempotency_window: self.idempotency_window,
             idempotency_memory: self.idempotency_memory,
             idempotency_lookup: self.idempotency_lookup,
+            access_log: self.access_log,
             journal: self.journal_url.filter(|u| !u.is_empty()).map(|url| {
                 let mut journal = api::journal::JournalSettings::new(url);
                 journal.stream = self.journal_stream;
@@ -435,6 +441,7 @@ mod tests {
         assert_eq!(settings.max_pending_keys, 1_000_000);
         assert_eq!(settings.wait_timeout, Duration::from_secs(5));
         assert_eq!(settings.admin_token, None);
+        assert!(!settings.access_log);
     }
 
     #[test]

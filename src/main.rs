@@ -3,7 +3,7 @@
 
 mod config;
 
-use std::sync::Arc;
+use std::{process::ExitCode, sync::Arc};
 
 use anyhow::Context;
 use api::{Application, ShutdownReport};
@@ -15,28 +15,54 @@ use api::{Application, ShutdownReport};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let config = config::Config::load();
     let telemetry_settings = config.telemetry_settings();
-    let telemetry =
-        Arc::new(api::telemetry::init(&telemetry_settings).context("starting logs and traces")?);
+    let telemetry = match api::telemetry::init(&telemetry_settings) {
+        Ok(telemetry) => Arc::new(telemetry),
+        Err(e) => {
+            // No subscriber to log through: the line by hand, in the format asked for.
+            let error = api::telemetry::error_chain(&e);
+            eprintln!(
+                "{}",
+                api::telemetry::line_without_subscriber(
+                    telemetry_settings.log_format,
+                    "starting logs and traces failed",
+                    &error
+                )
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     let settings = config.into_settings();
     tracing::info!(
-        ?settings,
-        telemetry = ?telemetry_settings,
         version = env!("CARGO_PKG_VERSION"),
+        log_format = ?telemetry_settings.log_format,
+        otlp_endpoint = telemetry_settings.otlp_endpoint.as_deref().map(api::settings::redact_url),
+        service_name = %telemetry_settings.service_name,
+        instance_id = %telemetry_settings.instance_id,
         "starting"
     );
+    settings.log_effective();
     let result = serve(settings).await;
+    // Through the subscriber, so that it is JSON in JSON mode like every
+    // other line (returning the error would print anyhow's plain text).
+    if let Err(e) = &result {
+        tracing::error!(error = %format!("{e:#}"), "exiting on an error");
+    }
     // Export the spans still buffered (blocking: off the async workers).
     let exporter = Arc::clone(&telemetry);
     if tokio::task::spawn_blocking(move || exporter.shutdown())
         .await
         .is_err()
     {
-        eprintln!("stopping telemetry panicked");
+        tracing::error!("stopping telemetry panicked");
     }
-    result
+    if result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 async fn serve(settings: api::Settings) -> anyhow::Result<()> {

@@ -132,8 +132,9 @@ pub struct Flusher {
     /// With the journal on: which journal messages the batcher holds; each
     /// drain's batch is stamped with its span.
     journal: Option<Arc<Cursor>>,
-    /// The last flush failed: its batch waits in flight for a retry.
-    stalled: std::sync::atomic::AtomicBool,
+    /// Flushes failed in a row (0: the last one succeeded); while above 0,
+    /// the failed batch waits in flight for a retry.
+    failures: std::sync::atomic::AtomicU32,
     /// How long an applied `Idempotency-Key` keeps a repeat out.
     idempotency_window: Duration,
     /// An idempotency-key pruning task is running.
@@ -196,7 +197,7 @@ impl Flusher {
             last_prune: Mutex::new(None),
             write_connections: DEFAULT_WRITE_CONNECTIONS,
             journal: None,
-            stalled: std::sync::atomic::AtomicBool::new(false),
+            failures: std::sync::atomic::AtomicU32::new(0),
             idempotency_window: store::DEFAULT_IDEMPOTENCY_WINDOW,
             pruning_keys: Arc::default(),
             last_key_prune: Mutex::new(None),
@@ -221,7 +222,7 @@ impl Flusher {
     /// journal reader stops reading meanwhile: the journal, not memory,
     /// holds the backlog while the database is away.
     pub fn is_stalled(&self) -> bool {
-        self.stalled.load(std::sync::atomic::Ordering::Relaxed)
+        self.failures.load(std::sync::atomic::Ordering::Relaxed) > 0
     }
 
     /// Asks the loop for an early flush.
@@ -280,8 +281,6 @@ impl Flusher {
         let in_flight = Arc::clone(&self.in_flight).lock_owned().await;
         let started = Instant::now();
         let result = self.flush_serialised(in_flight).await;
-        self.stalled
-            .store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
         let metrics = &self.metrics;
         match &result {
             Ok(FlushOutcome::Empty) => metrics.last_flush_success_timestamp_seconds.set(unix_now()),
@@ -293,12 +292,26 @@ impl Flusher {
                 metrics.flushed_keys_total.inc_by(*keys as u64);
                 metrics.last_flush_success_timestamp_seconds.set(unix_now());
             }
-            Err(_) => {
+            Err(e) => {
                 metrics
                     .flush_duration_seconds
                     .observe(started.elapsed().as_secs_f64());
                 metrics.flush_failures_total.inc();
                 tracing::Span::current().record("outcome", "failed");
+                // Logged here, inside the flush span, so that the line carries
+                // its trace id (whoever called: the loop, `/admin/flush`, the
+                // final flush).
+                let failures = self
+                    .failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    .saturating_add(1);
+                tracing::warn!(error = %error_chain(e), failures, "flush failed; the batch is kept and retried");
+            }
+        }
+        if result.is_ok() {
+            let failures = self.failures.swap(0, std::sync::atomic::Ordering::Relaxed);
+            if failures > 0 {
+                tracing::info!(failures, "flush succeeded again");
             }
         }
         result
@@ -614,17 +627,10 @@ impl Flusher {
             } else if !self.wait_for_retry(delay, &stop).await {
                 return;
             }
+            // `flush_once` logs the failure and the recovery, in its span.
             match self.flush_once().await {
-                Ok(_) => {
-                    if failures > 0 {
-                        tracing::info!(failures, "flush succeeded again");
-                    }
-                    failures = 0;
-                }
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    tracing::warn!(error = %error_chain(&e), failures, "flush failed; the batch is kept and retried");
-                }
+                Ok(_) => failures = 0,
+                Err(_) => failures = failures.saturating_add(1),
             }
         }
     }
@@ -671,9 +677,9 @@ impl Flusher {
             match tokio::time::timeout_at(deadline, self.flush_once()).await {
                 Ok(Ok(FlushOutcome::Empty)) => return Ok(()),
                 Ok(Ok(FlushOutcome::Written { .. })) => failures = 0,
-                Ok(Err(e)) => {
+                // Logged by `flush_once`, in its span.
+                Ok(Err(_)) => {
                     failures = failures.saturating_add(1);
-                    tracing::warn!(error = %error_chain(&e), failures, "final flush failed; retrying until the shutdown deadline");
                     let wake = tokio::time::Instant::now() + retry_backoff(self.interval, failures);
                     if wake >= deadline {
                         break;

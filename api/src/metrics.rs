@@ -18,10 +18,11 @@ const NAMESPACE: &str = "increment";
 
 /// HTTP latency buckets, seconds. A request that only records into memory
 /// takes tens of microseconds, so the buckets start at 25 µs and are dense
-/// below 1 ms; the tail reaches the body read timeouts.
+/// below 1 ms; the tail reaches the default `--wait-timeout` (5 s, how long
+/// `wait=true` may wait) and `--body-timeout` (10 s).
 const HTTP_LATENCY_BUCKETS: &[f64] = &[
     0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.000_75, 0.001, 0.002_5, 0.005, 0.01, 0.025,
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// Flush latency buckets, seconds: a few keys take ~1 ms, a million keys
@@ -109,6 +110,9 @@ metrics! {
         http_requests_total: IntCounterVec["route", "method", "status"],
         /// HTTP request latency by route and method.
         http_request_duration_seconds: HistogramVec["route", "method"] = HTTP_LATENCY_BUCKETS,
+        /// HTTP requests being handled now (from the front door to the
+        /// response, refusals included).
+        http_requests_in_flight: IntGauge,
         /// Increments answered 202 (held in memory, to be written).
         increments_accepted_total: IntCounter,
         /// Increments refused, by reason.

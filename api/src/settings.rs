@@ -86,6 +86,8 @@ pub struct Settings {
     /// once, a reused key refused); off: the flush's transaction alone
     /// decides, which is cheaper.
     pub idempotency_lookup: bool,
+    /// One log line per request (target `increment::access`, INFO).
+    pub access_log: bool,
 }
 
 impl Settings {
@@ -120,6 +122,7 @@ impl Settings {
             idempotency_window: crate::store::DEFAULT_IDEMPOTENCY_WINDOW,
             idempotency_memory: crate::http::intake::DEFAULT_RECENT_KEYS,
             idempotency_lookup: true,
+            access_log: false,
         }
     }
 
@@ -277,6 +280,7 @@ impl fmt::Debug for Settings {
             .field("idempotency_window", &self.idempotency_window)
             .field("idempotency_memory", &self.idempotency_memory)
             .field("idempotency_lookup", &self.idempotency_lookup)
+            .field("access_log", &self.access_log)
             .field(
                 "journal",
                 &self
@@ -289,6 +293,53 @@ impl fmt::Debug for Settings {
                 &self.admin_token.as_ref().map(|_| "<redacted>"),
             )
             .finish()
+    }
+}
+
+impl Settings {
+    /// Logs the effective settings as fields (numbers as numbers), secrets
+    /// redacted like the `Debug` impl does. Two lines: one event holds at
+    /// most 32 fields.
+    pub fn log_effective(&self) {
+        tracing::info!(
+            listen = %self.listen,
+            database_url = %redact_url(&self.database_url),
+            flush_interval = ?self.flush_interval,
+            cache_capacity = self.cache_capacity.get(),
+            cache_ttl = ?self.cache_ttl,
+            max_body = self.max_body,
+            db_pool_size = self.db_pool_size,
+            flush_connections = self.flush_connections,
+            shutdown_timeout = ?self.shutdown_timeout,
+            migrate = self.migrate,
+            max_pending_keys = self.max_pending_keys,
+            wait_timeout = ?self.wait_timeout,
+            spill_path = %self.spill_path.display(),
+            admin_routes = self.admin_token.is_some(),
+            max_connections = self.max_connections,
+            max_in_flight = self.max_in_flight,
+            header_timeout = ?self.header_timeout,
+            body_timeout = ?self.body_timeout,
+            idle_timeout = ?self.idle_timeout,
+            max_head_bytes = self.max_head_bytes,
+            fast_path = self.fast_path,
+            idempotency_window = ?self.idempotency_window,
+            idempotency_memory = self.idempotency_memory,
+            idempotency_lookup = self.idempotency_lookup,
+            access_log = self.access_log,
+            journal = self.journal.is_some(),
+            "settings"
+        );
+        if let Some(journal) = &self.journal {
+            tracing::info!(
+                url = %redact_url(&journal.url),
+                stream = %journal.stream,
+                replicas = journal.replicas,
+                max_bytes = journal.max_bytes,
+                in_flight = journal.in_flight,
+                "journal settings"
+            );
+        }
     }
 }
 

@@ -234,6 +234,7 @@ impl Application {
             wait_timeout: settings.wait_timeout,
             admin_token: settings.admin_token.as_deref().map(Arc::from),
             fast_path: settings.fast_path,
+            access_log: settings.access_log,
             journal: journal.as_ref().map(|j| Arc::clone(&j.reader.cursor)),
             journal_client: journal.as_ref().map(|j| j.client.clone()),
         };

@@ -8,7 +8,7 @@
 //! OpenTelemetry layer is not installed at all (it costs microseconds per
 //! request).
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{fmt, io::IsTerminal, sync::Arc, time::Duration};
 
 use opentelemetry::{
     KeyValue, global,
@@ -18,12 +18,16 @@ use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
-use tracing::{Event, Subscriber, field::Field};
+use tracing::{
+    Event, Subscriber,
+    field::Field,
+    span::{Attributes, Id},
+};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
-    EnvFilter,
+    EnvFilter, Layer,
     fmt::{FmtContext, FormatEvent, FormatFields, format::Writer},
-    layer::SubscriberExt,
+    layer::{Context, SubscriberExt},
     registry::LookupSpan,
     util::SubscriberInitExt,
 };
@@ -31,6 +35,11 @@ use tracing_subscriber::{
 /// Default filter when `RUST_LOG` is unset: our crates at info, the SQL driver
 /// quiet (it would log every multi-thousand-row statement).
 pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,sea_orm=warn";
+
+/// The span field holding a request's id (`X-Request-Id`). JSON lines of
+/// events inside the span, or inside its children (a flush called by
+/// `/admin/flush`), repeat it; text lines show it with the span's fields.
+pub const REQUEST_ID_FIELD: &str = "request_id";
 
 /// How many request spans a flush span links to, at most.
 pub const MAX_FLUSH_LINKS: usize = 8;
@@ -40,7 +49,8 @@ pub const MAX_FLUSH_LINKS: usize = 8;
 pub enum LogFormat {
     #[default]
     Text,
-    /// One JSON object per line, with `trace_id` and `span_id` inside a span.
+    /// One JSON object per line, with `trace_id`, `span_id` and the
+    /// request's `request_id` inside a span.
     Json,
 }
 
@@ -103,10 +113,10 @@ impl Telemetry {
     /// call from `spawn_blocking` inside a runtime.
     pub fn shutdown(&self) {
         if let Err(e) = self.provider.force_flush() {
-            eprintln!("flushing spans at exit failed: {e}");
+            tracing::warn!(error = %e, "flushing spans at exit failed");
         }
         if let Err(e) = self.provider.shutdown() {
-            eprintln!("stopping the span exporter failed: {e}");
+            tracing::warn!(error = %e, "stopping the span exporter failed");
         }
     }
 }
@@ -149,9 +159,17 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     match settings.log_format {
         LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(use_colour(
+                        std::io::stderr().is_terminal(),
+                        std::env::var_os("NO_COLOR"),
+                    )),
+            )
             .try_init()?,
         LogFormat::Json => registry
+            .with(RequestIds)
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::io::stderr)
@@ -163,6 +181,29 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
         provider,
         exporting: settings.otlp_endpoint.is_some(),
     })
+}
+
+/// An ERROR line for when no subscriber could be installed, in `format`
+/// (the JSON has the fields a [`JsonWithTraceIds`] line has outside spans).
+pub fn line_without_subscriber(format: LogFormat, message: &str, error: &str) -> String {
+    let timestamp = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    match format {
+        LogFormat::Text => format!("{timestamp} ERROR {message}: {error}"),
+        LogFormat::Json => serde_json::json!({
+            "timestamp": timestamp,
+            "level": "ERROR",
+            "target": "increment",
+            "message": message,
+            "error": error,
+        })
+        .to_string(),
+    }
+}
+
+/// Colour codes only for a terminal (a file or a pipe would keep them), and
+/// never with a non-empty `NO_COLOR` (<https://no-color.org>).
+fn use_colour(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|value| value.is_empty())
 }
 
 /// Text logs without export, for tests; a second call is a no-op.
@@ -186,8 +227,12 @@ fn traces_url(endpoint: &str) -> String {
 }
 
 /// JSON lines: `timestamp`, `level`, `target`, `message`, the event's fields,
-/// `span` (the innermost span's name), and `trace_id`/`span_id` when inside a
-/// span.
+/// and, for an event inside a span: `span` (the innermost span's name),
+/// `trace_id`/`span_id` and the `request_id` of the request it belongs to.
+///
+/// The span is the event's own (its explicit `parent:`, else the current
+/// span), and its ids are read from that span, not from whatever span the
+/// thread happens to be in.
 struct JsonWithTraceIds;
 
 impl<S, N> FormatEvent<S, N> for JsonWithTraceIds
@@ -212,20 +257,72 @@ where
         line.insert("level".into(), meta.level().as_str().into());
         line.insert("target".into(), meta.target().into());
         event.record(&mut JsonFields(&mut line));
-        if let Some(span) = ctx.lookup_current() {
+        if let Some(span) = ctx.parent_span() {
             line.insert("span".into(), span.name().into());
-            let context = tracing::Span::current().context();
-            let span_context = context.span().span_context().clone();
-            if span_context.is_valid() {
-                line.insert(
-                    "trace_id".into(),
-                    span_context.trace_id().to_string().into(),
-                );
-                line.insert("span_id".into(), span_context.span_id().to_string().into());
+            let request_id = span.scope().find_map(|ancestor| {
+                ancestor
+                    .extensions()
+                    .get::<RequestIdOf>()
+                    .map(|id| id.0.clone())
+            });
+            if let Some(request_id) = request_id {
+                line.insert(REQUEST_ID_FIELD.into(), request_id.into());
+            }
+            // No span extension may be held here: this locks them.
+            let context = tracing::dispatcher::get_default(|dispatch| {
+                tracing_opentelemetry::get_otel_context(&span.id(), dispatch)
+            });
+            if let Some(context) = context {
+                let span_context = context.span().span_context().clone();
+                if span_context.is_valid() {
+                    line.insert(
+                        "trace_id".into(),
+                        span_context.trace_id().to_string().into(),
+                    );
+                    line.insert("span_id".into(), span_context.span_id().to_string().into());
+                }
             }
         }
         let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
         writeln!(writer, "{text}")
+    }
+}
+
+/// A span's request id, kept where the JSON formatter finds it.
+struct RequestIdOf(String);
+
+/// Keeps the [`REQUEST_ID_FIELD`] of each span that declares one (only the
+/// request span does; other spans cost one field look-up).
+struct RequestIds;
+
+impl<S> Layer<S> for RequestIds
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        if attrs.metadata().fields().field(REQUEST_ID_FIELD).is_none() {
+            return;
+        }
+        let mut found = FindRequestId(None);
+        attrs.record(&mut found);
+        if let (Some(request_id), Some(span)) = (found.0, ctx.span(id)) {
+            span.extensions_mut().insert(RequestIdOf(request_id));
+        }
+    }
+}
+
+struct FindRequestId(Option<String>);
+
+impl tracing::field::Visit for FindRequestId {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == REQUEST_ID_FIELD {
+            self.0 = Some(value.to_owned());
+        }
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == REQUEST_ID_FIELD {
+            self.0 = Some(format!("{value:?}"));
+        }
     }
 }
 
@@ -308,6 +405,17 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(use_colour(true, None));
+        assert!(
+            use_colour(true, Some("".into())),
+            "an empty NO_COLOR is unset"
+        );
+        assert!(!use_colour(true, Some("1".into())));
+        assert!(!use_colour(false, None));
+    }
 
     #[test]
     fn the_traces_path_is_appended_once() {

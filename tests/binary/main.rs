@@ -5,4 +5,5 @@ mod crash;
 mod e2e;
 mod idempotency;
 mod journal;
+mod logs;
 mod service;

@@ -1,20 +1,33 @@
 //! The release-independent harness for tests that run the real binary.
 #![allow(dead_code)] // crash and e2e each use a part of it
 
-use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
+use std::{net::SocketAddr, path::Path, process::Stdio, sync::Arc, time::Duration};
 
 use nix::{sys::signal::Signal, unistd::Pid};
+use parking_lot::Mutex;
 use testkit::TestDb;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, ChildStderr, Command},
 };
 
+/// Every line the binary has written to stderr so far.
+pub type Logs = Arc<Mutex<Vec<String>>>;
+
 /// The binary under test, listening on a free loopback port.
 pub struct Service {
     pub child: Child,
     pub base: String,
+    pub logs: Logs,
 }
+
+/// Flags every start gets unless `extra` gives the same flag.
+const DEFAULT_FLAGS: &[(&str, &str)] = &[
+    ("--listen", "127.0.0.1:0"),
+    ("--flush-interval", "100ms"),
+    ("--shutdown-timeout", "30s"),
+    ("--log-format", "json"),
+];
 
 impl Service {
     /// Starts the binary against `db`; `spill_dir` holds its spill file.
@@ -24,18 +37,32 @@ impl Service {
 
     /// [`start`](Self::start) with more flags.
     pub async fn start_with(db: &TestDb, spill_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_logging(db, spill_dir, extra, "warn,api::startup=info").await
+    }
+
+    /// [`start_with`](Self::start_with), logging what `rust_log` lets through;
+    /// `extra` may replace the default flags (JSON logs are needed: the
+    /// address is read from them).
+    pub async fn start_logging(
+        db: &TestDb,
+        spill_dir: &Path,
+        extra: &[&str],
+        rust_log: &str,
+    ) -> Self {
         // Port 0: the binary binds a free port itself and logs it (JSON), so
         // no other process can take the port between a pick and the bind.
         let mut child = Command::new(env!("CARGO_BIN_EXE_increment"))
-            .args(["--listen", "127.0.0.1:0"])
+            .args(
+                DEFAULT_FLAGS
+                    .iter()
+                    .filter(|(flag, _)| !extra.contains(flag))
+                    .flat_map(|(flag, value)| [flag, value]),
+            )
             .args(["--database-url", &db.url])
-            .args(["--flush-interval", "100ms"])
-            .args(["--shutdown-timeout", "30s"])
-            .args(["--log-format", "json"])
             .arg("--spill-path")
             .arg(spill_dir.join("spill.jsonl"))
             .args(extra)
-            .env("RUST_LOG", "warn,api::startup=info")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -43,7 +70,8 @@ impl Service {
             .expect("the binary starts");
         let stderr = child.stderr.take().expect("stderr is piped");
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(forward_logs(stderr, addr_tx));
+        let logs = Logs::default();
+        tokio::spawn(forward_logs(stderr, addr_tx, Arc::clone(&logs)));
         let addr = tokio::time::timeout(Duration::from_secs(30), addr_rx)
             .await
             .expect("the binary logs its address within 30 s")
@@ -51,6 +79,7 @@ impl Service {
         let service = Self {
             child,
             base: format!("http://{addr}"),
+            logs,
         };
         service.wait_until_ready().await;
         service
@@ -91,9 +120,13 @@ impl Service {
     }
 }
 
-/// Passes the binary's log lines on to the test's stderr, and sends the
-/// address from its "listening" line.
-async fn forward_logs(stderr: ChildStderr, addr: tokio::sync::oneshot::Sender<SocketAddr>) {
+/// Passes the binary's log lines on to the test's stderr and keeps them in
+/// `logs`, and sends the address from its "listening" line.
+async fn forward_logs(
+    stderr: ChildStderr,
+    addr: tokio::sync::oneshot::Sender<SocketAddr>,
+    logs: Logs,
+) {
     let mut addr = Some(addr);
     let mut lines = BufReader::new(stderr).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -102,9 +135,10 @@ async fn forward_logs(stderr: ChildStderr, addr: tokio::sync::oneshot::Sender<So
             && let Some(addr) = addr.take()
         {
             let _ = addr.send(listening);
-            continue;
+        } else {
+            eprintln!("{line}");
         }
-        eprintln!("{line}");
+        logs.lock().push(line);
     }
 }
 

@@ -16,7 +16,7 @@ use crate::{
         intake::content_type_refusal,
         intake::{Intake, decode_increment},
         limits::Limits,
-        observe::{RequestLabels, method_label, observed, request_span},
+        observe::{Observation, RequestLabels, method_label, observed, request_id, request_span},
         problem::{ApiError, PROBLEM_JSON, ProblemJson, problem_for_status},
     },
     metrics::Metrics,
@@ -40,6 +40,8 @@ pub struct FrontDoor<E> {
     /// `None`: every request goes through the router (the differential test
     /// compares both ways).
     fast_path: Option<Intake>,
+    /// One log line per request (`--access-log`).
+    access_log: bool,
 }
 
 impl<E: Endpoint> FrontDoor<E> {
@@ -56,7 +58,15 @@ impl<E: Endpoint> FrontDoor<E> {
             metrics,
             limits,
             fast_path,
+            access_log: false,
         }
+    }
+
+    /// Logs one line per request, refusals of this front door included.
+    #[must_use]
+    pub fn with_access_log(mut self, enabled: bool) -> Self {
+        self.access_log = enabled;
+        self
     }
 
     async fn handle(&self, mut req: Request, route: &'static str) -> Response {
@@ -157,9 +167,27 @@ impl<E: Endpoint> Endpoint for FrontDoor<E> {
             route: (self.routes.label)(req.uri().path()),
             method: method_label(req.method()),
         };
-        let span = request_span(labels, req.headers());
-        Ok(observed(&self.metrics, labels, span, self.handle(req, labels.route)).await)
+        let request_id = request_id(req.headers());
+        let observation = Observation {
+            labels,
+            span: request_span(labels, req.headers(), &request_id),
+            request_bytes: self.access_log.then(|| declared_length(&req)).flatten(),
+            request_id,
+            access_log: self.access_log,
+        };
+        Ok(observed(&self.metrics, observation, self.handle(req, labels.route)).await)
     }
+}
+
+/// The request's `Content-Length`, when it declared one (a chunked body's
+/// size is not known before it is read).
+fn declared_length(req: &Request) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// `POST /increment` without a query string (with or without an

@@ -14,6 +14,7 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::StreamExt;
 use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::{
     codec,
@@ -94,7 +95,10 @@ impl Reader {
             if !self.wait_for_lease(stop).await {
                 break;
             }
-            match self.read(stop).await {
+            // One span per reading (lease taken → lease lost or stop): its
+            // log lines share a trace id.
+            let reading = tracing::info_span!("journal.reading", stream = self.cursor.stream());
+            match self.read(stop).instrument(reading).await {
                 Ended::Stopped => break,
                 Ended::Restart => {
                     // Whatever this reading recorded is dropped; the next one

@@ -60,6 +60,8 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
     /// Answer plain `POST /increment` on the front door's fast path.
     pub fast_path: bool,
+    /// One log line per request.
+    pub access_log: bool,
     /// With the journal on: what is applied, for durable requests.
     pub journal: Option<Arc<crate::journal::Cursor>>,
     /// With the journal on: its connection, for readiness.
@@ -173,6 +175,7 @@ pub fn router(state: AppState) -> impl Endpoint<Output = poem::Response> {
         limits,
         state.fast_path.then(|| state.intake.clone()),
     )
+    .with_access_log(state.access_log)
 }
 
 /// Prometheus text exposition (not part of the OpenAPI document).

@@ -260,3 +260,52 @@ async fn evictions_are_counted_by_cause() {
         "evicted deltas were written"
     );
 }
+
+db_tests!(the_in_flight_gauge_counts_requests_until_answered_or_abandoned);
+
+async fn the_in_flight_gauge_counts_requests_until_answered_or_abandoned(db: TestDb) {
+    let app = std::sync::Arc::new(
+        crate::helpers::serve_on(db, |settings| {
+            settings.wait_timeout = std::time::Duration::from_secs(60);
+        })
+        .await,
+    );
+    let in_flight =
+        |samples: Vec<Sample>| value(&samples, "increment_http_requests_in_flight", &[]);
+    // The scrape counts itself: it is in flight while the text is rendered.
+    assert_eq!(in_flight(scrape(&app).await), 1.0);
+
+    // A `wait=true` request held while its flush cannot commit.
+    app.db
+        .execute("ALTER TABLE counters RENAME TO counters_away")
+        .await;
+    let waiting = {
+        let app = std::sync::Arc::clone(&app);
+        tokio::spawn(async move {
+            app.client
+                .post("/increment")
+                .query("wait", &true)
+                .content_type("application/json")
+                .body(r#"{"key":"held","value":1}"#)
+                .send()
+                .await
+        })
+    };
+    let within = std::time::Duration::from_secs(10);
+    testkit::eventually(within, "the held request is in flight", || async {
+        in_flight(scrape(&app).await) == 2.0
+    })
+    .await;
+
+    // Its client gives up: the server drops the request, and the gauge follows.
+    waiting.abort();
+    testkit::eventually(
+        within,
+        "the abandoned request is no longer in flight",
+        || async { in_flight(scrape(&app).await) == 1.0 },
+    )
+    .await;
+    app.db
+        .execute("ALTER TABLE counters_away RENAME TO counters")
+        .await;
+}
