@@ -247,6 +247,8 @@ async fn the_fast_path_answers_like_the_operation(db: TestDb) {
                 .client
                 .post(path)
                 .content_type("application/json")
+                // The same id both ways: a made one would differ.
+                .header("x-request-id", "fast-or-not")
                 .body(body)
                 .send()
                 .await;
@@ -262,6 +264,13 @@ async fn the_fast_path_answers_like_the_operation(db: TestDb) {
         }
         assert_eq!(answers[0], answers[1], "{body}");
         assert_eq!(answers[0].0, StatusCode::ACCEPTED, "{body}");
+        assert!(
+            answers[0]
+                .1
+                .contains(&("x-request-id".to_owned(), "fast-or-not".to_owned())),
+            "{:?}",
+            answers[0].1
+        );
     }
     app.flush().await;
     let counters = app.counters().await;
