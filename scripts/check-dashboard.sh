@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # Checks the Grafana dashboards and prometheus.yml against the real service:
 #
-#   1. promtool check config prometheus.yml
-#   2. dashboard structure: types, titles, provisioned datasource uids,
-#      an expression per target (metric names and the $instance filter are
-#      Rust tests: tests/shipped, run by `cargo test`)
+#   1. promtool check config prometheus.yml (its alerting rules included)
+#   2. dashboard structure: types, titles, Prometheus queries through the
+#      $datasource variable (other datasources provisioned), the $job and
+#      $instance variables, an expression per target (metric names and the
+#      $job/$instance filters are Rust tests: tests/shipped, run by
+#      `cargo test`)
 #   3. starts the release binary (SQLite, 200ms flushes, a 50-key cache with a
 #      1s TTL so entries get evicted) and a Prometheus on loopback scraping it
-#      every second, with a config derived from prometheus.yml
+#      every second, with a config derived from prometheus.yml (the same job
+#      name and alerting rules)
 #   4. bench's loadgen sends valid increments for a while, and a curl loop
 #      beside it requests the service refuses (422, 415, 413)
-#   5. every expression, with the Grafana variables substituted, must be
-#      valid and return data through Prometheus's HTTP API
+#   5. every expression, with the Grafana variables substituted ($job and
+#      $instance from their own queries), must be valid and return data
+#      through Prometheus's HTTP API
+#   6. every alerting rule evaluated without error, every metric it reads
+#      present, and none pending or firing on this healthy instance (their
+#      unit tests, where each fires: scripts/check-alerts.sh)
 #
 # Run from anywhere: scripts/check-dashboard.sh
 # Environment:
@@ -177,8 +184,15 @@ run timeout 180 python3 scripts/check_dashboard.py check \
   --rate-interval "$RATE_INTERVAL" \
   --time "$(( load_end - 1 ))" || check_rc=$?
 
+step "alerting rules against Prometheus"
+rules_rc=0
+run timeout 60 python3 scripts/check_dashboard.py rules --prometheus "http://$prom" --job increment --timeout 30 || rules_rc=$?
+
 now=$(date +%s)
 if [ "$check_rc" -ne 0 ]; then
   die "dashboard check failed (exit $check_rc) after $(( now - started ))s"
+fi
+if [ "$rules_rc" -ne 0 ]; then
+  die "alerting rules check failed (exit $rules_rc) after $(( now - started ))s"
 fi
 printf '\ncheck-dashboard: PASSED in %ss (%ss after the build)\n' "$(( now - started ))" "$(( now - run_started ))"

@@ -4,12 +4,19 @@
 Used by scripts/check-dashboard.sh; each subcommand is one step:
 
   selftest          the PromQL tokenizer and the panel walker on known inputs
-  static            dashboard structure, datasource uids, $instance filters
+  static            dashboard structure; Prometheus queries through the
+                    $datasource variable (importable into any Grafana), other
+                    datasources provisioned; the $job and $instance variables
   render-config     the local Prometheus config derived from prometheus.yml
+                    (its alerting rules included)
   wait-target       until Prometheus scrapes the service successfully
   check             static checks and every expression evaluated through
-                    Prometheus's HTTP API (metric names and $instance
-                    filters are Rust tests: `cargo test --test shipped`)
+                    Prometheus's HTTP API, with the variables substituted
+                    ($job and $instance from their own queries; metric names
+                    and $job/$instance filters are Rust tests:
+                    `cargo test --test shipped`)
+  rules             every alerting rule loaded and evaluated without error,
+                    and none pending or firing on the healthy instance
 
 Only the standard library and PyYAML.
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import re
 import sys
 import time
@@ -336,14 +344,36 @@ def static_check(dashboard_paths: list[str], datasources: dict[str, str], rate_i
             if key not in d:
                 r.errors.append(f"{dpath}: no {key!r}")
         variables = {v.get("name"): v for v in (d.get("templating") or {}).get("list") or []}
+        # A datasource variable stands for any datasource of its type: the
+        # uid "${name}" is as good as a provisioned one, and Prometheus
+        # queries must use it, so the dashboard imports into any Grafana.
+        chosen_ds = {}
+        for name, v in variables.items():
+            if v.get("type") == "datasource":
+                chosen_ds[f"${{{name}}}"] = chosen_ds[f"${name}"] = v.get("query")
+        if "prometheus" not in chosen_ds.values():
+            r.errors.append(f"{dpath}: no datasource variable of type prometheus (query \"prometheus\")")
+        dashboard_ds = {**datasources, **chosen_ds}
         known_vars = dict(builtin_values(rate_interval))
         for name, v in variables.items():
             known_vars[name] = "<var>"
             ds = v.get("datasource")
             if v.get("type") == "query":
-                if not isinstance(ds, dict) or ds.get("uid") not in datasources:
-                    r.errors.append(f"{dpath}: variable ${name}: datasource {ds!r} is not provisioned")
+                if not isinstance(ds, dict) or ds.get("uid") not in dashboard_ds:
+                    r.errors.append(f"{dpath}: variable ${name}: datasource {ds!r} is neither a datasource variable nor provisioned")
+                elif dashboard_ds[ds["uid"]] == "prometheus" and ds["uid"] not in chosen_ds:
+                    r.errors.append(f"{dpath}: variable ${name}: hard-coded Prometheus datasource {ds['uid']!r}; use ${{datasource}}")
                 r.variables.append((dpath, v))
+        job = variables.get("job")
+        if not job or job.get("type") != "query":
+            r.errors.append(f"{dpath}: no query variable 'job'")
+        else:
+            q = job.get("query")
+            q = q.get("query") if isinstance(q, dict) else q
+            if not (q and "label_values(" in q and "job" in q):
+                r.errors.append(f"{dpath}: $job is not a label_values(..., job) query: {q!r}")
+            if job.get("multi") or job.get("includeAll"):
+                r.errors.append(f"{dpath}: $job must take one value (job=\"$job\")")
         inst = variables.get("instance")
         if not inst:
             r.errors.append(f"{dpath}: no template variable 'instance'")
@@ -381,10 +411,13 @@ def static_check(dashboard_paths: list[str], datasources: dict[str, str], rate_i
                 r.errors.append(f"{label}: datasource {ds!r} is not a {{type, uid}} object")
             elif ds.get("uid") == "-- Mixed --":
                 panel_ds_type = "mixed"
-            elif ds.get("uid") not in datasources:
-                r.errors.append(f"{label}: datasource uid {ds.get('uid')!r} is not in the provisioned datasources {sorted(datasources)}")
+            elif ds.get("uid") not in dashboard_ds:
+                r.errors.append(f"{label}: datasource uid {ds.get('uid')!r} is neither a datasource variable "
+                                f"{sorted(chosen_ds)} nor provisioned {sorted(datasources)}")
             else:
-                panel_ds_type = datasources[ds["uid"]]
+                panel_ds_type = dashboard_ds[ds["uid"]]
+                if panel_ds_type == "prometheus" and ds["uid"] not in chosen_ds:
+                    r.errors.append(f"{label}: hard-coded Prometheus datasource {ds['uid']!r}; use ${{datasource}}")
                 if ds.get("type") and ds["type"] != panel_ds_type:
                     r.errors.append(f"{label}: datasource type {ds['type']!r} but uid {ds['uid']!r} is a {panel_ds_type}")
             if ptype == "row" and targets:
@@ -395,10 +428,12 @@ def static_check(dashboard_paths: list[str], datasources: dict[str, str], rate_i
                 tlabel = f"{label} [{ref}]"
                 if not t.get("refId"):
                     r.errors.append(f"{tlabel}: target without refId")
-                if not isinstance(tds, dict) or tds.get("uid") not in datasources:
-                    r.errors.append(f"{tlabel}: target datasource {tds!r} is not provisioned")
+                if not isinstance(tds, dict) or tds.get("uid") not in dashboard_ds:
+                    r.errors.append(f"{tlabel}: target datasource {tds!r} is neither a datasource variable nor provisioned")
                     continue
-                tds_type = datasources[tds["uid"]]
+                tds_type = dashboard_ds[tds["uid"]]
+                if tds_type == "prometheus" and tds["uid"] not in chosen_ds:
+                    r.errors.append(f"{tlabel}: hard-coded Prometheus datasource {tds['uid']!r}; use ${{datasource}}")
                 if panel_ds_type not in (None, "mixed") and tds_type != panel_ds_type:
                     r.errors.append(f"{tlabel}: target datasource {tds['uid']!r} differs from the panel's")
                 if tds_type == "prometheus":
@@ -466,7 +501,9 @@ def render_config(source: str, out: str, job: str, target: str, self_target: str
             j.pop(k, None)
     cfg.pop("remote_write", None)
     cfg.pop("alerting", None)
-    cfg.pop("rule_files", None)
+    # The rule files stay, made absolute: they are relative to the source.
+    base = os.path.dirname(os.path.abspath(source))
+    cfg["rule_files"] = [os.path.join(base, pattern) for pattern in cfg.get("rule_files") or []]
     with open(out, "w") as f:
         f.write(f"# Rendered from {source} by scripts/check_dashboard.py render-config.\n")
         yaml.safe_dump(cfg, f, sort_keys=False)
@@ -511,6 +548,52 @@ def wait_target(prom: str, job: str, timeout: float) -> None:
             last = str(e)
         time.sleep(0.5)
     raise SystemExit(f"prometheus did not scrape job {job!r} within {timeout}s: {last}")
+
+
+def rules_check(prom: str, job: str, timeout: float) -> int:
+    """Every alerting rule loaded, evaluated without error and inactive, and
+    every metric it reads present for `job`.
+
+    The service is healthy under the check's load, so an alert that is
+    pending or firing there would page on a healthy service; and an alert
+    reading a series the service does not export could never fire.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        groups = http_get_json(f"{prom}/api/v1/rules?type=alert", timeout=5)["data"]["groups"]
+        rules = [(g["file"], r) for g in groups for r in g["rules"]]
+        unevaluated = [r["name"] for _, r in rules if r.get("health") == "unknown"]
+        if rules and not unevaluated:
+            break
+        if time.monotonic() >= deadline:
+            print(f"  FAIL alerting rules not evaluated within {timeout}s: {unevaluated or 'none loaded'}")
+            return 1
+        time.sleep(0.5)
+    failures = 0
+    present: dict[str, bool] = {}
+    print(f"\n== alerting rules: {len(rules)} from {sorted({os.path.basename(f) for f, _ in rules})}; "
+          f"inputs: the metrics each reads, present for job={job!r}")
+    for _, r in rules:
+        problems = []
+        if r.get("health") != "ok":
+            problems.append(f"health {r.get('health')} {r.get('lastError', '')}".rstrip())
+        if r.get("state") != "inactive":
+            problems.append(f"{r.get('state')} on a healthy instance")
+        names = sorted({sel.name for sel in selectors(r["query"])})
+        for name in names:
+            if name not in present:
+                resp = prom_query(prom, f'group({name}{{job="{job}"}})', None)
+                present[name] = bool(resp.get("status") == "success" and resp["data"]["result"])
+        missing = [n for n in names if not present[n]]
+        if missing:
+            problems.append(f"no data for {', '.join(missing)}: it could never fire")
+        failures += bool(problems)
+        detail = "  <- " + "; ".join(problems) if problems else ""
+        print(f"  {'FAIL' if problems else 'OK  '} {r['name']}: {r.get('state')}, evaluated in "
+              f"{float(r.get('evaluationTime', 0)) * 1000:.2f} ms, inputs {', '.join(names)}{detail}")
+    print(f"rules: {len(rules)} alerting rules, {len(present)} metrics read, "
+          f"{sum(not v for v in present.values())} without data, {failures} failure(s)")
+    return 1 if failures else 0
 
 
 # --------------------------------------------------------------------------
@@ -571,58 +654,69 @@ def live_check(args: argparse.Namespace) -> int:
     # Which series exist is checked against the service's declarations by
     # `cargo test --test shipped`; here every expression must return data.
 
-    # Template variables.
-    var_values: dict[str, list[str]] = {}
-    print("\n== template variables")
-    for dpath, v in st.variables:
-        q = v.get("query")
-        q = q.get("query") if isinstance(q, dict) else q
-        try:
-            promql, label = label_values_query(q)
-        except PromQLError as e:
-            failures.append(f"{dpath}: ${v.get('name')}: {e}")
-            print(f"  FAIL ${v.get('name')}: {e}")
-            continue
-        resp = prom_query(args.prometheus, promql, at)
-        values = sorted({s["metric"].get(label or "__name__", "") for s in (resp.get("data") or {}).get("result", [])} - {""}) \
-            if resp.get("status") == "success" else []
-        ok = resp.get("status") == "success" and values
-        print(f"  {'OK  ' if ok else 'FAIL'} ${v['name']} = {values}  ({q})")
-        if not ok:
-            failures.append(f"{dpath}: ${v['name']}: {q} gives no values ({resp.get('error', 'empty')})")
-        var_values[v["name"]] = values
-    instances = set(var_values.get("instance") or [])
-
-    # Every expression, once with All selected (allValue, or the alternation
-    # Grafana builds) and once with a single instance.
+    # Every expression is run twice: with each multi-value variable at All
+    # (allValue, or the alternation Grafana builds), and with each at one
+    # value. A single-value variable ($job) has one value in both.
     def regex_value(value: str) -> str:
         # As Grafana's Prometheus datasource does: regex-escaped, then
         # escaped again for the double-quoted PromQL string.
         return re.escape(value).replace("\\", "\\\\")
 
-    def all_value(name: str) -> str:
-        for _, v in st.variables:
-            if v.get("name") == name and v.get("allValue"):
-                return v["allValue"]
-        return "(" + "|".join(regex_value(x) for x in var_values.get(name) or []) + ")"
+    def plain_value(value: str) -> str:
+        # A single value goes in as it is, escaped for the PromQL string.
+        return value.replace("\\", "\\\\").replace('"', '\\"')
 
-    def one_value(name: str) -> str:
+    def multi(v: dict) -> bool:
+        return bool(v.get("multi") or v.get("includeAll"))
+
+    def all_value(v: dict, values: list[str]) -> str:
+        if v.get("allValue"):
+            return v["allValue"]
+        return "(" + "|".join(regex_value(x) for x in values) + ")"
+
+    def one_value(v: dict, values: list[str]) -> str:
         """The variable's saved selection if it is one live value, else its first value."""
-        values = var_values.get(name) or [""]
-        for _, v in st.variables:
-            if v.get("name") == name:
-                current = (v.get("current") or {}).get("value")
-                current = current if isinstance(current, list) else [current]
-                if len(current) == 1 and current[0] in values:
-                    return current[0]
+        values = values or [""]
+        current = (v.get("current") or {}).get("value")
+        current = current if isinstance(current, list) else [current]
+        if len(current) == 1 and current[0] in values:
+            return current[0]
         return values[0]
 
-    var_names = sorted({v.get("name") for _, v in st.variables})
-    ones = {n: one_value(n) for n in var_names}
-    variants = {
-        "all": {**builtin_values(args.rate_interval), **{n: all_value(n) for n in var_names}},
-        "one": {**builtin_values(args.rate_interval), **{n: regex_value(ones[n]) for n in var_names}},
-    }
+    # Template variables, in the dashboard's order: a query may use the
+    # variables before it ($instance lists the instances of $job).
+    var_values: dict[str, list[str]] = {}
+    ones: dict[str, str] = {}
+    variants = {"all": builtin_values(args.rate_interval), "one": builtin_values(args.rate_interval)}
+    print("\n== template variables")
+    for dpath, v in st.variables:
+        name = v.get("name")
+        q = v.get("query")
+        q = q.get("query") if isinstance(q, dict) else q
+        try:
+            promql, label = label_values_query(substitute(q, variants["all"]))
+        except PromQLError as e:
+            failures.append(f"{dpath}: ${name}: {e}")
+            print(f"  FAIL ${name}: {e}")
+            continue
+        resp = prom_query(args.prometheus, promql, at)
+        values = sorted({s["metric"].get(label or "__name__", "") for s in (resp.get("data") or {}).get("result", [])} - {""}) \
+            if resp.get("status") == "success" else []
+        ok = resp.get("status") == "success" and values
+        ones[name] = one_value(v, values)
+        if not multi(v) and ok and ones[name] != (v.get("current") or {}).get("value"):
+            ok = False
+            resp["error"] = f"its default {(v.get('current') or {}).get('value')!r} is not among them"
+        print(f"  {'OK  ' if ok else 'FAIL'} ${name} = {values}  ({promql})")
+        if not ok:
+            failures.append(f"{dpath}: ${name}: {q} gives no usable values ({resp.get('error', 'empty')})")
+        var_values[name] = values
+        if multi(v):
+            variants["all"][name] = all_value(v, values)
+            variants["one"][name] = regex_value(ones[name])
+        else:
+            variants["all"][name] = variants["one"][name] = plain_value(ones[name])
+    instances = set(var_values.get("instance") or [])
     print(f"\n== expressions at {at:.0f} ($__rate_interval={args.rate_interval})")
     print(f"   columns: series with every variable at All / series with "
           f"{', '.join(f'${n}={v}' for n, v in ones.items())}; value range with All")
@@ -719,7 +813,17 @@ def selftest() -> int:
             != 'rate(x{i=~".*"}[15s])':
         print("selftest: substitution")
         failures += 1
-    print(f"selftest: {len(cases) + len(bad) + 3} cases, {failures} failure(s)")
+    if substitute('x{job="$job", instance=~"$instance"}', {"job": "increment", "instance": "(a|b)"}) \
+            != 'x{job="increment", instance=~"(a|b)"}':
+        print("selftest: substitution of $job")
+        failures += 1
+    try:
+        substitute('x{job="$jobs"}', {"job": "increment"})
+        print("selftest: an unknown variable was substituted")
+        failures += 1
+    except PromQLError:
+        pass
+    print(f"selftest: {len(cases) + len(bad) + 5} cases, {failures} failure(s)")
     return 1 if failures else 0
 
 
@@ -750,6 +854,10 @@ def main() -> int:
     p.add_argument("--prometheus", required=True)
     p.add_argument("--job", default="increment")
     p.add_argument("--timeout", type=float, default=30)
+    p = sub.add_parser("rules")
+    p.add_argument("--prometheus", required=True)
+    p.add_argument("--job", default="increment")
+    p.add_argument("--timeout", type=float, default=30)
     p = sub.add_parser("check")
     common(p)
     p.add_argument("--prometheus", required=True)
@@ -774,6 +882,8 @@ def main() -> int:
     if args.cmd == "wait-target":
         wait_target(args.prometheus, args.job, args.timeout)
         return 0
+    if args.cmd == "rules":
+        return rules_check(args.prometheus, args.job, args.timeout)
     if args.cmd == "check":
         if args.time is None:
             args.time = time.time()

@@ -1,5 +1,9 @@
-//! The bundled dashboard names only series the service exports, and every
-//! selector of a service metric is filtered by the `$instance` variable.
+//! The bundled dashboard names only series the service exports, every
+//! selector of a service metric is filtered by the `$job` and `$instance`
+//! variables, and every Prometheus query goes through the `$datasource`
+//! variable (so the dashboard imports into any Grafana). The alerting rules
+//! (`alerts/*.rules.yml`) name only exported series, each selected by
+//! `job="increment"`.
 
 use std::collections::BTreeSet;
 
@@ -31,6 +35,10 @@ fn expressions(dashboard: &Value) -> Vec<(String, String)> {
         .into_iter()
         .flatten()
     {
+        // A datasource variable's query is a datasource type, not PromQL.
+        if variable["type"] != "query" {
+            continue;
+        }
         let query = &variable["query"];
         let query = query["query"].as_str().or(query.as_str());
         if let Some(query) = query {
@@ -155,25 +163,151 @@ fn the_dashboard_uses_only_exported_series() {
     println!("{} series used, all exported", used.len());
 }
 
+/// Whether the selector of the metric ending at `end` in `expr` has
+/// `matcher` among its label matchers (spaces ignored).
+fn has_matcher(expr: &str, end: usize, matcher: &str) -> bool {
+    matchers_after(expr, end).is_some_and(|m| {
+        let m = m.replace(' ', "");
+        m.split(',').any(|one| one == matcher)
+    })
+}
+
 #[test]
-fn every_service_selector_is_filtered_by_instance() {
+fn every_service_selector_is_filtered_by_job_and_instance() {
     let mut unfiltered = Vec::new();
     for (place, expr) in expressions(&dashboard()) {
-        if place.starts_with('$') {
-            continue; // the variables' own queries list the instances
-        }
+        // `$job` lists the jobs and `$instance` the instances of `$job`:
+        // their own queries are not filtered by themselves.
+        let wanted: &[&str] = match place.as_str() {
+            "$job" => &[],
+            "$instance" | "$route" => &[r#"job="$job""#],
+            _ => &[r#"job="$job""#, r#"instance=~"$instance""#],
+        };
         for (name, end) in metric_names(&expr) {
-            let filtered = matchers_after(&expr, end)
-                .is_some_and(|m| m.replace(' ', "").contains(r#"instance=~"$instance""#));
-            if !filtered {
-                unfiltered.push(format!("{place}: {name} in {expr}"));
+            for matcher in wanted {
+                if !has_matcher(&expr, end, matcher) {
+                    unfiltered.push(format!("{place}: {name} without {matcher} in {expr}"));
+                }
             }
         }
     }
+    assert!(unfiltered.is_empty(), "{unfiltered:#?}");
+}
+
+/// Every `datasource` reference in `value` (panels, targets, variables),
+/// with where it is.
+fn datasource_refs(value: &Value, at: &str, out: &mut Vec<(String, Value)>) {
+    match value {
+        Value::Object(map) => {
+            for (key, inner) in map {
+                let here = format!("{at}.{key}");
+                if key == "datasource" && inner.is_object() {
+                    out.push((here.clone(), inner.clone()));
+                }
+                datasource_refs(inner, &here, out);
+            }
+        }
+        Value::Array(items) => {
+            for (i, inner) in items.iter().enumerate() {
+                datasource_refs(inner, &format!("{at}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn prometheus_queries_go_through_the_datasource_and_job_variables() {
+    let dashboard = dashboard();
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("the dashboard has template variables");
+    let variable = |name: &str| {
+        variables
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no ${name} variable"))
+    };
+    let datasource = variable("datasource");
+    assert_eq!(datasource["type"], "datasource");
+    assert_eq!(datasource["query"], "prometheus");
+    let job = variable("job");
+    assert_eq!(job["type"], "query");
+    assert_eq!(job["query"], "label_values(increment_build_info, job)");
+    assert_eq!(job["current"]["value"], "increment", "the default job");
+    assert_ne!(job["multi"], true, "job=\"$job\" takes one value");
+    let instance = variable("instance");
+    assert_eq!(instance["multi"], true);
+    assert_eq!(instance["includeAll"], true);
+
+    let mut refs = Vec::new();
+    datasource_refs(&dashboard, "", &mut refs);
+    assert!(refs.len() > 40, "{} datasource references", refs.len());
+    let hard_coded: Vec<_> = refs
+        .iter()
+        .filter(|(_, ds)| ds["type"] == "prometheus" && ds["uid"] != "${datasource}")
+        .collect();
     assert!(
-        unfiltered.is_empty(),
-        "without instance=~\"$instance\": {unfiltered:#?}"
+        hard_coded.is_empty(),
+        "Prometheus datasources not through ${{datasource}}: {hard_coded:#?}"
     );
+    let text = crate::read("dashboards/increment.json");
+    assert!(
+        !text.contains(r#"job=\"increment\""#),
+        "a hard-coded job=\"increment\" is left"
+    );
+}
+
+/// Every alerting rule's expression, with its alert's name.
+fn alert_expressions() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let dir = crate::root().join("alerts");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.expect("a readable directory entry").path())
+        .filter(|path| path.to_string_lossy().ends_with(".rules.yml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no alerts/*.rules.yml");
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("a readable rules file");
+        let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("the rules are YAML");
+        for group in doc["groups"].as_sequence().expect("rule groups") {
+            for rule in group["rules"].as_sequence().expect("rules") {
+                let name = rule["alert"].as_str().or(rule["record"].as_str());
+                let expr = rule["expr"].as_str();
+                out.push((
+                    name.expect("a rule names its alert").to_owned(),
+                    expr.expect("a rule has an expression").to_owned(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_alerts_name_only_exported_series_of_the_increment_job() {
+    let exported: BTreeSet<String> = Metrics::exported_series().into_iter().collect();
+    let rules = alert_expressions();
+    assert!(rules.len() >= 10, "{} rules", rules.len());
+    let mut wrong = Vec::new();
+    for (alert, expr) in &rules {
+        let names = metric_names(expr);
+        if names.is_empty() {
+            wrong.push(format!("{alert}: names no service metric"));
+        }
+        for (name, end) in names {
+            if !exported.contains(&name) && !SYNTHETIC.contains(&name.as_str()) {
+                wrong.push(format!("{alert}: {name} is not exported"));
+            }
+            if !has_matcher(expr, end, r#"job="increment""#) {
+                wrong.push(format!("{alert}: {name} without job=\"increment\""));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    println!("{} alerting rules checked", rules.len());
 }
 
 #[test]
