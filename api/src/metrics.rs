@@ -163,6 +163,9 @@ metrics! {
         /// Batches dropped because another writer had applied their journal
         /// messages first (they are read again from the stored offset).
         journal_conflicts_total: IntCounter,
+        /// 1 when the journal is configured on this instance (`--journal-url`),
+        /// 0 in write-behind mode.
+        journal_enabled: IntGauge,
         /// 1 while this instance holds the journal writer lease.
         journal_writer: IntGauge,
         /// Journal messages stored but not yet applied to the database (set

@@ -428,6 +428,9 @@ fn export_limits(metrics: &Metrics, settings: &Settings) {
     metrics
         .flush_interval_seconds
         .set(settings.flush_interval.as_secs_f64());
+    metrics
+        .journal_enabled
+        .set(i64::from(settings.journal.is_some()));
 }
 
 /// Writes the batches of a spill file left by an earlier run, each under its
