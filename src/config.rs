@@ -30,7 +30,7 @@ pub struct Config {
 
     /// File holding the database URL (a Docker or Kubernetes secret); instead of DATABASE_URL.
     #[arg(long, env = "DATABASE_URL_FILE")]
-    pub database_url_file: Option<PathBuf>,
+    pub database_url_file: Option<String>,
 
     /// How long start-up waits for the database to answer, retrying with backoff (e.g. 30s, 2m).
     #[arg(long, env = "INCREMENT_DB_CONNECT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -94,7 +94,7 @@ pub struct Config {
     /// Directory for spill files, shared by replicas (a named volume): each run spills to its
     /// own file there and every start replays all files left in it, each once. Replaces --spill-path.
     #[arg(long, env = "INCREMENT_SPILL_DIR")]
-    pub spill_dir: Option<PathBuf>,
+    pub spill_dir: Option<String>,
 
     /// Bearer token for the admin routes (at least 16 characters); unset: no admin routes.
     #[arg(long, env = "INCREMENT_ADMIN_TOKEN", hide_env_values = true)]
@@ -102,7 +102,7 @@ pub struct Config {
 
     /// File holding the admin token (a Docker or Kubernetes secret); instead of INCREMENT_ADMIN_TOKEN.
     #[arg(long, env = "INCREMENT_ADMIN_TOKEN_FILE")]
-    pub admin_token_file: Option<PathBuf>,
+    pub admin_token_file: Option<String>,
 
     /// Open connections at most; further clients wait in the kernel's backlog.
     #[arg(long, env = "INCREMENT_MAX_CONNECTIONS", default_value = "10000", value_parser = parse_count::<u64>)]
@@ -223,15 +223,26 @@ impl Config {
                 .value_source(id)
                 .is_some_and(|source| source != ValueSource::DefaultValue)
         };
+        // An empty value is no value (templates write `${VAR:-}`).
+        for value in [
+            &mut self.database_url_file,
+            &mut self.admin_token_file,
+            &mut self.spill_dir,
+            &mut self.admin_token,
+        ] {
+            if value.as_deref().is_some_and(str::is_empty) {
+                *value = None;
+            }
+        }
         if let Some(path) = self.database_url_file.take() {
-            if given("database_url") {
+            if given("database_url") && !self.database_url.is_empty() {
                 return Err(conflict(
                     "DATABASE_URL (or --database-url) and DATABASE_URL_FILE are both set; keep one"
                         .to_owned(),
                 ));
             }
-            self.database_url =
-                read_secret(&path).map_err(|e| invalid(format!("DATABASE_URL_FILE: {e}")))?;
+            self.database_url = read_secret(std::path::Path::new(&path))
+                .map_err(|e| invalid(format!("DATABASE_URL_FILE: {e}")))?;
         }
         if let Some(path) = self.admin_token_file.take() {
             if self.admin_token.is_some() {
@@ -241,7 +252,7 @@ impl Config {
                 ));
             }
             self.admin_token = Some(
-                read_secret(&path)
+                read_secret(std::path::Path::new(&path))
                     .map_err(|e| invalid(format!("INCREMENT_ADMIN_TOKEN_FILE: {e}")))?,
             );
         }
@@ -286,7 +297,8 @@ impl Config {
             max_pending_keys: self.max_pending_keys,
             wait_timeout: self.wait_timeout,
             spill_path: self.spill_path,
-            spill_dir: self.spill_dir,
+            spill_dir: self.spill_dir.map(PathBuf::from),
+            spill_rescan_interval: api::settings::DEFAULT_SPILL_RESCAN_INTERVAL,
             db_connect_timeout: self.db_connect_timeout,
             admin_token: self.admin_token.filter(|t| !t.is_empty()),
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
@@ -327,7 +339,8 @@ fn shutdown_timeout(
         .filter(|room| *room >= Duration::from_secs(1))
     else {
         return Err(format!(
-            "--stop-grace-period {}: must be at least 6s (the shutdown timeout is kept 5s below it)",
+            "--stop-grace-period (INCREMENT_STOP_GRACE_PERIOD) {}: must be at least 6s \
+             (the shutdown timeout is kept 5s below it)",
             humantime::format_duration(grace)
         ));
     };
@@ -335,8 +348,11 @@ fn shutdown_timeout(
         None => Ok(room),
         Some(timeout) if timeout <= room => Ok(timeout),
         Some(timeout) => Err(format!(
-            "--shutdown-timeout {} does not fit in --stop-grace-period {}: the platform would kill the \
-             process during its final flush; use at most {} (or leave --shutdown-timeout unset)",
+            "--shutdown-timeout (INCREMENT_SHUTDOWN_TIMEOUT) {} does not fit in --stop-grace-period \
+             (INCREMENT_STOP_GRACE_PERIOD) {}: the platform would kill the process during its final \
+             flush; use at most {}, or leave the shutdown timeout unset, or raise both the platform's \
+             grace period (`docker run --stop-timeout`, compose stop_grace_period) and \
+             INCREMENT_STOP_GRACE_PERIOD",
             humantime::format_duration(timeout),
             humantime::format_duration(grace),
             humantime::format_duration(room)
@@ -348,8 +364,8 @@ fn shutdown_timeout(
 fn read_secret(path: &std::path::Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let value = text.strip_suffix('\n').unwrap_or(&text);
-    let value = value.strip_suffix('\r').unwrap_or(value);
+    // Editors and `echo` add a line break; a secret never ends in blanks.
+    let value = text.trim_end();
     if value.is_empty() {
         return Err(format!("{} is empty", path.display()));
     }
@@ -557,6 +573,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("cannot read /nonexistent/url"), "{err}");
+    }
+
+    #[test]
+    fn empty_values_are_no_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "0123456789abcdef0123  \n\n").unwrap();
+        let settings = Config::try_load([
+            "increment",
+            "--spill-dir",
+            "",
+            "--database-url-file",
+            "",
+            "--admin-token",
+            "",
+            "--admin-token-file",
+            token_file.to_str().unwrap(),
+        ])
+        .unwrap()
+        .into_settings();
+        assert_eq!(settings.spill_dir, None);
+        assert_eq!(settings.database_url, "sqlite://increment.db?mode=rwc");
+        assert_eq!(
+            settings.admin_token.as_deref(),
+            Some("0123456789abcdef0123")
+        );
     }
 
     #[test]

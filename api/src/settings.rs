@@ -12,6 +12,10 @@ pub const MIN_HEAD_BYTES: usize = 8192;
 /// How long start-up waits for the database unless told otherwise.
 pub const DEFAULT_DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often a running instance replays what others left in a shared spill
+/// directory.
+pub const DEFAULT_SPILL_RESCAN_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Everything the service needs to start.
 #[derive(Clone)]
 pub struct Settings {
@@ -50,6 +54,11 @@ pub struct Settings {
     /// its own file there, and each start replays every file left in it.
     /// Set: `spill_path` is not used.
     pub spill_dir: Option<PathBuf>,
+    /// How often a running instance replays what others left in `spill_dir`
+    /// (a replica that stopped with the database away and was not replaced).
+    /// Well within the ledger's 24 h retention of batch ids, beyond which a
+    /// replay could not tell an applied part.
+    pub spill_rescan_interval: Duration,
     /// How long start-up waits for the database to answer, retrying with
     /// backoff, before giving up with the last cause.
     pub db_connect_timeout: Duration,
@@ -109,6 +118,7 @@ impl Settings {
             wait_timeout: Duration::from_secs(5),
             spill_path: PathBuf::from("increment-spill.jsonl"),
             spill_dir: None,
+            spill_rescan_interval: DEFAULT_SPILL_RESCAN_INTERVAL,
             db_connect_timeout: DEFAULT_DB_CONNECT_TIMEOUT,
             admin_token: None,
             max_connections: 10_000,
@@ -141,6 +151,7 @@ impl Settings {
             ("idle-timeout", self.idle_timeout),
             ("idempotency-window", self.idempotency_window),
             ("db-connect-timeout", self.db_connect_timeout),
+            ("spill-rescan-interval", self.spill_rescan_interval),
         ];
         for (name, value) in positive {
             if value.is_zero() {

@@ -127,6 +127,11 @@ pub fn read(path: &Path) -> Result<Option<Vec<Batch>>, SpillError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_error(path)(e)),
     };
+    parse(path, &text).map(Some)
+}
+
+/// The batches in the text of the spill file `path`.
+fn parse(path: &Path, text: &str) -> Result<Vec<Batch>, SpillError> {
     let invalid = |reason: String| SpillError::Invalid {
         path: path.to_owned(),
         reason,
@@ -157,7 +162,7 @@ pub fn read(path: &Path) -> Result<Option<Vec<Batch>>, SpillError> {
             .collect();
         batches.push(Batch::restored(spilled.batch_id, deltas).guarding(keyed));
     }
-    Ok(Some(batches))
+    Ok(batches)
 }
 
 /// Deletes the spill file once its batches are written.
@@ -177,9 +182,16 @@ pub fn remove(path: &Path) -> Result<(), SpillError> {
 const EXTENSION: &str = "jsonl";
 
 /// The spill file of one run of an instance in a shared directory: a name no
-/// other run uses, so instances never write each other's files.
+/// other run uses, so instances never write each other's files, beginning
+/// with the run's start time so that names sort oldest first.
 pub fn own_file(dir: &Path) -> PathBuf {
-    dir.join(format!("spill-{}.{EXTENSION}", uuid::Uuid::new_v4()))
+    let started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis());
+    dir.join(format!(
+        "spill-{started_ms:013}-{}.{EXTENSION}",
+        uuid::Uuid::new_v4().simple()
+    ))
 }
 
 /// Spill files left in `dir` by earlier runs of any instance sharing it,
@@ -211,13 +223,38 @@ pub fn left_in(dir: &Path) -> Result<Vec<PathBuf>, SpillError> {
 /// applied twice).
 pub struct Claimed {
     path: PathBuf,
-    /// Holds the lock.
-    _file: fs::File,
+    /// Holds the lock (when the filesystem has locks; see [`claim`]).
+    file: fs::File,
 }
 
 impl Claimed {
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Its batches, read through the locked handle (where locks are
+    /// mandatory, as on SMB, another handle could not read it).
+    ///
+    /// # Errors
+    /// [`SpillError`] when it cannot be read or parsed.
+    pub fn read(&mut self) -> Result<Vec<Batch>, SpillError> {
+        use std::io::Read as _;
+        let mut text = String::new();
+        self.file
+            .read_to_string(&mut text)
+            .map_err(io_error(&self.path))?;
+        parse(&self.path, &text)
+    }
+
+    /// Renames a file that cannot be parsed to `….invalid`, out of the way
+    /// of every later start, and keeps it for a person to look at.
+    ///
+    /// # Errors
+    /// [`SpillError`] when it cannot be renamed.
+    pub fn set_aside(self) -> Result<PathBuf, SpillError> {
+        let aside = self.path.with_extension("invalid");
+        fs::rename(&self.path, &aside).map_err(io_error(&self.path))?;
+        Ok(aside)
     }
 
     /// Deletes the file once its batches are written, then lets go of it.
@@ -235,7 +272,9 @@ impl Claimed {
 /// # Errors
 /// [`SpillError`] when it cannot be opened or locked for another reason.
 pub fn claim(path: &Path) -> Result<Option<Claimed>, SpillError> {
-    let file = match fs::File::open(path) {
+    // Open for writing too: NFS emulates `flock` with POSIX locks, and an
+    // exclusive one needs a file open for writing.
+    let file = match fs::OpenOptions::new().read(true).write(true).open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_error(path)(e)),
@@ -243,7 +282,13 @@ pub fn claim(path: &Path) -> Result<Option<Claimed>, SpillError> {
     match file.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => return Ok(None),
-        Err(fs::TryLockError::Error(e)) => return Err(io_error(path)(e)),
+        // A filesystem without locks (NFS mounted `nolock`): replay anyway.
+        // Two instances replaying one file at once stay exact: each part is
+        // applied under its id, once (the ledger), only the slower replay
+        // then finds its parts applied.
+        Err(fs::TryLockError::Error(e)) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot lock the spill file; replaying it unlocked");
+        }
     }
     // Between the open and the lock, another instance may have replayed the
     // file and removed it: then this handle is of a file no longer there.
@@ -252,7 +297,7 @@ pub fn claim(path: &Path) -> Result<Option<Claimed>, SpillError> {
     }
     Ok(Some(Claimed {
         path: path.to_owned(),
-        _file: file,
+        file,
     }))
 }
 

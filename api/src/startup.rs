@@ -137,6 +137,7 @@ impl Application {
         }
         let spill_file = match &settings.spill_dir {
             Some(dir) => {
+                warn_of_spill_files_outside(dir);
                 replay_spill_dir(&db, dir, settings.idempotency_window)
                     .await
                     .map_err(StartupError::Replay)?;
@@ -296,6 +297,15 @@ impl Application {
         let stop_flushing = CancellationToken::new();
         let flush_loop =
             tokio::spawn(Arc::clone(&flusher).run_until_stopped(stop_flushing.clone()));
+        let spill_rescan = settings.spill_dir.clone().map(|dir| {
+            tokio::spawn(rescan_spill_dir(
+                state.db.clone(),
+                dir,
+                settings.spill_rescan_interval,
+                settings.idempotency_window,
+                stop_flushing.clone(),
+            ))
+        });
         let stop_journal = CancellationToken::new();
         let journal = journal.map(
             |JournalParts {
@@ -365,6 +375,11 @@ impl Application {
         stop_flushing.cancel();
         if flush_loop.await.is_err() {
             tracing::error!("the flush loop panicked");
+        }
+        if let Some(rescan) = spill_rescan
+            && rescan.await.is_err()
+        {
+            tracing::error!("the spill directory rescan panicked");
         }
         tracing::info!("connections closed; writing everything pending");
         let report = match (flusher.flush_remaining(deadline).await, &lease) {
@@ -444,13 +459,24 @@ async fn replay_spill(
     let Some(batches) = spill::read(path)? else {
         return Ok(());
     };
+    write_spilled(db, path, &batches, idempotency_window).await?;
+    spill::remove(path)?;
+    Ok(())
+}
+
+/// Writes the batches of one spill file.
+async fn write_spilled(
+    db: &DatabaseConnection,
+    path: &std::path::Path,
+    batches: &[crate::batch::Batch],
+    idempotency_window: std::time::Duration,
+) -> Result<(), DbErr> {
     let mut keys = 0;
-    for batch in &batches {
+    for batch in batches {
         // Spilled batches come back as one part each: one connection.
         store::write_batch_keyed(db, batch, chrono::Utc::now(), 1, idempotency_window).await?;
         keys += batch.len();
     }
-    spill::remove(path)?;
     tracing::warn!(
         batches = batches.len(),
         keys,
@@ -462,7 +488,8 @@ async fn replay_spill(
 
 /// Replays every spill file left in a directory shared by instances, each
 /// under a lock so that instances starting together replay each file once.
-/// The directory is created when missing.
+/// The directory is created when missing. A file that cannot be parsed is
+/// renamed `….invalid` and logged, so it does not stop every replica.
 async fn replay_spill_dir(
     db: &DatabaseConnection,
     dir: &std::path::Path,
@@ -474,13 +501,62 @@ async fn replay_spill_dir(
     })?;
     for path in spill::left_in(dir)? {
         // Held by another instance's replay, or replayed since the listing.
-        let Some(claimed) = spill::claim(&path)? else {
+        let Some(mut claimed) = spill::claim(&path)? else {
             continue;
         };
-        replay_spill(db, claimed.path(), idempotency_window).await?;
+        let batches = match claimed.read() {
+            Ok(batches) => batches,
+            Err(e @ SpillError::Invalid { .. }) => {
+                let aside = claimed.set_aside()?;
+                tracing::error!(error = %e, kept_as = %aside.display(), "a spill file cannot be read; set aside, its increments are not applied");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        write_spilled(db, claimed.path(), &batches, idempotency_window).await?;
         claimed.remove()?;
     }
     Ok(())
+}
+
+/// Spill files beside the spill directory (an earlier version's
+/// `--spill-path`, such as the image's `/var/lib/increment/spill.jsonl`) are
+/// not replayed from there: say so, loudly, at every start.
+fn warn_of_spill_files_outside(dir: &std::path::Path) {
+    let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return;
+    };
+    if let Ok(files) = spill::left_in(parent)
+        && !files.is_empty()
+    {
+        tracing::warn!(
+            files = ?files,
+            spill_dir = %dir.display(),
+            "spill files outside the spill directory are not replayed: move them into it"
+        );
+    }
+}
+
+/// Replays what other instances leave in the shared spill directory, every
+/// `every`, until `stop`.
+async fn rescan_spill_dir(
+    db: DatabaseConnection,
+    dir: std::path::PathBuf,
+    every: Duration,
+    idempotency_window: std::time::Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = replay_spill_dir(&db, &dir, idempotency_window).await {
+            tracing::warn!(error = %crate::telemetry::error_chain(&e), dir = %dir.display(), "replaying spill files failed; will retry");
+        }
+    }
 }
 
 /// Key of the PostgreSQL advisory lock that serialises migrations.
@@ -558,13 +634,24 @@ async fn connect_waiting(settings: &Settings) -> Result<DatabaseConnection, Reda
     loop {
         // One plain connection first: the pool would report "pool timed
         // out" and hide why.
-        let failure = match probe(url).await {
-            Ok(()) => match connect(settings).await {
-                Ok(db) => return Ok(db),
-                Err(e) => Redacted::new(&e, url),
-            },
-            Err(e) if !may_pass(&e) => return Err(with_hint(Redacted::of(&e, url), url)),
-            Err(e) => Redacted::of(&e, url),
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let failure = match probe(url, left.clamp(Duration::from_millis(100), PROBE_TIMEOUT)).await
+        {
+            // It answers: what fails now (a read-only SQLite file, a pool
+            // setting) is not cured by waiting.
+            Ok(()) => {
+                return connect(settings)
+                    .await
+                    .map_err(|e| with_hint(Redacted::new(&e, url), url));
+            }
+            Err(Probe::Failed(e)) if !may_pass(&e, url) => {
+                return Err(with_hint(Redacted::of(&e, url), url));
+            }
+            Err(Probe::Failed(e)) => Redacted::of(&e, url),
+            Err(Probe::Silent(within)) => Redacted(format!(
+                "no answer from {} within {within:?}",
+                crate::settings::redact_url(url)
+            )),
         };
         let now = tokio::time::Instant::now();
         if now + delay > deadline {
@@ -586,31 +673,51 @@ async fn connect_waiting(settings: &Settings) -> Result<DatabaseConnection, Reda
     }
 }
 
-/// One connection, opened and closed, with the driver's own error.
-async fn probe(url: &str) -> Result<(), sea_orm::sqlx::Error> {
+/// The longest one attempt to reach the database may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why one attempt to reach the database failed.
+enum Probe {
+    /// The driver's own error.
+    Failed(sea_orm::sqlx::Error),
+    /// Connected (or not) but no answer within this.
+    Silent(Duration),
+}
+
+/// One connection, opened and closed, within `within`.
+async fn probe(url: &str, within: Duration) -> Result<(), Probe> {
     use sea_orm::sqlx::{ConnectOptions as _, Connection as _};
-    if url.starts_with("postgres") {
-        let options: sea_orm::sqlx::postgres::PgConnectOptions = url.parse()?;
-        let connection = tokio::time::timeout(Duration::from_secs(5), options.connect())
-            .await
-            .map_err(|_| sea_orm::sqlx::Error::PoolTimedOut)??;
-        connection.close().await
-    } else if url.starts_with("sqlite") {
-        let options: sea_orm::sqlx::sqlite::SqliteConnectOptions = url.parse()?;
-        options.connect().await?.close().await
-    } else {
-        // Another scheme: SeaORM's own connect says what is wrong with it.
-        Ok(())
+    let attempt = async {
+        if url.starts_with("postgres") {
+            let options: sea_orm::sqlx::postgres::PgConnectOptions = url.parse()?;
+            options.connect().await?.close().await
+        } else if url.starts_with("sqlite") {
+            let options: sea_orm::sqlx::sqlite::SqliteConnectOptions = url.parse()?;
+            options.connect().await?.close().await
+        } else {
+            // Another scheme: SeaORM's own connect says what is wrong with it.
+            Ok(())
+        }
+    };
+    match tokio::time::timeout(within, attempt).await {
+        Ok(result) => result.map_err(Probe::Failed),
+        Err(_) => Err(Probe::Silent(within)),
     }
 }
 
 /// Whether waiting may cure `error`: the server is unreachable, or says it
-/// is starting up or shutting down (SQLSTATE class 57P).
-fn may_pass(error: &sea_orm::sqlx::Error) -> bool {
+/// is starting up or shutting down (SQLSTATE class 57P), has no connection
+/// slot free (53300, class 53: resources) or lost the connection (class 08).
+fn may_pass(error: &sea_orm::sqlx::Error, url: &str) -> bool {
     use sea_orm::sqlx::Error;
     match error {
         Error::Io(_) | Error::PoolTimedOut => true,
-        Error::Database(e) => e.code().is_some_and(|code| code.starts_with("57P")),
+        // SQLSTATEs are PostgreSQL's; SQLite's codes are other numbers.
+        Error::Database(e) if url.starts_with("postgres") => e.code().is_some_and(|code| {
+            ["57P", "53", "08"]
+                .iter()
+                .any(|class| code.starts_with(class))
+        }),
         _ => false,
     }
 }

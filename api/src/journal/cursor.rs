@@ -68,6 +68,11 @@ impl Cursor {
         &self.stream
     }
 
+    /// Whether a reading has started (so `applied` holds the stored offset).
+    pub fn has_read(&self) -> bool {
+        self.state.lock().reading > 0
+    }
+
     /// Starts a reading from `applied` (the stored offset); returns its number.
     pub fn start_reading(&self, applied: u64) -> u64 {
         let mut state = self.state.lock();

@@ -68,8 +68,10 @@ impl Reader {
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            // The gauge is this reader's own record of holding the lease.
-            if self.metrics.journal_writer.get() != 1 {
+            // The gauge is this reader's own record of holding the lease;
+            // until a reading has loaded the stored offset, `applied` is not
+            // known (0), and the lag would read as the whole stream.
+            if self.metrics.journal_writer.get() != 1 || !self.cursor.has_read() {
                 self.metrics.journal_lag_messages.set(0);
                 continue;
             }

@@ -135,7 +135,26 @@ async fn a_shared_spill_dir_is_replayed_by_whichever_instance_starts_next(db: Te
     // next start takes the file up.
     drop(replaying);
     let (_, db) = replacement.shut_down().await;
+    settings.spill_rescan_interval = Duration::from_millis(100);
     let next = spawn_app_with(db, settings).await;
     assert_eq!(next.counters().await.get("c"), Some(&5));
     assert!(api::spill::left_in(&spill_dir).unwrap().is_empty());
+
+    // While it runs: a replica that stopped and was not replaced left a
+    // file, and one file is damaged. The running instance replays the first
+    // and sets the second aside; neither stops it.
+    let late = api::spill::own_file(&spill_dir);
+    let batch = std::sync::Arc::new(api::batch::Batch::new([("d".to_owned(), 7)], 1));
+    api::spill::write(&late, &[batch]).unwrap();
+    let damaged = spill_dir.join("spill-0000000000000-damaged.jsonl");
+    std::fs::write(&damaged, "{not json\n").unwrap();
+    let set_aside = damaged.with_extension("invalid");
+    testkit::eventually(
+        Duration::from_secs(10),
+        "the late file replayed, the damaged one set aside",
+        || async { next.counters().await.get("d") == Some(&7) && set_aside.exists() },
+    )
+    .await;
+    assert!(api::spill::left_in(&spill_dir).unwrap().is_empty());
+    assert_eq!(next.counters().await.get("c"), Some(&5), "nothing twice");
 }

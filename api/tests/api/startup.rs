@@ -84,3 +84,32 @@ async fn a_missing_sqlite_file_says_how_to_create_it() {
     assert!(err.contains("add ?mode=rwc"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5), "not retried");
 }
+
+/// A server that takes the connection and never answers: the error says so
+/// (not the pool's "timed out"), and the wait ends near its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_never_answers_is_named_within_the_deadline() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let mut settings = api::Settings::with_database(format!("postgres://app@127.0.0.1:{port}/db"));
+    settings.migrate = false;
+    settings.db_connect_timeout = Duration::from_millis(1_500);
+    let started = std::time::Instant::now();
+    let err = match Application::build(settings).await {
+        Ok(_) => panic!("nothing answers on {port}"),
+        Err(err) => api::telemetry::error_chain(&err),
+    };
+    assert!(
+        err.contains(&format!(
+            "no answer from postgres://app@127.0.0.1:{port}/db"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("pool timed out"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(silent);
+}
