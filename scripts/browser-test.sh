@@ -66,9 +66,7 @@ cleanup() {
   if [ "$rc" -eq 0 ]; then rm -rf "$work"; else echo "browser-test: FAILED (exit $rc); logs kept in $work" >&2; fi
   exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+on_exit_run_cleanup
 
 # --- Chromium -----------------------------------------------------------------
 step "Chromium ($chromium_bin)"

@@ -70,9 +70,7 @@ cleanup() {
   rm -rf "$tmp"
   exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+on_exit_run_cleanup
 
 step "tools: prometheus, promtool, python3 with PyYAML"
 command -v python3 >/dev/null || die "python3 is required"

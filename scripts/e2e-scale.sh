@@ -124,16 +124,10 @@ cleanup() {
       fi
     done
   fi
-  if [ "${E2E_KEEP_TMP:-0}" = 1 ]; then
-    echo "e2e-scale: kept $tmp" >&2
-  else
-    rm -rf "$tmp"
-  fi
+  remove_tmp e2e-scale "${E2E_KEEP_TMP:-0}"
   exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+on_exit_run_cleanup
 
 # ---------------------------------------------------------------------------
 step "tools: nginx, envsubst, psql, python3, curl"

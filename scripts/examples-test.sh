@@ -98,16 +98,10 @@ cleanup() {
       fi
     done
   fi
-  if [ "${EXAMPLES_KEEP_TMP:-0}" = 1 ]; then
-    echo "examples-test: kept $tmp" >&2
-  else
-    rm -rf "$tmp"
-  fi
+  remove_tmp examples-test "${EXAMPLES_KEEP_TMP:-0}"
   exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+on_exit_run_cleanup
 
 # ---------------------------------------------------------------------------
 step "tools: python3, node 20+, psql, curl"

@@ -81,3 +81,20 @@ wait_http() {
     sleep 0.2
   done
 }
+
+# on_exit_run_cleanup: the caller's `cleanup` on exit, and an exit (so that it
+# runs) on SIGINT and SIGTERM, with the shell's usual statuses.
+on_exit_run_cleanup() {
+  trap cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+}
+
+# remove_tmp NAME KEEP: removes `$tmp`, unless KEEP is 1 (then says where it is).
+remove_tmp() {
+  if [ "${2:-0}" = 1 ]; then
+    echo "$1: kept $tmp" >&2
+  else
+    rm -rf "$tmp"
+  fi
+}
