@@ -183,14 +183,7 @@ find_loadgen
 
 # From here on the whole run is bounded.
 run_started=$(date +%s)
-(
-  trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
-  sleep "$E2E_TIME_LIMIT" & sleeper=$!
-  wait "$sleeper"
-  echo "e2e-scale: time limit of ${E2E_TIME_LIMIT}s reached; stopping" >&2
-  kill -TERM $$ 2>/dev/null
-) &
-watchdog_pid=$!
+start_watchdog e2e-scale "$E2E_TIME_LIMIT"
 
 # ---------------------------------------------------------------------------
 nginx_port=$(free_port)

@@ -135,14 +135,7 @@ db_url="postgres://$PGUSER@$PGHOST:$PGPORT/$db"
 echo "database $db (dropped at exit)"
 
 # From here on the whole run is bounded.
-(
-  trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
-  sleep "$EXAMPLES_TIME_LIMIT" & sleeper=$!
-  wait "$sleeper"
-  echo "examples-test: time limit of ${EXAMPLES_TIME_LIMIT}s reached; stopping" >&2
-  kill -TERM $$ 2>/dev/null
-) &
-watchdog_pid=$!
+start_watchdog examples-test "$EXAMPLES_TIME_LIMIT"
 
 # ---------------------------------------------------------------------------
 start_instance() {  # start_instance NAME FLAGS...: the service on a free loopback port

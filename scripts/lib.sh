@@ -98,3 +98,17 @@ remove_tmp() {
     rm -rf "$tmp"
   fi
 }
+
+# start_watchdog NAME SECONDS: SIGTERM to this script after SECONDS, so that
+# the whole run is bounded (its pid is `$watchdog_pid`; stop it in cleanup).
+start_watchdog() {
+  local name=$1 limit=$2
+  (
+    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+    sleep "$limit" & sleeper=$!
+    wait "$sleeper"
+    echo "$name: time limit of ${limit}s reached; stopping" >&2
+    kill -TERM $$ 2>/dev/null
+  ) &
+  watchdog_pid=$!
+}
