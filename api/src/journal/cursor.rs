@@ -42,6 +42,17 @@ struct State {
     handed_over: u64,
 }
 
+/// A durable request waiting for its message, counted while it lives.
+pub struct WaitGuard(Arc<Cursor>);
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        self.0
+            .waiters
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// See the module doc. Share with an `Arc`.
 pub struct Cursor {
     stream: String,
@@ -49,6 +60,11 @@ pub struct Cursor {
     /// The highest sequence known applied (committed here, or read from the
     /// database).
     applied: tokio::sync::watch::Sender<u64>,
+    /// Durable requests waiting for their message to be applied.
+    waiters: std::sync::atomic::AtomicUsize,
+    /// A task polls the stored offset for them (one per instance, however
+    /// many wait; see [`crate::journal::wait_applied`]).
+    polling: std::sync::atomic::AtomicBool,
 }
 
 impl Cursor {
@@ -61,7 +77,36 @@ impl Cursor {
                 handed_over: 0,
             }),
             applied: tokio::sync::watch::Sender::new(0),
+            waiters: std::sync::atomic::AtomicUsize::new(0),
+            polling: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Counts a waiter in until the guard drops; `true` when no task polls
+    /// the stored offset yet and the caller must start one.
+    pub fn enter_wait(self: &Arc<Self>) -> (WaitGuard, bool) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.waiters.fetch_add(1, SeqCst);
+        let start = !self.polling.swap(true, SeqCst);
+        (WaitGuard(Arc::clone(self)), start)
+    }
+
+    /// Asked by the polling task after each poll: `false` to keep polling,
+    /// `true` when nobody waits any more (and it must stop). A waiter that
+    /// arrives while it stops either finds `polling` cleared and starts a new
+    /// task, or finds it set and is taken up by this one, which goes on.
+    pub fn poller_may_stop(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.waiters.load(SeqCst) > 0 {
+            return false;
+        }
+        self.polling.store(false, SeqCst);
+        self.waiters.load(SeqCst) == 0 || self.polling.swap(true, SeqCst)
+    }
+
+    /// Whether a task polls the stored offset now.
+    pub fn is_polling(&self) -> bool {
+        self.polling.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn stream(&self) -> &str {
@@ -161,5 +206,28 @@ impl Cursor {
 
     pub fn subscribe_applied(&self) -> tokio::sync::watch::Receiver<u64> {
         self.applied.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One polling task however many wait; it stops when the last waiter
+    /// leaves, and a waiter arriving after that starts a new one.
+    #[test]
+    fn one_poller_serves_every_waiter_and_stops_after_the_last() {
+        let cursor = Cursor::new("s");
+        let (first, start) = cursor.enter_wait();
+        assert!(start, "the first waiter starts the poller");
+        let (second, start) = cursor.enter_wait();
+        assert!(!start, "one is running");
+        assert!(!cursor.poller_may_stop(), "two wait");
+        drop(first);
+        drop(second);
+        assert!(cursor.poller_may_stop(), "nobody waits");
+        assert!(!cursor.is_polling());
+        let (_third, start) = cursor.enter_wait();
+        assert!(start, "a new waiter starts a new poller");
     }
 }

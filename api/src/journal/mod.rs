@@ -211,34 +211,55 @@ impl Journal {
     }
 }
 
+/// How often the stored offset is read while durable requests wait on an
+/// instance that is not the writer (the writer learns it from its commits).
+const APPLIED_POLL: Duration = Duration::from_millis(25);
+
 /// Waits until the message `sequence` is applied to the database (by any
 /// instance), up to `timeout`. `true` when it is.
+///
+/// Another instance may be the writer: the stored offset tells. One task per
+/// instance reads it every [`APPLIED_POLL`] while anyone waits, so the
+/// database sees 40 reads a second, not 40 per waiting request.
 pub async fn wait_applied(
     db: &DatabaseConnection,
-    cursor: &Cursor,
+    cursor: &Arc<Cursor>,
     sequence: u64,
     timeout: Duration,
 ) -> bool {
     let mut applied = cursor.subscribe_applied();
+    if *applied.borrow_and_update() >= sequence {
+        return true;
+    }
+    let (_waiting, start_polling) = cursor.enter_wait();
+    if start_polling {
+        tokio::spawn(poll_applied(db.clone(), Arc::clone(cursor)));
+    }
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if *applied.borrow_and_update() >= sequence {
-            return true;
-        }
-        // Another instance may be the writer: the stored offset tells.
-        if let Ok(stored) = store::journal_applied_through(db, cursor.stream()).await {
-            cursor.note_applied(stored);
-            if stored >= sequence {
-                return true;
-            }
-        }
-        let wake = deadline.min(tokio::time::Instant::now() + Duration::from_millis(25));
         tokio::select! {
-            _ = applied.changed() => {}
-            () = tokio::time::sleep_until(wake) => {}
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    return false;
+                }
+                if *applied.borrow_and_update() >= sequence {
+                    return true;
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => return *applied.borrow() >= sequence,
         }
-        if tokio::time::Instant::now() >= deadline {
-            return *applied.borrow() >= sequence;
+    }
+}
+
+/// Reads the stored offset into `cursor` while requests wait for it.
+async fn poll_applied(db: DatabaseConnection, cursor: Arc<Cursor>) {
+    loop {
+        if let Ok(stored) = store::journal_applied_through(&db, cursor.stream()).await {
+            cursor.note_applied(stored);
+        }
+        tokio::time::sleep(APPLIED_POLL).await;
+        if cursor.poller_may_stop() {
+            return;
         }
     }
 }

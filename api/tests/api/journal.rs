@@ -25,6 +25,7 @@ db_tests!(
     every_202_is_applied_once_through_the_journal,
     with_nats_unreachable_increments_get_503_and_nothing_is_counted,
     a_second_writer_of_the_same_messages_applies_nothing,
+    durable_requests_on_an_instance_that_is_not_the_writer_are_answered_once_applied,
 );
 
 async fn every_202_is_applied_once_through_the_journal(db: TestDb) {
@@ -400,4 +401,54 @@ fn message<'a>(items: &[(&'a str, i64)]) -> Message<'a> {
         items: items.to_vec(),
         keyed: Vec::new(),
     }
+}
+
+/// Durable requests on an instance without the writer lease learn from the
+/// stored offset (one poll for all of them) that their message was applied.
+async fn durable_requests_on_an_instance_that_is_not_the_writer_are_answered_once_applied(
+    db: TestDb,
+) {
+    let nats = NatsServer::start();
+    let alias = db.alias();
+    let writer = TestApp::start_with(db, journaled(&nats)).await;
+    eventually(
+        Duration::from_secs(20),
+        "the first instance holds the lease",
+        || async {
+            writer
+                .scrape()
+                .await
+                .contains("increment_journal_writer 1\n")
+        },
+    )
+    .await;
+    let other = TestApp::start_with(alias, journaled(&nats)).await;
+    assert!(
+        other
+            .scrape()
+            .await
+            .contains("increment_journal_writer 0\n")
+    );
+    let requests = (0..40).map(|i| {
+        other
+            .client
+            .post("/increment?wait=true")
+            .content_type("application/json")
+            .body(format!(r#"{{"key":"durable-{}","value":1}}"#, i % 4))
+            .send()
+    });
+    for response in futures::future::join_all(requests).await {
+        response.assert_status(StatusCode::OK);
+    }
+    let counters = writer.db.counters().await;
+    for key in 0..4 {
+        assert_eq!(
+            counters.get(&format!("durable-{key}")),
+            Some(&10),
+            "{counters:?}"
+        );
+    }
+    let (_, _) = other.shut_down().await;
+    let (report, _) = writer.shut_down().await;
+    assert_eq!(report, ShutdownReport::Clean);
 }
