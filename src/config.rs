@@ -200,7 +200,25 @@ impl Config {
     pub fn load() -> Self {
         let matches = Self::command().get_matches();
         let config = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-        config.resolve(&matches).unwrap_or_else(|e| e.exit())
+        let json = config.log_format == "json";
+        config.resolve(&matches).unwrap_or_else(|e| {
+            if !json {
+                e.exit()
+            }
+            // The flags parsed, and asked for JSON lines: this one too.
+            let text = e.to_string();
+            let first_line = text.lines().next().unwrap_or_default();
+            let detail = first_line.trim_start_matches("error: ");
+            eprintln!(
+                "{}",
+                api::telemetry::line_without_subscriber(
+                    LogFormat::Json,
+                    "invalid settings",
+                    detail
+                )
+            );
+            std::process::exit(2)
+        })
     }
 
     /// Like [`load`](Self::load), from `args`, returning the error.

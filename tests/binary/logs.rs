@@ -361,6 +361,20 @@ async fn in_json_mode_the_last_error_is_json_too() {
     assert!(!stderr.contains("s3cr3t-pw"), "{stderr}");
 }
 
+/// Settings that parse but disagree are refused before logging starts; in
+/// JSON mode that refusal is a JSON line too.
+#[tokio::test]
+async fn in_json_mode_a_settings_refusal_is_json_too() {
+    let stderr = failed_start(&["--log-format", "json", "--stop-grace-period", "5s"], &[]).await;
+    let line: Value = serde_json::from_str(stderr.trim())
+        .unwrap_or_else(|e| panic!("one JSON line ({e}): {stderr}"));
+    assert_eq!(line["level"], "ERROR");
+    assert_eq!(line["message"], "invalid settings");
+    let error = line["error"].as_str().expect("an error field");
+    assert!(error.contains("must be at least 6s"), "{error}");
+    assert!(!error.contains("Usage"), "{error}");
+}
+
 #[tokio::test]
 async fn text_logs_into_a_pipe_have_no_colour_codes() {
     let stderr = failed_start(
