@@ -326,6 +326,8 @@ impl Settings {
             max_pending_keys = self.max_pending_keys,
             wait_timeout = ?self.wait_timeout,
             spill_path = %self.spill_path.display(),
+            spill_dir = self.spill_dir.as_ref().map(|dir| dir.display().to_string()),
+            db_connect_timeout = ?self.db_connect_timeout,
             admin_routes = self.admin_token.is_some(),
             max_connections = self.max_connections,
             max_in_flight = self.max_in_flight,

@@ -56,11 +56,7 @@ pub enum StartupError {
 pub struct Redacted(String);
 
 impl Redacted {
-    fn new(err: &DbErr, database_url: &str) -> Self {
-        Self::of(err, database_url)
-    }
-
-    fn of(err: &(dyn std::error::Error + 'static), database_url: &str) -> Self {
+    fn new(err: &(dyn std::error::Error + 'static), database_url: &str) -> Self {
         Self(crate::settings::scrub(
             &crate::telemetry::error_chain(err),
             &crate::settings::url_secrets(database_url),
@@ -645,9 +641,9 @@ async fn connect_waiting(settings: &Settings) -> Result<DatabaseConnection, Reda
                     .map_err(|e| with_hint(Redacted::new(&e, url), url));
             }
             Err(Probe::Failed(e)) if !may_pass(&e, url) => {
-                return Err(with_hint(Redacted::of(&e, url), url));
+                return Err(with_hint(Redacted::new(&e, url), url));
             }
-            Err(Probe::Failed(e)) => Redacted::of(&e, url),
+            Err(Probe::Failed(e)) => Redacted::new(&e, url),
             Err(Probe::Silent(within)) => Redacted(format!(
                 "no answer from {} within {within:?}",
                 crate::settings::redact_url(url)
