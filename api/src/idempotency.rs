@@ -15,8 +15,9 @@ use sea_orm::DatabaseConnection;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// The request header, lower-case as HTTP/1.1 and poem compare it.
-pub const HEADER: &str = "idempotency-key";
+/// The request header. A `HeaderName`, not a `&str`: a string is parsed
+/// into a header name again on every look-up.
+pub const HEADER: poem::http::HeaderName = poem::http::HeaderName::from_static("idempotency-key");
 
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_LEN: usize = 255;

@@ -7,8 +7,9 @@
 
 use std::{sync::Arc, time::Duration};
 
-use bytes::Bytes;
-use poem::{Request, error::ReadBodyError};
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, combinators::BoxBody};
+use poem::Request;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::http::problem::ApiError;
@@ -72,16 +73,55 @@ impl Limits {
         // Read here, under both limits (the handlers would read it whole
         // anyway; bodies are small).
         let body = req.take_body();
-        match tokio::time::timeout(self.body_timeout, body.into_bytes_limit(self.max_body)).await {
+        match tokio::time::timeout(self.body_timeout, read_limited(body, self.max_body)).await {
             Ok(Ok(bytes)) => {
                 req.set_body(bytes.clone());
                 Ok((!bytes.is_empty()).then_some(bytes))
             }
-            Ok(Err(ReadBodyError::PayloadTooLarge)) => Err(too_large()),
-            Ok(Err(e)) => Err(ApiError::BadRequest(format!(
+            Ok(Err(BodyError::TooLarge)) => Err(too_large()),
+            Ok(Err(BodyError::Read(e))) => Err(ApiError::BadRequest(format!(
                 "the request body could not be read: {e}"
             ))),
             Err(_elapsed) => Err(ApiError::RequestTimeout(self.body_timeout)),
         }
     }
+}
+
+enum BodyError {
+    TooLarge,
+    Read(std::io::Error),
+}
+
+/// The body's bytes, at most `max`. Frame by frame: a body that arrives in
+/// one frame (nearly all of ours) is that frame's bytes, not copied. (poem's
+/// `into_bytes_limit` zeroes a 4 KiB buffer and copies through it: a fifth of
+/// the instructions of a plain `POST /increment`, measured with callgrind.)
+async fn read_limited(body: poem::Body, max: usize) -> Result<Bytes, BodyError> {
+    let mut body: BoxBody<Bytes, std::io::Error> = body.into();
+    let mut first = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
+    let mut len = 0;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(BodyError::Read)?.into_data() else {
+            continue; // trailers
+        };
+        len += data.len();
+        if len > max {
+            return Err(BodyError::TooLarge);
+        }
+        match &mut joined {
+            Some(joined) => joined.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                let mut both = BytesMut::with_capacity(len);
+                both.extend_from_slice(&first);
+                both.extend_from_slice(&data);
+                joined = Some(both);
+            }
+        }
+    }
+    Ok(match joined {
+        Some(joined) => joined.freeze(),
+        None => first,
+    })
 }

@@ -17,7 +17,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{metrics::Metrics, telemetry::REQUEST_ID_FIELD};
 
-const TRACEPARENT: &str = "traceparent";
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// The request id header: taken from the caller when sane, else made here,
 /// and returned on every response.
@@ -76,8 +76,15 @@ fn is_sane_request_id(id: &[u8]) -> bool {
 /// 128 random bits as 32 hex digits (nginx's `$request_id` has the same
 /// shape). From the thread's generator: no system call per request.
 fn new_request_id() -> HeaderValue {
-    HeaderValue::from_str(&format!("{:032x}", rand::random::<u128>()))
-        .expect("hex digits are a valid header value")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bits = rand::random::<u128>();
+    // By hand: `format!("{:032x}")` cost 1,100 instructions per request.
+    let mut digits = [0u8; 32];
+    for digit in digits.iter_mut().rev() {
+        *digit = HEX[(bits & 0xf) as usize];
+        bits >>= 4;
+    }
+    HeaderValue::from_bytes(&digits).expect("hex digits are a valid header value")
 }
 
 /// The server span of a request, continuing the caller's trace.

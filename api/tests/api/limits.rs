@@ -122,3 +122,47 @@ async fn requests_beyond_the_in_flight_cap_get_503() {
     let db = app.shut_down_cleanly().await;
     assert!(db.counters().await.is_empty(), "nothing was taken");
 }
+
+/// A body that arrives in several pieces (chunked, or one declared length
+/// sent in parts) is read whole: the front door joins the frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_in_pieces_is_read_whole() {
+    let app = serve(|_| {}).await;
+    let mut chunked = RawClient::connect(app.addr).await;
+    chunked
+        .send(
+            format!("{POST_HEAD}Transfer-Encoding: chunked\r\n\r\n8\r\n{{\"key\":\"\r\n")
+                .as_bytes(),
+        )
+        .await;
+    chunked.send(b"6\r\npieces\r\n").await;
+    chunked
+        .send(b"b\r\n\",\"value\":4\r\n2\r\n}\n\r\n0\r\n\r\n")
+        .await;
+    assert_eq!(
+        chunked.response(PATIENCE).await.expect("an answer").status,
+        202
+    );
+    let body = r#"{"key":"pieces","value":3}"#;
+    let mut parts = RawClient::connect(app.addr).await;
+    parts
+        .send(
+            format!(
+                "{POST_HEAD}Content-Length: {}\r\n\r\n{}",
+                body.len(),
+                &body[..5]
+            )
+            .as_bytes(),
+        )
+        .await;
+    for piece in [&body[5..12], &body[12..]] {
+        tokio::time::sleep(Duration::from_millis(20)).await; // separate reads
+        parts.send(piece.as_bytes()).await;
+    }
+    assert_eq!(
+        parts.response(PATIENCE).await.expect("an answer").status,
+        202
+    );
+    let db = app.shut_down_cleanly().await;
+    assert_eq!(db.counters().await.get("pieces"), Some(&7));
+}
