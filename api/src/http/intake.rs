@@ -45,7 +45,7 @@ pub struct Increment<'a> {
 /// interpreted: JSON is UTF-8 (RFC 8259).
 pub fn is_json_media_type(value: &str) -> bool {
     // What nearly every client sends, decided without the parse.
-    if value.len() == 16 && value.eq_ignore_ascii_case("application/json") {
+    if value.eq_ignore_ascii_case("application/json") {
         return true;
     }
     let Some((essence, mut rest)) = split_essence(value) else {
