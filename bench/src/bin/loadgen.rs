@@ -132,6 +132,11 @@ struct Args {
     gate_file: Option<PathBuf>,
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     gate_timeout: Duration,
+    /// Also report latency per window of this length (e.g. 1s, 100ms), by
+    /// intended send time: where in the run the tail comes from (a
+    /// per-second flush shows as one slow window a second).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    window: Option<Duration>,
 }
 
 /// A pause in the run until a file exists.
@@ -241,6 +246,7 @@ struct Shared {
     /// Requests whose outcome is unknown.
     ambiguous: AtomicU64,
     gate: Option<Gate>,
+    window: Option<Duration>,
 }
 
 struct Stats {
@@ -253,6 +259,8 @@ struct Stats {
     requests: u64,
     increments: u64,
     last_done: Instant,
+    /// `latency` per `--window`, indexed from the start of the measurement.
+    windows: Vec<Histogram<u64>>,
 }
 
 impl Stats {
@@ -265,7 +273,15 @@ impl Stats {
             requests: 0,
             increments: 0,
             last_done: Instant::now(),
+            windows: Vec::new(),
         }
+    }
+
+    fn record_window(&mut self, index: usize, latency_ns: u64) {
+        if self.windows.len() <= index {
+            self.windows.resize_with(index + 1, window_histogram);
+        }
+        self.windows[index].saturating_record(latency_ns);
     }
 
     fn merge(&mut self, other: &Stats) {
@@ -279,12 +295,24 @@ impl Stats {
         }
         self.requests += other.requests;
         self.increments += other.increments;
+        if self.windows.len() < other.windows.len() {
+            self.windows
+                .resize_with(other.windows.len(), window_histogram);
+        }
+        for (mine, theirs) in self.windows.iter_mut().zip(&other.windows) {
+            let _ = mine.add(theirs);
+        }
     }
 }
 
 /// Nanoseconds, 1 µs to 100 s, 3 significant digits.
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1_000, 100_000_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Per-window histograms: two significant digits keep one per window small.
+fn window_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1_000, 100_000_000_000, 2).expect("valid histogram bounds")
 }
 
 fn error_kind(e: &std::io::Error) -> &'static str {
@@ -496,9 +524,13 @@ async fn connection_task(shared: Arc<Shared>, id: usize) -> Stats {
                 }
                 if recording {
                     let from = intended.map_or(sent, |t| t.min(sent));
-                    stats
-                        .latency
-                        .saturating_record(done.duration_since(from).as_nanos() as u64);
+                    let latency_ns = done.duration_since(from).as_nanos() as u64;
+                    stats.latency.saturating_record(latency_ns);
+                    if let Some(window) = shared.window {
+                        let since = from.saturating_duration_since(shared.record_from);
+                        let index = (since.as_nanos() / window.as_nanos().max(1)) as usize;
+                        stats.record_window(index, latency_ns);
+                    }
                     stats
                         .service
                         .saturating_record(done.duration_since(sent).as_nanos() as u64);
@@ -664,6 +696,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             }
             _ => None,
         },
+        window: args.window.filter(|w| !w.is_zero()),
     });
     let progress = args.progress_file.clone().map(|file| {
         let shared = Arc::clone(&shared);
@@ -790,6 +823,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             q(&total.service, 0.99)
         );
     }
+    let windows = per_window(&total, shared.window);
+    for w in &windows {
+        eprintln!(
+            "window {:>8.3} s  requests {:>8}  p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+            w.from_s, w.requests, w.p50_ms, w.p99_ms, w.max_ms
+        );
+    }
     let statuses: Vec<String> = total
         .statuses
         .iter()
@@ -885,10 +925,59 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             "refused": refused,
             "ambiguous": ambiguous,
             "verify": verify_json,
+            "windows": windows.iter().map(Window::to_json).collect::<Vec<_>>(),
         });
         println!("{line}");
     }
     Ok(ok)
+}
+
+/// Latency over one `--window` of intended send times.
+struct Window {
+    from_s: f64,
+    requests: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+impl Window {
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "from_s": self.from_s,
+            "requests": self.requests,
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+            "max_ms": self.max_ms,
+        })
+    }
+}
+
+fn per_window(total: &Stats, window: Option<Duration>) -> Vec<Window> {
+    let Some(window) = window else {
+        return Vec::new();
+    };
+    total
+        .windows
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let q = |p| {
+                if h.is_empty() {
+                    0.0
+                } else {
+                    ms(h.value_at_quantile(p))
+                }
+            };
+            Window {
+                from_s: window.as_secs_f64() * i as f64,
+                requests: h.len(),
+                p50_ms: q(0.5),
+                p99_ms: q(0.99),
+                max_ms: if h.is_empty() { 0.0 } else { ms(h.max()) },
+            }
+        })
+        .collect()
 }
 
 struct VerifyOutcome {
