@@ -43,6 +43,8 @@ use crate::{
     metrics::{self, Metrics, Sampled},
 };
 
+mod index;
+
 /// Deltas taken out of the batcher, per key. `i128` because the sum of several
 /// in-range `i64` deltas of one key (a slot evicted, then a fresh one) may leave
 /// the `i64` range; the store splits such sums, nothing is truncated.
@@ -104,9 +106,25 @@ fn handed_over_holds(handed_over: &HandedOver, key: &str) -> bool {
 }
 
 /// One key's pending delta. Lives in the cache; shared with writers holding it.
-#[derive(Default)]
 struct Slot {
+    /// Its key, so that the index and the dirty list hold one pointer each.
+    key: CompactString,
     state: Mutex<SlotState>,
+}
+
+impl Slot {
+    fn new(key: &str) -> Self {
+        Self {
+            key: CompactString::from(key),
+            state: Mutex::default(),
+        }
+    }
+}
+
+impl AsRef<str> for Slot {
+    fn as_ref(&self) -> &str {
+        &self.key
+    }
 }
 
 #[derive(Default)]
@@ -144,7 +162,7 @@ impl SlotState {
 /// really pending.
 #[derive(Default)]
 struct DirtyList {
-    entries: Vec<(CompactString, Arc<Slot>)>,
+    entries: Vec<Arc<Slot>>,
     /// Length at which stale entries are next dropped.
     compact_at: usize,
 }
@@ -153,19 +171,18 @@ impl DirtyList {
     /// Length below which the list is never compacted.
     const MIN_COMPACT: usize = 1 << 16;
 
-    fn push(&mut self, key: &str, slot: &Arc<Slot>) {
+    fn push(&mut self, slot: &Arc<Slot>) {
         if self.entries.len() >= self.compact_at.max(Self::MIN_COMPACT) {
             // `try_lock`: the caller holds a slot lock (maybe several); never
             // wait for another here. A busy slot is simply kept.
             self.entries
-                .retain(|(_, slot)| slot.state.try_lock().is_none_or(|state| state.dirty));
+                .retain(|slot| slot.state.try_lock().is_none_or(|state| state.dirty));
             self.compact_at = self.entries.len() * 2;
         }
-        self.entries
-            .push((CompactString::from(key), Arc::clone(slot)));
+        self.entries.push(Arc::clone(slot));
     }
 
-    fn take(&mut self) -> Vec<(CompactString, Arc<Slot>)> {
+    fn take(&mut self) -> Vec<Arc<Slot>> {
         self.compact_at = 0;
         std::mem::take(&mut self.entries)
     }
@@ -183,6 +200,12 @@ pub struct Batcher {
     /// Keys inline up to 24 bytes (`CompactString`): one allocation less per
     /// pending key than `String` (measured in `BENCHMARKS.md`).
     cache: Cache<CompactString, Arc<Slot>>,
+    /// The cache's slots by key, looked up before the cache (see
+    /// [`index`]). Reads that hit it are not recorded by the cache, so its
+    /// size eviction goes by insertion order rather than last access; with
+    /// the TTL counted from insertion too, a key's slot lives at most one TTL
+    /// either way.
+    index: Arc<index::Index<Slot>>,
     /// Remainders of slots that left the cache, durable records, batch
     /// fallbacks; emptied only by `drain`.
     side: Arc<Mutex<SideMap>>,
@@ -245,6 +268,8 @@ impl Batcher {
         let listener_evictions = Arc::clone(&evictions);
         let dirty_slots: Arc<AtomicU64> = Arc::default();
         let listener_dirty_slots = Arc::clone(&dirty_slots);
+        let index: Arc<index::Index<Slot>> = Arc::new(index::Index::new());
+        let listener_index = Arc::clone(&index);
         // The listener must never panic: moka disables it for good after one
         // panic and later evictions would be lost. parking_lot locks do not poison.
         let cache = Cache::builder()
@@ -272,6 +297,9 @@ impl Batcher {
                         );
                     }
                     drop(side);
+                    // After sealing: a request that puts this slot back in the
+                    // index checks the seal afterwards (see `slot`).
+                    listener_index.remove(listener_index.hash(&key), &slot);
                     let mut counts = listener_evictions.lock();
                     match cause {
                         RemovalCause::Size => counts.size += 1,
@@ -283,6 +311,7 @@ impl Batcher {
             .build();
         Self {
             cache,
+            index,
             side,
             side_keys,
             handed_over,
@@ -348,6 +377,8 @@ impl Batcher {
             if state.sealed {
                 // Evicted between the lookup and the lock: its remainder already
                 // moved to the side map. The next lookup creates a fresh slot.
+                drop(state);
+                self.index.remove(self.index.hash(key), &slot);
                 continue;
             }
             state.delta = state
@@ -423,15 +454,38 @@ impl Batcher {
         Ok(())
     }
 
-    /// `key`'s slot, created when missing. (`get_with_by_ref` would need the
-    /// key type to be `str`'s owned form, `String`.)
+    /// `key`'s slot, created when missing: from the index when it has it,
+    /// else from the cache, then put in the index. (`get_with_by_ref` would
+    /// need the key type to be `str`'s owned form, `String`.)
+    ///
+    /// The slot may be sealed (evicted meanwhile); callers check under its
+    /// lock, as they always did.
     fn slot(&self, key: &str) -> Arc<Slot> {
-        match self.cache.get(key) {
+        let hash = self.index.hash(key);
+        if let Some(slot) = self.index.get(hash, key) {
+            return slot;
+        }
+        let slot = match self.cache.get(key) {
             Some(slot) => slot,
             None => self
                 .cache
-                .get_with(CompactString::from(key), || Arc::new(Slot::default())),
+                .get_with(CompactString::from(key), || Arc::new(Slot::new(key))),
+        };
+        self.index.insert(hash, &slot);
+        // The listener seals, then removes from the index. Sealed now: it may
+        // have removed before the insert above, so remove it here, or the
+        // index would keep a slot the cache no longer holds.
+        if slot.state.lock().sealed {
+            self.index.remove(hash, &slot);
         }
+        slot
+    }
+
+    /// `key`'s slot if there is one, without creating it.
+    fn live_slot(&self, key: &str) -> Option<Arc<Slot>> {
+        self.index
+            .get(self.index.hash(key), key)
+            .or_else(|| self.cache.get(key))
     }
 
     /// Called with `slot`'s lock held (`state`); lock order: side map, slots,
@@ -439,7 +493,7 @@ impl Batcher {
     fn mark_dirty(&self, state: &mut SlotState, key: &str, slot: &Arc<Slot>) {
         if !state.dirty {
             state.dirty = true;
-            self.dirty_list.lock().push(key, slot);
+            self.dirty_list.lock().push(slot);
             // Once per key per flush cycle: the lookup is off the hot path.
             if !handed_over_holds(&self.handed_over, key) {
                 state.counted = true;
@@ -525,7 +579,7 @@ impl Batcher {
     /// moka's maintenance has not yet handed to the listener is invisible to
     /// lookups until the next flush tick runs that maintenance.
     pub fn pending_for(&self, key: &str) -> Option<i128> {
-        let slot = self.cache.get(key);
+        let slot = self.live_slot(key);
         let side = self.side.lock();
         let mut pending = side.deltas.get(key).copied();
         if let Some(slot) = slot {
@@ -575,11 +629,11 @@ impl Batcher {
         let dirty = self.dirty_list.lock().take();
         let mut entries = Vec::with_capacity(side.len() + dirty.len());
         entries.extend(side);
-        for (key, slot) in dirty {
+        for slot in dirty {
             // A sealed slot was emptied by the listener, and a slot listed
             // twice was emptied the first time: `take` returns None.
             if let Some(delta) = slot.state.lock().take(&self.dirty_slots) {
-                entries.push((key.into_string(), i128::from(delta)));
+                entries.push((slot.key.to_string(), i128::from(delta)));
             }
         }
         (entries, keyed, number, since)
@@ -732,6 +786,32 @@ mod tests {
         assert_eq!(drained.len(), keys);
         assert!(drained.values().all(|total| *total == rounds));
         assert!(b.dirty_list.lock().entries.is_empty());
+    }
+
+    /// The index never keeps a slot the cache let go: once the cache's
+    /// maintenance has run, it maps exactly the cache's entries, so it is
+    /// bounded by the cache's capacity; after `seal_all` it is empty.
+    #[test]
+    fn the_index_holds_what_the_cache_holds_and_no_more() {
+        let b = batcher(64, Duration::from_secs(60));
+        for round in 0..20 {
+            for key in 0..1_000 {
+                b.record(&format!("k{}", (key * 7 + round) % 1_000), 1)
+                    .expect("recorded");
+            }
+        }
+        b.cache.run_pending_tasks();
+        let cached = usize::try_from(b.cache.entry_count()).expect("small");
+        assert!(cached <= 64, "{cached} entries in a cache of 64");
+        assert_eq!(b.index.len(), cached);
+        for (key, slot) in b.cache.iter() {
+            let indexed = b.index.get(b.index.hash(&key), &key).expect("indexed");
+            assert!(Arc::ptr_eq(&indexed, &slot), "{key}: the cache's own slot");
+        }
+        b.seal_all();
+        assert_eq!(b.index.len(), 0);
+        let drained = b.drain();
+        assert_eq!(drained.values().sum::<i128>(), 20_000, "nothing lost");
     }
 
     /// A batch handed over to a flush that keeps failing (the database
