@@ -8,7 +8,7 @@
 #
 # Options: --rounds N, --duration SECS (per measurement), --out FILE,
 #          --skip-build (use target/release as it is), --scenarios LIST
-#          (comma list of direct,nginx,naive,flush,journal,keyed; default all).
+#          (comma list of direct,nginx,naive,flush,journal,keyed,keys; default all).
 # Env: INCREMENT_BIN (a prebuilt service binary), PG (base URL, default
 #      postgres://postgres@127.0.0.1:5432), KEEP_SCRATCH=1.
 #
@@ -35,6 +35,11 @@
 #   keyed   requests with a unique Idempotency-Key each vs plain ones, same
 #           service (and one with --idempotency-lookup false), hot and 100k
 #           uniform keys, exact totals checked (--verify)
+#   keys    many distinct keys (issue 16): hot, zipf and 100k uniform keys vs
+#           the poem floor on the same keys, uniform also with the flush
+#           deferred (the intake alone); open-loop p99 at half each maximum vs
+#           the floor at the same rate; 1M uniform keys: rate and RSS per
+#           pending key
 #
 # Noise: before each measurement the script waits (at most 15 s) for the
 # machine to be idle; during it, it records the CPU used by processes that are
@@ -51,7 +56,7 @@ DUR=8
 WARM=2
 OUT="$ROOT/BENCHMARKS.md"
 BUILD=1
-SCENARIOS="direct,nginx,naive,flush,journal,keyed"
+SCENARIOS="direct,nginx,naive,flush,journal,keyed,keys"
 ROUNDS_SET=0
 DUR_SET=0
 while [ $# -gt 0 ]; do
@@ -62,7 +67,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift ;;
     --skip-build) BUILD=0 ;;
     --scenarios) SCENARIOS=$2; shift ;;
-    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,48p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -712,6 +717,73 @@ if has keyed; then
   done
   stop_server svc_keyed
   stop_server svc_keyed_nl
+fi
+
+# ---------------------------------------------------------------------------
+# Scenario: many distinct keys (issue 16).
+# with_rss NAME -- cmd...: the service's RSS before and after the run and its
+# pending keys after it, into $EXTRA (bytes per pending key).
+with_rss() {
+  local name=$1; shift 2
+  local idle full pending rc=0
+  idle=$(rss_mb "${PID[$name]}")
+  "$@" || rc=$?
+  full=$(rss_mb "${PID[$name]}")
+  pending=$(metric "${PORT[$name]}" increment_pending_keys)
+  python3 -c 'import json, sys
+idle, full, pending = float(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3] or 0)
+print(json.dumps({"rss_idle_mb": idle, "rss_full_mb": full, "pending": pending,
+    "bytes_per_key": (full - idle) * 1048576 / pending if pending else None}))' "$idle" "$full" "$pending" >"$EXTRA"
+  return "$rc"
+}
+
+if has keys; then
+  log "== keys: hot, zipf and 100k uniform keys (flush on; uniform also with it deferred) vs the poem floor on the same keys; p99 at half each maximum vs the floor at that rate; 1M uniform keys"
+  create_db incbench_keys_hot
+  create_db incbench_keys_zipf
+  create_db incbench_keys_uniform
+  create_db incbench_keys_deferred
+  start_ceiling kfloor floor
+  start_service ksvc_hot incbench_keys_hot "$SVC_WORKERS"
+  start_service ksvc_zipf incbench_keys_zipf "$SVC_WORKERS"
+  start_service ksvc_uniform incbench_keys_uniform "$SVC_WORKERS"
+  # Deferred past the whole scenario: the intake alone.
+  start_service ksvc_deferred incbench_keys_deferred "$SVC_WORKERS" --flush-interval 1h
+  common=(--warmup "${WARM}s" -d "${DUR}s")
+  declare -A KSVC=([hot]=ksvc_hot [zipf]=ksvc_zipf [uniform]=ksvc_uniform)
+  declare -A KDIST=([hot]=hot [zipf]="$ZIPF" [uniform]=uniform:100000)
+  for round in $(seq 1 "$ROUNDS"); do
+    log "keys round $round/$ROUNDS"
+    for k in hot zipf uniform; do
+      measure keys "floor_$k" "$round" loadgen -- lg --url "http://127.0.0.1:${PORT[kfloor]}" "${common[@]}" --keys "${KDIST[$k]}"
+      measure keys "service_$k" "$round" loadgen -- lg --url "http://127.0.0.1:${PORT[${KSVC[$k]}]}" "${common[@]}" --keys "${KDIST[$k]}"
+    done
+    measure keys service_uniform_deferred "$round" loadgen -- \
+      lg --url "http://127.0.0.1:${PORT[ksvc_deferred]}" "${common[@]}" --keys uniform:100000
+  done
+  stop_server ksvc_deferred
+  declare -A KHALF=()
+  for k in hot zipf uniform; do
+    KHALF[$k]=$(py median "$RESULTS" keys "service_$k" rate | awk '{printf "%d", $1 / 2}')
+  done
+  for round in $(seq 1 "$HALF_ROUNDS"); do
+    log "keys: open loop at half each maximum (hot ${KHALF[hot]}, zipf ${KHALF[zipf]}, uniform ${KHALF[uniform]} req/s), service and floor, round $round/$HALF_ROUNDS"
+    for k in hot zipf uniform; do
+      measure keys "half_service_$k" "$round" loadgen -- lg --url "http://127.0.0.1:${PORT[${KSVC[$k]}]}" \
+        "${common[@]}" --keys "${KDIST[$k]}" --rate "${KHALF[$k]}"
+      measure keys "half_floor_$k" "$round" loadgen -- lg --url "http://127.0.0.1:${PORT[kfloor]}" \
+        "${common[@]}" --keys "${KDIST[$k]}" --rate "${KHALF[$k]}"
+    done
+  done
+  for s in kfloor ksvc_hot ksvc_zipf ksvc_uniform; do stop_server "$s"; done
+  # 1M uniform keys, nothing flushed or expired during the run: the rate, and
+  # the memory each pending key holds.
+  create_db incbench_keys_1m
+  start_service ksvc_1m incbench_keys_1m "$SVC_WORKERS" --flush-interval 1h --cache-ttl 1h \
+    --cache-capacity 2000000 --max-pending-keys 2000000
+  measure keys service_uniform_1m 1 loadgen -- with_rss ksvc_1m -- \
+    lg --url "http://127.0.0.1:${PORT[ksvc_1m]}" "${common[@]}" --keys uniform:1000000
+  stop_server ksvc_1m
 fi
 
 # ---------------------------------------------------------------------------

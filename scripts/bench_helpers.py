@@ -279,13 +279,13 @@ def render(results_path, meta_path, out_path, quick):
 
     targets = []
 
-    def ratio(name, num, den, target, sense=">="):
+    def ratio(name, num, den, target, sense=">=", nd=0):
         if num is None or den is None or den == 0:
-            targets.append([name, fmt(num), fmt(den), "–", f"{sense} {target}", "n/a"])
+            targets.append([name, fmt(num, nd), fmt(den, nd), "–", f"{sense} {target}", "n/a"])
             return
         r = num / den
         ok = r >= target if sense == ">=" else r <= target
-        targets.append([name, fmt(num), fmt(den), f"{r:.2f}×", f"{sense} {target}×", "PASS" if ok else "FAIL"])
+        targets.append([name, fmt(num, nd), fmt(den, nd), f"{r:.2f}×", f"{sense} {target}×", "PASS" if ok else "FAIL"])
 
     def absolute(name, value, limit, unit, sense="<=", nd=2):
         if value is None:
@@ -338,6 +338,20 @@ def render(results_path, meta_path, out_path, quick):
             cps = [(r["commits"] - r.get("autovac", 0)) / (r["load_s"] + 2.5) for r in rs if r.get("load_s") and "commits" in r]
             if cps:
                 absolute(f"commits/s during {cfg} ({fmt(med('journal', cfg))} req/s; over load + 2.5 s tail, worst run, autovacuum excluded)", max(cps), 2.0, "/s")
+
+    if med("keys", "service_uniform") is not None:
+        # Issue 16: each distribution against the floor on the same keys.
+        ratio("keys, 100k uniform, flush deferred (intake alone): service / poem floor", med("keys", "service_uniform_deferred"), med("keys", "floor_uniform"), 0.85)
+        ratio("keys, 100k uniform, default 1 s flush: service / poem floor", med("keys", "service_uniform"), med("keys", "floor_uniform"), 0.75)
+        ratio("keys, zipf over 100k: service / poem floor", med("keys", "service_zipf"), med("keys", "floor_zipf"), 0.85)
+        ratio("keys, hot: service / poem floor", med("keys", "service_hot"), med("keys", "floor_hot"), 0.85)
+        for k in ("hot", "zipf", "uniform"):
+            ratio(f"keys, p99 at half the maximum, {k}: service / floor at the same rate (open loop)",
+                  med("keys", f"half_service_{k}", "p99_ms"), med("keys", f"half_floor_{k}", "p99_ms"), 1.5, "<=", nd=2)
+        rs = select(results, "keys", "service_uniform_1m")
+        if rs:
+            absolute(f"keys, 1M uniform: memory per pending key ({fmt(median_of(rs, 'rate'))} req/s, {fmt(median_of(rs, 'pending'))} keys pending)",
+                     median_of(rs, "bytes_per_key"), 300, "B/key", nd=0)
 
     if med("keyed", "keyed_hot") is not None:
         for k in ("hot", "uniform"):

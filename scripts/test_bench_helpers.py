@@ -114,6 +114,32 @@ class Report(unittest.TestCase):
         zipf = next(l for l in md.splitlines() if l.startswith("| direct zipf: service / poem floor"))
         self.assertTrue(zipf.endswith("n/a |"), zipf)
 
+    def test_the_keys_rows_judge_tail_ratios_downwards_and_memory_per_key(self):
+        d = tempfile.mkdtemp()
+        rec = lambda cfg, **kw: {"scenario": "keys", "config": cfg, "round": 1, "others_pct": 0, **kw}
+        results = write(d, "r", "\n".join(json.dumps(r) for r in [
+            rec("service_uniform", rate=70_000),
+            rec("floor_uniform", rate=100_000),
+            rec("half_service_hot", rate=40_000, p99_ms=1.4),
+            rec("half_floor_hot", rate=40_000, p99_ms=1.0),
+            rec("half_service_zipf", rate=40_000, p99_ms=1.6),
+            rec("half_floor_zipf", rate=40_000, p99_ms=1.0),
+            rec("service_uniform_1m", rate=80_000, pending=500_000, bytes_per_key=390.0),
+        ]))
+        out = os.path.join(d, "out.md")
+        h.render(results, write(d, "m", "git=abc\n"), out, False)
+        rows = {l.split(" | ")[0][2:]: l for l in open(out).read().splitlines() if l.startswith("| keys, ")}
+        self.assertTrue(rows["keys, 100k uniform, default 1 s flush: service / poem floor"].endswith("FAIL |"))
+        hot = rows["keys, p99 at half the maximum, hot: service / floor at the same rate (open loop)"]
+        self.assertIn("| 1.40 | 1.00 | 1.40× | <= 1.5× | PASS |", hot)
+        zipf = rows["keys, p99 at half the maximum, zipf: service / floor at the same rate (open loop)"]
+        self.assertTrue(zipf.endswith("FAIL |"), zipf)
+        uniform = rows["keys, p99 at half the maximum, uniform: service / floor at the same rate (open loop)"]
+        self.assertTrue(uniform.endswith("n/a |"), uniform)
+        memory = next(v for k, v in rows.items() if k.startswith("keys, 1M uniform"))
+        self.assertIn("390 B/key", memory)
+        self.assertTrue(memory.endswith("FAIL |"), memory)
+
 
 if __name__ == "__main__":
     unittest.main()
