@@ -12,6 +12,7 @@ db_tests!(
     a_replayed_batch_is_not_applied_twice,
     parts_of_a_large_batch_commit_on_their_own_and_each_exactly_once,
     large_batches_are_chunked_under_the_bind_limit,
+    a_usual_flush_on_postgres_starts_with_paced_statements,
     concurrent_increments_under_eviction_and_expiry_are_written_exactly_once,
     a_drain_cut_off_by_the_shutdown_deadline_is_still_accounted_for,
     a_cancelled_flush_leaves_its_batch_to_the_next_one,
@@ -197,23 +198,69 @@ async fn large_batches_are_chunked_under_the_bind_limit(db: TestDb) {
     for i in 0..keys {
         assert_accepted(app.increment(&format!("key-{i:05}"), i).await).await;
     }
-    let rows_per_statement = match backend {
-        Backend::Sqlite => store::SQLITE_ROWS_PER_STATEMENT,
-        Backend::Postgres => store::POSTGRES_ROWS_PER_STATEMENT,
-    };
-    let expected_statements = (keys as usize).div_ceil(rows_per_statement);
-    assert!(expected_statements > 1, "the test must need several chunks");
-    assert_eq!(
-        app.flush().await,
-        FlushOutcome::Written {
-            keys: keys as usize,
-            batches: 1,
-            statements: expected_statements
+    // PostgreSQL starts a part with smaller, paced statements for a while
+    // (how many depends on the time they take), then goes on at full size.
+    let (fewest, most) = match backend {
+        Backend::Sqlite => {
+            let exact = (keys as usize).div_ceil(store::SQLITE_ROWS_PER_STATEMENT);
+            (exact, exact)
         }
-    );
+        Backend::Postgres => (
+            (keys as usize).div_ceil(store::POSTGRES_ROWS_PER_STATEMENT),
+            (keys as usize).div_ceil(store::POSTGRES_PACED_ROWS),
+        ),
+    };
+    assert!(fewest > 1, "the test must need several chunks");
+    match app.flush().await {
+        FlushOutcome::Written {
+            keys: written,
+            batches: 1,
+            statements,
+        } => {
+            assert_eq!(written, keys as usize);
+            assert!(
+                (fewest..=most).contains(&statements),
+                "{statements} statements, expected {fewest}..={most}"
+            );
+        }
+        other => panic!("expected one batch written, got {other:?}"),
+    }
     let counters = app.counters().await;
     assert_eq!(counters.len(), keys as usize);
     assert!((0..keys).all(|i| counters[&format!("key-{i:05}")] == i));
+}
+
+/// A flush of one part starts with statements of `POSTGRES_PACED_ROWS` on
+/// PostgreSQL (the first one always: the pacing time has only begun), where
+/// unpaced it would be one statement; SQLite is not paced. Totals exact.
+async fn a_usual_flush_on_postgres_starts_with_paced_statements(db: TestDb) {
+    let backend = db.backend;
+    let app = spawn_app(db).await;
+    let keys = 3 * store::POSTGRES_PACED_ROWS;
+    assert!(keys < store::POSTGRES_ROWS_PER_STATEMENT && keys < store::SQLITE_ROWS_PER_STATEMENT);
+    for i in 0..keys {
+        assert_accepted(app.increment(&format!("paced-{i:05}"), 2).await).await;
+    }
+    let FlushOutcome::Written {
+        keys: written,
+        statements,
+        ..
+    } = app.flush().await
+    else {
+        panic!("expected a written batch");
+    };
+    assert_eq!(written, keys);
+    match backend {
+        Backend::Sqlite => assert_eq!(statements, 1),
+        Backend::Postgres => assert!(
+            (2..=3).contains(&statements),
+            "{statements} statements: the first {} rows go alone",
+            store::POSTGRES_PACED_ROWS
+        ),
+    }
+    let counters = app.counters().await;
+    assert_eq!(counters.len(), keys);
+    assert!(counters.values().all(|v| *v == 2));
 }
 
 async fn concurrent_increments_under_eviction_and_expiry_are_written_exactly_once(db: TestDb) {
