@@ -328,7 +328,7 @@ measure() {
   while [ "$1" != "--" ]; do fields+=("$1"); shift; done
   shift
   local attempt rc out cpu best="" best_others=1000000 others cmdtxt
-  cmdtxt=$(printf '%q ' "$@" | sed "s#$SCRATCH#\$SCRATCH#g; s#$ROOT/##g; s#$TOKEN#\$TOKEN#g; s#with_\(commits\|journal\) [^ ]* [^ ]* -- ##")
+  cmdtxt=$(printf '%q ' "$@" | sed "s#$SCRATCH#\$SCRATCH#g; s#$ROOT/##g; s#$TOKEN#\$TOKEN#g; s#with_\(commits\|journal\|rss\) [^ ]* [^ ]* -- ##")
   for attempt in 1 2 3; do
     py idle 25 "$IDLE_WAIT" >/dev/null
     out="$SCRATCH/out.$scen.$cfg.$round.$attempt"
@@ -721,12 +721,13 @@ fi
 
 # ---------------------------------------------------------------------------
 # Scenario: many distinct keys (issue 16).
-# with_rss NAME -- cmd...: the service's RSS before and after the run and its
-# pending keys after it, into $EXTRA (bytes per pending key).
+# with_rss NAME IDLE_MB -- cmd...: the service's RSS after the run and its
+# pending keys after it, with its RSS before any load (IDLE_MB: a repeated
+# attempt runs on the same service, so both counts are cumulative), into
+# $EXTRA (bytes per pending key).
 with_rss() {
-  local name=$1; shift 2
-  local idle full pending rc=0
-  idle=$(rss_mb "${PID[$name]}")
+  local name=$1 idle=$2; shift 3
+  local full pending rc=0
   "$@" || rc=$?
   full=$(rss_mb "${PID[$name]}")
   pending=$(metric "${PORT[$name]}" increment_pending_keys)
@@ -781,7 +782,7 @@ if has keys; then
   create_db incbench_keys_1m
   start_service ksvc_1m incbench_keys_1m "$SVC_WORKERS" --flush-interval 1h --cache-ttl 1h \
     --cache-capacity 2000000 --max-pending-keys 2000000
-  measure keys service_uniform_1m 1 loadgen -- with_rss ksvc_1m -- \
+  measure keys service_uniform_1m 1 loadgen -- with_rss ksvc_1m "$(rss_mb "${PID[ksvc_1m]}")" -- \
     lg --url "http://127.0.0.1:${PORT[ksvc_1m]}" "${common[@]}" --keys uniform:1000000
   stop_server ksvc_1m
 fi

@@ -201,10 +201,11 @@ pub struct Batcher {
     /// pending key than `String` (measured in `BENCHMARKS.md`).
     cache: Cache<CompactString, Arc<Slot>>,
     /// The cache's slots by key, looked up before the cache (see
-    /// [`index`]). Reads that hit it are not recorded by the cache, so its
-    /// size eviction goes by insertion order rather than last access; with
-    /// the TTL counted from insertion too, a key's slot lives at most one TTL
-    /// either way.
+    /// [`index`]). Reads that hit it are not seen by the cache: its size
+    /// eviction and admission go by insertions and misses rather than by
+    /// use, and a slot past its TTL stays in use until the cache's
+    /// maintenance removes it (run by cache traffic and by every drain).
+    /// Nothing is lost either way: the listener moves what it seals aside.
     index: Arc<index::Index<Slot>>,
     /// Remainders of slots that left the cache, durable records, batch
     /// fallbacks; emptied only by `drain`.
@@ -576,8 +577,8 @@ impl Batcher {
     /// What `key` has pending here, or `None` when nothing was recorded since
     /// the last drain. Exact with respect to evictions (the listener moves a
     /// slot's remainder under the same locks). A slot that expired but that
-    /// moka's maintenance has not yet handed to the listener is invisible to
-    /// lookups until the next flush tick runs that maintenance.
+    /// moka's maintenance has not yet handed to the listener still counts
+    /// when the index holds it.
     pub fn pending_for(&self, key: &str) -> Option<i128> {
         let slot = self.live_slot(key);
         let side = self.side.lock();
@@ -789,7 +790,8 @@ mod tests {
     }
 
     /// The index never keeps a slot the cache let go: once the cache's
-    /// maintenance has run, it maps exactly the cache's entries, so it is
+    /// maintenance has run (one thread here), it maps exactly the cache's
+    /// entries, so it is
     /// bounded by the cache's capacity; after `seal_all` it is empty.
     #[test]
     fn the_index_holds_what_the_cache_holds_and_no_more() {

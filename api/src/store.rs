@@ -29,9 +29,11 @@ pub const POSTGRES_ROWS_PER_STATEMENT: usize = 10_000;
 /// a burst of CPU that delays the requests behind it (p99 at 31,000 req/s,
 /// medians of 12 rounds: 100k uniform keys 22 → 12 ms, zipf 8 → 5 ms;
 /// `bench/PROFILE.md`).
-/// A batch of several parts is a backlog and goes at full size and speed.
-/// The cost: the paced transaction, and a `wait=true` answer waiting on it,
-/// take up to twice as long.
+/// A batch of several parts is a backlog and goes at full size and speed;
+/// journal, keyed and replayed batches are one part of any size, and get
+/// the paced start too (at most [`PACED_FOR`] of it). The cost: the paced
+/// transaction holds its row locks longer, and it and a `wait=true` answer
+/// waiting on it take up to twice as long.
 pub const POSTGRES_PACED_ROWS: usize = 2_000;
 
 /// See [`POSTGRES_PACED_ROWS`].
