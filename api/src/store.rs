@@ -345,12 +345,12 @@ async fn write_pass(
         _ => SQLITE_ROWS_PER_STATEMENT,
     };
     let mut rejected: Vec<(&str, i64)> = Vec::new();
+    let pace = pace && backend == DbBackend::Postgres;
     let pass_started = std::time::Instant::now();
     for round in rounds(rows) {
         let mut rest = &round[..];
         while !rest.is_empty() {
-            let paced =
-                pace && backend == DbBackend::Postgres && pass_started.elapsed() < PACED_FOR;
+            let paced = pace && pass_started.elapsed() < PACED_FOR;
             let size = if paced {
                 POSTGRES_PACED_ROWS
             } else {

@@ -63,7 +63,7 @@ impl<V: AsRef<str>> Index<V> {
         match shard.entry(
             hash,
             |other| other.as_ref().as_ref() == key,
-            |other| self.hasher.hash_one(other.as_ref().as_ref()),
+            |other| self.hash(other.as_ref().as_ref()),
         ) {
             Entry::Occupied(mut entry) => *entry.get_mut() = Arc::clone(value),
             Entry::Vacant(entry) => {
