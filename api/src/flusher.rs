@@ -464,6 +464,10 @@ impl Flusher {
         self.batcher.release(batch);
         self.publish_committed(batch.drain);
         if let (Some(cursor), Some(span)) = (&self.journal, &batch.journal) {
+            // Before `note_applied`: a waiter woken by it must find out.
+            if maybe_rejected {
+                cursor.note_rejected(span.through);
+            }
             cursor.note_applied(span.through);
         }
         match outcome {

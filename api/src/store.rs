@@ -380,7 +380,7 @@ async fn write_pass(
         }
     }
     if !rejected.is_empty() {
-        record_rejected(&txn, id, &rejected, now).await?;
+        record_rejected(&txn, id, journal, &rejected, now).await?;
         statements += 1;
     }
     txn.commit().await?;
@@ -694,6 +694,7 @@ async fn upsert_chunk_returning<C: ConnectionTrait>(
 async fn record_rejected<C: ConnectionTrait>(
     conn: &C,
     batch_id: &str,
+    journal: Option<&JournalSpan>,
     rows: &[(&str, i64)],
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
@@ -705,8 +706,13 @@ async fn record_rejected<C: ConnectionTrait>(
             "increment rejected: {OVERFLOW_REASON}"
         );
     }
-    // 5 binds per row, under SQLite's limit.
-    for chunk in rows.chunks(SQLITE_MAX_BINDS / 5) {
+    // The journal span tells a waiting request which rows held its message
+    // (see `journal_rejected`); null for a write-behind batch.
+    let stream: Option<String> = journal.map(|span| span.stream.clone());
+    let after: Option<i64> = journal.map(|span| as_bigint(span.after));
+    let through: Option<i64> = journal.map(|span| as_bigint(span.through));
+    // 8 binds per row, under SQLite's limit.
+    for chunk in rows.chunks(SQLITE_MAX_BINDS / 8) {
         let mut insert = Query::insert();
         insert.into_table(rejected_increments::Entity).columns([
             rejected_increments::Column::Key,
@@ -714,6 +720,9 @@ async fn record_rejected<C: ConnectionTrait>(
             rejected_increments::Column::Reason,
             rejected_increments::Column::BatchId,
             rejected_increments::Column::RejectedAt,
+            rejected_increments::Column::JournalStream,
+            rejected_increments::Column::JournalAfter,
+            rejected_increments::Column::JournalThrough,
         ]);
         for (key, delta) in chunk {
             insert
@@ -723,6 +732,9 @@ async fn record_rejected<C: ConnectionTrait>(
                     OVERFLOW_REASON.into(),
                     batch_id.into(),
                     now.into(),
+                    stream.clone().into(),
+                    after.into(),
+                    through.into(),
                 ])
                 .map_err(|e| DbErr::Custom(e.to_string()))?;
         }
@@ -880,6 +892,50 @@ pub async fn journal_applied_through(db: &DatabaseConnection, stream: &str) -> R
         .one(db)
         .await?;
     Ok(row.map_or(0, |row| u64::try_from(row.applied_through).unwrap_or(0)))
+}
+
+/// The highest sequence of `stream` held by a batch that rejected a row (0
+/// when none did). Read after the stored offset, it covers every rejection
+/// up to that offset: the two commit together.
+///
+/// # Errors
+/// Any database error.
+pub async fn journal_rejected_through(db: &DatabaseConnection, stream: &str) -> Result<u64, DbErr> {
+    let highest: Option<Option<i64>> = rejected_increments::Entity::find()
+        .select_only()
+        .column_as(rejected_increments::Column::JournalThrough.max(), "through")
+        .filter(rejected_increments::Column::JournalStream.eq(stream))
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(highest
+        .flatten()
+        .map_or(0, |through| u64::try_from(through).unwrap_or(0)))
+}
+
+/// Whether the row of `key` in the batch that held message `sequence` of
+/// `stream` was rejected (the stored total would have left `bigint`).
+///
+/// # Errors
+/// Any database error.
+pub async fn journal_rejected(
+    db: &DatabaseConnection,
+    stream: &str,
+    key: &str,
+    sequence: u64,
+) -> Result<bool, DbErr> {
+    let sequence = as_bigint(sequence);
+    let found = rejected_increments::Entity::find()
+        .select_only()
+        .column(rejected_increments::Column::Id)
+        .filter(rejected_increments::Column::JournalStream.eq(stream))
+        .filter(rejected_increments::Column::Key.eq(key))
+        .filter(rejected_increments::Column::JournalAfter.lt(sequence))
+        .filter(rejected_increments::Column::JournalThrough.gte(sequence))
+        .into_tuple::<i64>()
+        .one(db)
+        .await?;
+    Ok(found.is_some())
 }
 
 /// Takes or renews the writer lease of `stream` for `writer` until

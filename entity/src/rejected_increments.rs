@@ -12,6 +12,9 @@ pub struct Model {
     pub reason: String,
     pub batch_id: String,
     pub rejected_at: DateTimeWithTimeZone,
+    pub journal_stream: Option<String>,
+    pub journal_after: Option<i64>,
+    pub journal_through: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -60,6 +60,11 @@ pub struct Cursor {
     /// The highest sequence known applied (committed here, or read from the
     /// database).
     applied: tokio::sync::watch::Sender<u64>,
+    /// The highest sequence held by a batch that rejected a row (an
+    /// overflow), as known when `applied` was last raised: a waiter whose
+    /// sequence is above it was applied whole, without asking the database.
+    /// Raised before `applied`, so it is never older than what it guards.
+    rejected_through: std::sync::atomic::AtomicU64,
     /// Durable requests waiting for their message to be applied.
     waiters: std::sync::atomic::AtomicUsize,
     /// A task polls the stored offset for them (one per instance, however
@@ -77,6 +82,7 @@ impl Cursor {
                 handed_over: 0,
             }),
             applied: tokio::sync::watch::Sender::new(0),
+            rejected_through: std::sync::atomic::AtomicU64::new(0),
             waiters: std::sync::atomic::AtomicUsize::new(0),
             polling: std::sync::atomic::AtomicBool::new(false),
         })
@@ -197,6 +203,21 @@ impl Cursor {
             }
             advanced
         });
+    }
+
+    /// A batch holding messages through `through` rejected a row. Call before
+    /// [`Cursor::note_applied`] for the same batch or reading.
+    pub fn note_rejected(&self, through: u64) {
+        self.rejected_through
+            .fetch_max(through, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether a row of message `sequence` may have been rejected (asked
+    /// once `sequence` is applied): `false` means certainly not.
+    pub fn may_be_rejected(&self, sequence: u64) -> bool {
+        self.rejected_through
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= sequence
     }
 
     /// The highest sequence known applied.

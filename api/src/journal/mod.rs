@@ -215,13 +215,52 @@ impl Journal {
 /// instance that is not the writer (the writer learns it from its commits).
 const APPLIED_POLL: Duration = Duration::from_millis(25);
 
+/// What became of a durable request's message (see [`wait_applied`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied to the database, the request's row with it.
+    Written,
+    /// Applied, but the request's row was rejected (the stored total would
+    /// have left `bigint`; it is in `rejected_increments`).
+    Rejected,
+    /// Not known to be applied within the timeout (or whether its row was
+    /// rejected could not be read): still held, to be written.
+    Unconfirmed,
+}
+
 /// Waits until the message `sequence` is applied to the database (by any
-/// instance), up to `timeout`. `true` when it is.
+/// instance), up to `timeout`, and tells whether `key`'s row in it was.
 ///
 /// Another instance may be the writer: the stored offset tells. One task per
 /// instance reads it every [`APPLIED_POLL`] while anyone waits, so the
-/// database sees 40 reads a second, not 40 per waiting request.
+/// database sees 40 reads a second, not 40 per waiting request. Only when a
+/// batch at or past `sequence` rejected a row (rare) does the request ask the
+/// database about its own.
 pub async fn wait_applied(
+    db: &DatabaseConnection,
+    cursor: &Arc<Cursor>,
+    sequence: u64,
+    key: &str,
+    timeout: Duration,
+) -> Applied {
+    if !wait_sequence(db, cursor, sequence, timeout).await {
+        return Applied::Unconfirmed;
+    }
+    if !cursor.may_be_rejected(sequence) {
+        return Applied::Written;
+    }
+    match store::journal_rejected(db, cursor.stream(), key, sequence).await {
+        Ok(true) => Applied::Rejected,
+        Ok(false) => Applied::Written,
+        Err(e) => {
+            tracing::warn!(error = %crate::telemetry::error_chain(&e), "reading whether a durable request's row was rejected failed");
+            Applied::Unconfirmed
+        }
+    }
+}
+
+/// `true` once `sequence` is applied, `false` at the timeout.
+async fn wait_sequence(
     db: &DatabaseConnection,
     cursor: &Arc<Cursor>,
     sequence: u64,
@@ -254,7 +293,12 @@ pub async fn wait_applied(
 /// Reads the stored offset into `cursor` while requests wait for it.
 async fn poll_applied(db: DatabaseConnection, cursor: Arc<Cursor>) {
     loop {
-        if let Ok(stored) = store::journal_applied_through(&db, cursor.stream()).await {
+        // The offset first, then the rejections: both commit together, so
+        // the later read covers every rejection up to the offset read.
+        if let Ok(stored) = store::journal_applied_through(&db, cursor.stream()).await
+            && let Ok(rejected) = store::journal_rejected_through(&db, cursor.stream()).await
+        {
+            cursor.note_rejected(rejected);
             cursor.note_applied(stored);
         }
         tokio::time::sleep(APPLIED_POLL).await;

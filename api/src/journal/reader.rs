@@ -171,6 +171,15 @@ impl Reader {
                 return Ended::Restart;
             }
         };
+        // Rejections by earlier writers, read after the offset so that they
+        // cover it; durable requests waiting here learn of them.
+        match store::journal_rejected_through(&self.db, self.cursor.stream()).await {
+            Ok(through) => self.cursor.note_rejected(through),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "reading the journal's rejections failed");
+                return Ended::Restart;
+            }
+        }
         let reading = self.cursor.start_reading(applied);
         tracing::info!(
             stream = self.cursor.stream(),

@@ -369,10 +369,18 @@ impl IncrementApi {
                     .await
             }
             (Ticket::Journal(sequence), Some(cursor)) => {
-                if journal::wait_applied(&self.db, cursor, sequence, self.wait_timeout).await {
-                    WaitOutcome::Committed
-                } else {
-                    WaitOutcome::TimedOut
+                match journal::wait_applied(
+                    &self.db,
+                    cursor,
+                    sequence,
+                    &increment.key,
+                    self.wait_timeout,
+                )
+                .await
+                {
+                    journal::Applied::Written => WaitOutcome::Committed,
+                    journal::Applied::Rejected => WaitOutcome::Rejected,
+                    journal::Applied::Unconfirmed => WaitOutcome::TimedOut,
                 }
             }
             (Ticket::Journal(_), None) => WaitOutcome::TimedOut,

@@ -26,6 +26,7 @@ db_tests!(
     with_nats_unreachable_increments_get_503_and_nothing_is_counted,
     a_second_writer_of_the_same_messages_applies_nothing,
     durable_requests_on_an_instance_that_is_not_the_writer_are_answered_once_applied,
+    a_durable_request_whose_row_is_rejected_hears_counter_overflow,
 );
 
 async fn every_202_is_applied_once_through_the_journal(db: TestDb) {
@@ -448,6 +449,63 @@ async fn durable_requests_on_an_instance_that_is_not_the_writer_are_answered_onc
             "{counters:?}"
         );
     }
+    let (_, _) = other.shut_down().await;
+    let (report, _) = writer.shut_down().await;
+    assert_eq!(report, ShutdownReport::Clean);
+}
+
+async fn post_waiting(app: &TestApp, key: &str, value: i64) -> testkit::Response {
+    app.client
+        .post("/increment?wait=true")
+        .content_type("application/json")
+        .body(serde_json::json!({ "key": key, "value": value }).to_string())
+        .send()
+        .await
+}
+
+/// `wait=true` means "committed to the database" in journal mode too: a
+/// request whose row the flush rejected (the stored total would leave
+/// `bigint`) hears `counter-overflow`, on the writer and on an instance
+/// that learns the offset from the database; others in the same stream
+/// still hear 200.
+async fn a_durable_request_whose_row_is_rejected_hears_counter_overflow(db: TestDb) {
+    let nats = NatsServer::start();
+    let alias = db.alias();
+    let writer = TestApp::start_with(db, journaled(&nats)).await;
+    eventually(
+        Duration::from_secs(20),
+        "the first instance holds the lease",
+        || async {
+            writer
+                .scrape()
+                .await
+                .contains("increment_journal_writer 1\n")
+        },
+    )
+    .await;
+    let other = TestApp::start_with(alias, journaled(&nats)).await;
+    post_waiting(&writer, "full", i64::MAX)
+        .await
+        .assert_status(StatusCode::OK);
+
+    for (app, value) in [(&writer, 1), (&other, 2)] {
+        let response = post_waiting(app, "full", value).await;
+        response.assert_status(StatusCode::UNPROCESSABLE_ENTITY);
+        let problem: serde_json::Value = response.json();
+        assert_eq!(problem["type"], "/problems/counter-overflow", "{problem}");
+        post_waiting(app, "fine", value)
+            .await
+            .assert_status(StatusCode::OK);
+    }
+
+    let counters = writer.db.counters().await;
+    assert_eq!(counters.get("full"), Some(&i64::MAX));
+    assert_eq!(counters.get("fine"), Some(&3));
+    let scrape = writer.scrape().await;
+    assert!(
+        scrape.contains("increment_rejected_rows_total 2\n"),
+        "{scrape}"
+    );
     let (_, _) = other.shut_down().await;
     let (report, _) = writer.shut_down().await;
     assert_eq!(report, ShutdownReport::Clean);
