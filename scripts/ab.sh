@@ -10,13 +10,14 @@
 #      PG (default postgres://postgres@127.0.0.1:5432), FLOOR=0 to skip the
 #      floor, BATCH (items per request, default 0 = POST /increment),
 #      FLAGS_A / FLAGS_B (extra service flags, e.g. "--cache-ttl 60s"),
-#      RATE (open loop at this many req/s: compare p99 at a fixed rate).
+#      RATE (open loop at this many req/s: compare p99 at a fixed rate),
+#      LOADGEN_FLAGS (extra loadgen flags, e.g. --idempotency-keys).
 # Each service runs with TOKIO_WORKER_THREADS=1 on its own fresh PostgreSQL
 # database (dropped on exit), like scripts/bench.sh.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-[ $# -ge 2 ] || { sed -n '2,14p' "$0"; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,15p' "$0"; exit 2; }
 BIN_A=$(realpath "$1"); BIN_B=$(realpath "$2"); shift 2
 KEYS=("$@"); [ ${#KEYS[@]} -gt 0 ] || KEYS=(hot zipf:100000:1.1)
 ROUNDS=${ROUNDS:-3}; DUR=${DUR:-6}; CONNS=${CONNS:-64}; BATCH=${BATCH:-0}
@@ -83,7 +84,7 @@ for round in $(seq 1 "$ROUNDS"); do
   for keys in "${KEYS[@]}"; do
     for config in "${CONFIGS[@]}"; do
       line=$(timeout $((DUR + 30)) "$LOADGEN" --url "http://127.0.0.1:${PORT[$config]}" -c "$CONNS" \
-        --warmup 1s -d "${DUR}s" --keys "$keys" --batch "$BATCH" "${OPEN_LOOP[@]}" --json 2>/dev/null)
+        --warmup 1s -d "${DUR}s" --keys "$keys" --batch "$BATCH" "${OPEN_LOOP[@]}" ${LOADGEN_FLAGS:-} --json 2>/dev/null)
       rps=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(int(d["rps"]), d["p99_ms"])' "$line")
       echo "round $round  $keys  $config  $rps"
       echo "$keys $config $rps" >>"$RESULTS"

@@ -13,12 +13,13 @@
 #      (default 20000), CONNS (default 16), BATCH (items per request, default 0),
 #      FLAGS (extra service flags; default "--flush-interval 1h --cache-ttl 1h":
 #      intake only, no flush and no expiry during the count, since callgrind's
-#      slowdown would otherwise change what expires), PG, TOP (functions listed
+#      slowdown would otherwise change what expires), LOADGEN_FLAGS (extra
+#      loadgen flags, e.g. --idempotency-keys), PG, TOP (functions listed
 #      per run, default 0), OUT (keep the callgrind files in this folder).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-[ $# -ge 1 ] || { sed -n '2,17p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,18p' "$0"; exit 2; }
 KEYS=${KEYS:-"hot zipf:100000:1.1 uniform:100000"}
 N=${N:-40000}; WARM=${WARM:-20000}; CONNS=${CONNS:-16}; BATCH=${BATCH:-0}
 FLAGS=${FLAGS:-"--flush-interval 1h --cache-ttl 1h"}
@@ -44,7 +45,7 @@ die() { echo "callgrind.sh: $*" >&2; exit 1; }
 
 load() { # ADDR KEYS COUNT
   "$LOADGEN" --url "http://$1" -c "$CONNS" --keys "$2" --batch "$BATCH" --values 1..=9 \
-    --key-prefix cg --seed 7 -n "$3" --timeout 120s --expect-accepted --json 2>/dev/null
+    --key-prefix cg --seed 7 -n "$3" --timeout 120s --expect-accepted --json ${LOADGEN_FLAGS:-} 2>/dev/null
 }
 
 printf '%-28s %-22s %14s %14s\n' binary keys instructions per_increment

@@ -278,7 +278,7 @@ pub enum Stored {
 const LOOKUP_GROUP: usize = 512;
 
 /// Looks keys up in `idempotency_keys`, requests that wait at the same time
-/// sharing one query (a `SELECT … WHERE key IN (…)` per group), so a keyed
+/// sharing one query (a `SELECT … WHERE key = ANY(…)` per group), so a keyed
 /// request costs a fraction of a query, not one. Cheap to clone; the task
 /// ends when the last clone is dropped.
 #[derive(Clone)]
@@ -288,29 +288,19 @@ pub struct Applied {
 }
 
 impl Applied {
-    /// Starts the lookup task on `db` for keys applied within `window`; a
-    /// lookup not answered within `timeout` is [`Stored::Unknown`].
+    /// Starts the lookup task on `db` (its own connection: see
+    /// `startup::connect_lookups`) for keys applied within `window`; a lookup
+    /// not answered within `timeout` is [`Stored::Unknown`].
     pub fn start(db: DatabaseConnection, window: Duration, timeout: Duration) -> Self {
         let (requests, mut queue) = mpsc::channel::<(String, oneshot::Sender<Stored>)>(4096);
         let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+        // One query at a time: requests that arrive meanwhile form the next
+        // group. Several in flight made more, smaller queries, and
+        // PostgreSQL's cost is per query (bench/PROFILE.md).
         tokio::spawn(async move {
             let mut group = Vec::with_capacity(LOOKUP_GROUP);
             while queue.recv_many(&mut group, LOOKUP_GROUP).await > 0 {
-                let keys: Vec<String> = group.iter().map(|(key, _)| key.clone()).collect();
-                let since = chrono::Utc::now() - window;
-                let found = crate::store::applied_fingerprints(&db, &keys, since).await;
-                if let Err(e) = &found {
-                    tracing::warn!(error = %crate::telemetry::error_chain(e), "looking up idempotency keys failed; their flush decides");
-                }
-                for (key, answer) in group.drain(..) {
-                    let stored = match &found {
-                        Ok(found) => found
-                            .get(&key)
-                            .map_or(Stored::Absent, |f| Stored::Applied(*f)),
-                        Err(_) => Stored::Unknown,
-                    };
-                    let _ = answer.send(stored);
-                }
+                answer_group(&db, &mut group, window).await;
             }
         });
         Self { requests, timeout }
@@ -327,6 +317,29 @@ impl Applied {
             Ok(Ok(stored)) => stored,
             Ok(Err(_)) | Err(_) => Stored::Unknown,
         }
+    }
+}
+
+/// Looks up one group's keys and answers each request (emptying `group`).
+async fn answer_group(
+    db: &DatabaseConnection,
+    group: &mut Vec<(String, oneshot::Sender<Stored>)>,
+    window: chrono::Duration,
+) {
+    let keys: Vec<String> = group.iter().map(|(key, _)| key.clone()).collect();
+    let since = chrono::Utc::now() - window;
+    let found = crate::store::applied_fingerprints(db, &keys, since).await;
+    if let Err(e) = &found {
+        tracing::warn!(error = %crate::telemetry::error_chain(e), "looking up idempotency keys failed; their flush decides");
+    }
+    for (key, answer) in group.drain(..) {
+        let stored = match &found {
+            Ok(found) => found
+                .get(&key)
+                .map_or(Stored::Absent, |f| Stored::Applied(*f)),
+            Err(_) => Stored::Unknown,
+        };
+        let _ = answer.send(stored);
     }
 }
 

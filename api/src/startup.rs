@@ -189,8 +189,9 @@ impl Application {
         )
         .with_idempotency(settings.idempotency_memory, settings.idempotency_window);
         if settings.idempotency_lookup {
+            let lookups = connect_lookups(&settings, &db).await?;
             intake = intake.with_applied_lookup(crate::idempotency::Applied::start(
-                db.clone(),
+                lookups,
                 settings.idempotency_window,
                 IDEMPOTENCY_LOOKUP_TIMEOUT,
             ));
@@ -727,6 +728,44 @@ fn with_hint(error: Redacted, url: &str) -> Redacted {
         return Redacted(format!("{}: {hint}", error.0));
     }
     error
+}
+
+/// The connection of the `Idempotency-Key` look-up (see
+/// [`crate::idempotency::Applied`], one query at a time). On PostgreSQL a
+/// pool of its own, so a flush holding connections does not hold up
+/// requests, with settings for its one statement: a generic
+/// plan (no planning per group) and sequential scans off, so the plan cached
+/// while `idempotency_keys` was small is still the primary key's index
+/// scan when it has millions of rows. SQLite shares `db`.
+///
+/// # Errors
+/// The connection failed.
+pub async fn connect_lookups(
+    settings: &Settings,
+    db: &DatabaseConnection,
+) -> Result<DatabaseConnection, StartupError> {
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return Ok(db.clone());
+    }
+    let mut options = ConnectOptions::new(settings.database_url.clone());
+    options
+        .max_connections(1)
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(5))
+        .sqlx_logging(false)
+        .map_sqlx_postgres_opts(|o| {
+            o.options([
+                ("plan_cache_mode", "force_generic_plan"),
+                ("enable_seqscan", "off"),
+            ])
+        });
+    Database::connect(options)
+        .await
+        .map_err(|e| StartupError::Connect {
+            url: crate::settings::redact_url(&settings.database_url),
+            source: Redacted::new(&e, &settings.database_url),
+        })
 }
 
 async fn connect(settings: &Settings) -> Result<DatabaseConnection, DbErr> {
