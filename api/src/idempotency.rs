@@ -8,9 +8,14 @@
 //! here only answers repeats on the same instance at once, with the first
 //! answer, and tells a reused key (another body) before it is taken.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    hash::BuildHasher,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use moka::{ops::compute::Op, sync::Cache};
+use parking_lot::Mutex;
 use sea_orm::DatabaseConnection;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -188,33 +193,138 @@ impl<A: Clone + Send + Sync + 'static> Drop for First<A> {
             return;
         }
         // Refused (or cancelled): the key is free; waiting repeats try again.
-        let claim = Arc::clone(&self.claim);
-        self.recent
-            .claims
-            .entry_by_ref(self.key.as_str())
-            .and_compute_with(|entry| match entry {
-                Some(entry) if Arc::ptr_eq(entry.value(), &claim) => Op::Remove,
-                _ => Op::Nop,
-            });
+        self.recent.forget(&self.key, &self.claim);
         self.claim.answer.send_replace(Some(Answer::Released));
     }
+}
+
+/// Shards of [`Recent`]: a request locks one, for a hash-map operation.
+const SHARDS: usize = 16;
+
+/// One shard's keys in two generations: new keys go into `current`; when it
+/// is full or half a window old it becomes `previous` (and the old
+/// `previous` is forgotten), and a `previous` that began a window ago is
+/// forgotten too. So no key is remembered past its window, and the newest
+/// half of the capacity is always kept.
+struct Generations<A> {
+    current: HashMap<String, Arc<Claim<A>>>,
+    previous: HashMap<String, Arc<Claim<A>>>,
+    /// When `current` began (its oldest key is younger).
+    began: Instant,
+    /// When `previous` began.
+    previous_began: Instant,
+}
+
+impl<A> Generations<A> {
+    fn get(&self, key: &str) -> Option<&Arc<Claim<A>>> {
+        self.current.get(key).or_else(|| self.previous.get(key))
+    }
+
+    fn turn_over(&mut self, now: Instant) {
+        self.previous = std::mem::take(&mut self.current);
+        self.previous_began = self.began;
+        self.began = now;
+    }
+
+    /// Forgets what is older than `window` (and turns over at half of it).
+    fn expire(&mut self, now: Instant, window: Duration) {
+        if now.duration_since(self.began) >= window / 2 {
+            self.turn_over(now);
+        }
+        if now.duration_since(self.previous_began) >= window {
+            self.previous.clear();
+        }
+    }
+}
+
+struct Memory<A> {
+    shards: Box<[Mutex<Generations<A>>]>,
+    /// Keys one generation of one shard holds before it turns over.
+    per_generation: usize,
+    window: Duration,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 /// The keys this instance took within the window (at most `capacity` of
 /// them; an older one forgotten here is still caught by the database).
 /// Cheap to clone.
-#[derive(Clone)]
+///
+/// Not a moka cache: every keyed request inserts a new key, and moka's
+/// insertions and evictions at that rate (its table's rehashing above all)
+/// took a fifth of the service's CPU (bench/PROFILE.md). Plain hash maps in
+/// two generations bound the memory by count and age just as well here,
+/// where exactness is the database's job.
 pub struct Recent<A: Clone + Send + Sync + 'static> {
-    claims: Cache<String, Arc<Claim<A>>>,
+    memory: Arc<Memory<A>>,
+}
+
+impl<A: Clone + Send + Sync + 'static> Clone for Recent<A> {
+    fn clone(&self) -> Self {
+        Self {
+            memory: Arc::clone(&self.memory),
+        }
+    }
 }
 
 impl<A: Clone + Send + Sync + 'static> Recent<A> {
     pub fn new(capacity: u64, window: Duration) -> Self {
+        let capacity = usize::try_from(capacity).unwrap_or(usize::MAX);
+        let now = Instant::now();
         Self {
-            claims: Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(window)
-                .build(),
+            memory: Arc::new(Memory {
+                shards: (0..SHARDS)
+                    .map(|_| {
+                        Mutex::new(Generations {
+                            current: HashMap::new(),
+                            previous: HashMap::new(),
+                            began: now,
+                            previous_began: now,
+                        })
+                    })
+                    .collect(),
+                per_generation: (capacity / SHARDS / 2).max(1),
+                window,
+                hasher: std::collections::hash_map::RandomState::new(),
+            }),
+        }
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<Generations<A>> {
+        let hash = self.memory.hasher.hash_one(key);
+        // The high bits: the maps use the low ones.
+        &self.memory.shards[(hash >> 60) as usize % SHARDS]
+    }
+
+    /// `key`'s claim, or a new one for `fingerprint` (`true`: it is new).
+    fn claim(&self, key: &str, fingerprint: i64) -> (Arc<Claim<A>>, bool) {
+        let mut shard = self.shard(key).lock();
+        let now = Instant::now();
+        shard.expire(now, self.memory.window);
+        if let Some(claim) = shard.get(key) {
+            return (Arc::clone(claim), false);
+        }
+        if shard.current.len() >= self.memory.per_generation {
+            shard.turn_over(now);
+        }
+        let claim = Arc::new(Claim {
+            fingerprint,
+            answer: watch::Sender::new(None),
+        });
+        shard.current.insert(key.to_owned(), Arc::clone(&claim));
+        (claim, true)
+    }
+
+    /// Forgets `key` if `claim` still holds it.
+    fn forget(&self, key: &str, claim: &Arc<Claim<A>>) {
+        let mut guard = self.shard(key).lock();
+        let shard = &mut *guard;
+        for generation in [&mut shard.current, &mut shard.previous] {
+            if generation
+                .get(key)
+                .is_some_and(|held| Arc::ptr_eq(held, claim))
+            {
+                generation.remove(key);
+            }
         }
     }
 
@@ -222,14 +332,7 @@ impl<A: Clone + Send + Sync + 'static> Recent<A> {
     /// that holds it (waiting while that one is being taken).
     pub async fn begin(&self, key: &str, fingerprint: i64) -> Begin<A> {
         loop {
-            let entry = self.claims.entry_by_ref(key).or_insert_with(|| {
-                Arc::new(Claim {
-                    fingerprint,
-                    answer: watch::Sender::new(None),
-                })
-            });
-            let fresh = entry.is_fresh();
-            let claim = entry.into_value();
+            let (claim, fresh) = self.claim(key, fingerprint);
             if fresh {
                 return Begin::First(First {
                     recent: self.clone(),
@@ -250,14 +353,7 @@ impl<A: Clone + Send + Sync + 'static> Recent<A> {
             match settled {
                 Some(Answer::Taken(answer)) => return Begin::Repeat(answer),
                 // Released (or its sender vanished): claim it afresh.
-                Some(Answer::Released) | None => {
-                    self.claims
-                        .entry_by_ref(key)
-                        .and_compute_with(|entry| match entry {
-                            Some(entry) if Arc::ptr_eq(entry.value(), &claim) => Op::Remove,
-                            _ => Op::Nop,
-                        });
-                }
+                Some(Answer::Released) | None => self.forget(key, &claim),
             }
         }
     }
@@ -409,5 +505,49 @@ mod tests {
         drop(refused);
         assert!(waiting.await.unwrap(), "after a refusal the key is free");
         assert!(matches!(recent.begin("r", 3).await, Begin::First(_)));
+    }
+
+    async fn take(recent: &Recent<u32>, key: &str) -> bool {
+        match recent.begin(key, 1).await {
+            Begin::First(first) => {
+                first.taken(1);
+                true
+            }
+            Begin::Repeat(_) | Begin::Reused => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_memory_keeps_the_newest_keys_within_its_capacity() {
+        // One key per generation per shard: 32 at most, the newest 16 kept.
+        let recent: Recent<u32> = Recent::new(2 * SHARDS as u64, Duration::from_secs(3600));
+        for i in 0..1000 {
+            assert!(take(&recent, &format!("k{i}")).await, "k{i} is new");
+        }
+        let held: usize = recent
+            .memory
+            .shards
+            .iter()
+            .map(|shard| {
+                let shard = shard.lock();
+                shard.current.len() + shard.previous.len()
+            })
+            .sum();
+        assert!(held <= 2 * SHARDS, "{held} keys held");
+        assert!(!take(&recent, "k999").await, "the newest key is remembered");
+        assert!(take(&recent, "k0").await, "the oldest is forgotten");
+    }
+
+    #[tokio::test]
+    async fn a_key_is_forgotten_once_its_window_has_passed() {
+        let window = Duration::from_millis(200);
+        let recent: Recent<u32> = Recent::new(1000, window);
+        assert!(take(&recent, "old").await);
+        std::thread::sleep(window / 2 + Duration::from_millis(20));
+        assert!(!take(&recent, "old").await, "within the window: a repeat");
+        assert!(take(&recent, "young").await);
+        std::thread::sleep(window / 2 + Duration::from_millis(20));
+        assert!(take(&recent, "old").await, "past its window: new again");
+        assert!(!take(&recent, "young").await, "still within its window");
     }
 }
