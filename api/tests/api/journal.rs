@@ -404,14 +404,11 @@ fn message<'a>(items: &[(&'a str, i64)]) -> Message<'a> {
     }
 }
 
-/// Durable requests on an instance without the writer lease learn from the
-/// stored offset (one poll for all of them) that their message was applied.
-async fn durable_requests_on_an_instance_that_is_not_the_writer_are_answered_once_applied(
-    db: TestDb,
-) {
-    let nats = NatsServer::start();
+/// Two instances on one stream: the first holds the writer lease (waited
+/// for), the second does not.
+async fn writer_and_other(db: TestDb, nats: &NatsServer) -> (TestApp, TestApp) {
     let alias = db.alias();
-    let writer = TestApp::start_with(db, journaled(&nats)).await;
+    let writer = TestApp::start_with(db, journaled(nats)).await;
     eventually(
         Duration::from_secs(20),
         "the first instance holds the lease",
@@ -423,7 +420,17 @@ async fn durable_requests_on_an_instance_that_is_not_the_writer_are_answered_onc
         },
     )
     .await;
-    let other = TestApp::start_with(alias, journaled(&nats)).await;
+    let other = TestApp::start_with(alias, journaled(nats)).await;
+    (writer, other)
+}
+
+/// Durable requests on an instance without the writer lease learn from the
+/// stored offset (one poll for all of them) that their message was applied.
+async fn durable_requests_on_an_instance_that_is_not_the_writer_are_answered_once_applied(
+    db: TestDb,
+) {
+    let nats = NatsServer::start();
+    let (writer, other) = writer_and_other(db, &nats).await;
     assert!(
         other
             .scrape()
@@ -470,20 +477,7 @@ async fn post_waiting(app: &TestApp, key: &str, value: i64) -> testkit::Response
 /// still hear 200.
 async fn a_durable_request_whose_row_is_rejected_hears_counter_overflow(db: TestDb) {
     let nats = NatsServer::start();
-    let alias = db.alias();
-    let writer = TestApp::start_with(db, journaled(&nats)).await;
-    eventually(
-        Duration::from_secs(20),
-        "the first instance holds the lease",
-        || async {
-            writer
-                .scrape()
-                .await
-                .contains("increment_journal_writer 1\n")
-        },
-    )
-    .await;
-    let other = TestApp::start_with(alias, journaled(&nats)).await;
+    let (writer, other) = writer_and_other(db, &nats).await;
     post_waiting(&writer, "full", i64::MAX)
         .await
         .assert_status(StatusCode::OK);
