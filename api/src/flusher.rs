@@ -672,7 +672,7 @@ impl Flusher {
         let batcher = Arc::clone(&self.batcher);
         if tokio::task::spawn_blocking(move || batcher.seal_all())
             .await
-            .is_err()
+            .is_err_and(|e| e.is_panic())
         {
             tracing::error!("sealing the cache at shutdown panicked");
         }

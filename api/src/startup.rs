@@ -362,7 +362,7 @@ impl Application {
         stop_journal.cancel();
         let lease = match journal {
             Some((publishing, reading, reader)) => {
-                if publishing.await.is_err() || reading.await.is_err() {
+                if panicked(publishing.await) | panicked(reading.await) {
                     tracing::error!("a journal task panicked");
                 }
                 Some(reader)
@@ -370,11 +370,11 @@ impl Application {
             None => None,
         };
         stop_flushing.cancel();
-        if flush_loop.await.is_err() {
+        if panicked(flush_loop.await) {
             tracing::error!("the flush loop panicked");
         }
         if let Some(rescan) = spill_rescan
-            && rescan.await.is_err()
+            && panicked(rescan.await)
         {
             tracing::error!("the spill directory rescan panicked");
         }
@@ -617,6 +617,12 @@ impl Sampled for PoolGauges {
 /// per attempt up to [`CONNECT_RETRY_MAX`].
 const CONNECT_RETRY_FIRST: Duration = Duration::from_millis(250);
 const CONNECT_RETRY_MAX: Duration = Duration::from_secs(4);
+
+/// Whether a task ended by panicking. A task cancelled because the runtime
+/// is shutting down (a test's end, say) did not fail and is not reported.
+fn panicked<T>(ended: Result<T, tokio::task::JoinError>) -> bool {
+    ended.is_err_and(|e| e.is_panic())
+}
 
 /// Connects, waiting up to `db_connect_timeout` for a database that does not
 /// answer yet (still starting, its network or name not up: common when
