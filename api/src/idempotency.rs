@@ -291,7 +291,7 @@ impl<A: Clone + Send + Sync + 'static> Recent<A> {
 
     fn shard(&self, key: &str) -> &Mutex<Generations<A>> {
         let hash = self.memory.hasher.hash_one(key);
-        // The high bits: the maps use the low ones.
+        // Any bits will do: each shard's map hashes with its own seed.
         &self.memory.shards[(hash >> 60) as usize % SHARDS]
     }
 

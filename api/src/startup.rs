@@ -753,19 +753,13 @@ pub async fn connect_lookups(
     if db.get_database_backend() != sea_orm::DbBackend::Postgres {
         return Ok(db.clone());
     }
-    let mut options = ConnectOptions::new(settings.database_url.clone());
-    options
-        .max_connections(1)
-        .min_connections(1)
-        .connect_timeout(Duration::from_secs(5))
-        .acquire_timeout(Duration::from_secs(5))
-        .sqlx_logging(false)
-        .map_sqlx_postgres_opts(|o| {
-            o.options([
-                ("plan_cache_mode", "force_generic_plan"),
-                ("enable_seqscan", "off"),
-            ])
-        });
+    let mut options = pool_options(settings, 1);
+    options.map_sqlx_postgres_opts(|o| {
+        o.options([
+            ("plan_cache_mode", "force_generic_plan"),
+            ("enable_seqscan", "off"),
+        ])
+    });
     Database::connect(options)
         .await
         .map_err(|e| StartupError::Connect {
@@ -774,20 +768,30 @@ pub async fn connect_lookups(
         })
 }
 
-async fn connect(settings: &Settings) -> Result<DatabaseConnection, DbErr> {
+/// What every pool of the service shares: `max` connections, 5 s to connect
+/// or to get one, no statement logging.
+fn pool_options(settings: &Settings, max: u32) -> ConnectOptions {
     let mut options = ConnectOptions::new(settings.database_url.clone());
     options
-        .max_connections(settings.db_pool_size)
+        .max_connections(max)
         .min_connections(1)
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(5))
         // On by default at info: it would log every multi-thousand-row upsert.
-        .sqlx_logging(false)
+        .sqlx_logging(false);
+    options
+}
+
+async fn connect(settings: &Settings) -> Result<DatabaseConnection, DbErr> {
+    let mut options = pool_options(settings, settings.db_pool_size);
+    options
         // Statements are prepared once per connection and kept; after five
         // runs PostgreSQL may switch one to a generic plan, kept for the
         // connection's life. A plan made while `idempotency_keys` was empty
-        // (a seq scan) then stayed a seq scan at 100k+ rows (lookups went
-        // from ~35k to ~1.4k requests/s). Custom plans follow the table.
+        // (a seq scan) stays one at millions of rows: the pruning of old
+        // keys and the claim's rare read of held keys run here. Custom plans
+        // follow the table. (The look-up has its own connection and plan:
+        // `connect_lookups`.)
         .map_sqlx_postgres_opts(|o| o.options([("plan_cache_mode", "force_custom_plan")]))
         .map_sqlx_sqlite_opts(|o| {
             // WAL lets /readyz and readers run beside a flush; FULL keeps

@@ -715,7 +715,7 @@ async fn the_lookup_plan_reads_the_key_index_whatever_the_table_held_when_cached
     lookups
         .execute_unprepared(&format!(
             "PREPARE lookup(text[]) AS {}",
-            api::store::APPLIED_FINGERPRINTS.replace("$1::text[]", "$1")
+            api::store::APPLIED_FINGERPRINTS
         ))
         .await
         .unwrap();
