@@ -16,6 +16,12 @@ pub const DEFAULT_DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// directory.
 pub const DEFAULT_SPILL_RESCAN_INTERVAL: Duration = Duration::from_secs(60);
 
+/// The longest `--cache-ttl` (moka refuses longer, by panicking).
+pub const MAX_CACHE_TTL: Duration = Duration::from_secs(1000 * 365 * 24 * 3600);
+
+/// The longest `--idempotency-window`.
+pub const MAX_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Everything the service needs to start.
 #[derive(Clone)]
 pub struct Settings {
@@ -159,6 +165,32 @@ impl Settings {
                     name,
                     value: "0s".into(),
                     why: "must be greater than zero",
+                });
+            }
+        }
+        // Upper bounds where a larger value would panic far from here: moka
+        // asserts a TTL of at most 1,000 years, and the window is subtracted
+        // from the current time (chrono and the databases' timestamps end
+        // long before a window of, say, 300,000 years).
+        for (name, value, max, why) in [
+            (
+                "cache-ttl",
+                self.cache_ttl,
+                MAX_CACHE_TTL,
+                "must be at most 1000 years (the cache's limit)",
+            ),
+            (
+                "idempotency-window",
+                self.idempotency_window,
+                MAX_IDEMPOTENCY_WINDOW,
+                "must be at most 100 years",
+            ),
+        ] {
+            if value > max {
+                return Err(SettingsError::Invalid {
+                    name,
+                    value: format!("{}s", value.as_secs()),
+                    why,
                 });
             }
         }
@@ -533,6 +565,21 @@ mod tests {
         );
         let debug = format!("{:?}", Settings::with_database("postgres://u:hunter2@h/db"));
         assert!(!debug.contains("hunter2"), "{debug}");
+    }
+
+    #[test]
+    fn refuses_durations_that_would_panic_later() {
+        let mut settings = Settings::with_database("sqlite::memory:");
+        settings.cache_ttl = MAX_CACHE_TTL;
+        settings.idempotency_window = MAX_IDEMPOTENCY_WINDOW;
+        assert!(settings.validate().is_ok());
+        settings.cache_ttl = MAX_CACHE_TTL + Duration::from_secs(1);
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("--cache-ttl"), "{error}");
+        settings.cache_ttl = Duration::from_secs(10);
+        settings.idempotency_window = Duration::from_secs(300_000 * 365 * 24 * 3600);
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("--idempotency-window"), "{error}");
     }
 
     #[test]
