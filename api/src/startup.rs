@@ -744,8 +744,12 @@ fn with_hint(error: Redacted, url: &str) -> Redacted {
 /// while `idempotency_keys` was small is still the primary key's index
 /// scan when it has millions of rows. SQLite shares `db`.
 ///
+/// Opened on first use, not here: the main pool has just connected, and a
+/// look-up that cannot connect answers "unknown" (the flush decides), which
+/// beats failing start-up on a passing refusal (`max_connections` reached).
+///
 /// # Errors
-/// The connection failed.
+/// The database URL cannot be used.
 pub async fn connect_lookups(
     settings: &Settings,
     db: &DatabaseConnection,
@@ -760,6 +764,7 @@ pub async fn connect_lookups(
             ("enable_seqscan", "off"),
         ])
     });
+    options.connect_lazy(true);
     Database::connect(options)
         .await
         .map_err(|e| StartupError::Connect {

@@ -235,7 +235,8 @@ pub enum Applied {
 /// instance reads it every [`APPLIED_POLL`] while anyone waits, so the
 /// database sees 40 reads a second, not 40 per waiting request. Only when a
 /// batch at or past `sequence` rejected a row (rare) does the request ask the
-/// database about its own.
+/// database about its own; `timeout` bounds that question too (a database
+/// that stops answering must not hold the request past it).
 pub async fn wait_applied(
     db: &DatabaseConnection,
     cursor: &Arc<Cursor>,
@@ -243,19 +244,22 @@ pub async fn wait_applied(
     key: &str,
     timeout: Duration,
 ) -> Applied {
+    let deadline = tokio::time::Instant::now() + timeout;
     if !wait_sequence(db, cursor, sequence, timeout).await {
         return Applied::Unconfirmed;
     }
     if !cursor.may_be_rejected(sequence) {
         return Applied::Written;
     }
-    match store::journal_rejected(db, cursor.stream(), key, sequence).await {
-        Ok(true) => Applied::Rejected,
-        Ok(false) => Applied::Written,
-        Err(e) => {
+    let rejected = store::journal_rejected(db, cursor.stream(), key, sequence);
+    match tokio::time::timeout_at(deadline, rejected).await {
+        Ok(Ok(true)) => Applied::Rejected,
+        Ok(Ok(false)) => Applied::Written,
+        Ok(Err(e)) => {
             tracing::warn!(error = %crate::telemetry::error_chain(&e), "reading whether a durable request's row was rejected failed");
             Applied::Unconfirmed
         }
+        Err(_) => Applied::Unconfirmed,
     }
 }
 
