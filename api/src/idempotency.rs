@@ -20,6 +20,8 @@ use sea_orm::DatabaseConnection;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::store::AppliedKey;
+
 /// The request header. A `HeaderName`, not a `&str`: a string is parsed
 /// into a header name again on every look-up.
 pub const HEADER: poem::http::HeaderName = poem::http::HeaderName::from_static("idempotency-key");
@@ -204,8 +206,9 @@ const SHARDS: usize = 16;
 /// One shard's keys in two generations: new keys go into `current`; when it
 /// is full or half a window old it becomes `previous` (and the old
 /// `previous` is forgotten), and a `previous` that began a window ago is
-/// forgotten too. So no key is remembered past its window, and the newest
-/// half of the capacity is always kept.
+/// forgotten too. So no key is remembered past its window; within it, at
+/// least the keys of the last half window, or of the last half capacity
+/// when keys come faster than that, are kept.
 struct Generations<A> {
     current: HashMap<String, Arc<Claim<A>>>,
     previous: HashMap<String, Arc<Claim<A>>>,
@@ -360,10 +363,10 @@ impl<A: Clone + Send + Sync + 'static> Recent<A> {
 }
 
 /// What the database says about a key (see [`Applied::lookup`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stored {
-    /// Applied within the window, for a request with this fingerprint.
-    Applied(i64),
+    /// Applied within the window: the request's fingerprint and its batch.
+    Applied(AppliedKey),
     /// Not applied within the window (as of the lookup).
     Absent,
     /// The database did not answer in time: the flush will decide.
@@ -380,6 +383,7 @@ const LOOKUP_GROUP: usize = 512;
 #[derive(Clone)]
 pub struct Applied {
     requests: mpsc::Sender<(String, oneshot::Sender<Stored>)>,
+    db: DatabaseConnection,
     timeout: Duration,
 }
 
@@ -393,13 +397,18 @@ impl Applied {
         // One query at a time: requests that arrive meanwhile form the next
         // group. Several in flight made more, smaller queries, and
         // PostgreSQL's cost is per query (bench/PROFILE.md).
+        let task_db = db.clone();
         tokio::spawn(async move {
             let mut group = Vec::with_capacity(LOOKUP_GROUP);
             while queue.recv_many(&mut group, LOOKUP_GROUP).await > 0 {
-                answer_group(&db, &mut group, window).await;
+                answer_group(&task_db, &mut group, window).await;
             }
         });
-        Self { requests, timeout }
+        Self {
+            requests,
+            db,
+            timeout,
+        }
     }
 
     /// Whether `key` was applied within the window, and with which body.
@@ -412,6 +421,22 @@ impl Applied {
         match tokio::time::timeout(self.timeout, stored).await {
             Ok(Ok(stored)) => stored,
             Ok(Err(_)) | Err(_) => Stored::Unknown,
+        }
+    }
+
+    /// Whether the request applied in the batch `applied` had the row of one
+    /// of `keys` (its counter keys) rejected there, so that nothing of it
+    /// was written; `None` when the database does not tell in time. Asked
+    /// only for a repeat found in the database (rare).
+    pub async fn rejected(&self, applied: &AppliedKey, keys: &[&str]) -> Option<bool> {
+        let rejected = crate::store::rejected_in_batch(&self.db, &applied.batch_id, keys);
+        match tokio::time::timeout(self.timeout, rejected).await {
+            Ok(Ok(rejected)) => Some(rejected),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::telemetry::error_chain(&e), "reading whether a repeated request's rows were rejected failed");
+                None
+            }
+            Err(_) => None,
         }
     }
 }
@@ -432,7 +457,7 @@ async fn answer_group(
         let stored = match &found {
             Ok(found) => found
                 .get(&key)
-                .map_or(Stored::Absent, |f| Stored::Applied(*f)),
+                .map_or(Stored::Absent, |applied| Stored::Applied(applied.clone())),
             Err(_) => Stored::Unknown,
         };
         let _ = answer.send(stored);

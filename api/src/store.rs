@@ -538,10 +538,18 @@ fn without(rows: &[(String, i128)], repeats: &[&Keyed]) -> Vec<(String, i128)> {
 
 /// The look-up of [`applied_fingerprints`] on PostgreSQL (public for the
 /// test of its plan).
-pub const APPLIED_FINGERPRINTS: &str =
-    "SELECT key, fingerprint, created_at FROM idempotency_keys WHERE key = ANY($1::text[])";
+pub const APPLIED_FINGERPRINTS: &str = "SELECT key, fingerprint, batch_id, created_at \
+     FROM idempotency_keys WHERE key = ANY($1::text[])";
 
-/// The fingerprints of `keys` applied at or after `since`.
+/// An `Idempotency-Key` the database holds: the fingerprint of the request
+/// applied under it, and the batch (part) that applied it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedKey {
+    pub fingerprint: i64,
+    pub batch_id: String,
+}
+
+/// The `Idempotency-Key`s among `keys` applied at or after `since`.
 ///
 /// The statement names only `key`, so the one index it can use is the
 /// primary key, whatever plan PostgreSQL caches (on the look-up connections,
@@ -555,7 +563,7 @@ pub async fn applied_fingerprints(
     db: &DatabaseConnection,
     keys: &[String],
     since: DateTime<Utc>,
-) -> Result<std::collections::HashMap<String, i64>, DbErr> {
+) -> Result<std::collections::HashMap<String, AppliedKey>, DbErr> {
     let backend = db.get_database_backend();
     // PostgreSQL: one array bind, so one statement text (prepared once)
     // whatever the number of keys; an `IN ($1, …)` list of varying length
@@ -568,7 +576,8 @@ pub async fn applied_fingerprints(
         Statement::from_sql_and_values(
             backend,
             format!(
-                "SELECT key, fingerprint, created_at FROM idempotency_keys WHERE key IN ({marks})"
+                "SELECT key, fingerprint, batch_id, created_at FROM idempotency_keys \
+                 WHERE key IN ({marks})"
             ),
             values,
         )
@@ -579,11 +588,37 @@ pub async fn applied_fingerprints(
         if created_at >= since {
             applied.insert(
                 row.try_get::<String>("", "key")?,
-                row.try_get::<i64>("", "fingerprint")?,
+                AppliedKey {
+                    fingerprint: row.try_get("", "fingerprint")?,
+                    batch_id: row.try_get("", "batch_id")?,
+                },
             );
         }
     }
     Ok(applied)
+}
+
+/// Whether the batch (part) `batch_id` rejected the row of any of `keys`
+/// (counter keys): a request applied in it whose row was rejected was not
+/// written, though its `Idempotency-Key` was stored.
+///
+/// # Errors
+/// Any database error.
+pub async fn rejected_in_batch(
+    db: &DatabaseConnection,
+    batch_id: &str,
+    keys: &[&str],
+) -> Result<bool, DbErr> {
+    let found = rejected_increments::Entity::find()
+        .select_only()
+        .column(rejected_increments::Column::Key)
+        .filter(rejected_increments::Column::BatchId.eq(batch_id))
+        .filter(rejected_increments::Column::Key.is_in(keys.iter().copied()))
+        .limit(1)
+        .into_tuple::<String>()
+        .one(db)
+        .await?;
+    Ok(found.is_some())
 }
 
 /// Deletes up to `limit` `Idempotency-Key`s applied before `before`;

@@ -634,6 +634,12 @@ pub enum Ticket {
     /// Nothing to wait for: committed already (a repeat of a request the
     /// database has applied).
     Committed,
+    /// Nothing to wait for: a repeat of a request whose row the database
+    /// rejected (nothing of it was written).
+    Rejected,
+    /// A repeat of a request the database has settled, written or
+    /// rejected: it could not tell which in time.
+    Unsettled,
 }
 
 impl Intake {
@@ -721,13 +727,25 @@ impl Intake {
             None => Stored::Unknown,
         };
         match stored {
-            Stored::Applied(applied) if applied == fingerprint => {
+            Stored::Applied(applied) if applied.fingerprint == fingerprint => {
                 self.metrics
                     .idempotency_repeats_total
                     .with_label_values(&["database"])
                     .inc();
+                // Its key was stored even if its row was rejected (the
+                // counter would have left `bigint`): ask which.
+                let keys: Vec<&str> = sums.keys().copied().collect();
+                let rejected = match &self.applied {
+                    Some(lookup) => lookup.rejected(&applied, &keys).await,
+                    None => None,
+                };
+                let ticket = match rejected {
+                    Some(false) => Ticket::Committed,
+                    Some(true) => Ticket::Rejected,
+                    None => Ticket::Unsettled,
+                };
                 let answer = KeyedAnswer {
-                    ticket: Ticket::Committed,
+                    ticket,
                     accepted: increments.len() as u64,
                 };
                 first.taken(answer);

@@ -385,6 +385,8 @@ impl IncrementApi {
             }
             (Ticket::Journal(_), None) => WaitOutcome::TimedOut,
             (Ticket::Committed, _) => WaitOutcome::Committed,
+            (Ticket::Rejected, _) => WaitOutcome::Rejected,
+            (Ticket::Unsettled, _) => WaitOutcome::TimedOut,
         };
         match outcome {
             WaitOutcome::Committed => IncrementResponse::Written,

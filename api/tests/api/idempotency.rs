@@ -16,6 +16,7 @@ db_tests!(
     a_key_reused_with_another_body_is_refused,
     bad_keys_are_refused_and_nothing_is_applied,
     a_retry_to_another_instance_after_the_flush_is_not_applied,
+    a_waiting_retry_of_a_request_whose_row_was_rejected_hears_counter_overflow,
     a_retry_to_another_instance_while_the_first_is_pending_is_applied_once,
     concurrent_repeats_on_two_instances_are_applied_once,
     a_retry_after_a_restart_is_not_applied,
@@ -289,6 +290,41 @@ async fn a_retry_to_another_instance_after_the_flush_is_not_applied(db: TestDb) 
     second.shut_down_cleanly().await;
     let counters = db.counters().await;
     assert_eq!((counters["a"], counters["b"]), (5, 1));
+}
+
+/// The first request's row was rejected by its flush (the counter would
+/// leave `bigint`): nothing was written. A `wait=true` retry on another
+/// instance finds the key in the database, and must not hear "written".
+async fn a_waiting_retry_of_a_request_whose_row_was_rejected_hears_counter_overflow(db: TestDb) {
+    let alias = db.alias();
+    let first = TestApp::start_with(db, |_| {}).await;
+    let second = TestApp::start_with(alias, |_| {}).await;
+    first
+        .increment("full", i64::MAX)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    first.flush().await;
+    keyed(&first, "over-1", "full", 1)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    keyed(&first, "fits-1", "other", 1)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    first.flush().await;
+    let response = keyed_to(&second, "/increment?wait=true", "over-1", "full", 1).await;
+    assert_refused(response, "/problems/counter-overflow").await;
+    // Answered from the second's memory now, the same way.
+    let response = keyed_to(&second, "/increment?wait=true", "over-1", "full", 1).await;
+    assert_refused(response, "/problems/counter-overflow").await;
+    // A request of the same batch whose row was written still hears 200.
+    keyed_to(&second, "/increment?wait=true", "fits-1", "other", 1)
+        .await
+        .assert_status(StatusCode::OK);
+    second.flush().await;
+    let db = first.shut_down_cleanly().await;
+    second.shut_down_cleanly().await;
+    let counters = db.counters().await;
+    assert_eq!((counters["full"], counters["other"]), (i64::MAX, 1));
 }
 
 async fn a_retry_to_another_instance_while_the_first_is_pending_is_applied_once(db: TestDb) {
