@@ -17,6 +17,7 @@ db_tests!(
     bad_keys_are_refused_and_nothing_is_applied,
     a_retry_to_another_instance_after_the_flush_is_not_applied,
     a_waiting_retry_of_a_request_whose_row_was_rejected_hears_counter_overflow,
+    with_the_journal_a_waiting_retry_of_a_rejected_request_hears_counter_overflow,
     a_retry_to_another_instance_while_the_first_is_pending_is_applied_once,
     concurrent_repeats_on_two_instances_are_applied_once,
     a_retry_after_a_restart_is_not_applied,
@@ -296,31 +297,43 @@ async fn a_retry_to_another_instance_after_the_flush_is_not_applied(db: TestDb) 
 /// leave `bigint`): nothing was written. A `wait=true` retry on another
 /// instance finds the key in the database, and must not hear "written".
 async fn a_waiting_retry_of_a_request_whose_row_was_rejected_hears_counter_overflow(db: TestDb) {
+    retry_of_a_rejected_request(db, None).await;
+}
+
+async fn with_the_journal_a_waiting_retry_of_a_rejected_request_hears_counter_overflow(db: TestDb) {
+    let nats = NatsServer::start();
+    retry_of_a_rejected_request(db, Some(&nats)).await;
+}
+
+async fn retry_of_a_rejected_request(db: TestDb, nats: Option<&NatsServer>) {
+    let configure = |settings: &mut api::Settings| {
+        settings.journal = nats.map(|nats| JournalSettings::new(nats.url()));
+    };
     let alias = db.alias();
-    let first = TestApp::start_with(db, |_| {}).await;
-    let second = TestApp::start_with(alias, |_| {}).await;
+    let first = TestApp::start_with(db, configure).await;
+    let second = TestApp::start_with(alias, configure).await;
     first
-        .increment("full", i64::MAX)
+        .client
+        .post("/increment?wait=true")
+        .content_type("application/json")
+        .body(serde_json::json!({ "key": "full", "value": i64::MAX }).to_string())
+        .send()
         .await
-        .assert_status(StatusCode::ACCEPTED);
-    first.flush().await;
-    keyed(&first, "over-1", "full", 1)
+        .assert_status(StatusCode::OK);
+    let response = keyed_to(&first, "/increment?wait=true", "over-1", "full", 1).await;
+    assert_refused(response, "/problems/counter-overflow").await;
+    keyed_to(&first, "/increment?wait=true", "fits-1", "other", 1)
         .await
-        .assert_status(StatusCode::ACCEPTED);
-    keyed(&first, "fits-1", "other", 1)
-        .await
-        .assert_status(StatusCode::ACCEPTED);
-    first.flush().await;
+        .assert_status(StatusCode::OK);
     let response = keyed_to(&second, "/increment?wait=true", "over-1", "full", 1).await;
     assert_refused(response, "/problems/counter-overflow").await;
     // Answered from the second's memory now, the same way.
     let response = keyed_to(&second, "/increment?wait=true", "over-1", "full", 1).await;
     assert_refused(response, "/problems/counter-overflow").await;
-    // A request of the same batch whose row was written still hears 200.
+    // A request whose row was written still hears 200.
     keyed_to(&second, "/increment?wait=true", "fits-1", "other", 1)
         .await
         .assert_status(StatusCode::OK);
-    second.flush().await;
     let db = first.shut_down_cleanly().await;
     second.shut_down_cleanly().await;
     let counters = db.counters().await;
