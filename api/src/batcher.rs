@@ -76,6 +76,8 @@ struct SideMap {
     /// (recorded under this lock, so a drain takes a request and its items
     /// together).
     keyed: Vec<Keyed>,
+    /// Items of `keyed` (for the bound).
+    keyed_items: u64,
 }
 
 impl SideMap {
@@ -217,6 +219,8 @@ pub struct Batcher {
     handed_over: Arc<HandedOver>,
     /// Keys of `handed_over`.
     handed_over_keys: AtomicU64,
+    /// Items of `handed_over`'s keyed requests.
+    handed_over_keyed_items: AtomicU64,
     /// Bound on distinct pending keys (slots + side + handed over).
     max_pending_keys: u64,
     /// Evictions seen by the listener, for metrics.
@@ -317,6 +321,7 @@ impl Batcher {
             side_keys,
             handed_over,
             handed_over_keys: AtomicU64::new(0),
+            handed_over_keyed_items: AtomicU64::new(0),
             max_pending_keys,
             evictions,
             dirty_slots,
@@ -548,6 +553,17 @@ impl Batcher {
         }
         self.admit_all(sums.keys().copied(), sums.len())?;
         let mut side = self.side.lock();
+        // Keyed requests stay whole until written (they are not merged by
+        // key), so their items count toward the bound as well: otherwise
+        // those held while the database is down (no drain runs) would grow
+        // without limit.
+        let items: u64 = keyed.iter().map(|request| request.items.len() as u64).sum();
+        let held = self.pending_keys()
+            + side.keyed_items
+            + self.handed_over_keyed_items.load(Ordering::Relaxed);
+        if items > 0 && held.saturating_add(items) > self.max_pending_keys {
+            return Err(BatchError::Full);
+        }
         for (key, sum) in &sums {
             let current = side.deltas.get(*key).copied().unwrap_or(0);
             if i64::try_from(current + sum).is_err() {
@@ -558,6 +574,7 @@ impl Batcher {
             side.add(key, sum, &self.handed_over, &self.side_keys);
         }
         side.keyed.extend(keyed.iter().cloned());
+        side.keyed_items += items;
         let drains = side.drains;
         drop(side);
         self.note_pending();
@@ -620,6 +637,7 @@ impl Batcher {
             let mut side = self.side.lock();
             side.drains += 1;
             side.counted = 0;
+            side.keyed_items = 0;
             self.side_keys.store(0, Ordering::Relaxed);
             (
                 std::mem::take(&mut side.deltas),
@@ -670,6 +688,9 @@ impl Batcher {
         });
         self.handed_over_keys
             .store(batch.len() as u64, Ordering::Relaxed);
+        let keyed_items = batch.keyed.iter().map(|request| request.items.len() as u64);
+        self.handed_over_keyed_items
+            .store(keyed_items.sum(), Ordering::Relaxed);
         *self.handed_over.lock() = Some(Arc::clone(&batch));
         (Some(batch), number)
     }
@@ -685,6 +706,7 @@ impl Batcher {
         if handed_over.as_ref().is_some_and(|b| Arc::ptr_eq(b, batch)) {
             *handed_over = None;
             self.handed_over_keys.store(0, Ordering::Relaxed);
+            self.handed_over_keyed_items.store(0, Ordering::Relaxed);
             self.handed_over_since.store(0, Ordering::Relaxed);
         }
     }
@@ -760,6 +782,37 @@ mod tests {
 
     fn batcher(capacity: u64, ttl: Duration) -> Batcher {
         Batcher::new(NonZeroU64::new(capacity).expect("non-zero"), ttl)
+    }
+
+    /// Keyed requests are kept whole until written, so each item counts
+    /// toward the bound, in the side map and in the batch handed over until
+    /// it is released; otherwise a database outage (no drains) would let
+    /// them grow without limit.
+    #[test]
+    fn keyed_requests_count_toward_the_bound_until_written() {
+        let b = Batcher::with_max_pending_keys(
+            NonZeroU64::new(100).expect("non-zero"),
+            Duration::from_secs(60),
+            3,
+        );
+        let request = |key: &str| Keyed {
+            key: key.to_owned(),
+            fingerprint: 1,
+            items: vec![("a".to_owned(), 1)],
+        };
+        b.record_keyed(&[], &[request("k1")]).unwrap();
+        b.record_keyed(&[], &[request("k2")]).unwrap();
+        // "a" once, and two keyed items: the bound of 3 is reached.
+        assert_eq!(b.record_keyed(&[], &[request("k3")]), Err(BatchError::Full));
+        let (batch, _) = b.hand_over();
+        let batch = batch.expect("a batch");
+        assert_eq!(
+            b.record_keyed(&[], &[request("k3")]),
+            Err(BatchError::Full),
+            "handed over, not yet written"
+        );
+        b.release(&batch);
+        b.record_keyed(&[], &[request("k3")]).unwrap();
     }
 
     /// Without drains (the database down), keys that keep leaving and

@@ -278,3 +278,51 @@ async fn an_ambiguous_commit_is_not_applied_twice() {
         "the committed batch was not added again"
     );
 }
+
+/// Keyed requests are held whole until written (one per `Idempotency-Key`,
+/// not merged by counter), so while the database is down they count toward
+/// the pending bound: past it, 503 `pending-limit` instead of memory that
+/// grows with every request. Every 202 is applied once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_requests_held_through_an_outage_stop_at_the_pending_bound() {
+    let Some((db, proxy, mut settings)) = through_proxy().await else {
+        return;
+    };
+    settings.flush_interval = Duration::from_millis(100);
+    settings.max_pending_keys = 50;
+    // The look-up would only time out here; the bound is what is tested.
+    settings.idempotency_lookup = false;
+    let app = TestApp::start(db, settings).await;
+    proxy.refuse();
+    let (mut accepted, mut refused) = (0_i64, 0);
+    for i in 0..200 {
+        let response = app
+            .client
+            .post("/increment")
+            .header("idempotency-key", format!("\"outage-{i}\""))
+            .content_type("application/json")
+            .body(r#"{"key":"one-counter","value":1}"#)
+            .send()
+            .await;
+        match response.status() {
+            http::StatusCode::ACCEPTED => accepted += 1,
+            http::StatusCode::SERVICE_UNAVAILABLE => {
+                assert!(response.header("retry-after").is_some());
+                assert!(response.text().contains("/problems/pending-limit"));
+                refused += 1;
+            }
+            other => panic!("during the outage: {other}"),
+        }
+    }
+    // One distinct counter plus one item per keyed request, under 50.
+    assert!((40..=49).contains(&accepted), "{accepted} taken");
+    assert_eq!(refused, 200 - accepted);
+    proxy.restore();
+    eventually(Duration::from_secs(30), "every 202 is applied", || async {
+        app.counters().await.get("one-counter") == Some(&accepted)
+    })
+    .await;
+    let (report, db) = app.shut_down().await;
+    assert_eq!(report, ShutdownReport::Clean);
+    assert_eq!(db.counters().await.get("one-counter"), Some(&accepted));
+}
