@@ -124,6 +124,10 @@ pub struct Config {
     #[arg(long, env = "INCREMENT_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
+    /// A response the client takes no byte of for this long is abandoned and its connection closed.
+    #[arg(long, env = "INCREMENT_SEND_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub send_timeout: Duration,
+
     /// Largest request head (request line and headers) in bytes, at least 8192; more gets 431.
     #[arg(long, env = "INCREMENT_MAX_HEAD_BYTES", default_value = "65536", value_parser = clap::value_parser!(u64).range(8192..))]
     pub max_head_bytes: u64,
@@ -324,6 +328,7 @@ impl Config {
             header_timeout: self.header_timeout,
             body_timeout: self.body_timeout,
             idle_timeout: self.idle_timeout,
+            send_timeout: self.send_timeout,
             max_head_bytes: usize::try_from(self.max_head_bytes).unwrap_or(usize::MAX),
             fast_path: true,
             idempotency_window: self.idempotency_window,

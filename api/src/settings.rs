@@ -80,6 +80,9 @@ pub struct Settings {
     /// A keep-alive connection that sends nothing for this long after a
     /// response is closed.
     pub idle_timeout: Duration,
+    /// A response the client takes no byte of for this long is abandoned and
+    /// its connection closed.
+    pub send_timeout: Duration,
     /// Largest request head (request line and headers) in bytes; more is
     /// refused with 431.
     pub max_head_bytes: usize,
@@ -132,6 +135,7 @@ impl Settings {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(10),
             max_head_bytes: 64 * 1024,
             fast_path: true,
             journal: None,
@@ -155,6 +159,7 @@ impl Settings {
             ("header-timeout", self.header_timeout),
             ("body-timeout", self.body_timeout),
             ("idle-timeout", self.idle_timeout),
+            ("send-timeout", self.send_timeout),
             ("idempotency-window", self.idempotency_window),
             ("db-connect-timeout", self.db_connect_timeout),
             ("spill-rescan-interval", self.spill_rescan_interval),
@@ -318,6 +323,7 @@ impl fmt::Debug for Settings {
             .field("header_timeout", &self.header_timeout)
             .field("body_timeout", &self.body_timeout)
             .field("idle_timeout", &self.idle_timeout)
+            .field("send_timeout", &self.send_timeout)
             .field("max_head_bytes", &self.max_head_bytes)
             .field("fast_path", &self.fast_path)
             .field("idempotency_window", &self.idempotency_window)
@@ -366,6 +372,7 @@ impl Settings {
             header_timeout = ?self.header_timeout,
             body_timeout = ?self.body_timeout,
             idle_timeout = ?self.idle_timeout,
+            send_timeout = ?self.send_timeout,
             max_head_bytes = self.max_head_bytes,
             fast_path = self.fast_path,
             idempotency_window = ?self.idempotency_window,

@@ -341,6 +341,7 @@ impl Application {
             max_connections: settings.max_connections,
             header_timeout: settings.header_timeout,
             idle_timeout: settings.idle_timeout,
+            send_timeout: settings.send_timeout,
             max_head_bytes: settings.max_head_bytes,
         };
         server::serve(

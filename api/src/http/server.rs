@@ -15,6 +15,10 @@
 //!   silent for `idle_timeout`, and once the next request's first byte arrives
 //!   its head must be complete within `header_timeout`. At shutdown, heads
 //!   still incomplete are abandoned at once.
+//! - **Send deadline**: a response the client takes no byte of for
+//!   `send_timeout` (it stopped reading) fails its connection, which is
+//!   closed; otherwise a client that never reads would hold its connection
+//!   and the buffered response (the Swagger page is 1.6 MB) for good.
 //! - **HTTP/1.1 only**: an HTTP/2 preface is a malformed HTTP/1 request and
 //!   the connection is closed (docs/design.md says why).
 
@@ -56,6 +60,8 @@ pub struct ConnectionLimits {
     pub header_timeout: Duration,
     /// How long a keep-alive connection may wait silently for its next request.
     pub idle_timeout: Duration,
+    /// How long a response may wait for the client to take any of it.
+    pub send_timeout: Duration,
     /// Largest request head hyper buffers; more is refused with 431.
     pub max_head_bytes: usize,
 }
@@ -155,6 +161,8 @@ async fn serve_connection<E: Endpoint + 'static>(
     let io = TokioIo::new(CountingIo {
         inner: stream,
         activity: Arc::clone(&activity),
+        send_timeout: limits.send_timeout,
+        stalled: None,
     });
     let remote_addr = RemoteAddr(Addr::SocketAddr(remote));
     let service = service_fn(move |request: hyper::Request<Incoming>| {
@@ -209,6 +217,38 @@ struct ReadActivity {
 struct CountingIo<T> {
     inner: T,
     activity: Arc<ReadActivity>,
+    send_timeout: Duration,
+    /// Runs while a write waits for the client to take bytes; made at the
+    /// first write that has to wait, so a write the socket takes at once
+    /// (nearly all of them) costs no timer.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> CountingIo<T> {
+    /// `polled`, a write or flush, unless it has been waiting for
+    /// `send_timeout`: then an error, which closes the connection.
+    fn within_send_timeout<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let timeout = self.send_timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if stalled.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.stalled = None;
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client took none of the response within the send timeout",
+        )))
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
@@ -232,11 +272,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.within_send_timeout(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.within_send_timeout(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -248,7 +290,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.within_send_timeout(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

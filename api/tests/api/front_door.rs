@@ -462,3 +462,59 @@ async fn a_503_always_means_not_taken_and_carries_retry_after() {
         std::collections::BTreeMap::from([("a".to_owned(), 1)])
     );
 }
+
+/// A client that asks for more than the kernel's socket buffers hold (the
+/// Swagger page, 1.6 MB, four times over, pipelined) and stops reading is
+/// cut off once it has taken nothing for the send deadline: neither its
+/// connection nor the response waiting in the service stays for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_at_the_send_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = serve(|s| s.send_timeout = DEADLINE).await;
+    // A small receive window: what the service sends waits in its own
+    // socket buffer (up to a few MB), then in the service.
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.set_recv_buffer_size(4096).expect("a small buffer");
+    let mut stream = socket.connect(app.addr).await.expect("connected");
+    stream
+        .write_all(&b"GET /docs HTTP/1.1\r\nHost: t\r\n\r\n".repeat(4))
+        .await
+        .expect("sent");
+    // The client not reading is the behaviour under test.
+    tokio::time::sleep(DEADLINE * 4).await;
+    let mut received = Vec::new();
+    let read_all = async {
+        let mut chunk = [0_u8; 65536];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    assert!(
+        tokio::time::timeout(PATIENCE, read_all).await.is_ok(),
+        "the service closed the connection"
+    );
+    let head_end = received
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("the first response's head arrived");
+    let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("a content-length");
+    assert!(length > 1_000_000, "the page is large: {length} bytes");
+    assert!(
+        received.len() < 4 * length,
+        "cut off before the end: {} bytes of four {length}-byte pages",
+        received.len()
+    );
+    // Clients that read are served as before.
+    let response = app.client.get("/docs").send().await;
+    response.assert_status(http::StatusCode::OK);
+    assert_eq!(response.bytes().len(), length);
+    app.shut_down_cleanly().await;
+}
