@@ -103,6 +103,14 @@ async fn a_counter_reads_stored_plus_pending(db: TestDb) {
     let (status, body) = get_counter(&app, &long).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(body["detail"].as_str().unwrap().contains("255"));
+
+    // A path whose percent-decoding is not UTF-8 cannot be read: 400, and
+    // the document says the status the response has.
+    let response = app.client.get("/counters/%FF").send().await;
+    let (status, body): (_, serde_json::Value) = (response.status(), response.json());
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["status"], 400, "{body}");
+    assert_eq!(body["type"], "/problems/bad-request", "{body}");
 }
 
 async fn odd_keys_read_back_percent_encoded(db: TestDb) {
