@@ -738,14 +738,22 @@ async fn record_rejected<C: ConnectionTrait>(
     rows: &[(&str, i64)],
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
-    for (key, delta) in rows {
-        tracing::error!(
-            key,
-            delta,
-            batch.id = batch_id,
-            "increment rejected: {OVERFLOW_REASON}"
-        );
-    }
+    // One line per batch, naming a few keys: a client that keeps counters at
+    // the edge of `bigint` must not be able to write a log line per key per
+    // flush. The table below keeps every row.
+    const KEYS_LOGGED: usize = 5;
+    let named: Vec<String> = rows
+        .iter()
+        .take(KEYS_LOGGED)
+        .map(|(key, delta)| format!("{key:?} ({delta:+})"))
+        .collect();
+    tracing::error!(
+        rows = rows.len(),
+        keys = named.join(", "),
+        batch.id = batch_id,
+        "increments rejected ({} in all; see rejected_increments): {OVERFLOW_REASON}",
+        rows.len()
+    );
     // The journal span tells a waiting request which rows held its message
     // (see `journal_rejected`); null for a write-behind batch.
     let stream: Option<String> = journal.map(|span| span.stream.clone());
