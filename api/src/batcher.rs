@@ -76,7 +76,7 @@ struct SideMap {
     /// (recorded under this lock, so a drain takes a request and its items
     /// together).
     keyed: Vec<Keyed>,
-    /// Items of `keyed` (for the bound).
+    /// Items of `keyed` (for the bound; mirrored in `Batcher::side_keyed_items`).
     keyed_items: u64,
 }
 
@@ -219,6 +219,8 @@ pub struct Batcher {
     handed_over: Arc<HandedOver>,
     /// Keys of `handed_over`.
     handed_over_keys: AtomicU64,
+    /// Items of the side map's keyed requests (read without its lock).
+    side_keyed_items: AtomicU64,
     /// Items of `handed_over`'s keyed requests.
     handed_over_keyed_items: AtomicU64,
     /// Bound on distinct pending keys (slots + side + handed over).
@@ -321,6 +323,7 @@ impl Batcher {
             side_keys,
             handed_over,
             handed_over_keys: AtomicU64::new(0),
+            side_keyed_items: AtomicU64::new(0),
             handed_over_keyed_items: AtomicU64::new(0),
             max_pending_keys,
             evictions,
@@ -349,8 +352,12 @@ impl Batcher {
         keys: impl Iterator<Item = &'k str>,
         count: usize,
     ) -> Result<(), BatchError> {
-        let room = self.max_pending_keys.saturating_sub(self.pending_keys());
-        if room < count as u64 {
+        let pending = self.pending_keys();
+        let room = self.max_pending_keys.saturating_sub(pending);
+        // An empty batcher takes any one request, however large: a journal
+        // message over the bound must still be read (the bound is soft by
+        // a request anyway).
+        if room < count as u64 && pending > 0 {
             let new_keys = keys.filter(|key| !self.holds(key)).count();
             if room < new_keys as u64 {
                 return Err(BatchError::Full);
@@ -555,13 +562,12 @@ impl Batcher {
         let mut side = self.side.lock();
         // Keyed requests stay whole until written (they are not merged by
         // key), so their items count toward the bound as well: otherwise
-        // those held while the database is down (no drain runs) would grow
-        // without limit.
+        // those held while the database is down (no drains) would grow
+        // without limit. An empty batcher takes any one request (see
+        // `admit_all`).
         let items: u64 = keyed.iter().map(|request| request.items.len() as u64).sum();
-        let held = self.pending_keys()
-            + side.keyed_items
-            + self.handed_over_keyed_items.load(Ordering::Relaxed);
-        if items > 0 && held.saturating_add(items) > self.max_pending_keys {
+        let held = self.pending_keys();
+        if items > 0 && held > 0 && held.saturating_add(items) > self.max_pending_keys {
             return Err(BatchError::Full);
         }
         for (key, sum) in &sums {
@@ -575,6 +581,8 @@ impl Batcher {
         }
         side.keyed.extend(keyed.iter().cloned());
         side.keyed_items += items;
+        self.side_keyed_items
+            .store(side.keyed_items, Ordering::Relaxed);
         let drains = side.drains;
         drop(side);
         self.note_pending();
@@ -639,6 +647,7 @@ impl Batcher {
             side.counted = 0;
             side.keyed_items = 0;
             self.side_keys.store(0, Ordering::Relaxed);
+            self.side_keyed_items.store(0, Ordering::Relaxed);
             (
                 std::mem::take(&mut side.deltas),
                 std::mem::take(&mut side.keyed),
@@ -681,6 +690,11 @@ impl Batcher {
             return (None, number);
         }
         self.handed_over_since.store(since, Ordering::Relaxed);
+        // Counted before the batch is built (a sort that can take a while at
+        // a million keys), so the bound does not lose them meanwhile.
+        let keyed_items = keyed.iter().map(|request| request.items.len() as u64);
+        self.handed_over_keyed_items
+            .store(keyed_items.sum(), Ordering::Relaxed);
         let batch = Batch::new(entries, number).guarding(keyed);
         let batch = Arc::new(match span() {
             Some(span) => batch.holding(span),
@@ -688,9 +702,6 @@ impl Batcher {
         });
         self.handed_over_keys
             .store(batch.len() as u64, Ordering::Relaxed);
-        let keyed_items = batch.keyed.iter().map(|request| request.items.len() as u64);
-        self.handed_over_keyed_items
-            .store(keyed_items.sum(), Ordering::Relaxed);
         *self.handed_over.lock() = Some(Arc::clone(&batch));
         (Some(batch), number)
     }
@@ -727,16 +738,20 @@ impl Batcher {
         }
     }
 
-    /// Distinct keys holding a pending delta: the batch handed over, plus live
-    /// slots and side-map entries whose key it did not hold when they got
-    /// their first delta. Approximate both ways, by little: a key both live
-    /// and in the side map counts twice; a key that was handed over, became
-    /// live again, and whose batch was then released is not counted until
-    /// the next drain (one flush interval). Lock-free: three atomic loads.
+    /// What the bound counts: distinct keys holding a pending delta (the
+    /// batch handed over, plus live slots and side-map entries whose key it
+    /// did not hold when they got their first delta), plus the items of
+    /// requests with an `Idempotency-Key`, which are held whole until
+    /// written. Approximate both ways, by little: a key both live and in
+    /// the side map counts twice; a key that was handed over, became live
+    /// again, and whose batch was then released is not counted until the
+    /// next drain (one flush interval). Lock-free: atomic loads.
     pub fn pending_keys(&self) -> u64 {
         self.dirty_slots.load(Ordering::Relaxed)
             + self.side_keys.load(Ordering::Relaxed)
             + self.handed_over_keys.load(Ordering::Relaxed)
+            + self.side_keyed_items.load(Ordering::Relaxed)
+            + self.handed_over_keyed_items.load(Ordering::Relaxed)
     }
 
     /// Age of the oldest delta not yet written: recorded since the last
@@ -803,6 +818,7 @@ mod tests {
         b.record_keyed(&[], &[request("k1")]).unwrap();
         b.record_keyed(&[], &[request("k2")]).unwrap();
         // "a" once, and two keyed items: the bound of 3 is reached.
+        assert_eq!(b.pending_keys(), 3);
         assert_eq!(b.record_keyed(&[], &[request("k3")]), Err(BatchError::Full));
         let (batch, _) = b.hand_over();
         let batch = batch.expect("a batch");
@@ -813,6 +829,17 @@ mod tests {
         );
         b.release(&batch);
         b.record_keyed(&[], &[request("k3")]).unwrap();
+        drop(b.drain());
+        assert_eq!(b.pending_keys(), 0);
+        // An empty batcher takes one request over the bound (a journal
+        // message must never be refused for good); then nothing more.
+        let large = Keyed {
+            key: "large".to_owned(),
+            fingerprint: 2,
+            items: (0..5).map(|i| (format!("key-{i}"), 1)).collect(),
+        };
+        b.record_keyed(&[], std::slice::from_ref(&large)).unwrap();
+        assert_eq!(b.record_keyed(&[], &[request("k4")]), Err(BatchError::Full));
     }
 
     /// Without drains (the database down), keys that keep leaving and

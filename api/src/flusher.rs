@@ -165,6 +165,10 @@ pub enum WaitOutcome {
     Rejected,
     /// Not committed within the timeout; still held, to be written.
     TimedOut,
+    /// A repeat of a request applied earlier (its `Idempotency-Key` is
+    /// stored): whether its row was written or rejected could not be read
+    /// within the timeout. Nothing is held for it.
+    Unsettled,
 }
 
 /// Idempotency keys deleted per statement when pruning: short statements,

@@ -383,7 +383,6 @@ const LOOKUP_GROUP: usize = 512;
 #[derive(Clone)]
 pub struct Applied {
     requests: mpsc::Sender<(String, oneshot::Sender<Stored>)>,
-    db: DatabaseConnection,
     timeout: Duration,
 }
 
@@ -397,18 +396,13 @@ impl Applied {
         // One query at a time: requests that arrive meanwhile form the next
         // group. Several in flight made more, smaller queries, and
         // PostgreSQL's cost is per query (bench/PROFILE.md).
-        let task_db = db.clone();
         tokio::spawn(async move {
             let mut group = Vec::with_capacity(LOOKUP_GROUP);
             while queue.recv_many(&mut group, LOOKUP_GROUP).await > 0 {
-                answer_group(&task_db, &mut group, window).await;
+                answer_group(&db, &mut group, window).await;
             }
         });
-        Self {
-            requests,
-            db,
-            timeout,
-        }
+        Self { requests, timeout }
     }
 
     /// Whether `key` was applied within the window, and with which body.
@@ -421,22 +415,6 @@ impl Applied {
         match tokio::time::timeout(self.timeout, stored).await {
             Ok(Ok(stored)) => stored,
             Ok(Err(_)) | Err(_) => Stored::Unknown,
-        }
-    }
-
-    /// Whether the request applied in the batch `applied` had the row of one
-    /// of `keys` (its counter keys) rejected there, so that nothing of it
-    /// was written; `None` when the database does not tell in time. Asked
-    /// only for a repeat found in the database (rare).
-    pub async fn rejected(&self, applied: &AppliedKey, keys: &[&str]) -> Option<bool> {
-        let rejected = crate::store::rejected_in_batch(&self.db, &applied.batch_id, keys);
-        match tokio::time::timeout(self.timeout, rejected).await {
-            Ok(Ok(rejected)) => Some(rejected),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %crate::telemetry::error_chain(&e), "reading whether a repeated request's rows were rejected failed");
-                None
-            }
-            Err(_) => None,
         }
     }
 }

@@ -745,9 +745,10 @@ fn with_hint(error: Redacted, url: &str) -> Redacted {
 /// while `idempotency_keys` was small is still the primary key's index
 /// scan when it has millions of rows. SQLite shares `db`.
 ///
-/// Opened on first use, not here: the main pool has just connected, and a
-/// look-up that cannot connect answers "unknown" (the flush decides), which
-/// beats failing start-up on a passing refusal (`max_connections` reached).
+/// Opened here when it can be, but lazily: the main pool has just
+/// connected, and a look-up that cannot connect answers "unknown" (the
+/// flush decides), which beats failing start-up on a passing refusal
+/// (`max_connections` reached).
 ///
 /// # Errors
 /// The database URL cannot be used.
@@ -766,13 +767,29 @@ pub async fn connect_lookups(
         ])
     });
     options.connect_lazy(true);
-    Database::connect(options)
+    let lookups = Database::connect(options)
         .await
         .map_err(|e| StartupError::Connect {
             url: crate::settings::redact_url(&settings.database_url),
             source: Redacted::new(&e, &settings.database_url),
-        })
+        })?;
+    // Open it now when the database lets us, so the first look-ups do not
+    // spend their 250 ms connecting.
+    match tokio::time::timeout(LOOKUP_WARM_UP, lookups.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %Redacted::new(&e, &settings.database_url), "the Idempotency-Key look-up connection could not open yet; look-ups answer \"unknown\" until it does")
+        }
+        Err(_) => tracing::warn!(
+            "the Idempotency-Key look-up connection did not open within {LOOKUP_WARM_UP:?}; look-ups answer \"unknown\" until it does"
+        ),
+    }
+    Ok(lookups)
 }
+
+/// How long start-up waits for the look-up connection before going on
+/// without it.
+const LOOKUP_WARM_UP: Duration = Duration::from_secs(2);
 
 /// What every pool of the service shares: `max` connections, 5 s to connect
 /// or to get one, no statement logging.

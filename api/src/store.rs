@@ -600,7 +600,8 @@ pub async fn applied_fingerprints(
 
 /// Whether the batch (part) `batch_id` rejected the row of any of `keys`
 /// (counter keys): a request applied in it whose row was rejected was not
-/// written, though its `Idempotency-Key` was stored.
+/// written, though its `Idempotency-Key` was stored. Asked by a `wait=true`
+/// repeat found in the database (rare).
 ///
 /// # Errors
 /// Any database error.

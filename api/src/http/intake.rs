@@ -611,7 +611,7 @@ pub struct Intake {
 }
 
 /// The answer a keyed request got, given again to its repeats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyedAnswer {
     /// What a `wait=true` request (first or repeat) waits for.
     pub ticket: Ticket,
@@ -624,22 +624,18 @@ pub struct KeyedAnswer {
 pub const DEFAULT_RECENT_KEYS: u64 = 100_000;
 
 /// What a durable request waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ticket {
     /// The drain with this number (write-behind; [`crate::Flusher::wait_committed`]).
     Drain(u64),
     /// The journal message with this stream sequence
     /// ([`crate::journal::wait_applied`]).
     Journal(u64),
-    /// Nothing to wait for: committed already (a repeat of a request the
-    /// database has applied).
-    Committed,
-    /// Nothing to wait for: a repeat of a request whose row the database
-    /// rejected (nothing of it was written).
-    Rejected,
-    /// A repeat of a request the database has settled, written or
-    /// rejected: it could not tell which in time.
-    Unsettled,
+    /// Nothing to wait for: a repeat of a request the database has applied,
+    /// in the batch (part) with this id. Written, unless that batch rejected
+    /// its row (the stored total would have left `bigint`): a waiter asks
+    /// (rare), and only then, so nothing here goes stale.
+    Applied(Arc<str>),
 }
 
 impl Intake {
@@ -732,23 +728,11 @@ impl Intake {
                     .idempotency_repeats_total
                     .with_label_values(&["database"])
                     .inc();
-                // Its key was stored even if its row was rejected (the
-                // counter would have left `bigint`): ask which.
-                let keys: Vec<&str> = sums.keys().copied().collect();
-                let rejected = match &self.applied {
-                    Some(lookup) => lookup.rejected(&applied, &keys).await,
-                    None => None,
-                };
-                let ticket = match rejected {
-                    Some(false) => Ticket::Committed,
-                    Some(true) => Ticket::Rejected,
-                    None => Ticket::Unsettled,
-                };
                 let answer = KeyedAnswer {
-                    ticket,
+                    ticket: Ticket::Applied(applied.batch_id.into()),
                     accepted: increments.len() as u64,
                 };
-                first.taken(answer);
+                first.taken(answer.clone());
                 return Ok(answer);
             }
             Stored::Applied(_) => {
@@ -783,7 +767,7 @@ impl Intake {
             ticket,
             accepted: increments.len() as u64,
         };
-        first.taken(answer);
+        first.taken(answer.clone());
         self.accepted(answer.accepted);
         Ok(answer)
     }

@@ -224,7 +224,8 @@ impl ProblemType {
                  after `Retry-After` seconds."
             }
             Self::PendingLimit => {
-                "`--max-pending-keys` distinct keys are waiting for the database (it is slow or \
+                "`--max-pending-keys` distinct keys (each item of a request with an \
+                 `Idempotency-Key` counting as one) are waiting for the database (it is slow or \
                  down). Nothing was taken: send it again after `Retry-After` seconds."
             }
             Self::DatabaseUnavailable => {

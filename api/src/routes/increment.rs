@@ -384,9 +384,19 @@ impl IncrementApi {
                 }
             }
             (Ticket::Journal(_), None) => WaitOutcome::TimedOut,
-            (Ticket::Committed, _) => WaitOutcome::Committed,
-            (Ticket::Rejected, _) => WaitOutcome::Rejected,
-            (Ticket::Unsettled, _) => WaitOutcome::TimedOut,
+            (Ticket::Applied(batch_id), _) => {
+                let keys = [increment.key.as_str()];
+                let rejected = crate::store::rejected_in_batch(&self.db, &batch_id, &keys);
+                match tokio::time::timeout(self.wait_timeout, rejected).await {
+                    Ok(Ok(false)) => WaitOutcome::Committed,
+                    Ok(Ok(true)) => WaitOutcome::Rejected,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %crate::telemetry::error_chain(&e), "reading whether a repeated request's row was rejected failed");
+                        WaitOutcome::Unsettled
+                    }
+                    Err(_) => WaitOutcome::Unsettled,
+                }
+            }
         };
         match outcome {
             WaitOutcome::Committed => IncrementResponse::Written,
@@ -397,6 +407,17 @@ impl IncrementApi {
                     detail: format!(
                         "taken, but not confirmed written within {} ms: the increment is held \
                      and will be written when the database takes it; do not resend it",
+                        self.wait_timeout.as_millis()
+                    ),
+                })))
+            }
+            WaitOutcome::Unsettled => {
+                IncrementResponse::Accepted(AcceptedBody(Some(NotYetCommitted {
+                    committed: false,
+                    detail: format!(
+                        "applied earlier under this Idempotency-Key, but whether its row was \
+                     written could not be read within {} ms; nothing more is held for it: \
+                     resend it with the same key to ask again",
                         self.wait_timeout.as_millis()
                     ),
                 })))
