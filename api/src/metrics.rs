@@ -117,7 +117,8 @@ metrics! {
         increments_accepted_total: IntCounter,
         /// Increments refused, by reason.
         increments_rejected_total: IntCounterVec["reason"],
-        /// Keys holding a pending delta (approximate).
+        /// Keys holding a pending delta, plus the items of keyed requests
+        /// held whole (what `--max-pending-keys` bounds; approximate).
         pending_keys: IntGauge,
         /// Cache entries that left by size or expiry (their deltas are kept
         /// and written).
