@@ -598,6 +598,23 @@ pub async fn applied_fingerprints(
     Ok(applied)
 }
 
+/// The answer to a question about rejected rows (`rejected_in_batch`,
+/// `journal_rejected`) by `deadline`; `None` when it failed (logged) or came
+/// too late: a waiting request is then told "not confirmed", never "written".
+pub async fn rejected_by(
+    deadline: tokio::time::Instant,
+    question: impl std::future::Future<Output = Result<bool, DbErr>>,
+) -> Option<bool> {
+    match tokio::time::timeout_at(deadline, question).await {
+        Ok(Ok(rejected)) => Some(rejected),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %crate::telemetry::error_chain(&e), "reading whether a durable request's row was rejected failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
 /// Whether the batch (part) `batch_id` rejected the row of any of `keys`
 /// (counter keys): a request applied in it whose row was rejected was not
 /// written, though its `Idempotency-Key` was stored. Asked by a `wait=true`

@@ -252,14 +252,10 @@ pub async fn wait_applied(
         return Applied::Written;
     }
     let rejected = store::journal_rejected(db, cursor.stream(), key, sequence);
-    match tokio::time::timeout_at(deadline, rejected).await {
-        Ok(Ok(true)) => Applied::Rejected,
-        Ok(Ok(false)) => Applied::Written,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %crate::telemetry::error_chain(&e), "reading whether a durable request's row was rejected failed");
-            Applied::Unconfirmed
-        }
-        Err(_) => Applied::Unconfirmed,
+    match store::rejected_by(deadline, rejected).await {
+        Some(true) => Applied::Rejected,
+        Some(false) => Applied::Written,
+        None => Applied::Unconfirmed,
     }
 }
 

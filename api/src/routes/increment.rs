@@ -386,15 +386,12 @@ impl IncrementApi {
             (Ticket::Journal(_), None) => WaitOutcome::TimedOut,
             (Ticket::Applied(batch_id), _) => {
                 let keys = [increment.key.as_str()];
+                let deadline = tokio::time::Instant::now() + self.wait_timeout;
                 let rejected = crate::store::rejected_in_batch(&self.db, &batch_id, &keys);
-                match tokio::time::timeout(self.wait_timeout, rejected).await {
-                    Ok(Ok(false)) => WaitOutcome::Committed,
-                    Ok(Ok(true)) => WaitOutcome::Rejected,
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %crate::telemetry::error_chain(&e), "reading whether a repeated request's row was rejected failed");
-                        WaitOutcome::Unsettled
-                    }
-                    Err(_) => WaitOutcome::Unsettled,
+                match crate::store::rejected_by(deadline, rejected).await {
+                    Some(false) => WaitOutcome::Committed,
+                    Some(true) => WaitOutcome::Rejected,
+                    None => WaitOutcome::Unsettled,
                 }
             }
         };
