@@ -57,6 +57,10 @@ pub enum BatchError {
     /// The key's pending delta on this instance would leave the signed 64-bit range.
     #[error("the pending delta of the key would leave the i64 range")]
     DeltaOverflow,
+    /// The request's own deltas for one key sum outside the signed 64-bit
+    /// range: it can never be taken as it is, whatever is pending.
+    #[error("the request's deltas for one key sum outside the i64 range")]
+    RequestOverflow,
     /// The bound on distinct pending keys is reached and the key is not one of
     /// them (keys already held still merge).
     #[error("the bound on distinct pending keys is reached")]
@@ -428,7 +432,7 @@ impl Batcher {
         }
         let mut sums: Vec<(&str, i64, usize)> = Vec::with_capacity(per_key.len());
         for (key, (sum, last_index)) in per_key {
-            let sum = i64::try_from(sum).map_err(|_| (last_index, BatchError::DeltaOverflow))?;
+            let sum = i64::try_from(sum).map_err(|_| (last_index, BatchError::RequestOverflow))?;
             sums.push((key, sum, last_index));
         }
         self.admit_all(sums.iter().map(|(key, _, _)| *key), sums.len())

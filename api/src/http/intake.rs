@@ -695,7 +695,7 @@ impl Intake {
             let sum = sums.entry(increment.key.as_str()).or_insert(0);
             *sum = sum
                 .checked_add(increment.value)
-                .ok_or_else(|| self.refusal(BatchError::DeltaOverflow, batch.then_some(index)))?;
+                .ok_or_else(|| self.refusal(BatchError::RequestOverflow, batch.then_some(index)))?;
         }
         let fingerprint = idempotency::fingerprint(
             operation,
@@ -856,7 +856,7 @@ impl Intake {
     fn append_refusal(&self, e: AppendError, batch: bool) -> ApiError {
         match e {
             AppendError::Overflow(index) => {
-                self.refusal(BatchError::DeltaOverflow, batch.then_some(index))
+                self.refusal(BatchError::RequestOverflow, batch.then_some(index))
             }
             AppendError::Refused(why) => {
                 self.metrics
@@ -886,6 +886,14 @@ impl Intake {
                 ApiError::PendingOverflow(format!(
                     "{at}\"value\" would push the pending sum of this key out of the signed \
                      64-bit range; retry after the next flush"
+                ))
+            }
+            BatchError::RequestOverflow => {
+                let at = index.map_or_else(String::new, |i| format!("increments[{i}]: "));
+                // Not `pending-overflow`: waiting for a flush cannot help.
+                ApiError::Invalid(format!(
+                    "{at}the values of this key in the request sum outside the signed 64-bit \
+                     range; it can never be taken as it is"
                 ))
             }
             BatchError::Full => {

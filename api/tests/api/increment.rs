@@ -1,7 +1,7 @@
 use poem::http::StatusCode;
 use testkit::{TestDb, db_tests};
 
-use crate::helpers::{assert_accepted, error_message, spawn_app};
+use crate::helpers::{assert_accepted, error_message, problem, spawn_app};
 
 db_tests!(
     batches_are_applied_whole_or_not_at_all,
@@ -333,6 +333,32 @@ async fn batches_are_applied_whole_or_not_at_all(db: TestDb) {
     )
     .await;
     assert!(message.starts_with("increments[1]"), "{message}");
+    // A batch whose own values for one key leave i64 can never be taken:
+    // `invalid-request`, not `pending-overflow` ("retry after the next
+    // flush"), with or without an Idempotency-Key.
+    let overflowing =
+        r#"{"increments": [{"key": "d", "value": 9223372036854775807}, {"key": "d", "value": 1}]}"#;
+    for idempotency_key in [None, Some("\"own-sum\"")] {
+        let mut request = app
+            .client
+            .post("/increments")
+            .content_type("application/json")
+            .body(overflowing);
+        if let Some(value) = idempotency_key {
+            request = request.header("idempotency-key", value);
+        }
+        let problem = problem(request.send().await, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(
+            problem.type_uri, "/problems/invalid-request",
+            "{idempotency_key:?}"
+        );
+        assert!(
+            problem.detail.starts_with("increments[1]"),
+            "{}",
+            problem.detail
+        );
+        assert!(problem.detail.contains("never"), "{}", problem.detail);
+    }
 
     post_batch(&app, &format!(r#"{{"increments": [{}]}}"#, items(1_000)))
         .await
