@@ -32,6 +32,17 @@ fn idempotency_key(request: &poem::Request) -> Result<Option<String>, ApiError> 
         .map_err(|e| ApiError::InvalidIdempotencyKey(e.to_string()))
 }
 
+/// `wait` given more than once (`?wait=false&wait=true`): the query reader
+/// would take the first, silently; which one the client meant cannot be
+/// told, and the two mean different answers.
+fn wait_repeated(request: &poem::Request) -> bool {
+    let Some(query) = request.uri().query() else {
+        return false;
+    };
+    let named_wait = |pair: &&str| pair.split('=').next() == Some("wait");
+    query.split('&').filter(named_wait).count() > 1
+}
+
 #[derive(Tags)]
 enum IncrementTag {
     /// Adding to counters.
@@ -289,6 +300,12 @@ impl IncrementApi {
             Ok(increment) => increment,
             Err(e) => return ApiError::from(e).into(),
         };
+        if wait_repeated(request) {
+            return ApiError::Invalid(
+                "query parameter \"wait\" given more than once; give it once".to_owned(),
+            )
+            .into();
+        }
         let durable = wait.0 == Some(true);
         let key = match idempotency_key(request) {
             Ok(key) => key,

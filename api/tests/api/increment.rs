@@ -4,6 +4,7 @@ use testkit::{TestDb, db_tests};
 use crate::helpers::{assert_accepted, error_message, problem, spawn_app};
 
 db_tests!(
+    wait_given_twice_is_refused,
     batches_are_applied_whole_or_not_at_all,
     accepted_increments_are_summed_and_written,
     every_malformed_body_gets_422_naming_the_field_and_changes_nothing,
@@ -214,6 +215,40 @@ async fn odd_keys_are_stored_verbatim(db: TestDb) {
     for (i, key) in keys.iter().enumerate() {
         assert_eq!(counters.get(*key), Some(&(i as i64 + 1)), "{key:?}");
     }
+}
+
+async fn wait_given_twice_is_refused(db: TestDb) {
+    let app = spawn_app(db).await;
+    for query in [
+        "wait=false&wait=true",
+        "wait=true&wait=true",
+        "wait&wait=false",
+    ] {
+        let response = app
+            .client
+            .post(format!("/increment?{query}"))
+            .content_type("application/json")
+            .body(r#"{"key":"twice","value":1}"#)
+            .send()
+            .await;
+        let message = error_message(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert!(message.contains("\"wait\""), "{query}: {message}");
+    }
+    assert_accepted(
+        app.client
+            .post("/increment?wait=false&waiting=1")
+            .content_type("application/json")
+            .body(r#"{"key":"once","value":1}"#)
+            .send()
+            .await,
+    )
+    .await;
+    app.flush().await;
+    let counters = app.counters().await;
+    assert_eq!(
+        (counters.get("twice"), counters.get("once")),
+        (None, Some(&1))
+    );
 }
 
 async fn a_pending_delta_never_leaves_i64(db: TestDb) {
