@@ -1020,8 +1020,9 @@ mod tests {
             .unwrap();
         assert_eq!(b.pending_for("a"), Some(4));
         assert_eq!(b.pending_for("full"), Some(i128::from(i64::MAX)));
+        // The request's own sum for a key: it could never fit.
         let big = [("x", i64::MAX), ("x", i64::MAX)];
-        assert_eq!(b.record_all(&big), Err((1, BatchError::DeltaOverflow)));
+        assert_eq!(b.record_all(&big), Err((1, BatchError::RequestOverflow)));
     }
 
     #[test]
