@@ -104,6 +104,11 @@ impl SideMap {
 /// The last batch handed over and not yet released (shared with the listener).
 type HandedOver = Mutex<Option<Arc<Batch>>>;
 
+/// What keyed requests count toward the bound: their items.
+fn keyed_items(keyed: &[Keyed]) -> u64 {
+    keyed.iter().map(|request| request.items.len() as u64).sum()
+}
+
 fn handed_over_holds(handed_over: &HandedOver, key: &str) -> bool {
     handed_over
         .lock()
@@ -569,7 +574,7 @@ impl Batcher {
         // those held while the database is down (no drains) would grow
         // without limit. An empty batcher takes any one request (see
         // `admit_all`).
-        let items: u64 = keyed.iter().map(|request| request.items.len() as u64).sum();
+        let items = keyed_items(keyed);
         let held = self.pending_keys();
         if items > 0 && held > 0 && held.saturating_add(items) > self.max_pending_keys {
             return Err(BatchError::Full);
@@ -696,9 +701,8 @@ impl Batcher {
         self.handed_over_since.store(since, Ordering::Relaxed);
         // Counted before the batch is built (a sort that can take a while at
         // a million keys), so the bound does not lose them meanwhile.
-        let keyed_items = keyed.iter().map(|request| request.items.len() as u64);
         self.handed_over_keyed_items
-            .store(keyed_items.sum(), Ordering::Relaxed);
+            .store(keyed_items(&keyed), Ordering::Relaxed);
         let batch = Batch::new(entries, number).guarding(keyed);
         let batch = Arc::new(match span() {
             Some(span) => batch.holding(span),

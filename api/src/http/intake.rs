@@ -880,16 +880,17 @@ impl Intake {
     }
 
     fn refusal(&self, err: BatchError, index: Option<usize>) -> ApiError {
+        let at = || index.map_or_else(String::new, |i| format!("increments[{i}]: "));
         match err {
             BatchError::DeltaOverflow => {
-                let at = index.map_or_else(String::new, |i| format!("increments[{i}]: "));
+                let at = at();
                 ApiError::PendingOverflow(format!(
                     "{at}\"value\" would push the pending sum of this key out of the signed \
                      64-bit range; retry after the next flush"
                 ))
             }
             BatchError::RequestOverflow => {
-                let at = index.map_or_else(String::new, |i| format!("increments[{i}]: "));
+                let at = at();
                 // Not `pending-overflow`: waiting for a flush cannot help.
                 ApiError::Invalid(format!(
                     "{at}the values of this key in the request sum outside the signed 64-bit \
