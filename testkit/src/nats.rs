@@ -5,10 +5,16 @@
 //! one fails when there is none (`.ci/run` installs it).
 
 use std::{
+    fs::{File, OpenOptions},
     net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
+
+/// How many times a first start tries fresh ports before giving up: a port
+/// found free can still be taken by a parallel test before nats-server binds it.
+const START_ATTEMPTS: usize = 5;
 
 pub struct NatsServer {
     child: Option<Child>,
@@ -18,11 +24,23 @@ pub struct NatsServer {
     cluster: Vec<String>,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+/// Why a server did not come up.
+#[derive(Debug)]
+enum LaunchError {
+    /// It exited (a port taken, most likely); a fresh port may do.
+    Exited(String),
+}
+
+/// A loopback port free right now, drawn below the kernel's ephemeral range
+/// (32768 and up) so that the outgoing connections of parallel tests, which
+/// take ports from that range, cannot be handed it before nats-server binds.
+fn spare_port() -> u16 {
+    loop {
+        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Three JetStream nodes clustered on loopback.
@@ -34,27 +52,39 @@ impl NatsCluster {
     /// Starts three nodes routed to each other (JetStream elects a meta
     /// leader a few seconds later; clients retry until then).
     pub fn start() -> Self {
-        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let route_urls: Vec<String> = routes
-            .iter()
-            .map(|port| format!("nats://127.0.0.1:{port}"))
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            match Self::try_start() {
+                Ok(cluster) => return cluster,
+                Err(LaunchError::Exited(log)) => failures.push(log),
+            }
+        }
+        panic!(
+            "no three-node cluster came up in {START_ATTEMPTS} attempts; last log:\n{}",
+            failures.last().map(String::as_str).unwrap_or_default()
+        );
+    }
+
+    fn try_start() -> Result<Self, LaunchError> {
+        let route_urls: Vec<String> = (0..3)
+            .map(|_| format!("nats://127.0.0.1:{}", spare_port()))
             .collect();
-        let nodes = (0..3)
-            .map(|node| {
-                let cluster = vec![
-                    "-n".to_owned(),
-                    format!("node{node}"),
-                    "--cluster_name".to_owned(),
-                    "increment-test".to_owned(),
-                    "--cluster".to_owned(),
-                    route_urls[node].clone(),
-                    "--routes".to_owned(),
-                    route_urls.join(","),
-                ];
-                NatsServer::start_with(cluster)
-            })
-            .collect();
-        Self { nodes }
+        let mut nodes = Vec::with_capacity(3);
+        for (node, route_url) in route_urls.iter().enumerate() {
+            let cluster = vec![
+                "-n".to_owned(),
+                format!("node{node}"),
+                "--cluster_name".to_owned(),
+                "increment-test".to_owned(),
+                "--cluster".to_owned(),
+                route_url.clone(),
+                "--routes".to_owned(),
+                route_urls.join(","),
+            ];
+            // A node that fails drops the ones already up (Drop kills them).
+            nodes.push(NatsServer::launch_new(cluster)?);
+        }
+        Ok(Self { nodes })
     }
 
     /// Every node's URL, comma-separated (what `--journal-url` takes).
@@ -70,18 +100,28 @@ impl NatsCluster {
 impl NatsServer {
     /// Starts a server on a free loopback port and waits until it accepts.
     pub fn start() -> Self {
-        Self::start_with(Vec::new())
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            match Self::launch_new(Vec::new()) {
+                Ok(server) => return server,
+                Err(LaunchError::Exited(log)) => failures.push(log),
+            }
+        }
+        panic!(
+            "nats-server did not come up in {START_ATTEMPTS} attempts; last log:\n{}",
+            failures.last().map(String::as_str).unwrap_or_default()
+        );
     }
 
-    fn start_with(cluster: Vec<String>) -> Self {
+    fn launch_new(cluster: Vec<String>) -> Result<Self, LaunchError> {
         let mut server = Self {
             child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            addr: SocketAddr::from(([127, 0, 0, 1], spare_port())),
             store: tempfile::tempdir().expect("a store directory"),
             cluster,
         };
-        server.restart();
-        server
+        server.launch()?;
+        Ok(server)
     }
 
     /// `nats://127.0.0.1:port`.
@@ -99,8 +139,34 @@ impl NatsServer {
 
     /// Starts (again) on the same port and store; waits until it accepts.
     pub fn restart(&mut self) {
+        if let Err(LaunchError::Exited(log)) = self.launch() {
+            panic!(
+                "nats-server exited on restart at {}; its log:\n{log}",
+                self.addr
+            );
+        }
+    }
+
+    /// The server's output, kept beside its store across restarts so a
+    /// failure can say why.
+    fn log_path(&self) -> PathBuf {
+        self.store.path().join("nats-server.log")
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    fn launch(&mut self) -> Result<(), LaunchError> {
         self.kill();
         let binary = std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned());
+        let log: File = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("a log file beside the store");
         let child = Command::new(&binary)
             .args(["-js", "-a", "127.0.0.1", "-p"])
             .arg(self.addr.port().to_string())
@@ -108,17 +174,31 @@ impl NatsServer {
             .arg(self.store.path())
             .args(&self.cluster)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("starting {binary} failed ({e}); install nats-server or set NATS_SERVER")
             });
-        self.child = Some(child);
+        let child = self.child.insert(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server accepts within 20 s");
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Err(LaunchError::Exited(format!(
+                    "{status} at {}:\n{}",
+                    self.addr,
+                    self.log_tail()
+                )));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server at {} accepts within 20 s; its log:\n{}",
+                self.addr,
+                self.log_tail()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 }
 
