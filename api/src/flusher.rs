@@ -111,12 +111,11 @@ pub struct Flusher {
     /// The highest drain number whose batch (and every earlier one) is
     /// committed; durable requests wait on it.
     committed: tokio::sync::watch::Sender<u64>,
-    /// Keys whose rows a committed drain recorded as rejected (the stored
-    /// total would have left `bigint`), by drain number, for the durable
-    /// requests that wait on those drains. Written before the drain is
-    /// published as committed; the oldest are dropped past
-    /// [`REJECTED_DRAINS_KEPT`].
-    rejected: Mutex<BTreeMap<u64, HashSet<String>>>,
+    /// What the durable requests waiting on a committed drain must hear
+    /// beyond "committed", by drain number, for the few drains with something
+    /// to say. Written before the drain is published as committed; the
+    /// oldest are dropped past [`NOTED_DRAINS_KEPT`].
+    notes: Mutex<BTreeMap<u64, DrainNotes>>,
     /// Wakes the loop for an early flush (a durable request is waiting).
     flush_soon: tokio::sync::Notify,
     /// The batch in flight, behind the lock that serialises flushes (the
@@ -146,14 +145,25 @@ pub struct Flusher {
 /// The flush lock's guard, over the batch in flight.
 type InFlightGuard = tokio::sync::OwnedMutexGuard<Option<Arc<Batch>>>;
 
-/// Drains whose rejected keys are kept for their waiters. A waiter reads
-/// them as soon as its drain is published, so a few would do; rejections
-/// are rare, and each entry holds only the rejected keys.
-const REJECTED_DRAINS_KEPT: usize = 256;
+/// Drains whose notes are kept for their waiters. A waiter reads them as
+/// soon as its drain is published, so a few would do; notes are rare, and
+/// each holds only the rejected keys.
+const NOTED_DRAINS_KEPT: usize = 256;
 
-/// Stands for "could not be read" in a drain's rejected keys (it cannot be a
-/// key: keys hold no NUL).
-const UNKNOWN_REJECTIONS: &str = "\0unknown";
+/// What a committed drain's waiters must hear beyond "committed".
+#[derive(Debug, Default)]
+struct DrainNotes {
+    /// Keys whose rows were recorded as rejected (the stored total would
+    /// have left `bigint`).
+    rejected: HashSet<String>,
+    /// Which rows were rejected could not be read: no waiter of the drain
+    /// can be told "written".
+    rejections_unknown: bool,
+    /// Keyed requests were left out as repeats of a key applied earlier (or
+    /// an earlier attempt committed the batch, so it cannot be told): a
+    /// keyed waiter may be one of them, and asks what its key applied.
+    repeats_left_out: bool,
+}
 
 /// How a durable request's wait ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,10 +175,17 @@ pub enum WaitOutcome {
     Rejected,
     /// Not committed within the timeout; still held, to be written.
     TimedOut,
-    /// A repeat of a request applied earlier (its `Idempotency-Key` is
-    /// stored): whether its row was written or rejected could not be read
+    /// A request applied under its `Idempotency-Key` (earlier, or by its
+    /// drain): whether its row was written or rejected could not be read
     /// within the timeout. Nothing is held for it.
     Unsettled,
+    /// Its drain committed, and left out keyed requests whose key had been
+    /// applied before: a keyed waiter may be one of them, so it must ask the
+    /// database what was applied under its key. Only keyed waiters get it.
+    CommittedWithRepeats,
+    /// A keyed request left out because its key had been applied with
+    /// another body: nothing of it was applied.
+    Reused,
 }
 
 /// Idempotency keys deleted per statement when pruning: short statements,
@@ -194,7 +211,7 @@ impl Flusher {
             recent_requests,
             interval,
             committed: tokio::sync::watch::Sender::new(0),
-            rejected: Mutex::default(),
+            notes: Mutex::default(),
             flush_soon: tokio::sync::Notify::new(),
             in_flight: Arc::default(),
             drain_gate: Arc::default(),
@@ -452,17 +469,21 @@ impl Flusher {
             keys: batch.len(),
             source,
         })?;
-        let maybe_rejected = match outcome {
-            WriteOutcome::Committed { rejected, .. } => rejected > 0,
-            WriteOutcome::AlreadyCommitted => true,
+        let (maybe_rejected, repeats_left_out) = match outcome {
+            WriteOutcome::Committed {
+                rejected, repeats, ..
+            } => (rejected > 0, repeats > 0),
+            // Committed by an earlier attempt, whose answers were lost.
+            WriteOutcome::AlreadyCommitted => (true, !batch.keyed.is_empty()),
             WriteOutcome::JournalMoved => {
                 self.metrics.journal_conflicts_total.inc();
                 self.abandon_holding(in_flight).await;
                 return Ok(0);
             }
         };
-        if maybe_rejected {
-            self.remember_rejected(batch).await;
+        if maybe_rejected || repeats_left_out {
+            self.take_notes(batch, maybe_rejected, repeats_left_out)
+                .await;
         }
         **in_flight = None;
         self.batcher.release(batch);
@@ -500,26 +521,31 @@ impl Flusher {
         }
     }
 
-    /// Reads which keys of the committed `batch` were rejected, for its
-    /// waiters. Reading may fail (the database just went away): the waiters
+    /// Notes for the waiters of the committed `batch`: which of its keys were
+    /// rejected (read back when `maybe_rejected`), and whether it left out
+    /// repeats. Reading may fail (the database just went away): the waiters
     /// then cannot be told, and time out instead of hearing "committed".
-    async fn remember_rejected(&self, batch: &Batch) {
-        let keys = match store::rejected_keys(&self.db, batch).await {
-            Ok(keys) => Some(keys),
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), batch.id = %batch.id, "reading the rejected keys of a committed batch failed");
-                None
+    async fn take_notes(&self, batch: &Batch, maybe_rejected: bool, repeats_left_out: bool) {
+        let mut notes = DrainNotes {
+            repeats_left_out,
+            ..DrainNotes::default()
+        };
+        if maybe_rejected {
+            match store::rejected_keys(&self.db, batch).await {
+                Ok(keys) => notes.rejected = keys,
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), batch.id = %batch.id, "reading the rejected keys of a committed batch failed");
+                    notes.rejections_unknown = true;
+                }
             }
-        };
-        let mut rejected = self.rejected.lock();
-        match keys {
-            Some(keys) if keys.is_empty() => return,
-            Some(keys) => rejected.insert(batch.drain, keys),
-            // Unknown: every key of the batch counts as not confirmed.
-            None => rejected.insert(batch.drain, HashSet::from([UNKNOWN_REJECTIONS.to_owned()])),
-        };
-        while rejected.len() > REJECTED_DRAINS_KEPT {
-            rejected.pop_first();
+        }
+        if notes.rejected.is_empty() && !notes.rejections_unknown && !notes.repeats_left_out {
+            return;
+        }
+        let mut noted = self.notes.lock();
+        noted.insert(batch.drain, notes);
+        while noted.len() > NOTED_DRAINS_KEPT {
+            noted.pop_first();
         }
     }
 
@@ -535,8 +561,16 @@ impl Flusher {
 
     /// Waits until the drain numbered `ticket` (see
     /// [`Batcher::record_durable`]) is committed, asking the loop for an early
-    /// flush, and tells whether `key`'s row was applied by it.
-    pub async fn wait_committed(&self, ticket: u64, key: &str, timeout: Duration) -> WaitOutcome {
+    /// flush, and tells whether `key`'s row was applied by it. A `keyed`
+    /// waiter hears [`WaitOutcome::CommittedWithRepeats`] when the drain left
+    /// out repeats (it may be one).
+    pub async fn wait_committed(
+        &self,
+        ticket: u64,
+        key: &str,
+        keyed: bool,
+        timeout: Duration,
+    ) -> WaitOutcome {
         let mut committed = self.committed.subscribe();
         self.flush_soon.notify_one();
         let reached = tokio::time::timeout(timeout, committed.wait_for(|c| *c >= ticket))
@@ -545,10 +579,12 @@ impl Flusher {
         if !reached {
             return WaitOutcome::TimedOut;
         }
-        match self.rejected.lock().get(&ticket) {
-            Some(keys) if keys.contains(UNKNOWN_REJECTIONS) => WaitOutcome::TimedOut,
-            Some(keys) if keys.contains(key) => WaitOutcome::Rejected,
-            _ => WaitOutcome::Committed,
+        match self.notes.lock().get(&ticket) {
+            None => WaitOutcome::Committed,
+            Some(notes) if notes.rejections_unknown => WaitOutcome::TimedOut,
+            Some(notes) if keyed && notes.repeats_left_out => WaitOutcome::CommittedWithRepeats,
+            Some(notes) if notes.rejected.contains(key) => WaitOutcome::Rejected,
+            Some(_) => WaitOutcome::Committed,
         }
     }
 

@@ -639,6 +639,48 @@ pub async fn rejected_in_batch(
     Ok(found.is_some())
 }
 
+/// What a request carrying an `Idempotency-Key` with `fingerprint` learns
+/// from the row stored under that key (see [`keyed_fate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyedFate {
+    /// Its body was applied and its rows written.
+    Written,
+    /// Its body was applied, but the batch rejected a row of it (the stored
+    /// total would have left `bigint`): nothing of it was written.
+    Rejected,
+    /// Another body was applied under the key: nothing of this one was.
+    Reused,
+}
+
+/// What was applied under `key` for a request with `fingerprint` whose
+/// counters are `counters`; `None` when the key is not stored (pruned). Asked
+/// by a `wait=true` request whose flush left out repeats (rare), since it
+/// may be one: "committed" alone would not say whether its body was applied.
+///
+/// # Errors
+/// Any database error.
+pub async fn keyed_fate(
+    db: &DatabaseConnection,
+    key: &str,
+    fingerprint: i64,
+    counters: &[&str],
+) -> Result<Option<KeyedFate>, DbErr> {
+    let stored = applied_fingerprints(db, &[key.to_owned()], DateTime::<Utc>::MIN_UTC).await?;
+    let Some(applied) = stored.get(key) else {
+        return Ok(None);
+    };
+    if applied.fingerprint != fingerprint {
+        return Ok(Some(KeyedFate::Reused));
+    }
+    Ok(Some(
+        if rejected_in_batch(db, &applied.batch_id, counters).await? {
+            KeyedFate::Rejected
+        } else {
+            KeyedFate::Written
+        },
+    ))
+}
+
 /// Deletes up to `limit` `Idempotency-Key`s applied before `before`;
 /// returns how many. One short statement: the pruner calls it in a loop,
 /// never inside a flush.

@@ -617,6 +617,9 @@ pub struct KeyedAnswer {
     pub ticket: Ticket,
     /// How many increments it carried.
     pub accepted: u64,
+    /// Its body's fingerprint (its repeats carry the same): a waiter whose
+    /// flush left out repeats compares it with what the key applied.
+    pub fingerprint: i64,
 }
 
 /// Keys remembered per instance unless configured (an older one is still
@@ -731,6 +734,7 @@ impl Intake {
                 let answer = KeyedAnswer {
                     ticket: Ticket::Applied(applied.batch_id.into()),
                     accepted: increments.len() as u64,
+                    fingerprint,
                 };
                 first.taken(answer.clone());
                 return Ok(answer);
@@ -766,6 +770,7 @@ impl Intake {
         let answer = KeyedAnswer {
             ticket,
             accepted: increments.len() as u64,
+            fingerprint,
         };
         first.taken(answer.clone());
         self.accepted(answer.accepted);

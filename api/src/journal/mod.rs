@@ -259,8 +259,9 @@ pub async fn wait_applied(
     }
 }
 
-/// `true` once `sequence` is applied, `false` at the timeout.
-async fn wait_sequence(
+/// `true` once `sequence` is applied (by any instance), `false` at the
+/// timeout.
+pub async fn wait_sequence(
     db: &DatabaseConnection,
     cursor: &Arc<Cursor>,
     sequence: u64,

@@ -24,6 +24,7 @@ use crate::{
     },
     idempotency::{self, Operation},
     journal::{self, Cursor},
+    store::KeyedFate,
 };
 
 /// The key of the request's `Idempotency-Key` header, if one was sent.
@@ -311,19 +312,25 @@ impl IncrementApi {
             Ok(key) => key,
             Err(e) => return e.into(),
         };
-        let ticket = match key {
+        let (ticket, keyed) = match key {
             Some(key) => {
                 let keyed = self
                     .intake
                     .accept_keyed(
-                        key,
+                        key.clone(),
                         Operation::Increment,
                         std::slice::from_ref(&increment),
                         durable,
                     )
                     .await;
                 match keyed {
-                    Ok(answer) if durable => answer.ticket,
+                    Ok(answer) if durable => (
+                        answer.ticket,
+                        Some(KeyedWaiter {
+                            key,
+                            fingerprint: answer.fingerprint,
+                        }),
+                    ),
                     Ok(_) => return IncrementResponse::Accepted(AcceptedBody(None)),
                     Err(e) => return e.into(),
                 }
@@ -335,11 +342,11 @@ impl IncrementApi {
                 };
             }
             None => match self.intake.accept_durable(&increment).await {
-                Ok(ticket) => ticket,
+                Ok(ticket) => (ticket, None),
                 Err(e) => return e.into(),
             },
         };
-        self.wait_for(ticket, &increment).await
+        self.wait_for(ticket, &increment, keyed.as_ref()).await
     }
 
     /// Add several increments at once: all of them, or none.
@@ -376,14 +383,62 @@ impl IncrementApi {
     }
 }
 
+/// A `wait=true` request's `Idempotency-Key` and body fingerprint.
+struct KeyedWaiter {
+    key: String,
+    fingerprint: i64,
+}
+
 impl IncrementApi {
+    /// What the database applied under a keyed waiter's key, once its write
+    /// committed but may have left it out as a repeat: its own body (written
+    /// or rejected), or another (`Reused`). Asked by `deadline`; past it, or
+    /// on an error, `Unsettled` (nothing is held for it any more). A key no
+    /// longer stored (pruned already) cannot be told: `TimedOut`, which
+    /// tells the client not to resend, since a resend would count anew.
+    async fn settle_keyed(
+        &self,
+        keyed: &KeyedWaiter,
+        counter: &str,
+        deadline: tokio::time::Instant,
+    ) -> WaitOutcome {
+        let counters = [counter];
+        let question = crate::store::keyed_fate(&self.db, &keyed.key, keyed.fingerprint, &counters);
+        match tokio::time::timeout_at(deadline, question).await {
+            Ok(Ok(Some(KeyedFate::Written))) => WaitOutcome::Committed,
+            Ok(Ok(Some(KeyedFate::Rejected))) => WaitOutcome::Rejected,
+            Ok(Ok(Some(KeyedFate::Reused))) => WaitOutcome::Reused,
+            Ok(Ok(None)) => WaitOutcome::TimedOut,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::telemetry::error_chain(&e), "reading what a waiting request's Idempotency-Key applied failed");
+                WaitOutcome::Unsettled
+            }
+            Err(_) => WaitOutcome::Unsettled,
+        }
+    }
+
     /// Waits for `ticket` (a durable request's write) and answers it.
-    async fn wait_for(&self, ticket: Ticket, increment: &Increment<'_>) -> IncrementResponse {
+    async fn wait_for(
+        &self,
+        ticket: Ticket,
+        increment: &Increment<'_>,
+        keyed: Option<&KeyedWaiter>,
+    ) -> IncrementResponse {
+        let deadline = tokio::time::Instant::now() + self.wait_timeout;
         let outcome = match (ticket, &self.journal) {
             (Ticket::Drain(drain), _) => {
                 self.flusher
-                    .wait_committed(drain, &increment.key, self.wait_timeout)
+                    .wait_committed(drain, &increment.key, keyed.is_some(), self.wait_timeout)
                     .await
+            }
+            // The writer may be another instance, which alone knows whether
+            // it left this request out as a repeat: a keyed waiter asks.
+            (Ticket::Journal(sequence), Some(cursor)) if keyed.is_some() => {
+                if journal::wait_sequence(&self.db, cursor, sequence, self.wait_timeout).await {
+                    WaitOutcome::CommittedWithRepeats
+                } else {
+                    WaitOutcome::TimedOut
+                }
             }
             (Ticket::Journal(sequence), Some(cursor)) => {
                 match journal::wait_applied(
@@ -412,9 +467,20 @@ impl IncrementApi {
                 }
             }
         };
+        let outcome = match (outcome, keyed) {
+            (WaitOutcome::CommittedWithRepeats, Some(keyed)) => {
+                self.settle_keyed(keyed, &increment.key, deadline).await
+            }
+            // Only keyed waiters are told of repeats.
+            (WaitOutcome::CommittedWithRepeats, None) => WaitOutcome::Committed,
+            (outcome, _) => outcome,
+        };
         match outcome {
-            WaitOutcome::Committed => IncrementResponse::Written,
+            WaitOutcome::Committed | WaitOutcome::CommittedWithRepeats => {
+                IncrementResponse::Written
+            }
             WaitOutcome::Rejected => ApiError::CounterOverflow.into(),
+            WaitOutcome::Reused => ApiError::IdempotencyKeyReused.into(),
             WaitOutcome::TimedOut => {
                 IncrementResponse::Accepted(AcceptedBody(Some(NotYetCommitted {
                     committed: false,
@@ -429,7 +495,7 @@ impl IncrementApi {
                 IncrementResponse::Accepted(AcceptedBody(Some(NotYetCommitted {
                     committed: false,
                     detail: format!(
-                        "applied earlier under this Idempotency-Key, but whether its row was \
+                        "applied under this Idempotency-Key, but whether its row was \
                      written could not be read within {} ms; nothing more is held for it: \
                      resend it with the same key to ask again",
                         self.wait_timeout.as_millis()

@@ -196,7 +196,7 @@ async fn a_durable_wait_ends_at_its_deadline_in_virtual_time() {
     let start = tokio::time::Instant::now();
     assert_eq!(
         flusher
-            .wait_committed(committed, "done", Duration::from_secs(5))
+            .wait_committed(committed, "done", false, Duration::from_secs(5))
             .await,
         WaitOutcome::Committed
     );
@@ -207,7 +207,7 @@ async fn a_durable_wait_ends_at_its_deadline_in_virtual_time() {
     );
     assert_eq!(
         flusher
-            .wait_committed(pending, "waiting", Duration::from_secs(5))
+            .wait_committed(pending, "waiting", false, Duration::from_secs(5))
             .await,
         WaitOutcome::TimedOut
     );

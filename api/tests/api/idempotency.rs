@@ -18,6 +18,8 @@ db_tests!(
     a_retry_to_another_instance_after_the_flush_is_not_applied,
     a_waiting_retry_of_a_request_whose_row_was_rejected_hears_counter_overflow,
     with_the_journal_a_waiting_retry_of_a_rejected_request_hears_counter_overflow,
+    a_waiting_repeat_the_door_missed_hears_what_its_key_applied,
+    with_the_journal_a_waiting_repeat_the_door_missed_hears_what_its_key_applied,
     a_retry_to_another_instance_while_the_first_is_pending_is_applied_once,
     concurrent_repeats_on_two_instances_are_applied_once,
     a_retry_after_a_restart_is_not_applied,
@@ -338,6 +340,62 @@ async fn retry_of_a_rejected_request(db: TestDb, nats: Option<&NatsServer>) {
     second.shut_down_cleanly().await;
     let counters = db.counters().await;
     assert_eq!((counters["full"], counters["other"]), (i64::MAX, 1));
+}
+
+/// A `wait=true` repeat that the second instance's door cannot catch (its
+/// look-up is off; a look-up that timed out or ran before the first commit
+/// is the same) is left out by the flush. "Committed" must not become
+/// "written" for it: it hears what its key applied, the first body's fate or
+/// another body's.
+async fn a_waiting_repeat_the_door_missed_hears_what_its_key_applied(db: TestDb) {
+    repeat_the_door_missed(db, None).await;
+}
+
+async fn with_the_journal_a_waiting_repeat_the_door_missed_hears_what_its_key_applied(db: TestDb) {
+    let nats = NatsServer::start();
+    repeat_the_door_missed(db, Some(&nats)).await;
+}
+
+async fn repeat_the_door_missed(db: TestDb, nats: Option<&NatsServer>) {
+    let journal = |settings: &mut api::Settings| {
+        settings.journal = nats.map(|nats| JournalSettings::new(nats.url()));
+    };
+    let alias = db.alias();
+    let first = TestApp::start_with(db, journal).await;
+    let second = TestApp::start_with(alias, |settings| {
+        journal(settings);
+        settings.idempotency_lookup = false;
+    })
+    .await;
+    first
+        .client
+        .post("/increment?wait=true")
+        .content_type("application/json")
+        .body(serde_json::json!({ "key": "full", "value": i64::MAX }).to_string())
+        .send()
+        .await
+        .assert_status(StatusCode::OK);
+    let response = keyed_to(&first, "/increment?wait=true", "over-1", "full", 1).await;
+    assert_refused(response, "/problems/counter-overflow").await;
+    for key in ["fits-1", "fits-2"] {
+        keyed_to(&first, "/increment?wait=true", key, "other", 1)
+            .await
+            .assert_status(StatusCode::OK);
+    }
+    // The first body's row was rejected: not "written".
+    let response = keyed_to(&second, "/increment?wait=true", "over-1", "full", 1).await;
+    assert_refused(response, "/problems/counter-overflow").await;
+    // Another body under an applied key: nothing of it was applied.
+    let response = keyed_to(&second, "/increment?wait=true", "fits-2", "other", 5).await;
+    assert_refused(response, "/problems/idempotency-key-reused").await;
+    // The same body, written the first time: 200, and not applied again.
+    keyed_to(&second, "/increment?wait=true", "fits-1", "other", 1)
+        .await
+        .assert_status(StatusCode::OK);
+    let db = first.shut_down_cleanly().await;
+    second.shut_down_cleanly().await;
+    let counters = db.counters().await;
+    assert_eq!((counters["full"], counters["other"]), (i64::MAX, 2));
 }
 
 async fn a_retry_to_another_instance_while_the_first_is_pending_is_applied_once(db: TestDb) {
