@@ -112,10 +112,9 @@ pub struct Flusher {
     /// committed; durable requests wait on it.
     committed: tokio::sync::watch::Sender<u64>,
     /// What the durable requests waiting on a committed drain must hear
-    /// beyond "committed", by drain number, for the few drains with something
-    /// to say. Written before the drain is published as committed; the
-    /// oldest are dropped past [`NOTED_DRAINS_KEPT`].
-    notes: Mutex<BTreeMap<u64, DrainNotes>>,
+    /// beyond "committed", for the few drains with something to say. Written
+    /// before the drain is published as committed.
+    notes: Mutex<Notes>,
     /// Wakes the loop for an early flush (a durable request is waiting).
     flush_soon: tokio::sync::Notify,
     /// The batch in flight, behind the lock that serialises flushes (the
@@ -150,6 +149,16 @@ type InFlightGuard = tokio::sync::OwnedMutexGuard<Option<Arc<Batch>>>;
 /// each holds only the rejected keys.
 const NOTED_DRAINS_KEPT: usize = 256;
 
+/// The notes of recent drains, by drain number; the oldest are dropped past
+/// [`NOTED_DRAINS_KEPT`].
+#[derive(Debug, Default)]
+struct Notes {
+    drains: BTreeMap<u64, DrainNotes>,
+    /// The newest drain whose notes were dropped: a waiter on it or an
+    /// older one cannot tell "no notes" from "notes forgotten".
+    dropped_through: u64,
+}
+
 /// What a committed drain's waiters must hear beyond "committed".
 #[derive(Debug, Default)]
 struct DrainNotes {
@@ -179,13 +188,19 @@ pub enum WaitOutcome {
     /// drain): whether its row was written or rejected could not be read
     /// within the timeout. Nothing is held for it.
     Unsettled,
-    /// Its drain committed, and left out keyed requests whose key had been
-    /// applied before: a keyed waiter may be one of them, so it must ask the
-    /// database what was applied under its key. Only keyed waiters get it.
-    CommittedWithRepeats,
+    /// Its drain committed, but whether this keyed request's body was
+    /// written must be read from the row under its key: the drain left out
+    /// repeats of keys applied earlier (it may be one), its rejected rows
+    /// could not be read, or its notes are no longer kept. Only keyed
+    /// waiters get it.
+    CommittedAskKey,
     /// A keyed request left out because its key had been applied with
     /// another body: nothing of it was applied.
     Reused,
+    /// A keyed request whose key's row was gone when it asked (its window
+    /// passed during the wait): what it applied cannot be told. Nothing is
+    /// held for it.
+    KeyExpired,
 }
 
 /// Idempotency keys deleted per statement when pruning: short statements,
@@ -470,9 +485,16 @@ impl Flusher {
             source,
         })?;
         let (maybe_rejected, repeats_left_out) = match outcome {
+            // Parts committed by an earlier attempt are not in the counts.
             WriteOutcome::Committed {
-                rejected, repeats, ..
-            } => (rejected > 0, repeats > 0),
+                rejected,
+                repeats,
+                resumed,
+                ..
+            } => (
+                rejected > 0 || resumed,
+                repeats > 0 || (resumed && !batch.keyed.is_empty()),
+            ),
             // Committed by an earlier attempt, whose answers were lost.
             WriteOutcome::AlreadyCommitted => (true, !batch.keyed.is_empty()),
             WriteOutcome::JournalMoved => {
@@ -501,6 +523,7 @@ impl Flusher {
                 rejected,
                 repeats,
                 reused,
+                ..
             } => {
                 self.metrics.rejected_rows_total.inc_by(rejected as u64);
                 self.metrics
@@ -543,9 +566,11 @@ impl Flusher {
             return;
         }
         let mut noted = self.notes.lock();
-        noted.insert(batch.drain, notes);
-        while noted.len() > NOTED_DRAINS_KEPT {
-            noted.pop_first();
+        noted.drains.insert(batch.drain, notes);
+        while noted.drains.len() > NOTED_DRAINS_KEPT {
+            if let Some((drain, _)) = noted.drains.pop_first() {
+                noted.dropped_through = drain;
+            }
         }
     }
 
@@ -562,8 +587,7 @@ impl Flusher {
     /// Waits until the drain numbered `ticket` (see
     /// [`Batcher::record_durable`]) is committed, asking the loop for an early
     /// flush, and tells whether `key`'s row was applied by it. A `keyed`
-    /// waiter hears [`WaitOutcome::CommittedWithRepeats`] when the drain left
-    /// out repeats (it may be one).
+    /// waiter may hear [`WaitOutcome::CommittedAskKey`] instead.
     pub async fn wait_committed(
         &self,
         ticket: u64,
@@ -579,10 +603,19 @@ impl Flusher {
         if !reached {
             return WaitOutcome::TimedOut;
         }
-        match self.notes.lock().get(&ticket) {
+        let noted = self.notes.lock();
+        match noted.drains.get(&ticket) {
+            // A keyed waiter reads its own fate (which settles a rejection
+            // too), so neither a rejected-keys read that failed nor a note
+            // dropped long ago leaves it with a wrong answer. Its drain may
+            // be old: the memory of recent keys gives a repeat the first
+            // request's ticket for up to a window.
+            Some(notes) if keyed && (notes.repeats_left_out || notes.rejections_unknown) => {
+                WaitOutcome::CommittedAskKey
+            }
+            None if keyed && ticket <= noted.dropped_through => WaitOutcome::CommittedAskKey,
             None => WaitOutcome::Committed,
             Some(notes) if notes.rejections_unknown => WaitOutcome::TimedOut,
-            Some(notes) if keyed && notes.repeats_left_out => WaitOutcome::CommittedWithRepeats,
             Some(notes) if notes.rejected.contains(key) => WaitOutcome::Rejected,
             Some(_) => WaitOutcome::Committed,
         }

@@ -91,11 +91,14 @@ pub enum WriteOutcome {
     /// `repeats` keyed requests were left out because their
     /// `Idempotency-Key` had been applied already (or came twice in the
     /// batch); `reused` of them carried another body under that key.
+    /// `resumed`: some parts had committed in an earlier attempt, so these
+    /// counts leave theirs out (read them back: [`rejected_keys`]).
     Committed {
         statements: usize,
         rejected: usize,
         repeats: usize,
         reused: usize,
+        resumed: bool,
     },
     /// An earlier attempt had committed every part; nothing was written.
     AlreadyCommitted,
@@ -104,6 +107,57 @@ pub enum WriteOutcome {
     /// messages first. Nothing was written; the batch must be dropped and
     /// the journal read again from the stored offset.
     JournalMoved,
+}
+
+impl WriteOutcome {
+    /// This attempt's counts, marked as leaving out parts committed earlier.
+    fn resumed(self) -> Self {
+        match self {
+            Self::Committed {
+                statements,
+                rejected,
+                repeats,
+                reused,
+                ..
+            } => Self::Committed {
+                statements,
+                rejected,
+                repeats,
+                reused,
+                resumed: true,
+            },
+            other => other,
+        }
+    }
+
+    /// Two parts' outcomes as one (both `Committed`; otherwise `self`).
+    fn plus(self, more: Self) -> Self {
+        match (self, more) {
+            (
+                Self::Committed {
+                    statements,
+                    rejected,
+                    repeats,
+                    reused,
+                    resumed,
+                },
+                Self::Committed {
+                    statements: more_statements,
+                    rejected: more_rejected,
+                    repeats: more_repeats,
+                    reused: more_reused,
+                    resumed: more_resumed,
+                },
+            ) => Self::Committed {
+                statements: statements + more_statements,
+                rejected: rejected + more_rejected,
+                repeats: repeats + more_repeats,
+                reused: reused + more_reused,
+                resumed: resumed || more_resumed,
+            },
+            (outcome, _) => outcome,
+        }
+    }
 }
 
 /// The keys of `batch` whose rows a flush recorded in `rejected_increments`
@@ -192,36 +246,28 @@ pub async fn write_batch_keyed(
         ));
     }
     let results = futures::future::join_all(writes).await;
-    let mut total = WriteOutcome::AlreadyCommitted;
+    let mut total: Option<WriteOutcome> = None;
     for result in results {
-        total = match (total, result?) {
+        let result = result?;
+        let Some(so_far) = total else {
+            total = Some(result);
+            continue;
+        };
+        total = Some(match (so_far, result) {
             (WriteOutcome::JournalMoved, _) | (_, WriteOutcome::JournalMoved) => {
                 WriteOutcome::JournalMoved
             }
-            (WriteOutcome::AlreadyCommitted, outcome) => outcome,
-            (committed, WriteOutcome::AlreadyCommitted) => committed,
-            (
-                WriteOutcome::Committed {
-                    statements,
-                    rejected,
-                    repeats,
-                    reused,
-                },
-                WriteOutcome::Committed {
-                    statements: more_statements,
-                    rejected: more_rejected,
-                    repeats: more_repeats,
-                    reused: more_reused,
-                },
-            ) => WriteOutcome::Committed {
-                statements: statements + more_statements,
-                rejected: rejected + more_rejected,
-                repeats: repeats + more_repeats,
-                reused: reused + more_reused,
-            },
-        };
+            (WriteOutcome::AlreadyCommitted, WriteOutcome::AlreadyCommitted) => {
+                WriteOutcome::AlreadyCommitted
+            }
+            // Some parts committed earlier: what they rejected or left out
+            // is not in this attempt's counts.
+            (WriteOutcome::AlreadyCommitted, committed)
+            | (committed, WriteOutcome::AlreadyCommitted) => committed.resumed(),
+            (committed, more) => committed.plus(more),
+        });
     }
-    Ok(total)
+    Ok(total.unwrap_or(WriteOutcome::AlreadyCommitted))
 }
 
 /// Writes one part (`rows` under `id`) in one transaction, exactly once
@@ -389,6 +435,7 @@ async fn write_pass(
         rejected: rejected.len(),
         repeats,
         reused,
+        resumed: false,
     }))
 }
 

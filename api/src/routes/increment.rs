@@ -394,8 +394,8 @@ impl IncrementApi {
     /// committed but may have left it out as a repeat: its own body (written
     /// or rejected), or another (`Reused`). Asked by `deadline`; past it, or
     /// on an error, `Unsettled` (nothing is held for it any more). A key no
-    /// longer stored (pruned already) cannot be told: `TimedOut`, which
-    /// tells the client not to resend, since a resend would count anew.
+    /// longer stored (its window passed, and it was pruned) cannot be told:
+    /// `KeyExpired`.
     async fn settle_keyed(
         &self,
         keyed: &KeyedWaiter,
@@ -408,7 +408,7 @@ impl IncrementApi {
             Ok(Ok(Some(KeyedFate::Written))) => WaitOutcome::Committed,
             Ok(Ok(Some(KeyedFate::Rejected))) => WaitOutcome::Rejected,
             Ok(Ok(Some(KeyedFate::Reused))) => WaitOutcome::Reused,
-            Ok(Ok(None)) => WaitOutcome::TimedOut,
+            Ok(Ok(None)) => WaitOutcome::KeyExpired,
             Ok(Err(e)) => {
                 tracing::warn!(error = %crate::telemetry::error_chain(&e), "reading what a waiting request's Idempotency-Key applied failed");
                 WaitOutcome::Unsettled
@@ -435,7 +435,7 @@ impl IncrementApi {
             // it left this request out as a repeat: a keyed waiter asks.
             (Ticket::Journal(sequence), Some(cursor)) if keyed.is_some() => {
                 if journal::wait_sequence(&self.db, cursor, sequence, self.wait_timeout).await {
-                    WaitOutcome::CommittedWithRepeats
+                    WaitOutcome::CommittedAskKey
                 } else {
                     WaitOutcome::TimedOut
                 }
@@ -468,17 +468,15 @@ impl IncrementApi {
             }
         };
         let outcome = match (outcome, keyed) {
-            (WaitOutcome::CommittedWithRepeats, Some(keyed)) => {
+            (WaitOutcome::CommittedAskKey, Some(keyed)) => {
                 self.settle_keyed(keyed, &increment.key, deadline).await
             }
-            // Only keyed waiters are told of repeats.
-            (WaitOutcome::CommittedWithRepeats, None) => WaitOutcome::Committed,
+            // Never given to a waiter without a key.
+            (WaitOutcome::CommittedAskKey, None) => WaitOutcome::Committed,
             (outcome, _) => outcome,
         };
         match outcome {
-            WaitOutcome::Committed | WaitOutcome::CommittedWithRepeats => {
-                IncrementResponse::Written
-            }
+            WaitOutcome::Committed | WaitOutcome::CommittedAskKey => IncrementResponse::Written,
             WaitOutcome::Rejected => ApiError::CounterOverflow.into(),
             WaitOutcome::Reused => ApiError::IdempotencyKeyReused.into(),
             WaitOutcome::TimedOut => {
@@ -500,6 +498,15 @@ impl IncrementApi {
                      resend it with the same key to ask again",
                         self.wait_timeout.as_millis()
                     ),
+                })))
+            }
+            WaitOutcome::KeyExpired => {
+                IncrementResponse::Accepted(AcceptedBody(Some(NotYetCommitted {
+                    committed: false,
+                    detail: "committed, but this Idempotency-Key's window passed before what \
+                     it applied could be read, so whether this body was written cannot be \
+                     told; nothing more is held for it, and a resend would count anew"
+                        .to_owned(),
                 })))
             }
         }

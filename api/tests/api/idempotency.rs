@@ -19,6 +19,7 @@ db_tests!(
     a_waiting_retry_of_a_request_whose_row_was_rejected_hears_counter_overflow,
     with_the_journal_a_waiting_retry_of_a_rejected_request_hears_counter_overflow,
     a_waiting_repeat_the_door_missed_hears_what_its_key_applied,
+    a_repeat_from_memory_hears_the_first_fate_after_many_noted_drains,
     with_the_journal_a_waiting_repeat_the_door_missed_hears_what_its_key_applied,
     a_retry_to_another_instance_while_the_first_is_pending_is_applied_once,
     concurrent_repeats_on_two_instances_are_applied_once,
@@ -396,6 +397,53 @@ async fn repeat_the_door_missed(db: TestDb, nats: Option<&NatsServer>) {
     second.shut_down_cleanly().await;
     let counters = db.counters().await;
     assert_eq!((counters["full"], counters["other"]), (i64::MAX, 2));
+}
+
+/// The instance's memory gives a repeat the first request's drain for up to
+/// a window, while the flusher keeps the notes of its last 256 drains with
+/// something to say (rejected rows, repeats left out). A repeat that comes
+/// after those notes are gone must not hear "written" for a rejected row, nor
+/// for another body left out.
+async fn a_repeat_from_memory_hears_the_first_fate_after_many_noted_drains(db: TestDb) {
+    let alias = db.alias();
+    let first = TestApp::start_with(db, |_| {}).await;
+    let second = TestApp::start_with(alias, |settings| settings.idempotency_lookup = false).await;
+    let plain_wait = |app: &TestApp, key: &str, value: i64| {
+        app.client
+            .post("/increment?wait=true")
+            .content_type("application/json")
+            .body(serde_json::json!({ "key": key, "value": value }).to_string())
+            .send()
+    };
+    plain_wait(&second, "full", i64::MAX)
+        .await
+        .assert_status(StatusCode::OK);
+    // Its row rejected by the next flush.
+    keyed(&second, "over-1", "full", 1)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    // Another body under a key applied on the first instance: left out.
+    keyed_to(&first, "/increment?wait=true", "taken-1", "other", 5)
+        .await
+        .assert_status(StatusCode::OK);
+    keyed(&second, "taken-1", "other", 1)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    for _ in 0..2 {
+        let response = keyed_to(&second, "/increment?wait=true", "over-1", "full", 1).await;
+        assert_refused(response, "/problems/counter-overflow").await;
+        let response = keyed_to(&second, "/increment?wait=true", "taken-1", "other", 1).await;
+        assert_refused(response, "/problems/idempotency-key-reused").await;
+        // 257 drains with a rejected row each push the first ones' notes out.
+        for _ in 0..257 {
+            let response = plain_wait(&second, "full", 1).await;
+            assert_refused(response, "/problems/counter-overflow").await;
+        }
+    }
+    let db = first.shut_down_cleanly().await;
+    second.shut_down_cleanly().await;
+    let counters = db.counters().await;
+    assert_eq!((counters["full"], counters["other"]), (i64::MAX, 5));
 }
 
 async fn a_retry_to_another_instance_while_the_first_is_pending_is_applied_once(db: TestDb) {
