@@ -700,7 +700,12 @@ impl Batcher {
         }
         self.handed_over_since.store(since, Ordering::Relaxed);
         // Counted before the batch is built (a sort that can take a while at
-        // a million keys), so the bound does not lose them meanwhile.
+        // a million keys), so the bound does not lose them meanwhile: the
+        // drain has already taken them out of the live and side counts. A
+        // key both live and in the side map counts twice until the batch
+        // has merged them.
+        self.handed_over_keys
+            .store(entries.len() as u64, Ordering::Relaxed);
         self.handed_over_keyed_items
             .store(keyed_items(&keyed), Ordering::Relaxed);
         let batch = Batch::new(entries, number).guarding(keyed);
