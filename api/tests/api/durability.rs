@@ -26,6 +26,7 @@ db_tests!(
     wait_true_answers_202_not_committed_when_the_flush_cannot_commit_in_time,
     new_keys_get_503_past_the_pending_bound,
     wait_true_does_not_answer_200_for_a_row_rejected_as_an_overflow,
+    wait_true_hears_a_rejection_committed_by_an_earlier_attempt_of_its_batch,
 );
 
 async fn wait_true_does_not_answer_200_for_a_row_rejected_as_an_overflow(db: TestDb) {
@@ -217,4 +218,63 @@ async fn a_durable_wait_ends_at_its_deadline_in_virtual_time() {
         waited >= Duration::from_secs(5) && waited <= Duration::from_millis(5_001),
         "nothing flushed: the wait ends at its deadline ({waited:?})"
     );
+}
+
+/// A batch of two parts (over `PART_ROWS` keys): the first commits, with
+/// the waiter's row rejected, and the second fails (a trigger refuses one of
+/// its keys). The retry finds the first part committed and writes only the
+/// second; the waiter must still hear the rejection, not "written".
+async fn wait_true_hears_a_rejection_committed_by_an_earlier_attempt_of_its_batch(db: TestDb) {
+    let (trap, untrap) = match db.backend {
+        testkit::Backend::Postgres => (
+            "CREATE FUNCTION trap() RETURNS trigger AS $$ BEGIN \
+             IF NEW.key = 'zz-trap' THEN RAISE EXCEPTION 'trapped'; END IF; RETURN NEW; \
+             END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER trap BEFORE INSERT ON counters FOR EACH ROW EXECUTE FUNCTION trap()",
+            "DROP TRIGGER trap ON counters",
+        ),
+        testkit::Backend::Sqlite => (
+            "CREATE TRIGGER trap BEFORE INSERT ON counters WHEN NEW.key = 'zz-trap' \
+             BEGIN SELECT RAISE(ABORT, 'trapped'); END",
+            "DROP TRIGGER trap",
+        ),
+    };
+    let mut settings = test_settings(&db);
+    settings.wait_timeout = Duration::from_secs(60);
+    let app = Arc::new(spawn_app_with(db, settings).await);
+    assert_accepted(app.increment("a-full", i64::MAX).await).await;
+    app.flush().await;
+    app.db.execute(trap).await;
+    // "a-full" sorts into the first part, "zz-trap" into the second.
+    let keys = api::batch::PART_ROWS + 10;
+    for i in 0..keys {
+        app.batcher
+            .record(&format!("m{i:06}"), 1)
+            .expect("recorded");
+    }
+    app.batcher.record("zz-trap", 1).expect("recorded");
+    let waiter = {
+        let app = Arc::clone(&app);
+        tokio::spawn(async move { post_waiting(&app, "a-full", 1).await })
+    };
+    testkit::eventually(Duration::from_secs(60), "the first part commits", || {
+        let db = &app.db;
+        async move { db.counters().await.contains_key("m000000") }
+    })
+    .await;
+    assert!(
+        !app.db.counters().await.contains_key("zz-trap"),
+        "the second part failed"
+    );
+    app.db.execute(untrap).await;
+    app.flusher
+        .flush_once()
+        .await
+        .expect("the retry writes the second part");
+    let response = waiter.await.expect("the waiter ran");
+    let problem = crate::helpers::problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(problem.type_uri, "/problems/counter-overflow");
+    let counters = app.db.counters().await;
+    assert_eq!(counters.len(), keys + 2);
+    assert_eq!((counters["a-full"], counters["zz-trap"]), (i64::MAX, 1));
 }
