@@ -4,22 +4,12 @@ use poem::http::StatusCode;
 use testkit::{TestDb, db_tests};
 
 use crate::helpers::{
-    TestApp, assert_accepted, error_message, spawn_app, spawn_app_with, test_settings,
+    assert_accepted, error_message, post_waiting, spawn_app, spawn_app_with, test_settings,
 };
 
 // No flush loop is started here: the application's own loop runs (interval
 // one hour in the test settings), so only the early flushes that durable
 // requests ask for happen.
-
-async fn post_waiting(app: &TestApp, key: &str, value: i64) -> crate::helpers::Response {
-    app.client
-        .post("/increment")
-        .query("wait", &true)
-        .content_type("application/json")
-        .body(serde_json::json!({ "key": key, "value": value }).to_string())
-        .send()
-        .await
-}
 
 db_tests!(
     wait_true_answers_200_only_once_committed,

@@ -23,6 +23,16 @@ pub async fn serve_on(db: TestDb, adjust: impl FnOnce(&mut Settings)) -> TestApp
     TestApp::start_with(db, adjust).await
 }
 
+/// `POST /increment?wait=true` for `key`, without an `Idempotency-Key`.
+pub async fn post_waiting(app: &TestApp, key: &str, value: i64) -> Response {
+    app.client
+        .post("/increment?wait=true")
+        .content_type("application/json")
+        .body(serde_json::json!({ "key": key, "value": value }).to_string())
+        .send()
+        .await
+}
+
 /// Asserts a 202 with an empty body.
 pub async fn assert_accepted(response: Response) {
     response.assert_status(StatusCode::ACCEPTED);

@@ -3,6 +3,7 @@
 
 use std::{num::NonZeroU64, sync::Arc, time::Duration};
 
+use crate::helpers::post_waiting;
 use api::{
     Batcher, FlushOutcome, Flusher, ShutdownReport,
     journal::{Cursor, JournalSettings, codec::Message},
@@ -459,15 +460,6 @@ async fn durable_requests_on_an_instance_that_is_not_the_writer_are_answered_onc
     let (_, _) = other.shut_down().await;
     let (report, _) = writer.shut_down().await;
     assert_eq!(report, ShutdownReport::Clean);
-}
-
-async fn post_waiting(app: &TestApp, key: &str, value: i64) -> testkit::Response {
-    app.client
-        .post("/increment?wait=true")
-        .content_type("application/json")
-        .body(serde_json::json!({ "key": key, "value": value }).to_string())
-        .send()
-        .await
 }
 
 /// `wait=true` means "committed to the database" in journal mode too: a
