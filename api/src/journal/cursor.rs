@@ -30,6 +30,12 @@ pub enum RecordError {
     /// a request worker, which must not block for a drain).
     #[error("a drain is in progress")]
     Busy,
+    /// The message is not past the last one recorded (or the stored offset):
+    /// delivered again, as by a consumer that recreated itself from the
+    /// stream's start. Recording it would apply it twice; read again from
+    /// the stored offset instead.
+    #[error("message {sequence} is not past the last one recorded, {recorded}")]
+    Behind { sequence: u64, recorded: u64 },
 }
 
 struct State {
@@ -150,6 +156,12 @@ impl Cursor {
         let mut state = self.state.try_lock().ok_or(RecordError::Busy)?;
         if state.reading != reading {
             return Err(RecordError::Stale);
+        }
+        if sequence <= state.recorded {
+            return Err(RecordError::Behind {
+                sequence,
+                recorded: state.recorded,
+            });
         }
         if message.keyed.is_empty() {
             batcher

@@ -119,7 +119,7 @@ impl Journal {
     ///
     /// # Errors
     /// [`JournalError`].
-    pub async fn connect(settings: JournalSettings) -> Result<Self, JournalError> {
+    pub async fn connect(mut settings: JournalSettings) -> Result<Self, JournalError> {
         let servers = settings.servers().map_err(|source| JournalError::Url {
             url: settings.url.clone(),
             source,
@@ -181,6 +181,18 @@ impl Journal {
         let info = stream.info().await.map_err(|e| stream_error(Box::new(e)))?;
         if info.config.discard == stream::DiscardPolicy::Old {
             return Err(JournalError::DiscardOld(settings.stream.clone()));
+        }
+        // An existing stream keeps its own window, and a publish retried
+        // after the stream forgot its id would be stored twice: the retry
+        // horizon follows the stream's window, not the setting.
+        if info.config.duplicate_window != settings.duplicate_window {
+            tracing::warn!(
+                stream = %settings.stream,
+                stream_window_s = info.config.duplicate_window.as_secs_f64(),
+                configured_window_s = settings.duplicate_window.as_secs_f64(),
+                "the existing journal stream has another duplicate window; publishes are retried within a quarter of the stream's"
+            );
+            settings.duplicate_window = info.config.duplicate_window;
         }
         let cursor = Cursor::new(settings.stream.clone());
         Ok(Self {

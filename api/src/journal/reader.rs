@@ -320,6 +320,10 @@ impl Reader {
                     return true;
                 }
                 Err(RecordError::Stale) => return false,
+                Err(e @ RecordError::Behind { .. }) => {
+                    tracing::warn!(error = %e, "the journal delivered a message again; reading again from the stored offset");
+                    return false;
+                }
                 Err(RecordError::Busy) => {
                     tokio::select! {
                         () = stop.cancelled() => return false,

@@ -28,6 +28,7 @@ db_tests!(
     a_second_writer_of_the_same_messages_applies_nothing,
     durable_requests_on_an_instance_that_is_not_the_writer_are_answered_once_applied,
     a_durable_request_whose_row_is_rejected_hears_counter_overflow,
+    a_consumer_that_recreates_itself_from_the_stream_start_applies_nothing_twice,
 );
 
 async fn every_202_is_applied_once_through_the_journal(db: TestDb) {
@@ -495,4 +496,128 @@ async fn a_durable_request_whose_row_is_rejected_hears_counter_overflow(db: Test
     let (_, _) = other.shut_down().await;
     let (report, _) = writer.shut_down().await;
     assert_eq!(report, ShutdownReport::Clean);
+}
+
+/// Messages 1–3 are applied (offset 3) but still in the stream: their writer
+/// died before its purge. The next writer reads from 4; its consumer is lost
+/// before it delivered anything (a cluster node's loss, an operator), and the
+/// client's ordered consumer recreates itself from the stream's first message,
+/// not from 4. Those messages must not be applied again.
+async fn a_consumer_that_recreates_itself_from_the_stream_start_applies_nothing_twice(db: TestDb) {
+    use async_nats::jetstream::message::PublishMessage;
+    use futures::TryStreamExt;
+    let nats = NatsServer::start();
+    let connection = db.connect().await;
+    migration::Migrator::up(&connection, None)
+        .await
+        .expect("migrated");
+    let journal = api::journal::Journal::connect(JournalSettings::new(nats.url()))
+        .await
+        .expect("the stream");
+    let mut body = Vec::new();
+    api::journal::codec::encode([("k", 1)], &mut body);
+    for id in 1..=3 {
+        journal
+            .jetstream
+            .send_publish(
+                journal.settings.subject(),
+                PublishMessage::build()
+                    .payload(body.clone().into())
+                    .message_id(format!("earlier-{id}")),
+            )
+            .await
+            .expect("published")
+            .await
+            .expect("acknowledged");
+    }
+    // The earlier writer: applies 1–3, and never purges.
+    let cursor = Cursor::new(journal.settings.stream.clone());
+    let batcher = Arc::new(Batcher::new(
+        NonZeroU64::new(1_000).expect("non-zero"),
+        Duration::from_secs(3600),
+    ));
+    let flusher = Flusher::new(
+        Arc::clone(&batcher),
+        connection.clone(),
+        Arc::new(Metrics::new()),
+        Arc::default(),
+        Duration::from_secs(3600),
+    )
+    .with_journal(Arc::clone(&cursor));
+    // Creates the stream's offset row (at 0), as a reader does.
+    let applied = api::store::journal_applied_through(&connection, &journal.settings.stream)
+        .await
+        .expect("the stored offset");
+    let reading = cursor.start_reading(applied);
+    let message = message(&[("k", 1)]);
+    for sequence in 1..=3 {
+        cursor
+            .record(reading, sequence, &batcher, &message)
+            .expect("recorded");
+    }
+    flusher.flush_once().await.expect("applied");
+    assert_eq!(db.counters().await["k"], 3);
+
+    let app = TestApp::start_with(db, journaled(&nats)).await;
+    eventually(Duration::from_secs(20), "the writer lease", || async {
+        app.scrape().await.contains("increment_journal_writer 1\n")
+    })
+    .await;
+    let consumers: Vec<String> = journal
+        .stream
+        .consumer_names()
+        .try_collect()
+        .await
+        .expect("the consumers");
+    assert!(!consumers.is_empty(), "the writer reads through a consumer");
+    for name in consumers {
+        journal
+            .stream
+            .delete_consumer(&name)
+            .await
+            .expect("deleted");
+    }
+    app.increment("after", 1)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    // Read in stream order: once "after" is applied, whatever the recreated
+    // consumer delivered before it has been applied too.
+    eventually(
+        Duration::from_secs(90),
+        "the new message applied",
+        || async { app.db.counters().await.contains_key("after") },
+    )
+    .await;
+    assert_eq!(
+        app.db.counters().await["k"],
+        3,
+        "applied messages applied again"
+    );
+    app.shut_down_cleanly().await;
+}
+
+/// A stream created earlier keeps its own duplicate window; a publish
+/// retried after the stream forgot its id would be stored twice, so the
+/// retries follow the stream's window, not the configured one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_stream_s_duplicate_window_bounds_the_publish_retries() {
+    let nats = NatsServer::start();
+    let settings = JournalSettings::new(nats.url());
+    let client = async_nats::connect(nats.url()).await.expect("connected");
+    async_nats::jetstream::new(client)
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: settings.stream.clone(),
+            subjects: vec![settings.subject()],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            discard: async_nats::jetstream::stream::DiscardPolicy::New,
+            duplicate_window: Duration::from_secs(20),
+            ..Default::default()
+        })
+        .await
+        .expect("the stream, created earlier");
+    assert_eq!(settings.duplicate_window, Duration::from_secs(300));
+    let journal = api::journal::Journal::connect(settings)
+        .await
+        .expect("connected");
+    assert_eq!(journal.settings.duplicate_window, Duration::from_secs(20));
 }
