@@ -727,7 +727,13 @@ impl Flusher {
             if tokio::time::Instant::now() >= deadline {
                 return true;
             }
-            if self.db.ping().await.is_ok() {
+            // A probe that hangs (a peer gone without a reset) must not keep
+            // a shutdown waiting.
+            let answered = tokio::select! {
+                () = stop.cancelled() => return false,
+                answered = self.db.ping() => answered.is_ok(),
+            };
+            if answered {
                 tracing::info!("the database answers again; retrying the flush now");
                 return true;
             }

@@ -361,9 +361,15 @@ impl Application {
         // No request is left: the publisher has nothing to wait for, and the
         // reader stops before the final flush takes what it recorded.
         stop_journal.cancel();
+        // Each task is waited for until the deadline at most: one stuck on
+        // the database (a row lock, a peer gone without a reset) must not
+        // hold the process past its grace period, where a SIGKILL would
+        // lose what the final flush or the spill would have kept.
         let lease = match journal {
             Some((publishing, reading, reader)) => {
-                if panicked(publishing.await) | panicked(reading.await) {
+                if join_by(deadline, publishing, "the journal publisher").await
+                    | join_by(deadline, reading, "the journal reader").await
+                {
                     tracing::error!("a journal task panicked");
                 }
                 Some(reader)
@@ -371,11 +377,11 @@ impl Application {
             None => None,
         };
         stop_flushing.cancel();
-        if panicked(flush_loop.await) {
+        if join_by(deadline, flush_loop, "the flush loop").await {
             tracing::error!("the flush loop panicked");
         }
         if let Some(rescan) = spill_rescan
-            && panicked(rescan.await)
+            && join_by(deadline, rescan, "the spill directory rescan").await
         {
             tracing::error!("the spill directory rescan panicked");
         }
@@ -623,6 +629,28 @@ const CONNECT_RETRY_MAX: Duration = Duration::from_secs(4);
 /// is shutting down (a test's end, say) did not fail and is not reported.
 fn panicked<T>(ended: Result<T, tokio::task::JoinError>) -> bool {
     ended.is_err_and(|e| e.is_panic())
+}
+
+/// Waits for `task` until `deadline`; past it, aborts it. The tasks waited
+/// for at shutdown are cancel-safe: a flush cut off leaves its batch in
+/// flight, with its ids, for the final flush or the spill. `true` when it
+/// panicked.
+async fn join_by<T>(
+    deadline: tokio::time::Instant,
+    mut task: tokio::task::JoinHandle<T>,
+    what: &str,
+) -> bool {
+    match tokio::time::timeout_at(deadline, &mut task).await {
+        Ok(ended) => panicked(ended),
+        Err(_) => {
+            tracing::warn!(
+                task = what,
+                "still running at the shutdown deadline; cut off"
+            );
+            task.abort();
+            panicked(task.await)
+        }
+    }
 }
 
 /// Connects, waiting up to `db_connect_timeout` for a database that does not

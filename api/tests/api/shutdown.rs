@@ -158,3 +158,68 @@ async fn a_shared_spill_dir_is_replayed_by_whichever_instance_starts_next(db: Te
     assert!(api::spill::left_in(&spill_dir).unwrap().is_empty());
     assert_eq!(next.counters().await.get("c"), Some(&5), "nothing twice");
 }
+
+/// A flush stuck at shutdown (here on a row lock another session holds; a
+/// database gone without a reset is the same) must not hold the process
+/// past its deadline: the platform's SIGKILL would lose every 202 that the
+/// spill would have kept. It is cut off, and what it held is spilled and
+/// replayed once. PostgreSQL only (row locks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_stuck_at_shutdown_is_cut_off_at_the_deadline_and_spilled() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let spill_dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&db);
+    settings.shutdown_timeout = Duration::from_secs(2);
+    settings.flush_interval = Duration::from_millis(100);
+    settings.spill_path = spill_dir.path().join("spill.jsonl");
+    let app = spawn_app_with(db, settings.clone()).await;
+    assert_accepted(app.increment("hot", 1).await).await;
+    app.flush().await;
+    let locker = app.db.connect().await;
+    let lock = locker.begin().await.unwrap();
+    lock.execute_unprepared("SELECT 1 FROM counters WHERE key = 'hot' FOR UPDATE")
+        .await
+        .unwrap();
+    assert_accepted(app.increment("hot", 1).await).await;
+    assert_accepted(app.increment("other", 2).await).await;
+    testkit::eventually(
+        Duration::from_secs(20),
+        "a flush waits for the row lock",
+        || async {
+            let row = locker
+                .query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT count(*) AS waiting FROM pg_stat_activity \
+                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            row.try_get::<i64>("", "waiting").unwrap() > 0
+        },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (report, db) = tokio::time::timeout(Duration::from_secs(20), app.shut_down())
+        .await
+        .expect("the shutdown ends, near its deadline");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(report, ShutdownReport::Spilled { total: 3, .. }),
+        "{report:?}"
+    );
+    lock.rollback().await.unwrap();
+    let restarted = spawn_app_with(db, settings.clone()).await;
+    assert!(!settings.spill_path.exists(), "replayed and removed");
+    assert_eq!(
+        restarted.counters().await,
+        BTreeMap::from([("hot".into(), 2), ("other".into(), 2)])
+    );
+}
