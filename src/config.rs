@@ -79,7 +79,7 @@ pub struct Config {
     #[arg(long, env = "INCREMENT_MAX_PENDING_KEYS", default_value = "1000000", value_parser = parse_count::<u64>)]
     pub max_pending_keys: u64,
 
-    /// How long POST /increment?wait=true waits for its flush to commit before 503.
+    /// How long POST /increment?wait=true waits for its flush to commit; then 202 {"committed":false} (taken and held: do not resend).
     #[arg(long, env = "INCREMENT_WAIT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub wait_timeout: Duration,
 

@@ -122,12 +122,21 @@ fn to_disk(batch: &Batch) -> Vec<SpilledBatch> {
 /// # Errors
 /// [`SpillError`] when the file exists but cannot be read or parsed.
 pub fn read(path: &Path) -> Result<Option<Vec<Batch>>, SpillError> {
-    let text = match fs::read_to_string(path) {
-        Ok(text) => text,
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_error(path)(e)),
     };
-    parse(path, &text).map(Some)
+    parse(path, &text_of(path, bytes)?).map(Some)
+}
+
+/// A spill file's bytes as text: bytes that are not UTF-8 make the file
+/// invalid (set aside), not an I/O error that would stop every start.
+fn text_of(path: &Path, bytes: Vec<u8>) -> Result<String, SpillError> {
+    String::from_utf8(bytes).map_err(|e| SpillError::Invalid {
+        path: path.to_owned(),
+        reason: format!("not UTF-8 ({e})"),
+    })
 }
 
 /// The batches in the text of the spill file `path`.
@@ -239,11 +248,11 @@ impl Claimed {
     /// [`SpillError`] when it cannot be read or parsed.
     pub fn read(&mut self) -> Result<Vec<Batch>, SpillError> {
         use std::io::Read as _;
-        let mut text = String::new();
+        let mut bytes = Vec::new();
         self.file
-            .read_to_string(&mut text)
+            .read_to_end(&mut bytes)
             .map_err(io_error(&self.path))?;
-        parse(&self.path, &text)
+        parse(&self.path, &text_of(&self.path, bytes)?)
     }
 
     /// Renames a file that cannot be parsed to `….invalid`, out of the way

@@ -504,9 +504,17 @@ async fn replay_spill_dir(
         source,
     })?;
     for path in spill::left_in(dir)? {
-        // Held by another instance's replay, or replayed since the listing.
-        let Some(mut claimed) = spill::claim(&path)? else {
-            continue;
+        let mut claimed = match spill::claim(&path) {
+            Ok(Some(claimed)) => claimed,
+            // Held by another instance's replay, or replayed since the listing.
+            Ok(None) => continue,
+            // One file this instance cannot open (another owner, say) must
+            // not stop every replica's start: the others, and the rescan,
+            // still try it.
+            Err(e) => {
+                tracing::error!(error = %e, "a spill file cannot be opened for replay; left for another instance or the next rescan");
+                continue;
+            }
         };
         let batches = match claimed.read() {
             Ok(batches) => batches,

@@ -10,6 +10,7 @@ db_tests!(
     shutdown_with_the_database_unavailable_spills_and_the_next_start_replays,
     a_spilled_batch_that_had_committed_is_not_replayed_twice,
     a_shared_spill_dir_is_replayed_by_whichever_instance_starts_next,
+    a_spill_file_that_is_not_utf8_is_set_aside_and_the_others_are_replayed,
 );
 
 async fn shutdown_writes_everything_pending(db: TestDb) {
@@ -222,4 +223,27 @@ async fn a_flush_stuck_at_shutdown_is_cut_off_at_the_deadline_and_spilled() {
         restarted.counters().await,
         BTreeMap::from([("hot".into(), 2), ("other".into(), 2)])
     );
+}
+
+/// A file in the shared spill directory whose bytes are not UTF-8 (a torn
+/// disk, someone's editor) is set aside like any unreadable one: it must not
+/// stop every replica's start, nor keep the other files from being replayed.
+async fn a_spill_file_that_is_not_utf8_is_set_aside_and_the_others_are_replayed(db: TestDb) {
+    let shared = tempfile::tempdir().unwrap();
+    let spill_dir = shared.path().join("spill");
+    std::fs::create_dir_all(&spill_dir).unwrap();
+    let unreadable = spill_dir.join("spill-unreadable.jsonl");
+    std::fs::write(&unreadable, b"\xff\xfe{}\n").unwrap();
+    let batch = std::sync::Arc::new(api::batch::Batch::new([("c".to_owned(), 5)], 1));
+    api::spill::write(&api::spill::own_file(&spill_dir), &[batch]).unwrap();
+    let mut settings = test_settings(&db);
+    settings.spill_dir = Some(spill_dir.clone());
+    let app = spawn_app_with(db, settings).await;
+    assert_eq!(app.counters().await.get("c"), Some(&5));
+    assert!(!unreadable.exists());
+    assert!(
+        spill_dir.join("spill-unreadable.invalid").exists(),
+        "kept for a person"
+    );
+    app.shut_down_cleanly().await;
 }
