@@ -197,6 +197,10 @@ pub enum WaitOutcome {
     /// A keyed request left out because its key had been applied with
     /// another body: nothing of it was applied.
     Reused,
+    /// Shutdown began while it waited, and the HTTP drain is about to close
+    /// its connection: it is answered as taken and held (the final flush or
+    /// the spill writes it).
+    ShuttingDown,
     /// A keyed request whose key's row was gone when it asked (its window
     /// passed during the wait): what it applied cannot be told. Nothing is
     /// held for it.

@@ -230,6 +230,9 @@ impl Application {
             max_in_flight: settings.max_in_flight,
             flush_interval: settings.flush_interval,
             wait_timeout: settings.wait_timeout,
+            // Three quarters of the HTTP drain (half the shutdown timeout),
+            // so the answer is sent before the drain closes the connection.
+            wait_cut_at_shutdown: settings.shutdown_timeout * 3 / 8,
             admin_token: settings.admin_token.as_deref().map(Arc::from),
             fast_path: settings.fast_path,
             access_log: settings.access_log,

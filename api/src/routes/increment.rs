@@ -15,7 +15,7 @@ use poem_openapi::{
 
 use sea_orm::DatabaseConnection;
 
-use super::AppState;
+use super::{AppState, Lifecycle};
 use crate::{
     flusher::{Flusher, WaitOutcome},
     http::{
@@ -258,6 +258,8 @@ pub struct IncrementApi {
     journal: Option<Arc<Cursor>>,
     db: DatabaseConnection,
     wait_timeout: Duration,
+    lifecycle: Lifecycle,
+    wait_cut_at_shutdown: Duration,
 }
 
 impl IncrementApi {
@@ -268,6 +270,8 @@ impl IncrementApi {
             journal: state.journal.clone(),
             db: state.db.clone(),
             wait_timeout: state.wait_timeout,
+            lifecycle: state.lifecycle.clone(),
+            wait_cut_at_shutdown: state.wait_cut_at_shutdown,
         }
     }
 }
@@ -424,6 +428,28 @@ impl IncrementApi {
         increment: &Increment<'_>,
         keyed: Option<&KeyedWaiter>,
     ) -> IncrementResponse {
+        // At shutdown the HTTP drain closes what is still open when it
+        // ends: a request still waiting is answered before that (taken and
+        // held, for the final flush or the spill), not left to a reset that
+        // a client could only read as "unknown" and resend.
+        let cut_off = async {
+            let began = self.lifecycle.shutdown_began().await;
+            tokio::time::sleep_until(began + self.wait_cut_at_shutdown).await;
+        };
+        let outcome = tokio::select! {
+            outcome = self.wait_outcome(ticket, increment, keyed) => outcome,
+            () = cut_off => WaitOutcome::ShuttingDown,
+        };
+        self.answer(outcome)
+    }
+
+    /// How the wait for `ticket` ended.
+    async fn wait_outcome(
+        &self,
+        ticket: Ticket,
+        increment: &Increment<'_>,
+        keyed: Option<&KeyedWaiter>,
+    ) -> WaitOutcome {
         let deadline = tokio::time::Instant::now() + self.wait_timeout;
         let outcome = match (ticket, &self.journal) {
             (Ticket::Drain(drain), _) => {
@@ -467,14 +493,18 @@ impl IncrementApi {
                 }
             }
         };
-        let outcome = match (outcome, keyed) {
+        match (outcome, keyed) {
             (WaitOutcome::CommittedAskKey, Some(keyed)) => {
                 self.settle_keyed(keyed, &increment.key, deadline).await
             }
             // Never given to a waiter without a key.
             (WaitOutcome::CommittedAskKey, None) => WaitOutcome::Committed,
             (outcome, _) => outcome,
-        };
+        }
+    }
+
+    /// The answer to a durable request whose wait ended with `outcome`.
+    fn answer(&self, outcome: WaitOutcome) -> IncrementResponse {
         match outcome {
             WaitOutcome::Committed | WaitOutcome::CommittedAskKey => IncrementResponse::Written,
             WaitOutcome::Rejected => ApiError::CounterOverflow.into(),
@@ -498,6 +528,15 @@ impl IncrementApi {
                      resend it with the same key to ask again",
                         self.wait_timeout.as_millis()
                     ),
+                })))
+            }
+            WaitOutcome::ShuttingDown => {
+                IncrementResponse::Accepted(AcceptedBody(Some(NotYetCommitted {
+                    committed: false,
+                    detail: "taken, but this instance is shutting down before the increment was \
+                     confirmed written: it is held and will be written (by the final flush, or \
+                     from the journal or the spill file after a restart); do not resend it"
+                        .to_owned(),
                 })))
             }
             WaitOutcome::KeyExpired => {

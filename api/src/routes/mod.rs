@@ -27,15 +27,35 @@ use crate::{
 #[derive(Clone, Default)]
 pub struct Lifecycle {
     shutting_down: Arc<AtomicBool>,
+    /// When shutdown began, for the requests still waiting then.
+    began: Arc<tokio::sync::watch::Sender<Option<tokio::time::Instant>>>,
 }
 
 impl Lifecycle {
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        self.began.send_if_modified(|began| {
+            let first = began.is_none();
+            if first {
+                *began = Some(tokio::time::Instant::now());
+            }
+            first
+        });
     }
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Resolves, once shutdown has begun, to when it began.
+    pub async fn shutdown_began(&self) -> tokio::time::Instant {
+        let mut began = self.began.subscribe();
+        let seen = began.wait_for(Option::is_some).await.map(|began| *began);
+        match seen {
+            Ok(began) => began.unwrap_or_else(tokio::time::Instant::now),
+            // The sender lives as long as `self`.
+            Err(_) => std::future::pending().await,
+        }
     }
 }
 
@@ -56,6 +76,10 @@ pub struct AppState {
     pub max_in_flight: usize,
     pub flush_interval: std::time::Duration,
     pub wait_timeout: std::time::Duration,
+    /// How long after shutdown begins a request still waiting for its
+    /// write is answered: inside the HTTP drain, which closes whatever is
+    /// still open when it ends.
+    pub wait_cut_at_shutdown: std::time::Duration,
     /// `None`: the admin routes are not mounted (404).
     pub admin_token: Option<Arc<str>>,
     /// Answer plain `POST /increment` on the front door's fast path.

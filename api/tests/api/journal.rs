@@ -563,14 +563,20 @@ async fn a_consumer_that_recreates_itself_from_the_stream_start_applies_nothing_
         app.scrape().await.contains("increment_journal_writer 1\n")
     })
     .await;
-    let consumers: Vec<String> = journal
-        .stream
-        .consumer_names()
-        .try_collect()
-        .await
-        .expect("the consumers");
-    assert!(!consumers.is_empty(), "the writer reads through a consumer");
-    for name in consumers {
+    // The lease comes first, then the reading's consumer.
+    let consumers = || async {
+        journal
+            .stream
+            .consumer_names()
+            .try_collect::<Vec<String>>()
+            .await
+            .expect("the consumers")
+    };
+    eventually(Duration::from_secs(20), "the writer's consumer", || async {
+        !consumers().await.is_empty()
+    })
+    .await;
+    for name in consumers().await {
         journal
             .stream
             .delete_consumer(&name)

@@ -247,3 +247,73 @@ async fn a_spill_file_that_is_not_utf8_is_set_aside_and_the_others_are_replayed(
     );
     app.shut_down_cleanly().await;
 }
+
+/// A `wait=true` request still waiting when shutdown begins (its flush
+/// stuck on a row lock) is answered before the HTTP drain closes its
+/// connection: 202 "taken and held", not a reset a client would resend. Its
+/// increment is spilled and written once at the next start. PostgreSQL only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_at_shutdown_is_answered_before_its_connection_closes() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let spill_dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&db);
+    settings.shutdown_timeout = Duration::from_secs(4);
+    settings.wait_timeout = Duration::from_secs(60);
+    settings.spill_path = spill_dir.path().join("spill.jsonl");
+    let app = spawn_app_with(db, settings.clone()).await;
+    assert_accepted(app.increment("hot", 1).await).await;
+    app.flush().await;
+    let locker = app.db.connect().await;
+    let lock = locker.begin().await.unwrap();
+    lock.execute_unprepared("SELECT 1 FROM counters WHERE key = 'hot' FOR UPDATE")
+        .await
+        .unwrap();
+    let waiter = {
+        let client = app.client.clone();
+        tokio::spawn(async move {
+            client
+                .post("/increment?wait=true")
+                .content_type("application/json")
+                .body(r#"{"key":"hot","value":1}"#)
+                .send()
+                .await
+        })
+    };
+    testkit::eventually(
+        Duration::from_secs(20),
+        "its flush waits for the row lock",
+        || async {
+            let row = locker
+                .query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT count(*) AS waiting FROM pg_stat_activity \
+                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            row.try_get::<i64>("", "waiting").unwrap() > 0
+        },
+    )
+    .await;
+    let shutdown = tokio::spawn(app.shut_down());
+    let response = waiter.await.expect("the waiter ran");
+    response.assert_status(http::StatusCode::ACCEPTED);
+    let body: serde_json::Value = serde_json::from_str(&response.text()).unwrap();
+    assert_eq!(body["committed"], false, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("shutting down"),
+        "{body}"
+    );
+    let (report, db) = shutdown.await.unwrap();
+    assert!(
+        matches!(report, ShutdownReport::Spilled { total: 1, .. }),
+        "{report:?}"
+    );
+    lock.rollback().await.unwrap();
+    let restarted = spawn_app_with(db, settings.clone()).await;
+    assert_eq!(restarted.counters().await.get("hot"), Some(&2));
+}
