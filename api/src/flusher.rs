@@ -689,7 +689,9 @@ impl Flusher {
     /// Flushes every `interval` until `stop` is cancelled; after a failure,
     /// waits with capped exponential backoff and jitter instead.
     ///
-    /// A flush that has started is never cancelled here: it runs to its end.
+    /// A flush that has started is not cancelled by `stop`: it runs to its
+    /// end, unless the shutdown deadline comes first and the task is cut off
+    /// (`startup`; a flush is cancel-safe).
     pub async fn run_until_stopped(self: Arc<Self>, stop: CancellationToken) {
         let mut failures: u32 = 0;
         loop {
