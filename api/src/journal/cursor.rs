@@ -172,6 +172,17 @@ impl Cursor {
                 .record_keyed(&message.items, &message.keyed)
                 .map_err(RecordError::Batcher)?;
         }
+        if sequence > state.recorded + 1 {
+            // Applied messages are purged only up to the stored offset, and
+            // the reading starts just past it: a gap is messages deleted by a
+            // limit (`max_age`, `max_msgs`) or by hand, never applied.
+            tracing::error!(
+                stream = %self.stream,
+                missing_from = state.recorded + 1,
+                missing_through = sequence - 1,
+                "journal messages are missing from the stream (deleted by a stream limit or by hand); their increments are lost"
+            );
+        }
         state.recorded = sequence;
         Ok(())
     }
