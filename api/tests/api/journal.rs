@@ -138,21 +138,7 @@ async fn with_nats_unreachable_increments_get_503_and_nothing_is_counted(db: Tes
 async fn a_second_writer_of_the_same_messages_applies_nothing(db: TestDb) {
     let connection = db.connect().await;
     migration::Migrator::up(&connection, None).await.unwrap();
-    let writer = |cursor: &Arc<Cursor>| {
-        let batcher = Arc::new(Batcher::new(
-            NonZeroU64::new(1000).unwrap(),
-            Duration::from_secs(3600),
-        ));
-        let flusher = Flusher::new(
-            Arc::clone(&batcher),
-            connection.clone(),
-            Arc::new(Metrics::new()),
-            Arc::default(),
-            Duration::from_secs(3600),
-        )
-        .with_journal(Arc::clone(cursor));
-        (batcher, Arc::new(flusher))
-    };
+    let writer = |cursor: &Arc<Cursor>| journal_writer(&connection, cursor);
     let (first_cursor, second_cursor) = (Cursor::new("s"), Cursor::new("s"));
     let (first_batcher, first) = writer(&first_cursor);
     let (second_batcher, second) = writer(&second_cursor);
@@ -398,6 +384,27 @@ async fn a_crash_between_commit_and_acknowledgement_applies_nothing_twice() {
     app.shut_down_cleanly().await;
 }
 
+/// A batcher and a flusher applying what `cursor` records, driven by the
+/// test alone (no flush loop, no reader).
+fn journal_writer(
+    connection: &sea_orm::DatabaseConnection,
+    cursor: &Arc<Cursor>,
+) -> (Arc<Batcher>, Arc<Flusher>) {
+    let batcher = Arc::new(Batcher::new(
+        NonZeroU64::new(1000).expect("non-zero"),
+        Duration::from_secs(3600),
+    ));
+    let flusher = Flusher::new(
+        Arc::clone(&batcher),
+        connection.clone(),
+        Arc::new(Metrics::new()),
+        Arc::default(),
+        Duration::from_secs(3600),
+    )
+    .with_journal(Arc::clone(cursor));
+    (batcher, Arc::new(flusher))
+}
+
 /// A journal message holding `items` only.
 fn message<'a>(items: &[(&'a str, i64)]) -> Message<'a> {
     Message {
@@ -532,18 +539,7 @@ async fn a_consumer_that_recreates_itself_from_the_stream_start_applies_nothing_
     }
     // The earlier writer: applies 1–3, and never purges.
     let cursor = Cursor::new(journal.settings.stream.clone());
-    let batcher = Arc::new(Batcher::new(
-        NonZeroU64::new(1_000).expect("non-zero"),
-        Duration::from_secs(3600),
-    ));
-    let flusher = Flusher::new(
-        Arc::clone(&batcher),
-        connection.clone(),
-        Arc::new(Metrics::new()),
-        Arc::default(),
-        Duration::from_secs(3600),
-    )
-    .with_journal(Arc::clone(&cursor));
+    let (batcher, flusher) = journal_writer(&connection, &cursor);
     // Creates the stream's offset row (at 0), as a reader does.
     let applied = api::store::journal_applied_through(&connection, &journal.settings.stream)
         .await

@@ -167,7 +167,6 @@ async fn a_shared_spill_dir_is_replayed_by_whichever_instance_starts_next(db: Te
 /// replayed once. PostgreSQL only (row locks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_stuck_at_shutdown_is_cut_off_at_the_deadline_and_spilled() {
-    use sea_orm::{ConnectionTrait, TransactionTrait};
     let Some(db) = TestDb::postgres().await else {
         return;
     };
@@ -179,30 +178,10 @@ async fn a_flush_stuck_at_shutdown_is_cut_off_at_the_deadline_and_spilled() {
     let app = spawn_app_with(db, settings.clone()).await;
     assert_accepted(app.increment("hot", 1).await).await;
     app.flush().await;
-    let locker = app.db.connect().await;
-    let lock = locker.begin().await.unwrap();
-    lock.execute_unprepared("SELECT 1 FROM counters WHERE key = 'hot' FOR UPDATE")
-        .await
-        .unwrap();
+    let (locker, lock) = lock_row(&app, "hot").await;
     assert_accepted(app.increment("hot", 1).await).await;
     assert_accepted(app.increment("other", 2).await).await;
-    testkit::eventually(
-        Duration::from_secs(20),
-        "a flush waits for the row lock",
-        || async {
-            let row = locker
-                .query_one_raw(sea_orm::Statement::from_string(
-                    sea_orm::DbBackend::Postgres,
-                    "SELECT count(*) AS waiting FROM pg_stat_activity \
-                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
-                ))
-                .await
-                .unwrap()
-                .unwrap();
-            row.try_get::<i64>("", "waiting").unwrap() > 0
-        },
-    )
-    .await;
+    until_a_session_waits_for_a_lock(&locker).await;
     let started = std::time::Instant::now();
     let (report, db) = tokio::time::timeout(Duration::from_secs(20), app.shut_down())
         .await
@@ -254,7 +233,6 @@ async fn a_spill_file_that_is_not_utf8_is_set_aside_and_the_others_are_replayed(
 /// increment is spilled and written once at the next start. PostgreSQL only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waiting_at_shutdown_is_answered_before_its_connection_closes() {
-    use sea_orm::{ConnectionTrait, TransactionTrait};
     let Some(db) = TestDb::postgres().await else {
         return;
     };
@@ -266,11 +244,7 @@ async fn a_request_waiting_at_shutdown_is_answered_before_its_connection_closes(
     let app = spawn_app_with(db, settings.clone()).await;
     assert_accepted(app.increment("hot", 1).await).await;
     app.flush().await;
-    let locker = app.db.connect().await;
-    let lock = locker.begin().await.unwrap();
-    lock.execute_unprepared("SELECT 1 FROM counters WHERE key = 'hot' FOR UPDATE")
-        .await
-        .unwrap();
+    let (locker, lock) = lock_row(&app, "hot").await;
     let waiter = {
         let client = app.client.clone();
         tokio::spawn(async move {
@@ -282,23 +256,7 @@ async fn a_request_waiting_at_shutdown_is_answered_before_its_connection_closes(
                 .await
         })
     };
-    testkit::eventually(
-        Duration::from_secs(20),
-        "its flush waits for the row lock",
-        || async {
-            let row = locker
-                .query_one_raw(sea_orm::Statement::from_string(
-                    sea_orm::DbBackend::Postgres,
-                    "SELECT count(*) AS waiting FROM pg_stat_activity \
-                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
-                ))
-                .await
-                .unwrap()
-                .unwrap();
-            row.try_get::<i64>("", "waiting").unwrap() > 0
-        },
-    )
-    .await;
+    until_a_session_waits_for_a_lock(&locker).await;
     let shutdown = tokio::spawn(app.shut_down());
     let response = waiter.await.expect("the waiter ran");
     response.assert_status(http::StatusCode::ACCEPTED);
@@ -316,4 +274,43 @@ async fn a_request_waiting_at_shutdown_is_answered_before_its_connection_closes(
     lock.rollback().await.unwrap();
     let restarted = spawn_app_with(db, settings.clone()).await;
     assert_eq!(restarted.counters().await.get("hot"), Some(&2));
+}
+
+/// Locks `key`'s row in a transaction of its own (PostgreSQL); the lock is
+/// held until the transaction is dropped or rolled back.
+async fn lock_row(
+    app: &crate::helpers::TestApp,
+    key: &str,
+) -> (sea_orm::DatabaseConnection, sea_orm::DatabaseTransaction) {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let locker = app.db.connect().await;
+    let lock = locker.begin().await.unwrap();
+    lock.execute_unprepared(&format!(
+        "SELECT 1 FROM counters WHERE key = '{key}' FOR UPDATE"
+    ))
+    .await
+    .unwrap();
+    (locker, lock)
+}
+
+/// Waits until some session of the test database waits for a row lock.
+async fn until_a_session_waits_for_a_lock(locker: &sea_orm::DatabaseConnection) {
+    use sea_orm::ConnectionTrait;
+    testkit::eventually(
+        Duration::from_secs(20),
+        "a session waits for the row lock",
+        || async {
+            let row = locker
+                .query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT count(*) AS waiting FROM pg_stat_activity \
+                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            row.try_get::<i64>("", "waiting").unwrap() > 0
+        },
+    )
+    .await;
 }
