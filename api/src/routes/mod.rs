@@ -7,10 +7,7 @@ pub mod health;
 pub mod increment;
 pub mod problems;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
-};
+use std::sync::Arc;
 
 use poem::{Endpoint, EndpointExt, Route, get, handler, web::Data};
 use poem_openapi::OpenApiService;
@@ -26,14 +23,13 @@ use crate::{
 /// Readiness as the load balancer sees it: true until shutdown begins.
 #[derive(Clone, Default)]
 pub struct Lifecycle {
-    shutting_down: Arc<AtomicBool>,
-    /// When shutdown began, for the requests still waiting then.
+    /// When shutdown began (`None` until then), for readiness and for the
+    /// requests still waiting then.
     began: Arc<tokio::sync::watch::Sender<Option<tokio::time::Instant>>>,
 }
 
 impl Lifecycle {
     pub fn begin_shutdown(&self) {
-        self.shutting_down.store(true, Ordering::SeqCst);
         self.began.send_if_modified(|began| {
             let first = began.is_none();
             if first {
@@ -44,7 +40,7 @@ impl Lifecycle {
     }
 
     pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::SeqCst)
+        self.began.borrow().is_some()
     }
 
     /// Resolves, once shutdown has begun, to when it began.
