@@ -110,29 +110,39 @@ pub enum WriteOutcome {
 }
 
 impl WriteOutcome {
-    /// This attempt's counts, marked as leaving out parts committed earlier.
-    fn resumed(self) -> Self {
-        match self {
-            Self::Committed {
-                statements,
-                rejected,
-                repeats,
-                reused,
-                ..
-            } => Self::Committed {
+    /// Two parts' outcomes as one batch's.
+    fn and(self, more: Self) -> Self {
+        match (self, more) {
+            (Self::JournalMoved, _) | (_, Self::JournalMoved) => Self::JournalMoved,
+            (Self::AlreadyCommitted, Self::AlreadyCommitted) => Self::AlreadyCommitted,
+            // Some parts committed earlier: what they rejected or left out is
+            // not in this attempt's counts.
+            (
+                Self::AlreadyCommitted,
+                Self::Committed {
+                    statements,
+                    rejected,
+                    repeats,
+                    reused,
+                    ..
+                },
+            )
+            | (
+                Self::Committed {
+                    statements,
+                    rejected,
+                    repeats,
+                    reused,
+                    ..
+                },
+                Self::AlreadyCommitted,
+            ) => Self::Committed {
                 statements,
                 rejected,
                 repeats,
                 reused,
                 resumed: true,
             },
-            other => other,
-        }
-    }
-
-    /// Two parts' outcomes as one (both `Committed`; otherwise `self`).
-    fn plus(self, more: Self) -> Self {
-        match (self, more) {
             (
                 Self::Committed {
                     statements,
@@ -155,7 +165,6 @@ impl WriteOutcome {
                 reused: reused + more_reused,
                 resumed: resumed || more_resumed,
             },
-            (outcome, _) => outcome,
         }
     }
 }
@@ -249,22 +258,9 @@ pub async fn write_batch_keyed(
     let mut total: Option<WriteOutcome> = None;
     for result in results {
         let result = result?;
-        let Some(so_far) = total else {
-            total = Some(result);
-            continue;
-        };
-        total = Some(match (so_far, result) {
-            (WriteOutcome::JournalMoved, _) | (_, WriteOutcome::JournalMoved) => {
-                WriteOutcome::JournalMoved
-            }
-            (WriteOutcome::AlreadyCommitted, WriteOutcome::AlreadyCommitted) => {
-                WriteOutcome::AlreadyCommitted
-            }
-            // Some parts committed earlier: what they rejected or left out
-            // is not in this attempt's counts.
-            (WriteOutcome::AlreadyCommitted, committed)
-            | (committed, WriteOutcome::AlreadyCommitted) => committed.resumed(),
-            (committed, more) => committed.plus(more),
+        total = Some(match total {
+            None => result,
+            Some(so_far) => so_far.and(result),
         });
     }
     Ok(total.unwrap_or(WriteOutcome::AlreadyCommitted))
@@ -645,17 +641,18 @@ pub async fn applied_fingerprints(
     Ok(applied)
 }
 
-/// The answer to a question about rejected rows (`rejected_in_batch`,
-/// `journal_rejected`) by `deadline`; `None` when it failed (logged) or came
-/// too late: a waiting request is then told "not confirmed", never "written".
-pub async fn rejected_by(
+/// The answer to a waiting request's question about its row
+/// (`rejected_in_batch`, `journal_rejected`, `keyed_fate`) by `deadline`;
+/// `None` when it failed (logged) or came too late: the request is then told
+/// "not confirmed", never "written".
+pub async fn answered_by<T>(
     deadline: tokio::time::Instant,
-    question: impl std::future::Future<Output = Result<bool, DbErr>>,
-) -> Option<bool> {
+    question: impl std::future::Future<Output = Result<T, DbErr>>,
+) -> Option<T> {
     match tokio::time::timeout_at(deadline, question).await {
-        Ok(Ok(rejected)) => Some(rejected),
+        Ok(Ok(answer)) => Some(answer),
         Ok(Err(e)) => {
-            tracing::warn!(error = %crate::telemetry::error_chain(&e), "reading whether a durable request's row was rejected failed");
+            tracing::warn!(error = %crate::telemetry::error_chain(&e), "reading what became of a durable request's row failed");
             None
         }
         Err(_) => None,

@@ -264,7 +264,7 @@ pub async fn wait_applied(
         return Applied::Written;
     }
     let rejected = store::journal_rejected(db, cursor.stream(), key, sequence);
-    match store::rejected_by(deadline, rejected).await {
+    match store::answered_by(deadline, rejected).await {
         Some(true) => Applied::Rejected,
         Some(false) => Applied::Written,
         None => Applied::Unconfirmed,

@@ -408,16 +408,12 @@ impl IncrementApi {
     ) -> WaitOutcome {
         let counters = [counter];
         let question = crate::store::keyed_fate(&self.db, &keyed.key, keyed.fingerprint, &counters);
-        match tokio::time::timeout_at(deadline, question).await {
-            Ok(Ok(Some(KeyedFate::Written))) => WaitOutcome::Committed,
-            Ok(Ok(Some(KeyedFate::Rejected))) => WaitOutcome::Rejected,
-            Ok(Ok(Some(KeyedFate::Reused))) => WaitOutcome::Reused,
-            Ok(Ok(None)) => WaitOutcome::KeyExpired,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %crate::telemetry::error_chain(&e), "reading what a waiting request's Idempotency-Key applied failed");
-                WaitOutcome::Unsettled
-            }
-            Err(_) => WaitOutcome::Unsettled,
+        match crate::store::answered_by(deadline, question).await {
+            Some(Some(KeyedFate::Written)) => WaitOutcome::Committed,
+            Some(Some(KeyedFate::Rejected)) => WaitOutcome::Rejected,
+            Some(Some(KeyedFate::Reused)) => WaitOutcome::Reused,
+            Some(None) => WaitOutcome::KeyExpired,
+            None => WaitOutcome::Unsettled,
         }
     }
 
@@ -486,7 +482,7 @@ impl IncrementApi {
                 let keys = [increment.key.as_str()];
                 let deadline = tokio::time::Instant::now() + self.wait_timeout;
                 let rejected = crate::store::rejected_in_batch(&self.db, &batch_id, &keys);
-                match crate::store::rejected_by(deadline, rejected).await {
+                match crate::store::answered_by(deadline, rejected).await {
                     Some(false) => WaitOutcome::Committed,
                     Some(true) => WaitOutcome::Rejected,
                     None => WaitOutcome::Unsettled,
