@@ -7,3 +7,4 @@ mod idempotency;
 mod journal;
 mod logs;
 mod service;
+mod slow_clients;

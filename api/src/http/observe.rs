@@ -9,7 +9,10 @@ use opentelemetry::{global, trace::TraceContextExt};
 use opentelemetry_http::HeaderExtractor;
 use poem::{
     Body, Response,
-    http::{HeaderMap, HeaderValue, Method, header::HeaderName},
+    http::{
+        HeaderMap, HeaderValue, Method,
+        header::{self, HeaderName},
+    },
 };
 use prometheus::IntGauge;
 use tracing::{Instrument, Span};
@@ -194,7 +197,13 @@ fn log_access(
 ) {
     let body: http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error> =
         response.take_body().into();
-    let response_bytes = hyper::body::Body::size_hint(&body).exact();
+    // A body sent in slices (the docs pages) declares its length instead.
+    let response_bytes = hyper::body::Body::size_hint(&body).exact().or_else(|| {
+        response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok()?.parse().ok())
+    });
     response.set_body(Body::from(body));
     let trace_id = {
         let context = span.context();

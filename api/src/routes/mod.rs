@@ -5,6 +5,7 @@ pub mod admin;
 pub mod counters;
 pub mod health;
 pub mod increment;
+mod pages;
 pub mod problems;
 
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use poem::{Endpoint, EndpointExt, Route, get, handler, web::Data};
 use poem_openapi::OpenApiService;
 use sea_orm::DatabaseConnection;
 
+use self::pages::SharedPage;
 use crate::{
     batcher::Batcher,
     flusher::Flusher,
@@ -172,10 +174,12 @@ pub fn openapi(
 /// tree (API, Swagger UI at `/docs`, the spec at `/openapi.json`).
 pub fn router(state: AppState) -> impl Endpoint<Output = poem::Response> {
     let api = openapi(&state);
-    let docs = api.swagger_ui();
-    let spec = api.spec_endpoint();
+    // Swagger UI's OAuth receiver page is left out: no operation uses OAuth.
+    let docs = SharedPage::new(api.swagger_ui_html(), "text/html; charset=utf-8");
+    let spec = SharedPage::new(api.spec(), "application/json");
     let mut route = Route::new()
-        .nest("/docs", docs)
+        .at("/docs", docs.clone())
+        .at("/docs/", docs)
         .at("/openapi.json", spec)
         .at("/metrics", get(metrics).data(state.clone()));
     if let Some(token) = &state.admin_token {
