@@ -40,7 +40,7 @@ pub struct Config {
     #[arg(long, env = "INCREMENT_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub flush_interval: Duration,
 
-    /// Distinct keys held in the cache before entries are evicted (evicted deltas are still written). At least 1.
+    /// Distinct keys held in the cache before entries are evicted (evicted deltas are still written); a key counts one per 64 bytes of its length, plus one. At least 1.
     #[arg(long, env = "INCREMENT_CACHE_CAPACITY", default_value = "1000000", value_parser = parse_non_zero)]
     pub cache_capacity: NonZeroU64,
 
@@ -75,7 +75,7 @@ pub struct Config {
     #[arg(long, env = "INCREMENT_NO_MIGRATE")]
     pub no_migrate: bool,
 
-    /// Distinct keys held in memory before new keys get 503 (keys already held still merge).
+    /// Distinct keys held in memory before new keys get 503 (keys already held still merge); a key counts one per 64 bytes of its length, plus one.
     #[arg(long, env = "INCREMENT_MAX_PENDING_KEYS", default_value = "1000000", value_parser = parse_count::<u64>)]
     pub max_pending_keys: u64,
 

@@ -50,6 +50,19 @@ mod index;
 /// the `i64` range; the store splits such sums, nothing is truncated.
 pub type Deltas = HashMap<String, i128>;
 
+/// Key bytes one unit of the bounds stands for; see [`key_weight`].
+pub const KEY_UNIT_BYTES: usize = 64;
+
+/// What a key counts for in `--cache-capacity` and `--max-pending-keys`:
+/// one, plus one per [`KEY_UNIT_BYTES`] of its length. The bounds are there
+/// to bound memory, and a key is stored more than once (a 985-byte key cost
+/// about 2,400 bytes against about 390 for a short one): counted as one
+/// whatever its length, a million 255-character keys took gigabytes. With
+/// this weight a unit costs at most about 520 bytes (a 63-byte key).
+pub fn key_weight(key: &str) -> u64 {
+    1 + (key.len() / KEY_UNIT_BYTES) as u64
+}
+
 /// Why an increment was refused. Nothing is recorded when this is returned.
 /// (What a client is told is the HTTP layer's to word.)
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -72,7 +85,8 @@ pub enum BatchError {
 #[derive(Default)]
 struct SideMap {
     deltas: Deltas,
-    /// Keys of `deltas` not also in the handed-over batch (for the bound).
+    /// Weight of the keys of `deltas` not also in the handed-over batch
+    /// (for the bound).
     counted: u64,
     /// Drains started so far.
     drains: u64,
@@ -80,7 +94,8 @@ struct SideMap {
     /// (recorded under this lock, so a drain takes a request and its items
     /// together).
     keyed: Vec<Keyed>,
-    /// Items of `keyed` (for the bound; mirrored in `Batcher::side_keyed_items`).
+    /// Weight of the items of `keyed` (for the bound; mirrored in
+    /// `Batcher::side_keyed_items`).
     keyed_items: u64,
 }
 
@@ -93,7 +108,7 @@ impl SideMap {
             None => {
                 self.deltas.insert(key.to_owned(), delta);
                 if !handed_over_holds(handed_over, key) {
-                    self.counted += 1;
+                    self.counted += key_weight(key);
                     counted.store(self.counted, Ordering::Relaxed);
                 }
             }
@@ -104,9 +119,13 @@ impl SideMap {
 /// The last batch handed over and not yet released (shared with the listener).
 type HandedOver = Mutex<Option<Arc<Batch>>>;
 
-/// What keyed requests count toward the bound: their items.
+/// What keyed requests count toward the bound: their items' keys.
 fn keyed_items(keyed: &[Keyed]) -> u64 {
-    keyed.iter().map(|request| request.items.len() as u64).sum()
+    keyed
+        .iter()
+        .flat_map(|request| &request.items)
+        .map(|(key, _)| key_weight(key))
+        .sum()
 }
 
 fn handed_over_holds(handed_over: &HandedOver, key: &str) -> bool {
@@ -144,8 +163,9 @@ struct SlotState {
     /// Something was recorded since the last drain (a zero delta still creates
     /// the counter row).
     dirty: bool,
-    /// Counted in `dirty_slots` (not when the handed-over batch already holds
-    /// the key: the bound counts distinct keys).
+    /// Counted in `dirty_slots`, by its key's weight (not when the
+    /// handed-over batch already holds the key: the bound counts distinct
+    /// keys).
     counted: bool,
     /// The slot left the cache and its remainder moved to the side map; adding to
     /// it now would lose the addition.
@@ -153,14 +173,15 @@ struct SlotState {
 }
 
 impl SlotState {
-    /// Takes the pending delta, if any, leaving the slot clean.
-    fn take(&mut self, dirty_slots: &AtomicU64) -> Option<i64> {
+    /// Takes the pending delta, if any, leaving the slot clean; `key` is
+    /// the slot's (its weight leaves `dirty_slots`).
+    fn take(&mut self, key: &str, dirty_slots: &AtomicU64) -> Option<i64> {
         if !self.dirty {
             return None;
         }
         self.dirty = false;
         if std::mem::take(&mut self.counted) {
-            dirty_slots.fetch_sub(1, Ordering::Relaxed);
+            dirty_slots.fetch_sub(key_weight(key), Ordering::Relaxed);
         }
         Some(std::mem::take(&mut self.delta))
     }
@@ -221,22 +242,24 @@ pub struct Batcher {
     /// Remainders of slots that left the cache, durable records, batch
     /// fallbacks; emptied only by `drain`.
     side: Arc<Mutex<SideMap>>,
-    /// Keys counted in `side` (read without its lock by the pending-key bound).
+    /// Weight of the keys counted in `side` (read without its lock by the
+    /// pending-key bound).
     side_keys: Arc<AtomicU64>,
     /// The last batch handed over, until released: for the bound only (the
     /// flusher owns it).
     handed_over: Arc<HandedOver>,
-    /// Keys of `handed_over`.
+    /// Weight of the keys of `handed_over`.
     handed_over_keys: AtomicU64,
-    /// Items of the side map's keyed requests (read without its lock).
+    /// Weight of the items of the side map's keyed requests (read without
+    /// its lock).
     side_keyed_items: AtomicU64,
-    /// Items of `handed_over`'s keyed requests.
+    /// Weight of the items of `handed_over`'s keyed requests.
     handed_over_keyed_items: AtomicU64,
-    /// Bound on distinct pending keys (slots + side + handed over).
+    /// Bound on distinct pending keys, by weight (slots + side + handed over).
     max_pending_keys: u64,
     /// Evictions seen by the listener, for metrics.
     evictions: Arc<Mutex<EvictionCounts>>,
-    /// Live slots holding a delta not yet drained (exact, unlike moka's
+    /// Weight of the live slots holding a delta not yet drained (exact, unlike moka's
     /// entry count, which lags until maintenance).
     dirty_slots: Arc<AtomicU64>,
     /// The slots made dirty since the last drain, which the drain visits
@@ -257,8 +280,9 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// A batcher holding at most `capacity` live keys (more are moved aside, not
-    /// dropped), each for at most `ttl` after its slot was created.
+    /// A batcher holding live keys of at most `capacity` in [`key_weight`]s
+    /// (more are moved aside, not dropped), each for at most `ttl` after its
+    /// slot was created.
     ///
     /// `NonZeroU64` because moka with capacity 0 stores nothing and never calls
     /// the listener: every increment would vanish silently.
@@ -290,6 +314,9 @@ impl Batcher {
         // panic and later evictions would be lost. parking_lot locks do not poison.
         let cache = Cache::builder()
             .max_capacity(capacity.get())
+            .weigher(|key: &CompactString, _: &Arc<Slot>| {
+                u32::try_from(key_weight(key)).unwrap_or(u32::MAX)
+            })
             .time_to_live(ttl)
             .eviction_listener(
                 move |key: Arc<CompactString>, slot: Arc<Slot>, cause: RemovalCause| {
@@ -302,7 +329,7 @@ impl Batcher {
                     let remainder = {
                         let mut state = slot.state.lock();
                         state.sealed = true;
-                        state.take(&listener_dirty_slots)
+                        state.take(&slot.key, &listener_dirty_slots)
                     };
                     if let Some(delta) = remainder {
                         side.add(
@@ -353,22 +380,18 @@ impl Batcher {
         }
     }
 
-    /// Refuses `count` distinct keys (`keys`) when those not already pending
-    /// do not fit under the bound; the keys are looked at only when the
-    /// bound is near.
-    fn admit_all<'k>(
-        &self,
-        keys: impl Iterator<Item = &'k str>,
-        count: usize,
-    ) -> Result<(), BatchError> {
+    /// Refuses distinct keys (`keys`) when those not already pending do not
+    /// fit under the bound; the keys are looked at only when the bound is
+    /// near.
+    fn admit_all<'k>(&self, keys: impl Iterator<Item = &'k str> + Clone) -> Result<(), BatchError> {
         let pending = self.pending_keys();
         let room = self.max_pending_keys.saturating_sub(pending);
         // An empty batcher takes any one request, however large: a journal
         // message over the bound must still be read (the bound is soft by
         // a request anyway).
-        if room < count as u64 && pending > 0 {
-            let new_keys = keys.filter(|key| !self.holds(key)).count();
-            if room < new_keys as u64 {
+        if pending > 0 && room < keys.clone().map(key_weight).sum::<u64>() {
+            let new_keys: u64 = keys.filter(|key| !self.holds(key)).map(key_weight).sum();
+            if room < new_keys {
                 return Err(BatchError::Full);
             }
         }
@@ -440,7 +463,7 @@ impl Batcher {
             let sum = i64::try_from(sum).map_err(|_| (last_index, BatchError::RequestOverflow))?;
             sums.push((key, sum, last_index));
         }
-        self.admit_all(sums.iter().map(|(key, _, _)| *key), sums.len())
+        self.admit_all(sums.iter().map(|(key, _, _)| *key))
             .map_err(|e| (0, e))?;
         // Look up (or create) every slot before taking any lock: a moka call
         // may run maintenance, whose listener takes these locks.
@@ -519,7 +542,8 @@ impl Batcher {
             // Once per key per flush cycle: the lookup is off the hot path.
             if !handed_over_holds(&self.handed_over, key) {
                 state.counted = true;
-                self.dirty_slots.fetch_add(1, Ordering::Relaxed);
+                self.dirty_slots
+                    .fetch_add(key_weight(key), Ordering::Relaxed);
             }
         }
     }
@@ -567,7 +591,7 @@ impl Batcher {
         for (key, delta) in items {
             *sums.entry(key).or_insert(0) += i128::from(delta);
         }
-        self.admit_all(sums.keys().copied(), sums.len())?;
+        self.admit_all(sums.keys().copied())?;
         let mut side = self.side.lock();
         // Keyed requests stay whole until written (they are not merged by
         // key), so their items count toward the bound as well: otherwise
@@ -669,7 +693,7 @@ impl Batcher {
         for slot in dirty {
             // A sealed slot was emptied by the listener, and a slot listed
             // twice was emptied the first time: `take` returns None.
-            if let Some(delta) = slot.state.lock().take(&self.dirty_slots) {
+            if let Some(delta) = slot.state.lock().take(&slot.key, &self.dirty_slots) {
                 entries.push((slot.key.to_string(), i128::from(delta)));
             }
         }
@@ -704,8 +728,8 @@ impl Batcher {
         // drain has already taken them out of the live and side counts. A
         // key both live and in the side map counts twice until the batch
         // has merged them.
-        self.handed_over_keys
-            .store(entries.len() as u64, Ordering::Relaxed);
+        let weight = entries.iter().map(|(key, _)| key_weight(key)).sum();
+        self.handed_over_keys.store(weight, Ordering::Relaxed);
         self.handed_over_keyed_items
             .store(keyed_items(&keyed), Ordering::Relaxed);
         let batch = Batch::new(entries, number).guarding(keyed);
@@ -713,8 +737,8 @@ impl Batcher {
             Some(span) => batch.holding(span),
             None => batch,
         });
-        self.handed_over_keys
-            .store(batch.len() as u64, Ordering::Relaxed);
+        let weight = batch.deltas.iter().map(|(key, _)| key_weight(key)).sum();
+        self.handed_over_keys.store(weight, Ordering::Relaxed);
         *self.handed_over.lock() = Some(Arc::clone(&batch));
         (Some(batch), number)
     }
@@ -751,7 +775,8 @@ impl Batcher {
         }
     }
 
-    /// What the bound counts: distinct keys holding a pending delta (the
+    /// What the bound counts, each key by its [`key_weight`] (so a short key
+    /// counts one): distinct keys holding a pending delta (the
     /// batch handed over, plus live slots and side-map entries whose key it
     /// did not hold when they got their first delta), plus the items of
     /// requests with an `Idempotency-Key`, which are held whole until
@@ -1096,6 +1121,57 @@ mod tests {
         assert_eq!(next.unwrap().deltas, vec![("a".to_owned(), 1)]);
         assert_eq!(b.pending_keys(), 1);
         b.record("c", 1).unwrap();
+    }
+
+    /// A key of `units` weight: `units` - 1 full units of bytes.
+    fn long_key(name: char, units: usize) -> String {
+        std::iter::repeat_n(name, (units - 1) * KEY_UNIT_BYTES).collect()
+    }
+
+    #[test]
+    fn a_long_key_counts_toward_the_bound_by_its_length() {
+        assert_eq!(key_weight("page:/home"), 1);
+        assert_eq!(key_weight(&"x".repeat(KEY_UNIT_BYTES - 1)), 1);
+        assert_eq!(key_weight(&"x".repeat(KEY_UNIT_BYTES)), 2);
+        // 255 four-byte characters, the longest key the API takes.
+        assert_eq!(key_weight(&"😀".repeat(255)), 16);
+        let b = Batcher::with_max_pending_keys(
+            NonZeroU64::new(1_000).unwrap(),
+            Duration::from_secs(60),
+            10,
+        );
+        let (a, c) = (long_key('a', 5), long_key('c', 5));
+        b.record(&a, 1).unwrap();
+        b.record_durable(&long_key('b', 5), 1).unwrap();
+        assert_eq!(b.pending_keys(), 10);
+        assert_eq!(b.record("short", 1), Err(BatchError::Full));
+        assert_eq!(b.record_all(&[(&c, 1)]), Err((0, BatchError::Full)));
+        b.record(&a, 2).unwrap();
+        let (batch, _) = b.hand_over();
+        assert_eq!(b.pending_keys(), 10, "handed over, by weight");
+        b.release(&batch.unwrap());
+        assert_eq!(b.pending_keys(), 0);
+        b.record_all(&[(&a, 1), (&c, 1)]).unwrap();
+        assert_eq!(b.pending_keys(), 10);
+        b.drain();
+        assert_eq!(b.pending_keys(), 0, "every weight leaves with its key");
+    }
+
+    #[test]
+    fn the_cache_holds_long_keys_by_weight_and_moves_the_rest_aside() {
+        // Room for two keys of weight 5; eight recorded: the others leave
+        // the cache (through the listener, into the side map), none is lost.
+        let b = batcher(10, Duration::from_secs(60));
+        let keys: Vec<String> = "abcdefgh".chars().map(|c| long_key(c, 5)).collect();
+        for key in &keys {
+            b.record(key, 3).unwrap();
+        }
+        b.cache.run_pending_tasks();
+        assert!(b.cache.weighted_size() <= 10, "{}", b.cache.weighted_size());
+        assert!(b.evictions().size > 0, "sized out by weight");
+        let drained = b.drain();
+        assert_eq!(drained.len(), keys.len());
+        assert!(drained.values().all(|&delta| delta == 3));
     }
 
     #[test]

@@ -118,7 +118,8 @@ metrics! {
         /// Increments refused, by reason.
         increments_rejected_total: IntCounterVec["reason"],
         /// Keys holding a pending delta, plus the items of keyed requests
-        /// held whole (what `--max-pending-keys` bounds; approximate).
+        /// held whole, each key weighing one per 64 bytes of its length plus
+        /// one (what `--max-pending-keys` bounds; approximate).
         pending_keys: IntGauge,
         /// Cache entries that left by size or expiry (their deltas are kept
         /// and written).

@@ -224,9 +224,10 @@ impl ProblemType {
                  after `Retry-After` seconds."
             }
             Self::PendingLimit => {
-                "`--max-pending-keys` distinct keys (each item of a request with an \
-                 `Idempotency-Key` counting as one) are waiting for the database (it is slow or \
-                 down). Nothing was taken: send it again after `Retry-After` seconds."
+                "`--max-pending-keys` distinct keys (a long key counting one per 64 bytes, each \
+                 item of a request with an `Idempotency-Key` counting too) are waiting for the \
+                 database (it is slow or down). Nothing was taken: send it again after \
+                 `Retry-After` seconds."
             }
             Self::DatabaseUnavailable => {
                 "A read could not be served because the database did not answer. Reads are safe \

@@ -463,6 +463,50 @@ async fn a_503_always_means_not_taken_and_carries_retry_after() {
     );
 }
 
+/// The bound on pending keys is there to bound memory, and a long key costs
+/// more of it: each counts one per 64 bytes of its length, plus one. Before,
+/// a key counted one whatever its length (a million 255-character keys of
+/// four-byte characters: gigabytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_keys_count_toward_the_pending_bound_by_their_length() {
+    let app = serve_on(TestDb::sqlite().await, |s| s.max_pending_keys = 32).await;
+    let client = reqwest::Client::new();
+    let post = |key: String| {
+        client
+            .post(app.url("/increment"))
+            .header("content-type", "application/json")
+            .body(serde_json::json!({ "key": key, "value": 1 }).to_string())
+            .send()
+    };
+    // 255 characters of 4 bytes: 1,020 bytes, a weight of 16.
+    let long = |c: char| format!("{c}{}", "😀".repeat(254));
+    assert_eq!(post(long('a')).await.unwrap().status(), 202);
+    assert_eq!(post(long('b')).await.unwrap().status(), 202);
+    assert_eq!(app.batcher.pending_keys(), 32);
+    assert!(
+        app.scrape()
+            .await
+            .lines()
+            .any(|line| line == "increment_pending_keys 32"),
+        "the gauge counts what the bound counts"
+    );
+    let problem = problem_of(post(long('c')).await.unwrap(), 503).await;
+    assert_eq!(problem.type_uri, "/problems/pending-limit");
+    let problem = problem_of(post("short".to_owned()).await.unwrap(), 503).await;
+    assert_eq!(problem.type_uri, "/problems/pending-limit");
+    assert_eq!(
+        post(long('a')).await.unwrap().status(),
+        202,
+        "held keys merge"
+    );
+    app.flusher.flush_once().await.expect("the flush succeeds");
+    let db = app.shut_down_cleanly().await;
+    assert_eq!(
+        db.counters().await,
+        std::collections::BTreeMap::from([(long('a'), 2), (long('b'), 1)])
+    );
+}
+
 /// A client that asks for more than the kernel's socket buffers hold (the
 /// Swagger page, 1.6 MB, four times over, pipelined) and stops reading is
 /// cut off once it has taken nothing for the send deadline: neither its
