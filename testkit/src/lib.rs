@@ -257,6 +257,19 @@ macro_rules! db_tests {
     };
 }
 
+/// The first HTTP response's head in `received` (lower-cased), where its body
+/// starts, and the `Content-Length` it declares; `None` until the whole head
+/// has arrived.
+pub fn response_head(received: &[u8]) -> Option<(String, usize, Option<usize>)> {
+    let end = received.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&received[..end]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse().ok());
+    Some((head, end + 4, length))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

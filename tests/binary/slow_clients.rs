@@ -58,17 +58,12 @@ async fn read_response(stream: &mut TcpStream) -> (String, usize) {
         let n = stream.read(&mut buf).await.expect("reads");
         assert!(n > 0, "the connection closed before the whole page came");
         received.extend_from_slice(&buf[..n]);
-        let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") else {
+        let Some((head, body_start, length)) = testkit::response_head(&received) else {
             continue;
         };
-        let head = String::from_utf8_lossy(&received[..end]).to_ascii_lowercase();
-        let length: usize = head
-            .lines()
-            .find_map(|line| line.strip_prefix("content-length:"))
-            .and_then(|value| value.trim().parse().ok())
-            .expect("the page declares its length");
-        if received.len() - (end + 4) >= length {
-            return (head, received.len() - (end + 4));
+        let length = length.expect("the page declares its length");
+        if received.len() - body_start >= length {
+            return (head, received.len() - body_start);
         }
     }
 }

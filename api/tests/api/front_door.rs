@@ -540,16 +540,9 @@ async fn a_client_that_stops_reading_is_cut_off_at_the_send_deadline() {
         tokio::time::timeout(PATIENCE, read_all).await.is_ok(),
         "the service closed the connection"
     );
-    let head_end = received
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("the first response's head arrived");
-    let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|line| line.strip_prefix("content-length:"))
-        .and_then(|value| value.trim().parse().ok())
-        .expect("a content-length");
+    let (_, _, length) =
+        testkit::response_head(&received).expect("the first response's head arrived");
+    let length = length.expect("a content-length");
     assert!(length > 1_000_000, "the page is large: {length} bytes");
     assert!(
         received.len() < 4 * length,
