@@ -191,31 +191,46 @@ impl SlotState {
 /// slot was sealed, its remainder moved aside), which is harmless; while no
 /// drain runs (the database is down) stale entries of churning keys are
 /// dropped from time to time so the list stays about as long as what is
-/// really pending.
+/// really pending. Counted in entries and in key bytes: a stale entry keeps
+/// its slot and key alive, and a long key that keeps leaving the cache (a
+/// cache smaller than its weight) would otherwise pin 65,536 copies of it.
 #[derive(Default)]
 struct DirtyList {
     entries: Vec<Arc<Slot>>,
+    /// Bytes of the keys of `entries`.
+    key_bytes: usize,
     /// Length at which stale entries are next dropped.
     compact_at: usize,
+    /// `key_bytes` at which stale entries are next dropped.
+    compact_at_bytes: usize,
 }
 
 impl DirtyList {
     /// Length below which the list is never compacted.
     const MIN_COMPACT: usize = 1 << 16;
+    /// Key bytes below which the list is never compacted.
+    const MIN_COMPACT_BYTES: usize = 4 << 20;
 
     fn push(&mut self, slot: &Arc<Slot>) {
-        if self.entries.len() >= self.compact_at.max(Self::MIN_COMPACT) {
+        if self.entries.len() >= self.compact_at.max(Self::MIN_COMPACT)
+            || self.key_bytes >= self.compact_at_bytes.max(Self::MIN_COMPACT_BYTES)
+        {
             // `try_lock`: the caller holds a slot lock (maybe several); never
             // wait for another here. A busy slot is simply kept.
             self.entries
                 .retain(|slot| slot.state.try_lock().is_none_or(|state| state.dirty));
+            self.key_bytes = self.entries.iter().map(|slot| slot.key.len()).sum();
             self.compact_at = self.entries.len() * 2;
+            self.compact_at_bytes = self.key_bytes * 2;
         }
+        self.key_bytes += slot.key.len();
         self.entries.push(Arc::clone(slot));
     }
 
     fn take(&mut self) -> Vec<Arc<Slot>> {
         self.compact_at = 0;
+        self.compact_at_bytes = 0;
+        self.key_bytes = 0;
         std::mem::take(&mut self.entries)
     }
 }
@@ -371,9 +386,15 @@ impl Batcher {
         }
     }
 
-    /// Refuses a key not already pending once the bound is reached.
+    /// Refuses a key not already pending when its weight does not fit under
+    /// the bound (as [`admit_all`](Self::admit_all) does; an empty batcher
+    /// takes any key).
     fn admit(&self, key: &str) -> Result<(), BatchError> {
-        if self.pending_keys() < self.max_pending_keys || self.holds(key) {
+        let pending = self.pending_keys();
+        if pending == 0
+            || pending.saturating_add(key_weight(key)) <= self.max_pending_keys
+            || self.holds(key)
+        {
             Ok(())
         } else {
             Err(BatchError::Full)
@@ -1155,6 +1176,61 @@ mod tests {
         assert_eq!(b.pending_keys(), 10);
         b.drain();
         assert_eq!(b.pending_keys(), 0, "every weight leaves with its key");
+    }
+
+    #[test]
+    fn one_key_and_a_batch_of_it_are_admitted_alike_by_weight() {
+        let nine_pending = || {
+            let b = Batcher::with_max_pending_keys(
+                NonZeroU64::new(1_000).unwrap(),
+                Duration::from_secs(60),
+                10,
+            );
+            for i in 0..9 {
+                b.record(&format!("s{i}"), 1).unwrap();
+            }
+            b
+        };
+        let long = long_key('l', 16);
+        let b = nine_pending();
+        assert_eq!(b.record(&long, 1), Err(BatchError::Full));
+        assert_eq!(b.record_durable(&long, 1), Err(BatchError::Full));
+        assert_eq!(b.record_all(&[(&long, 1)]), Err((0, BatchError::Full)));
+        assert_eq!(b.pending_keys(), 9);
+        b.record("s9", 1).unwrap();
+        assert_eq!(b.record("s10", 1), Err(BatchError::Full));
+        // An empty batcher takes any key, however heavy.
+        let empty = Batcher::with_max_pending_keys(
+            NonZeroU64::new(1_000).unwrap(),
+            Duration::from_secs(60),
+            10,
+        );
+        empty.record(&long, 1).unwrap();
+        assert_eq!(empty.pending_keys(), 16);
+    }
+
+    #[test]
+    fn a_long_key_that_keeps_leaving_the_cache_does_not_pin_its_old_slots() {
+        // Heavier than the whole cache: every maintenance run seals its slot
+        // and the next record makes a new one, listed as dirty again.
+        let b = batcher(1, Duration::from_secs(60));
+        let long = "😀".repeat(255);
+        for _ in 0..20_000 {
+            b.record(&long, 1).unwrap();
+            b.cache.run_pending_tasks();
+        }
+        let pinned: usize = b
+            .dirty_list
+            .lock()
+            .entries
+            .iter()
+            .map(|slot| slot.key.len())
+            .sum();
+        assert!(
+            pinned <= 2 * DirtyList::MIN_COMPACT_BYTES,
+            "{pinned} key bytes listed"
+        );
+        assert_eq!(b.drain().get(&long), Some(&20_000));
     }
 
     #[test]
