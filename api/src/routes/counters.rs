@@ -29,6 +29,13 @@ const READ_RETRY_AFTER: u64 = 1;
 pub const MAX_PAGE: u64 = 1_000;
 /// Page size when `limit` is not given.
 pub const DEFAULT_PAGE: u64 = 100;
+/// Most bytes of JSON a page of `GET /counters` carries (about): it ends
+/// early, with `next`, once its counters pass this. A response is held whole
+/// until its client takes it, and a page of 1,000 long keys of escaped
+/// characters is about 1.6 MB: a client reading such pages slowly on many
+/// connections would hold that much each. 1,000 keys of up to about 100
+/// bytes still fit one page.
+pub const MAX_PAGE_BYTES: usize = 256 * 1024;
 
 #[derive(Tags)]
 enum CounterTag {
@@ -121,6 +128,21 @@ fn unavailable(err: &sea_orm::DbErr) -> (ProblemJson, u64) {
     (refusal.payload(), READ_RETRY_AFTER)
 }
 
+/// About the bytes `counter` adds to a page's JSON (at least as many).
+fn json_size(counter: &StoredCounter) -> usize {
+    // `{"key":,"value":,"updated_at":""},`, a 20-digit value at most.
+    let escaped_key: usize = counter
+        .key
+        .bytes()
+        .map(|byte| match byte {
+            b'"' | b'\\' => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum();
+    36 + 2 + escaped_key + 20 + counter.updated_at.len()
+}
+
 /// The 422 of a `prefix` or `after` that no key could match.
 fn check_parameter(name: &str, text: Option<&str>) -> Result<(), ProblemJson> {
     match text.map(|text| check_key_text(text, true)) {
@@ -197,7 +219,8 @@ impl CounterApi {
         &self,
         /// Only keys starting with this (exact, case-sensitive).
         prefix: Query<Option<String>>,
-        /// Page size, 1 to 1000 (default 100).
+        /// Page size, 1 to 1000 (default 100). A page of long keys may end
+        /// sooner (at about 256 KiB), with `next`.
         #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<u64>>,
         /// Only keys after this one (the previous page's `next`).
@@ -222,16 +245,24 @@ impl CounterApi {
                     return PageResponse::Unavailable(problem, retry_after);
                 }
             };
-        let has_more = rows.len() as u64 > limit;
-        let counters: Vec<StoredCounter> = rows
-            .into_iter()
-            .take(limit as usize)
-            .map(|row| StoredCounter {
+        let mut has_more = false;
+        let mut counters: Vec<StoredCounter> = Vec::with_capacity(rows.len());
+        let mut page_bytes = 0;
+        for row in rows {
+            let counter = StoredCounter {
                 key: row.key,
                 value: row.value,
                 updated_at: row.updated_at.to_rfc3339(),
-            })
-            .collect();
+            };
+            page_bytes += json_size(&counter);
+            if counters.len() as u64 == limit
+                || (page_bytes > MAX_PAGE_BYTES && !counters.is_empty())
+            {
+                has_more = true;
+                break;
+            }
+            counters.push(counter);
+        }
         let next = if has_more {
             counters.last().map(|c| c.key.clone())
         } else {

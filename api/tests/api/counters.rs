@@ -13,6 +13,7 @@ db_tests!(
     odd_keys_read_back_percent_encoded,
     reads_never_count_a_delta_twice_or_miss_one_during_flushes,
     listing_pages_through_stored_counters_in_key_order,
+    a_page_of_long_escaped_keys_ends_at_its_byte_bound,
     prefixes_match_exactly_in_code_point_order,
 );
 
@@ -201,6 +202,46 @@ async fn list(app: &TestApp, query: &str) -> (StatusCode, serde_json::Value) {
     let status = response.status();
     let body = response.text();
     (status, serde_json::from_str(&body).unwrap())
+}
+
+/// A page is held whole until its client reads it: one of 1,000 keys of 255
+/// escaped characters would be 1.6 MB. It ends at about 256 KiB instead, and
+/// paging still lists every key once, in order.
+async fn a_page_of_long_escaped_keys_ends_at_its_byte_bound(db: TestDb) {
+    let app = spawn_app(db).await;
+    // Each control character is six bytes of JSON (`\u0001`).
+    let keys: Vec<String> = (0..300)
+        .map(|i| format!("{i:03}{}", "\u{1}".repeat(252)))
+        .collect();
+    for key in &keys {
+        app.batcher.record(key, 1).expect("recorded");
+    }
+    app.flush().await;
+    let mut listed = Vec::new();
+    let mut query = "?limit=1000".to_owned();
+    let mut pages = 0;
+    loop {
+        let response = app.client.get(format!("/counters{query}")).send().await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.text();
+        // The bound counts the counters; `next` (one key) comes on top.
+        assert!(
+            body.len() <= api::routes::counters::MAX_PAGE_BYTES + 2048,
+            "a page of {} bytes",
+            body.len()
+        );
+        let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+        pages += 1;
+        for counter in page["counters"].as_array().unwrap() {
+            listed.push(counter["key"].as_str().unwrap().to_owned());
+        }
+        match page["next"].as_str() {
+            Some(next) => query = format!("?limit=1000&after={}", percent_encode(next)),
+            None => break,
+        }
+    }
+    assert!(pages >= 2, "{pages} page(s)");
+    assert_eq!(listed, keys);
 }
 
 async fn listing_pages_through_stored_counters_in_key_order(db: TestDb) {
