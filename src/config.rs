@@ -128,7 +128,7 @@ pub struct Config {
     #[arg(long, env = "INCREMENT_SEND_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub send_timeout: Duration,
 
-    /// Largest request head (request line and headers) in bytes, at least 8192; more gets 431.
+    /// Largest request head (request line and headers) in bytes, at least 8192; more gets 431 (checked as hyper's read buffer fills: a head that arrives in one piece may pass up to about 1.75 times this).
     #[arg(long, env = "INCREMENT_MAX_HEAD_BYTES", default_value = "65536", value_parser = clap::value_parser!(u64).range(8192..))]
     pub max_head_bytes: u64,
 

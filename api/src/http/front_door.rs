@@ -29,6 +29,11 @@ pub struct RouteTable {
     pub label: fn(&str) -> &'static str,
     /// The methods a route label answers, for the `Allow` header of a 405.
     pub allowed_methods: fn(&'static str) -> &'static str,
+    /// Route labels served whatever `--max-in-flight` says: the liveness
+    /// probe. Requests whose bodies arrive slowly hold their permits for up
+    /// to `--body-timeout`; a liveness probe refused meanwhile would have
+    /// the orchestrator restart a working instance.
+    pub beyond_in_flight: &'static [&'static str],
 }
 
 /// Wraps the router (see the module doc).
@@ -70,9 +75,13 @@ impl<E: Endpoint> FrontDoor<E> {
     }
 
     async fn handle(&self, mut req: Request, route: &'static str) -> Response {
-        let _permit = match self.limits.admit() {
-            Ok(permit) => permit,
-            Err(e) => return e.as_response(),
+        let _permit = if self.routes.beyond_in_flight.contains(&route) {
+            None
+        } else {
+            match self.limits.admit() {
+                Ok(permit) => Some(permit),
+                Err(e) => return e.as_response(),
+            }
         };
         let body = match self.limits.read_body(&mut req).await {
             Ok(body) => body,

@@ -136,6 +136,7 @@ pub fn allowed_methods(route: &'static str) -> &'static str {
 pub const ROUTES: RouteTable = RouteTable {
     label: route_label,
     allowed_methods,
+    beyond_in_flight: &["/healthz"],
 };
 
 /// The OpenAPI service with every tag.
@@ -178,9 +179,9 @@ pub fn router(state: AppState) -> impl Endpoint<Output = poem::Response> {
     let docs = SharedPage::new(api.swagger_ui_html(), "text/html; charset=utf-8");
     let spec = SharedPage::new(api.spec(), "application/json");
     let mut route = Route::new()
-        .at("/docs", docs.clone())
-        .at("/docs/", docs)
-        .at("/openapi.json", spec)
+        .at("/docs", get(docs.clone()))
+        .at("/docs/", get(docs))
+        .at("/openapi.json", get(spec))
         .at("/metrics", get(metrics).data(state.clone()));
     if let Some(token) = &state.admin_token {
         route = route.nest(

@@ -16,6 +16,23 @@ async fn swagger_ui_is_served_from_the_binary() {
     }
 }
 
+/// The pages answer `GET` and `HEAD`; any other method is `405` with `Allow`,
+/// as on every other read-only route (it was the page, whatever the method).
+#[tokio::test]
+async fn the_docs_pages_answer_get_and_head_only() {
+    let app = spawn_app(TestDb::sqlite().await).await;
+    let client = reqwest::Client::new();
+    for path in ["/docs", "/docs/", "/openapi.json"] {
+        let head = client.head(app.url(path)).send().await.unwrap();
+        assert_eq!(head.status(), 200, "HEAD {path}");
+        let post = client.post(app.url(path)).send().await.unwrap();
+        assert_eq!(post.status(), 405, "POST {path}");
+        assert_eq!(post.headers()["allow"], "GET, HEAD", "POST {path}");
+        let delete = client.delete(app.url(path)).send().await.unwrap();
+        assert_eq!(delete.status(), 405, "DELETE {path}");
+    }
+}
+
 #[tokio::test]
 async fn the_openapi_document_lists_every_status_with_its_schema() {
     let app = spawn_app(TestDb::sqlite().await).await;

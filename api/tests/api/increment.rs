@@ -223,6 +223,9 @@ async fn wait_given_twice_is_refused(db: TestDb) {
         "wait=false&wait=true",
         "wait=true&wait=true",
         "wait&wait=false",
+        // Names are compared as the query reader reads them: decoded.
+        "w%61it=false&wait=true",
+        "wait=true&w%61it=false",
     ] {
         let response = app
             .client

@@ -86,9 +86,9 @@ async fn requests_beyond_the_in_flight_cap_get_503() {
     })
     .await;
     // One request holds the only slot: its body is still on the way. A probe
-    // polls until it is refused (the probe takes nothing). The probe needs
-    // the slot too: a holder that arrived while a probe was in flight was
-    // itself refused, and is sent again.
+    // (`/metrics`) polls until it is refused (the probe takes nothing). The
+    // probe needs the slot too: a holder that arrived while a probe was in
+    // flight was itself refused, and is sent again.
     let client = reqwest::Client::new();
     let deadline = Instant::now() + PATIENCE;
     let mut holder = 'held: loop {
@@ -98,7 +98,7 @@ async fn requests_beyond_the_in_flight_cap_get_503() {
             .await;
         loop {
             assert!(Instant::now() < deadline, "the holder never took the slot");
-            let probe = client.get(app.url("/healthz")).send().await.unwrap();
+            let probe = client.get(app.url("/metrics")).send().await.unwrap();
             if probe.status() == 503 {
                 break 'held holder;
             }
@@ -117,6 +117,10 @@ async fn requests_beyond_the_in_flight_cap_get_503() {
     assert_eq!(answer.status, 503);
     assert_eq!(answer.header("retry-after"), Some("1"));
     assert!(String::from_utf8_lossy(&answer.body).contains("/problems/overloaded"));
+    // The liveness probe is served all the same: slow bodies must not have
+    // the orchestrator restart a working instance. (It was refused before.)
+    let live = client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(live.status(), 200);
     let held = holder.response(PATIENCE).await.expect("an answer");
     assert_eq!(held.status, 408);
     let db = app.shut_down_cleanly().await;
