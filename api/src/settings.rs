@@ -16,11 +16,24 @@ pub const DEFAULT_DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// directory.
 pub const DEFAULT_SPILL_RESCAN_INTERVAL: Duration = Duration::from_secs(60);
 
-/// The longest `--cache-ttl` (moka refuses longer, by panicking).
+/// The longest `--cache-ttl`: moka refuses longer, by panicking (its years
+/// have 365 days).
 pub const MAX_CACHE_TTL: Duration = Duration::from_secs(1000 * 365 * 24 * 3600);
 
+/// The longest value of any other duration setting: 100 years as the flags
+/// write them (`100years`, of 365.25 days). Far beyond any use, and far
+/// enough from the clocks' ends that `now + duration` (and arithmetic on it,
+/// such as three eighths of the shutdown timeout) cannot overflow and panic
+/// in a request, a connection or the flush loop.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
 /// The longest `--idempotency-window`.
-pub const MAX_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+pub const MAX_IDEMPOTENCY_WINDOW: Duration = MAX_DURATION;
+
+/// The largest `--db-pool-size`: the pool reserves room for every connection
+/// it may open (100,000,000 took 7 GB at start), and no database serves
+/// more.
+pub const MAX_DB_POOL_SIZE: u32 = 10_000;
 
 /// Everything the service needs to start.
 #[derive(Clone)]
@@ -174,23 +187,26 @@ impl Settings {
             }
         }
         // Upper bounds where a larger value would panic far from here: moka
-        // asserts a TTL of at most 1,000 years, and the window is subtracted
-        // from the current time (chrono and the databases' timestamps end
-        // long before a window of, say, 300,000 years).
-        for (name, value, max, why) in [
-            (
+        // asserts a TTL of at most 1,000 years, and every other duration is
+        // added to a clock reading somewhere (see `MAX_DURATION`).
+        let journal_durations = self.journal.iter().flat_map(|journal| {
+            [
+                ("journal-duplicate-window", journal.duplicate_window),
+                ("journal-ack-timeout", journal.ack_timeout),
+            ]
+        });
+        let bounded = positive
+            .into_iter()
+            .filter(|(name, _)| *name != "cache-ttl")
+            .chain(journal_durations)
+            .map(|(name, value)| (name, value, MAX_DURATION, "must be at most 100 years"))
+            .chain([(
                 "cache-ttl",
                 self.cache_ttl,
                 MAX_CACHE_TTL,
-                "must be at most 1000 years (the cache's limit)",
-            ),
-            (
-                "idempotency-window",
-                self.idempotency_window,
-                MAX_IDEMPOTENCY_WINDOW,
-                "must be at most 100 years",
-            ),
-        ] {
+                "must be at most 31536000000s (1000 years of 365 days, the cache's limit)",
+            )]);
+        for (name, value, max, why) in bounded {
             if value > max {
                 return Err(SettingsError::Invalid {
                     name,
@@ -217,6 +233,14 @@ impl Settings {
                     why: "must be greater than zero",
                 });
             }
+            // Each is a semaphore's permits; tokio panics above this.
+            if value > tokio::sync::Semaphore::MAX_PERMITS {
+                return Err(SettingsError::Invalid {
+                    name,
+                    value: value.to_string(),
+                    why: "must be at most 2305843009213693951",
+                });
+            }
         }
         if self.max_head_bytes < MIN_HEAD_BYTES {
             return Err(SettingsError::Invalid {
@@ -232,17 +256,23 @@ impl Settings {
                 why: "must be greater than zero",
             });
         }
-        // Characters, as the message says (a multi-byte token is not longer).
-        if self
-            .admin_token
-            .as_ref()
-            .is_some_and(|t| t.chars().count() < MIN_ADMIN_TOKEN_CHARS)
-        {
-            return Err(SettingsError::Invalid {
-                name: "admin-token",
-                value: "<redacted>".into(),
-                why: "must be at least 16 characters",
-            });
+        if let Some(token) = &self.admin_token {
+            if token.len() < MIN_ADMIN_TOKEN_CHARS {
+                return Err(SettingsError::Invalid {
+                    name: "admin-token",
+                    value: "<redacted>".into(),
+                    why: "must be at least 16 characters",
+                });
+            }
+            // What an `Authorization` header can carry and compare: other
+            // bytes (non-ASCII, spaces at either end) never authenticate.
+            if !token.bytes().all(|byte| byte.is_ascii_graphic()) {
+                return Err(SettingsError::Invalid {
+                    name: "admin-token",
+                    value: "<redacted>".into(),
+                    why: "must be visible ASCII characters (no spaces)",
+                });
+            }
         }
         if let Some(journal) = &self.journal {
             if !matches!(journal.replicas, 1..=5) {
@@ -272,11 +302,11 @@ impl Settings {
                 });
             }
         }
-        if self.db_pool_size == 0 {
+        if !(1..=MAX_DB_POOL_SIZE).contains(&self.db_pool_size) {
             return Err(SettingsError::Invalid {
                 name: "db-pool-size",
-                value: "0".into(),
-                why: "must be greater than zero",
+                value: self.db_pool_size.to_string(),
+                why: "must be between 1 and 10000",
             });
         }
         if self.flush_connections == 0 || self.flush_connections > self.db_pool_size as usize {
@@ -294,6 +324,17 @@ impl Settings {
                 name: "database-url",
                 value: redact_url(&self.database_url),
                 why: "must start with postgres://, postgresql:// or sqlite:",
+            });
+        }
+        // Each connection would open a database of its own: the migrations'
+        // connection made the tables, the pool's saw none.
+        if self.database_url.starts_with("sqlite:")
+            && (self.database_url.contains(":memory:") || self.database_url.contains("mode=memory"))
+        {
+            return Err(SettingsError::Invalid {
+                name: "database-url",
+                value: redact_url(&self.database_url),
+                why: "must name a file: an in-memory SQLite database is not shared between connections",
             });
         }
         Ok(())
@@ -548,12 +589,22 @@ mod tests {
     }
 
     #[test]
-    fn the_admin_token_is_counted_in_characters() {
-        let mut settings = Settings::with_database("sqlite::memory:");
-        settings.admin_token = Some("é".repeat(15));
-        assert!(settings.validate().is_err(), "15 characters (30 bytes)");
-        settings.admin_token = Some("é".repeat(16));
+    fn the_admin_token_is_visible_ascii_a_header_can_carry() {
+        let mut settings = Settings::with_database("sqlite://t.db?mode=rwc");
+        settings.admin_token = Some("x".repeat(15));
+        assert!(settings.validate().is_err(), "15 characters");
+        settings.admin_token = Some("0123456789abcdef!~".into());
         assert!(settings.validate().is_ok());
+        // Before, these were taken and then never authenticated.
+        for token in [
+            "é".repeat(16),
+            "0123456789abcdef ".into(),
+            " 0123456789abcdef".into(),
+        ] {
+            settings.admin_token = Some(token.clone());
+            let error = settings.validate().unwrap_err().to_string();
+            assert!(error.contains("--admin-token"), "{token:?}: {error}");
+        }
     }
 
     #[test]
@@ -576,7 +627,7 @@ mod tests {
 
     #[test]
     fn refuses_durations_that_would_panic_later() {
-        let mut settings = Settings::with_database("sqlite::memory:");
+        let mut settings = Settings::with_database("sqlite://t.db?mode=rwc");
         settings.cache_ttl = MAX_CACHE_TTL;
         settings.idempotency_window = MAX_IDEMPOTENCY_WINDOW;
         assert!(settings.validate().is_ok());
@@ -589,9 +640,70 @@ mod tests {
         assert!(error.contains("--idempotency-window"), "{error}");
     }
 
+    /// Each was taken before and panicked later: at start (`now +` the
+    /// connect timeout, three eighths of the shutdown timeout), in every
+    /// connection (the header timeout), in a `wait=true` request after its
+    /// increment was taken, or in the flush loop after a failed flush.
+    #[test]
+    fn refuses_every_duration_past_a_hundred_years() {
+        let huge = Duration::from_secs(10_000_000_000_000_000_000);
+        type Setter = fn(&mut Settings, Duration);
+        let setters: [(&str, Setter); 11] = [
+            ("flush-interval", |s, d| s.flush_interval = d),
+            ("shutdown-timeout", |s, d| s.shutdown_timeout = d),
+            ("wait-timeout", |s, d| s.wait_timeout = d),
+            ("header-timeout", |s, d| s.header_timeout = d),
+            ("body-timeout", |s, d| s.body_timeout = d),
+            ("idle-timeout", |s, d| s.idle_timeout = d),
+            ("send-timeout", |s, d| s.send_timeout = d),
+            ("db-connect-timeout", |s, d| s.db_connect_timeout = d),
+            ("spill-rescan-interval", |s, d| s.spill_rescan_interval = d),
+            ("idempotency-window", |s, d| s.idempotency_window = d),
+            ("journal-ack-timeout", |s, d| {
+                s.journal = Some(crate::journal::JournalSettings::new("nats://h:4222"));
+                s.journal.as_mut().unwrap().ack_timeout = d;
+            }),
+        ];
+        for (name, set) in setters {
+            let mut settings = Settings::with_database("sqlite://t.db?mode=rwc");
+            set(&mut settings, MAX_DURATION);
+            assert!(settings.validate().is_ok(), "{name} at 100 years");
+            set(&mut settings, huge);
+            let error = settings.validate().unwrap_err().to_string();
+            assert!(error.contains(&format!("--{name}")), "{name}: {error}");
+        }
+        // 100 years as a flag writes it (`100years`: 365.25 days each).
+        assert_eq!(MAX_DURATION.as_secs(), 100 * 36_525 * 86_400 / 100);
+    }
+
+    #[test]
+    fn refuses_counts_that_would_panic_or_exhaust_memory_and_memory_databases() {
+        let mut settings = Settings::with_database("sqlite://t.db?mode=rwc");
+        settings.max_connections = usize::MAX;
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("--max-connections"), "{error}");
+        settings.max_connections = tokio::sync::Semaphore::MAX_PERMITS;
+        settings.max_in_flight = tokio::sync::Semaphore::MAX_PERMITS + 1;
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("--max-in-flight"), "{error}");
+        settings.max_in_flight = 1;
+        settings.db_pool_size = 10_001;
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("--db-pool-size"), "{error}");
+        settings.db_pool_size = 10_000;
+        assert!(settings.validate().is_ok());
+        for url in ["sqlite::memory:", "sqlite://x.db?mode=memory&cache=shared"] {
+            let error = Settings::with_database(url)
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("in-memory"), "{url}: {error}");
+        }
+    }
+
     #[test]
     fn refuses_zero_durations_and_unknown_databases() {
-        let mut settings = Settings::with_database("sqlite::memory:");
+        let mut settings = Settings::with_database("sqlite://t.db?mode=rwc");
         settings.flush_interval = Duration::ZERO;
         let err = settings.validate().unwrap_err().to_string();
         assert!(err.contains("--flush-interval"), "{err}");

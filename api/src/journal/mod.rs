@@ -63,14 +63,24 @@ impl JournalSettings {
     /// The servers of `url` (comma-separated).
     ///
     /// # Errors
-    /// The first entry that is not a NATS URL.
+    /// The first entry that is not a NATS URL, or none at all (`","`, as a
+    /// template of unset variables makes: the client would spin on an empty
+    /// server list).
     pub fn servers(&self) -> Result<Vec<async_nats::ServerAddr>, std::io::Error> {
-        self.url
+        let servers: Vec<async_nats::ServerAddr> = self
+            .url
             .split(',')
             .map(str::trim)
             .filter(|url| !url.is_empty())
             .map(str::parse)
-            .collect()
+            .collect::<Result<_, _>>()?;
+        if servers.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no server address in it",
+            ));
+        }
+        Ok(servers)
     }
 
     /// The subject increments are published on.
@@ -318,5 +328,23 @@ async fn poll_applied(db: DatabaseConnection, cursor: Arc<Cursor>) {
         if cursor.poller_may_stop() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `","` (a template of two unset variables) was taken as no servers,
+    /// and the client spun at a full core for good.
+    #[test]
+    fn a_url_without_any_server_is_refused() {
+        for url in [",", " , ", ""] {
+            assert!(JournalSettings::new(url).servers().is_err(), "{url:?}");
+        }
+        let servers = JournalSettings::new("nats://a:4222, nats://b:4222,")
+            .servers()
+            .expect("two servers");
+        assert_eq!(servers.len(), 2);
     }
 }
