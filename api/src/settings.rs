@@ -602,7 +602,7 @@ mod tests {
             " 0123456789abcdef".into(),
         ] {
             settings.admin_token = Some(token.clone());
-            let error = settings.validate().unwrap_err().to_string();
+            let error = refusal(&settings);
             assert!(error.contains("--admin-token"), "{token:?}: {error}");
         }
     }
@@ -640,6 +640,11 @@ mod tests {
         assert!(error.contains("--idempotency-window"), "{error}");
     }
 
+    /// Why `settings` are refused (they must be).
+    fn refusal(settings: &Settings) -> String {
+        settings.validate().expect_err("refused").to_string()
+    }
+
     /// Each was taken before and panicked later: at start (`now +` the
     /// connect timeout, three eighths of the shutdown timeout), in every
     /// connection (the header timeout), in a `wait=true` request after its
@@ -669,7 +674,7 @@ mod tests {
             set(&mut settings, MAX_DURATION);
             assert!(settings.validate().is_ok(), "{name} at 100 years");
             set(&mut settings, huge);
-            let error = settings.validate().unwrap_err().to_string();
+            let error = refusal(&settings);
             assert!(error.contains(&format!("--{name}")), "{name}: {error}");
         }
         // 100 years as a flag writes it (`100years`: 365.25 days each).
@@ -680,23 +685,20 @@ mod tests {
     fn refuses_counts_that_would_panic_or_exhaust_memory_and_memory_databases() {
         let mut settings = Settings::with_database("sqlite://t.db?mode=rwc");
         settings.max_connections = usize::MAX;
-        let error = settings.validate().unwrap_err().to_string();
+        let error = refusal(&settings);
         assert!(error.contains("--max-connections"), "{error}");
         settings.max_connections = tokio::sync::Semaphore::MAX_PERMITS;
         settings.max_in_flight = tokio::sync::Semaphore::MAX_PERMITS + 1;
-        let error = settings.validate().unwrap_err().to_string();
+        let error = refusal(&settings);
         assert!(error.contains("--max-in-flight"), "{error}");
         settings.max_in_flight = 1;
         settings.db_pool_size = 10_001;
-        let error = settings.validate().unwrap_err().to_string();
+        let error = refusal(&settings);
         assert!(error.contains("--db-pool-size"), "{error}");
         settings.db_pool_size = 10_000;
         assert!(settings.validate().is_ok());
         for url in ["sqlite::memory:", "sqlite://x.db?mode=memory&cache=shared"] {
-            let error = Settings::with_database(url)
-                .validate()
-                .unwrap_err()
-                .to_string();
+            let error = refusal(&Settings::with_database(url));
             assert!(error.contains("in-memory"), "{url}: {error}");
         }
     }
