@@ -390,15 +390,7 @@ impl Batcher {
     /// the bound (as [`admit_all`](Self::admit_all) does; an empty batcher
     /// takes any key).
     fn admit(&self, key: &str) -> Result<(), BatchError> {
-        let pending = self.pending_keys();
-        if pending == 0
-            || pending.saturating_add(key_weight(key)) <= self.max_pending_keys
-            || self.holds(key)
-        {
-            Ok(())
-        } else {
-            Err(BatchError::Full)
-        }
+        self.admit_all(std::iter::once(key))
     }
 
     /// Refuses distinct keys (`keys`) when those not already pending do not
@@ -1144,6 +1136,15 @@ mod tests {
         b.record("c", 1).unwrap();
     }
 
+    /// A batcher taking at most `max_pending_keys` of weight.
+    fn bounded(max_pending_keys: u64) -> Batcher {
+        Batcher::with_max_pending_keys(
+            NonZeroU64::new(1_000).expect("non-zero"),
+            Duration::from_secs(60),
+            max_pending_keys,
+        )
+    }
+
     /// A key of `units` weight: `units` - 1 full units of bytes.
     fn long_key(name: char, units: usize) -> String {
         std::iter::repeat_n(name, (units - 1) * KEY_UNIT_BYTES).collect()
@@ -1156,11 +1157,7 @@ mod tests {
         assert_eq!(key_weight(&"x".repeat(KEY_UNIT_BYTES)), 2);
         // 255 four-byte characters, the longest key the API takes.
         assert_eq!(key_weight(&"😀".repeat(255)), 16);
-        let b = Batcher::with_max_pending_keys(
-            NonZeroU64::new(1_000).unwrap(),
-            Duration::from_secs(60),
-            10,
-        );
+        let b = bounded(10);
         let (a, c) = (long_key('a', 5), long_key('c', 5));
         b.record(&a, 1).unwrap();
         b.record_durable(&long_key('b', 5), 1).unwrap();
@@ -1180,19 +1177,11 @@ mod tests {
 
     #[test]
     fn one_key_and_a_batch_of_it_are_admitted_alike_by_weight() {
-        let nine_pending = || {
-            let b = Batcher::with_max_pending_keys(
-                NonZeroU64::new(1_000).unwrap(),
-                Duration::from_secs(60),
-                10,
-            );
-            for i in 0..9 {
-                b.record(&format!("s{i}"), 1).unwrap();
-            }
-            b
-        };
+        let b = bounded(10);
+        for i in 0..9 {
+            b.record(&format!("s{i}"), 1).unwrap();
+        }
         let long = long_key('l', 16);
-        let b = nine_pending();
         assert_eq!(b.record(&long, 1), Err(BatchError::Full));
         assert_eq!(b.record_durable(&long, 1), Err(BatchError::Full));
         assert_eq!(b.record_all(&[(&long, 1)]), Err((0, BatchError::Full)));
@@ -1200,11 +1189,7 @@ mod tests {
         b.record("s9", 1).unwrap();
         assert_eq!(b.record("s10", 1), Err(BatchError::Full));
         // An empty batcher takes any key, however heavy.
-        let empty = Batcher::with_max_pending_keys(
-            NonZeroU64::new(1_000).unwrap(),
-            Duration::from_secs(60),
-            10,
-        );
+        let empty = bounded(10);
         empty.record(&long, 1).unwrap();
         assert_eq!(empty.pending_keys(), 16);
     }
