@@ -487,7 +487,10 @@ async fn claim_keys<'a, C: ConnectionTrait>(
             continue; // The common case: every key is new.
         }
         // Rare (a client retried): the keys this statement did not take are
-        // the ones held under another batch id, with the body applied then.
+        // the ones it did not stamp with this batch id and `now`: held under
+        // another batch, or under this one by an earlier commit of it (a
+        // part replayed after its `flush_batches` row was pruned), with the
+        // body applied then.
         claimed.statements += 1;
         let keys: Vec<&str> = chunk.iter().map(|request| request.key.as_str()).collect();
         let rows: Vec<(String, i64)> = idempotency_keys::Entity::find()
@@ -495,7 +498,11 @@ async fn claim_keys<'a, C: ConnectionTrait>(
             .column(idempotency_keys::Column::Key)
             .column(idempotency_keys::Column::Fingerprint)
             .filter(idempotency_keys::Column::Key.is_in(keys))
-            .filter(idempotency_keys::Column::BatchId.ne(batch_id))
+            .filter(
+                sea_orm::Condition::any()
+                    .add(idempotency_keys::Column::BatchId.ne(batch_id))
+                    .add(idempotency_keys::Column::CreatedAt.ne(now)),
+            )
             .into_tuple::<(String, i64)>()
             .all(conn)
             .await?;

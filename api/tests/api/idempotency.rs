@@ -27,6 +27,7 @@ db_tests!(
     a_key_counts_as_new_once_the_window_has_passed_and_is_pruned,
     with_the_journal_a_retry_after_a_crash_is_applied_once,
     a_batch_applies_the_first_request_of_a_key_and_leaves_out_the_others,
+    a_keyed_part_replayed_after_its_ledger_row_was_pruned_is_not_applied_again,
     pruning_deletes_old_keys_a_bounded_statement_at_a_time,
 );
 
@@ -623,6 +624,60 @@ async fn a_batch_applies_the_first_request_of_a_key_and_leaves_out_the_others(db
     assert_eq!(left_out(later).await, (1, 0));
     assert_eq!(db.counters().await["a"], 106);
     assert_eq!(stored_keys(&db).await, 2);
+}
+
+/// A keyed part written again after its `flush_batches` row was pruned (kept
+/// 24 h; `--idempotency-window` may be longer): a spill file replayed late,
+/// holding a batch whose commit answer was lost. Its keys are still stored
+/// under this very part's id, which proves it applied them: nothing again.
+async fn a_keyed_part_replayed_after_its_ledger_row_was_pruned_is_not_applied_again(db: TestDb) {
+    use api::batch::{Batch, Keyed};
+    use sea_orm::EntityTrait;
+    let connection = db.connect().await;
+    <migration::Migrator as migration::MigratorTrait>::up(&connection, None)
+        .await
+        .unwrap();
+    let request = |key: &str, value: i64| Keyed {
+        key: key.to_owned(),
+        fingerprint: api::idempotency::fingerprint(
+            api::idempotency::Operation::Increment,
+            [("a", value)],
+        ),
+        items: vec![("a".to_owned(), value)],
+    };
+    let batch =
+        Batch::new([("a".to_owned(), 3 + 4)], 1).guarding(vec![request("x", 3), request("y", 4)]);
+    let write = |now: chrono::DateTime<chrono::Utc>| {
+        let (connection, batch) = (connection.clone(), &batch);
+        async move {
+            let window = Duration::from_secs(7 * 24 * 3600);
+            api::store::write_batch_keyed(&connection, batch, now, 2, window)
+                .await
+                .unwrap()
+        }
+    };
+    let first = chrono::Utc::now();
+    assert!(matches!(
+        write(first).await,
+        api::store::WriteOutcome::Committed { repeats: 0, .. }
+    ));
+    entity::flush_batches::Entity::delete_many()
+        .exec(&connection)
+        .await
+        .unwrap();
+    let outcome = write(first + chrono::Duration::hours(25)).await;
+    assert_eq!(db.counters().await["a"], 7, "applied again: {outcome:?}");
+    assert!(
+        matches!(
+            outcome,
+            api::store::WriteOutcome::Committed {
+                repeats: 2,
+                reused: 0,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
 }
 
 async fn pruning_deletes_old_keys_a_bounded_statement_at_a_time(db: TestDb) {
