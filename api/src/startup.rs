@@ -211,6 +211,7 @@ impl Application {
                     crate::telemetry::default_instance_id(),
                     uuid::Uuid::new_v4()
                 ),
+                retain_for: journal.settings.duplicate_window,
             };
             JournalParts {
                 publisher,

@@ -12,7 +12,8 @@
 //!
 //! Stream: file storage, `discard: new` (a full stream refuses, so a
 //! publisher sees it; `discard: old` would silently delete unapplied
-//! increments), limits retention, purged up to the applied offset.
+//! increments), limits retention, purged up to the applied offset once
+//! older than the duplicate window (see `reader`).
 
 pub mod codec;
 pub mod cursor;

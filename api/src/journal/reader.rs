@@ -1,8 +1,11 @@
 //! Reads the journal into the batcher, on the one instance holding the
 //! writer lease: an ordered consumer from the stored offset, each message
 //! recorded whole through the [`Cursor`]; the flusher writes the batches and
-//! moves the offset in the same transaction. Messages up to the stored
-//! offset are purged from the stream (they are applied).
+//! moves the offset in the same transaction. Applied messages are purged
+//! from the stream once they are older than its duplicate window: the
+//! stream's memory of message ids is rebuilt from the messages it still
+//! holds when nats-server restarts, and a publish retried after its message
+//! was purged would otherwise be stored, and applied, a second time.
 //!
 //! Instances without the lease wait for it; an instance that dies stops
 //! renewing it, and another takes over within a lease period, reading from
@@ -39,6 +42,46 @@ pub struct Reader {
     pub metrics: Arc<Metrics>,
     /// This instance's name in the lease.
     pub writer: String,
+    /// The stream's duplicate window: applied messages stay this long.
+    pub retain_for: Duration,
+}
+
+/// Stream sequences read with their publication times, one mark per second
+/// of messages (sequences and times rise together in a stream), so that the
+/// purge can tell which applied messages are older than the window.
+#[derive(Default)]
+struct PublishMarks {
+    marks: std::collections::VecDeque<(u64, i64)>,
+}
+
+impl PublishMarks {
+    fn note(&mut self, sequence: u64, published_ms: i64) {
+        if self
+            .marks
+            .back()
+            .is_none_or(|&(_, last)| published_ms >= last.saturating_add(1_000))
+        {
+            self.marks.push_back((sequence, published_ms));
+        }
+    }
+
+    /// The highest sequence that may be purged: applied, and published
+    /// before `cutoff_ms` (every message up to a mark published no later
+    /// than the mark). Forgets the marks it passes.
+    fn purgeable(&mut self, applied: u64, cutoff_ms: i64) -> Option<u64> {
+        let mut through = None;
+        while let Some(&(sequence, published_ms)) = self.marks.front() {
+            if published_ms >= cutoff_ms {
+                break;
+            }
+            if sequence > applied {
+                return Some(applied);
+            }
+            through = Some(sequence);
+            self.marks.pop_front();
+        }
+        through
+    }
 }
 
 /// Why a reading ended.
@@ -211,6 +254,7 @@ impl Reader {
         let mut renew = tokio::time::interval(LEASE / 3);
         renew.tick().await;
         let mut purged = applied;
+        let mut marks = PublishMarks::default();
         loop {
             tokio::select! {
                 () = stop.cancelled() => return Ended::Stopped,
@@ -218,7 +262,7 @@ impl Reader {
                     if !self.renew(reading).await {
                         return Ended::Restart;
                     }
-                    purged = self.purge(purged).await;
+                    purged = self.purge(purged, &mut marks).await;
                 }
                 message = messages.next() => {
                     let message = match message {
@@ -234,6 +278,9 @@ impl Reader {
                         return Ended::Restart;
                     };
                     let sequence = info.stream_sequence;
+                    let published_ms =
+                        i64::try_from(info.published.unix_timestamp_nanos() / 1_000_000)
+                            .unwrap_or(i64::MAX);
                     let durable = message
                         .headers
                         .as_ref()
@@ -241,6 +288,7 @@ impl Reader {
                     if !self.record(reading, sequence, &message.payload, stop).await {
                         return if stop.is_cancelled() { Ended::Stopped } else { Ended::Restart };
                     }
+                    marks.note(sequence, published_ms);
                     if durable {
                         self.flusher.request_flush();
                     }
@@ -267,14 +315,20 @@ impl Reader {
         }
     }
 
-    /// Purges what is applied; returns the sequence purged through.
-    async fn purge(&self, purged: u64) -> u64 {
-        let applied = self.cursor.applied();
-        if applied <= purged {
+    /// Purges what is applied and older than the duplicate window; returns
+    /// the sequence purged through.
+    async fn purge(&self, purged: u64, marks: &mut PublishMarks) -> u64 {
+        let window_ms = i64::try_from(self.retain_for.as_millis()).unwrap_or(i64::MAX);
+        let Some(through) =
+            marks.purgeable(self.cursor.applied(), now_ms().saturating_sub(window_ms))
+        else {
+            return purged;
+        };
+        if through <= purged {
             return purged;
         }
-        match self.stream.purge().sequence(applied + 1).await {
-            Ok(_) => applied,
+        match self.stream.purge().sequence(through + 1).await {
+            Ok(_) => through,
             Err(e) => {
                 tracing::warn!(error = %error_chain(&e), "purging applied journal messages failed; will retry");
                 purged
@@ -346,4 +400,25 @@ impl Reader {
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PublishMarks;
+
+    #[test]
+    fn only_applied_messages_older_than_the_window_may_be_purged() {
+        let mut marks = PublishMarks::default();
+        for (sequence, published_ms) in [(1, 0), (2, 500), (3, 1_000), (4, 1_200), (5, 2_500)] {
+            marks.note(sequence, published_ms);
+        }
+        // Nothing is older than the window yet.
+        assert_eq!(marks.purgeable(5, 0), None);
+        // Messages 1–3 were published no later than 1,000 (mark 3).
+        assert_eq!(marks.purgeable(5, 1_001), Some(3));
+        // Message 5 is old enough, but only 4 is applied.
+        assert_eq!(marks.purgeable(4, 3_000), Some(4));
+        assert_eq!(marks.purgeable(5, 3_000), Some(5));
+        assert_eq!(marks.purgeable(9, 9_000), None);
+    }
 }

@@ -29,6 +29,7 @@ db_tests!(
     durable_requests_on_an_instance_that_is_not_the_writer_are_answered_once_applied,
     a_durable_request_whose_row_is_rejected_hears_counter_overflow,
     a_consumer_that_recreates_itself_from_the_stream_start_applies_nothing_twice,
+    applied_messages_stay_in_the_stream_for_its_duplicate_window,
 );
 
 async fn every_202_is_applied_once_through_the_journal(db: TestDb) {
@@ -622,4 +623,68 @@ async fn an_existing_stream_s_duplicate_window_bounds_the_publish_retries() {
         .await
         .expect("connected");
     assert_eq!(journal.settings.duplicate_window, Duration::from_secs(20));
+}
+
+/// The stream forgets a message id once the message is gone and nats-server
+/// restarts (it rebuilds its duplicate memory from the messages it holds): a
+/// publish retried after that, its acknowledgement lost, would be stored and
+/// applied twice. So an applied message is purged only once it is older
+/// than the duplicate window; before, it went at the next lease renewal.
+async fn applied_messages_stay_in_the_stream_for_its_duplicate_window(db: TestDb) {
+    let nats = NatsServer::start();
+    let window = Duration::from_secs(4);
+    let app = TestApp::start_with(db, |settings| {
+        journaled(&nats)(settings);
+        if let Some(journal) = settings.journal.as_mut() {
+            journal.duplicate_window = window;
+        }
+    })
+    .await;
+    app.increment("k", 1)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    eventually(Duration::from_secs(20), "the increment applied", || async {
+        app.db.counters().await.get("k") == Some(&1)
+    })
+    .await;
+    let client = async_nats::connect(nats.url()).await.expect("connected");
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream(JournalSettings::new(nats.url()).stream)
+        .await
+        .expect("the stream");
+    let published = stream
+        .get_raw_message(1)
+        .await
+        .expect("message 1, applied, still held")
+        .time
+        .unix_timestamp_nanos();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = stream
+            .info()
+            .await
+            .expect("the stream's state")
+            .state
+            .clone();
+        if state.first_sequence > 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "message 1 was never purged: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_nanos();
+    let held_for = Duration::from_nanos(
+        u64::try_from(now.saturating_sub(u128::try_from(published).unwrap_or(0))).unwrap_or(0),
+    );
+    assert!(
+        held_for >= window,
+        "message 1 was purged {held_for:?} after it was published, within the {window:?} window"
+    );
+    app.shut_down_cleanly().await;
 }
