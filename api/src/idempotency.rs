@@ -86,6 +86,17 @@ pub fn parse_key(value: &[u8]) -> Result<String, KeyError> {
             value.to_vec()
         }
     };
+    check_key(&key)?;
+    // Printable ASCII only: valid UTF-8.
+    String::from_utf8(key).map_err(|_| KeyError::Character)
+}
+
+/// The rules of a key once unquoted: 1 to [`MAX_KEY_LEN`] printable ASCII
+/// characters (also what a journal message's keyed request must hold).
+///
+/// # Errors
+/// [`KeyError`] naming what is wrong.
+pub fn check_key(key: &[u8]) -> Result<(), KeyError> {
     if key.is_empty() {
         return Err(KeyError::Empty);
     }
@@ -95,8 +106,7 @@ pub fn parse_key(value: &[u8]) -> Result<String, KeyError> {
     if !key.iter().all(|c| (b' '..=b'~').contains(c)) {
         return Err(KeyError::Character);
     }
-    // Printable ASCII only: valid UTF-8.
-    String::from_utf8(key).map_err(|_| KeyError::Character)
+    Ok(())
 }
 
 /// The key of a request's `Idempotency-Key` header, if it has one. Read

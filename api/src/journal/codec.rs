@@ -35,6 +35,12 @@ pub enum CodecError {
     NotUtf8,
     #[error("the message holds no increment")]
     Empty,
+    /// A key the service would have refused at its door: applying it would
+    /// fail the database write (too long for its column, NUL) every time.
+    #[error("a counter key {0}")]
+    Key(crate::key::KeyError),
+    #[error("an Idempotency-Key is not one the service takes: {0}")]
+    IdempotencyKey(crate::idempotency::KeyError),
 }
 
 /// Appends the encoding of `items` to `out` (cleared first).
@@ -122,7 +128,10 @@ pub fn decode(body: &[u8]) -> Result<Message<'_>, CodecError> {
                 message.items.push(take_item(&mut rest)?);
             }
             while !rest.is_empty() {
-                let key = take_str(&mut rest)?.to_owned();
+                let key = take_str(&mut rest)?;
+                crate::idempotency::check_key(key.as_bytes())
+                    .map_err(CodecError::IdempotencyKey)?;
+                let key = key.to_owned();
                 let fingerprint = unzigzag(take_varint(&mut rest)?);
                 let count = take_varint(&mut rest)?;
                 let mut items = Vec::new();
@@ -160,6 +169,7 @@ fn take_str<'a>(rest: &mut &'a [u8]) -> Result<&'a str, CodecError> {
 
 fn take_item<'a>(rest: &mut &'a [u8]) -> Result<(&'a str, i64), CodecError> {
     let key = take_str(rest)?;
+    crate::key::check_key_text(key, false).map_err(CodecError::Key)?;
     let delta = unzigzag(take_varint(rest)?);
     Ok((key, delta))
 }
@@ -191,10 +201,9 @@ mod tests {
 
     #[test]
     fn items_survive_the_round_trip() {
-        let long = "k".repeat(300);
+        let long = "ключ".repeat(63);
         let items = vec![
             ("page:home", 1),
-            ("", 0),
             ("ключ", -1),
             ("max", i64::MAX),
             ("min", i64::MIN),
@@ -256,5 +265,29 @@ mod tests {
             decode(&[VERSION, 1, b'a', 0x80]),
             Err(CodecError::Truncated)
         );
+    }
+
+    /// Keys the service refuses at its door are refused in a message too:
+    /// another publisher's over-long key failed every flush for good.
+    #[test]
+    fn keys_the_service_would_refuse_are_refused() {
+        let mut body = Vec::new();
+        for (key, error) in [
+            ("k".repeat(256), crate::key::KeyError::TooLong),
+            (String::new(), crate::key::KeyError::Empty),
+            ("a\0b".to_owned(), crate::key::KeyError::Nul),
+        ] {
+            encode([(key.as_str(), 1)], &mut body);
+            assert_eq!(decode(&body), Err(CodecError::Key(error)));
+        }
+        for key in ["k".repeat(256), "é".to_owned(), String::new()] {
+            let keyed = [Keyed {
+                key,
+                fingerprint: 1,
+                items: vec![("a".to_owned(), 1)],
+            }];
+            encode_message(std::iter::empty(), &keyed, &mut body);
+            assert!(matches!(decode(&body), Err(CodecError::IdempotencyKey(_))));
+        }
     }
 }

@@ -345,7 +345,7 @@ impl Reader {
         body: &[u8],
         stop: &CancellationToken,
     ) -> bool {
-        let message = match codec::decode(body) {
+        let mut message = match codec::decode(body) {
             Ok(message) => message,
             Err(e) => {
                 tracing::error!(error = %e, sequence, "a journal message could not be read; skipped");
@@ -383,6 +383,18 @@ impl Reader {
                         () = stop.cancelled() => return false,
                         () = tokio::time::sleep(Duration::from_millis(1)) => {}
                     }
+                }
+                // One key's deltas in the message sum outside i64: never
+                // taken, whatever is pending. The publisher never writes
+                // such a message (it checks each group's sums), so another
+                // one did; waiting for room would stop the journal for good.
+                Err(RecordError::Batcher(crate::batcher::BatchError::RequestOverflow)) => {
+                    tracing::error!(
+                        sequence,
+                        "a journal message could not be read: one key's deltas sum outside the 64-bit range; skipped"
+                    );
+                    self.metrics.journal_unreadable_total.inc();
+                    message = codec::Message::default();
                 }
                 Err(RecordError::Batcher(_)) => {
                     // Full or out of range until the next flush: the journal

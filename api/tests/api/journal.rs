@@ -30,6 +30,7 @@ db_tests!(
     a_durable_request_whose_row_is_rejected_hears_counter_overflow,
     a_consumer_that_recreates_itself_from_the_stream_start_applies_nothing_twice,
     applied_messages_stay_in_the_stream_for_its_duplicate_window,
+    messages_another_publisher_wrote_that_could_never_be_applied_are_skipped,
 );
 
 async fn every_202_is_applied_once_through_the_journal(db: TestDb) {
@@ -685,6 +686,53 @@ async fn applied_messages_stay_in_the_stream_for_its_duplicate_window(db: TestDb
     assert!(
         held_for >= window,
         "message 1 was purged {held_for:?} after it was published, within the {window:?} window"
+    );
+    app.shut_down_cleanly().await;
+}
+
+/// Another publisher on the journal's subject: a key the service would have
+/// refused (on PostgreSQL every flush then failed on the column's length,
+/// for good) and one key's deltas summing outside i64 (the reader waited
+/// for room, for good). Both are skipped and counted; what follows them is
+/// applied.
+async fn messages_another_publisher_wrote_that_could_never_be_applied_are_skipped(db: TestDb) {
+    let nats = NatsServer::start();
+    let app = TestApp::start_with(db, journaled(&nats)).await;
+    let client = async_nats::connect(nats.url()).await.expect("connected");
+    let jetstream = async_nats::jetstream::new(client);
+    let subject = JournalSettings::new(nats.url()).subject();
+    let long_key = "k".repeat(300);
+    let mut body = Vec::new();
+    for items in [
+        vec![(long_key.as_str(), 1)],
+        vec![("o", i64::MAX), ("o", 1)],
+    ] {
+        api::journal::codec::encode(items, &mut body);
+        jetstream
+            .publish(subject.clone(), body.clone().into())
+            .await
+            .expect("published")
+            .await
+            .expect("acknowledged");
+    }
+    app.increment("after", 1)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    eventually(
+        Duration::from_secs(20),
+        "the next message applied",
+        || async { app.db.counters().await.get("after") == Some(&1) },
+    )
+    .await;
+    let counters = app.db.counters().await;
+    assert!(
+        !counters.contains_key("o") && !counters.contains_key(&long_key),
+        "{counters:?}"
+    );
+    let scrape = app.scrape().await;
+    assert!(
+        scrape.contains("increment_journal_unreadable_total 2"),
+        "{scrape}"
     );
     app.shut_down_cleanly().await;
 }
