@@ -110,10 +110,8 @@ pub enum JournalError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error(
-        "the existing stream {0} discards old messages when full, which would delete unapplied increments; set its discard policy to new"
-    )]
-    DiscardOld(String),
+    #[error("the existing stream {stream} would delete unapplied increments: {why}")]
+    Deletes { stream: String, why: &'static str },
 }
 
 /// A connected journal: its client, stream and cursor.
@@ -190,8 +188,11 @@ impl Journal {
             }
         };
         let info = stream.info().await.map_err(|e| stream_error(Box::new(e)))?;
-        if info.config.discard == stream::DiscardPolicy::Old {
-            return Err(JournalError::DiscardOld(settings.stream.clone()));
+        if let Some(why) = deletes_unapplied(&info.config) {
+            return Err(JournalError::Deletes {
+                stream: settings.stream.clone(),
+                why,
+            });
         }
         // An existing stream keeps its own window, and a publish retried
         // after the stream forgot its id would be stored twice: the retry
@@ -232,6 +233,31 @@ impl Journal {
             metrics,
         )
     }
+}
+
+/// Why an existing stream's settings would delete messages before they are
+/// applied (during a database outage, the backlog waits in the stream for
+/// as long as it lasts), or `None`. Only the applied offset may remove them.
+fn deletes_unapplied(config: &stream::Config) -> Option<&'static str> {
+    if config.discard == stream::DiscardPolicy::Old {
+        return Some("it discards old messages when full; set its discard policy to new");
+    }
+    if config.retention != stream::RetentionPolicy::Limits {
+        return Some(
+            "its retention removes messages on acknowledgement or without consumers; \
+             use limits retention",
+        );
+    }
+    if !config.max_age.is_zero() {
+        return Some("it has a maximum message age (max_age); remove it");
+    }
+    if config.max_messages_per_subject > 0 && !config.discard_new_per_subject {
+        return Some(
+            "it keeps a maximum number of messages per subject by deleting the oldest; \
+             remove max_msgs_per_subject or set discard_new_per_subject",
+        );
+    }
+    None
 }
 
 /// How often the stored offset is read while durable requests wait on an

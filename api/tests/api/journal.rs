@@ -600,6 +600,70 @@ async fn a_consumer_that_recreates_itself_from_the_stream_start_applies_nothing_
     app.shut_down_cleanly().await;
 }
 
+/// A stream created earlier (by hand, by another tool) whose settings would
+/// delete increments before they are applied stops the start. Only `discard:
+/// old` did; a `max_age` stream lost 202s during a stalled writer (review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_stream_that_would_delete_unapplied_messages_stops_the_start() {
+    use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
+    let nats = NatsServer::start();
+    let settings = JournalSettings::new(nats.url());
+    let client = async_nats::connect(nats.url()).await.expect("connected");
+    let jetstream = async_nats::jetstream::new(client);
+    let safe = Config {
+        name: settings.stream.clone(),
+        subjects: vec![settings.subject()],
+        storage: StorageType::File,
+        discard: DiscardPolicy::New,
+        ..Default::default()
+    };
+    let unsafe_ones = [
+        Config {
+            discard: DiscardPolicy::Old,
+            ..safe.clone()
+        },
+        Config {
+            max_age: Duration::from_secs(60),
+            ..safe.clone()
+        },
+        Config {
+            retention: RetentionPolicy::WorkQueue,
+            ..safe.clone()
+        },
+        Config {
+            max_messages_per_subject: 1_000,
+            ..safe.clone()
+        },
+    ];
+    for config in unsafe_ones {
+        jetstream
+            .create_stream(config.clone())
+            .await
+            .expect("created");
+        let refused = api::journal::Journal::connect(settings.clone()).await;
+        assert!(
+            matches!(refused, Err(api::journal::JournalError::Deletes { .. })),
+            "taken: {config:?}"
+        );
+        jetstream
+            .delete_stream(&settings.stream)
+            .await
+            .expect("deleted");
+    }
+    let per_subject_new = Config {
+        max_messages_per_subject: 1_000,
+        discard_new_per_subject: true,
+        ..safe
+    };
+    jetstream
+        .create_stream(per_subject_new)
+        .await
+        .expect("created");
+    api::journal::Journal::connect(settings)
+        .await
+        .expect("a stream that refuses when full is taken");
+}
+
 /// A stream created earlier keeps its own duplicate window; a publish
 /// retried after the stream forgot its id would be stored twice, so the
 /// retries follow the stream's window, not the configured one.
