@@ -42,6 +42,11 @@ pub struct Batch {
     /// was already applied. A batch holding any is one part (the keys and
     /// the rows they guard commit together).
     pub keyed: Vec<Keyed>,
+    /// When the oldest of `keyed` was taken. The `Idempotency-Key` window
+    /// is counted back from it, not from the write: a write delayed past the
+    /// window (a database outage, a spill file replayed late, a journal
+    /// backlog) still finds the key its repeat was sent within the window of.
+    pub keyed_since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// One request that carried an `Idempotency-Key`: applied only if no other
@@ -101,6 +106,7 @@ impl Batch {
             parts,
             journal: None,
             keyed: Vec::new(),
+            keyed_since: None,
         }
     }
 
@@ -116,6 +122,14 @@ impl Batch {
             }];
             self.keyed = keyed;
         }
+        self
+    }
+
+    /// This batch with its keyed requests taken no earlier than `since`
+    /// (see [`Batch::keyed_since`]).
+    #[must_use]
+    pub fn taken_since(mut self, since: Option<chrono::DateTime<chrono::Utc>>) -> Self {
+        self.keyed_since = since;
         self
     }
 

@@ -94,6 +94,8 @@ struct SideMap {
     /// (recorded under this lock, so a drain takes a request and its items
     /// together).
     keyed: Vec<Keyed>,
+    /// When the oldest of `keyed` was taken (see [`Batch::keyed_since`]).
+    keyed_since: Option<chrono::DateTime<chrono::Utc>>,
     /// Weight of the items of `keyed` (for the bound; mirrored in
     /// `Batcher::side_keyed_items`).
     keyed_items: u64,
@@ -590,7 +592,12 @@ impl Batcher {
     /// # Errors
     /// As [`record_all`](Self::record_all), without an index; nothing is
     /// recorded then.
-    pub fn record_keyed(&self, plain: &[(&str, i64)], keyed: &[Keyed]) -> Result<u64, BatchError> {
+    pub fn record_keyed(
+        &self,
+        plain: &[(&str, i64)],
+        keyed: &[Keyed],
+        taken_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, BatchError> {
         let mut sums: HashMap<&str, i128> = HashMap::new();
         let items = plain
             .iter()
@@ -626,6 +633,12 @@ impl Batcher {
             side.add(key, sum, &self.handed_over, &self.side_keys);
         }
         side.keyed.extend(keyed.iter().cloned());
+        if !keyed.is_empty() {
+            side.keyed_since = Some(
+                side.keyed_since
+                    .map_or(taken_at, |since| since.min(taken_at)),
+            );
+        }
         side.keyed_items += items;
         self.side_keyed_items
             .store(side.keyed_items, Ordering::Relaxed);
@@ -684,7 +697,14 @@ impl Batcher {
     ///
     /// Also returns when the oldest of them was recorded (`pending_since`).
     #[allow(clippy::type_complexity)]
-    fn drain_entries(&self) -> (Vec<(String, i128)>, Vec<Keyed>, u64, u64) {
+    fn drain_entries(
+        &self,
+    ) -> (
+        Vec<(String, i128)>,
+        (Vec<Keyed>, Option<chrono::DateTime<chrono::Utc>>),
+        u64,
+        u64,
+    ) {
         let since = self.pending_since.swap(0, Ordering::Relaxed);
         self.cache.run_pending_tasks();
         let (side, keyed, number) = {
@@ -696,7 +716,7 @@ impl Batcher {
             self.side_keyed_items.store(0, Ordering::Relaxed);
             (
                 std::mem::take(&mut side.deltas),
-                std::mem::take(&mut side.keyed),
+                (std::mem::take(&mut side.keyed), side.keyed_since.take()),
                 side.drains,
             )
         };
@@ -731,7 +751,7 @@ impl Batcher {
         &self,
         span: impl FnOnce() -> Option<JournalSpan>,
     ) -> (Option<Arc<Batch>>, u64) {
-        let (entries, keyed, number, since) = self.drain_entries();
+        let (entries, (keyed, keyed_since), number, since) = self.drain_entries();
         if entries.is_empty() {
             return (None, number);
         }
@@ -745,7 +765,9 @@ impl Batcher {
         self.handed_over_keys.store(weight, Ordering::Relaxed);
         self.handed_over_keyed_items
             .store(keyed_items(&keyed), Ordering::Relaxed);
-        let batch = Batch::new(entries, number).guarding(keyed);
+        let batch = Batch::new(entries, number)
+            .guarding(keyed)
+            .taken_since(keyed_since);
         let batch = Arc::new(match span() {
             Some(span) => batch.holding(span),
             None => batch,
@@ -866,20 +888,26 @@ mod tests {
             fingerprint: 1,
             items: vec![("a".to_owned(), 1)],
         };
-        b.record_keyed(&[], &[request("k1")]).unwrap();
-        b.record_keyed(&[], &[request("k2")]).unwrap();
+        b.record_keyed(&[], &[request("k1")], chrono::Utc::now())
+            .unwrap();
+        b.record_keyed(&[], &[request("k2")], chrono::Utc::now())
+            .unwrap();
         // "a" once, and two keyed items: the bound of 3 is reached.
         assert_eq!(b.pending_keys(), 3);
-        assert_eq!(b.record_keyed(&[], &[request("k3")]), Err(BatchError::Full));
+        assert_eq!(
+            b.record_keyed(&[], &[request("k3")], chrono::Utc::now()),
+            Err(BatchError::Full)
+        );
         let (batch, _) = b.hand_over();
         let batch = batch.expect("a batch");
         assert_eq!(
-            b.record_keyed(&[], &[request("k3")]),
+            b.record_keyed(&[], &[request("k3")], chrono::Utc::now()),
             Err(BatchError::Full),
             "handed over, not yet written"
         );
         b.release(&batch);
-        b.record_keyed(&[], &[request("k3")]).unwrap();
+        b.record_keyed(&[], &[request("k3")], chrono::Utc::now())
+            .unwrap();
         drop(b.drain());
         assert_eq!(b.pending_keys(), 0);
         // An empty batcher takes one request over the bound (a journal
@@ -889,8 +917,12 @@ mod tests {
             fingerprint: 2,
             items: (0..5).map(|i| (format!("key-{i}"), 1)).collect(),
         };
-        b.record_keyed(&[], std::slice::from_ref(&large)).unwrap();
-        assert_eq!(b.record_keyed(&[], &[request("k4")]), Err(BatchError::Full));
+        b.record_keyed(&[], std::slice::from_ref(&large), chrono::Utc::now())
+            .unwrap();
+        assert_eq!(
+            b.record_keyed(&[], &[request("k4")], chrono::Utc::now()),
+            Err(BatchError::Full)
+        );
     }
 
     /// Without drains (the database down), keys that keep leaving and

@@ -41,6 +41,10 @@ struct SpilledBatch {
     /// batch holding any is one part); absent in files of earlier versions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     keyed: Vec<SpilledKeyed>,
+    /// When the oldest of `keyed` was taken, in Unix milliseconds (see
+    /// `Batch::keyed_since`); absent in files of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    keyed_since_ms: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -116,6 +120,7 @@ fn to_disk(batch: &Batch) -> Vec<SpilledBatch> {
                     items: request.items.clone(),
                 })
                 .collect(),
+            keyed_since_ms: batch.keyed_since.map(|since| since.timestamp_millis()),
         })
         .collect()
 }
@@ -172,7 +177,14 @@ fn parse(path: &Path, text: &str) -> Result<Vec<Batch>, SpillError> {
                 items: request.items,
             })
             .collect();
-        batches.push(Batch::restored(spilled.batch_id, deltas).guarding(keyed));
+        let keyed_since = spilled
+            .keyed_since_ms
+            .and_then(chrono::DateTime::from_timestamp_millis);
+        batches.push(
+            Batch::restored(spilled.batch_id, deltas)
+                .guarding(keyed)
+                .taken_since(keyed_since),
+        );
     }
     Ok(batches)
 }
@@ -369,11 +381,13 @@ mod tests {
             3,
         ));
         let wide = Arc::new(
-            Batch::new([("w".to_owned(), 3 * i128::from(i64::MAX))], 0).guarding(vec![Keyed {
-                key: "retry-1".to_owned(),
-                fingerprint: -5,
-                items: vec![("w".to_owned(), 7)],
-            }]),
+            Batch::new([("w".to_owned(), 3 * i128::from(i64::MAX))], 0)
+                .guarding(vec![Keyed {
+                    key: "retry-1".to_owned(),
+                    fingerprint: -5,
+                    items: vec![("w".to_owned(), 7)],
+                }])
+                .taken_since(chrono::DateTime::from_timestamp_millis(1_765_000_000_123)),
         );
         write(&path, std::slice::from_ref(&first)).unwrap();
         write(&path, std::slice::from_ref(&wide)).unwrap();
@@ -384,6 +398,11 @@ mod tests {
         assert_eq!(back[1].deltas, wide.deltas);
         assert!(back[0].keyed.is_empty());
         assert_eq!(back[1].keyed, wide.keyed, "keyed requests are kept");
+        assert_eq!(
+            back[1].keyed_since, wide.keyed_since,
+            "and when they were taken"
+        );
+        assert_eq!(back[0].keyed_since, None);
         remove(&path).unwrap();
         assert!(read(&path).unwrap().is_none());
     }

@@ -229,8 +229,10 @@ pub async fn write_batch_keyed(
     connections: usize,
     idempotency_window: std::time::Duration,
 ) -> Result<WriteOutcome, DbErr> {
-    let keys_since =
-        now - chrono::Duration::from_std(idempotency_window).unwrap_or(chrono::Duration::MAX);
+    // Counted back from when the oldest keyed request was taken, so a write
+    // delayed past the window still finds the keys applied before it.
+    let keys_since = batch.keyed_since.map_or(now, |since| Ord::min(since, now))
+        - chrono::Duration::from_std(idempotency_window).unwrap_or(chrono::Duration::MAX);
     let connections = match db.get_database_backend() {
         DbBackend::Postgres => connections.max(1),
         _ => 1,

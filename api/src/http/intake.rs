@@ -763,7 +763,7 @@ impl Intake {
             ),
             None => Ticket::Drain(
                 self.batcher
-                    .record_keyed(&[], std::slice::from_ref(&keyed))
+                    .record_keyed(&[], std::slice::from_ref(&keyed), chrono::Utc::now())
                     .map_err(|e| self.refusal(e, None))?,
             ),
         };

@@ -142,7 +142,8 @@ impl Cursor {
     }
 
     /// Records the message `sequence` of reading `reading` into `batcher`,
-    /// all of its items or none.
+    /// all of its items or none. `published` is when the stream stored it:
+    /// its keyed requests were taken then.
     ///
     /// # Errors
     /// [`RecordError`]; nothing is recorded then.
@@ -152,6 +153,7 @@ impl Cursor {
         sequence: u64,
         batcher: &Batcher,
         message: &Message<'_>,
+        published: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), RecordError> {
         let mut state = self.state.try_lock().ok_or(RecordError::Busy)?;
         if state.reading != reading {
@@ -169,7 +171,7 @@ impl Cursor {
                 .map_err(|(_, e)| RecordError::Batcher(e))?;
         } else {
             batcher
-                .record_keyed(&message.items, &message.keyed)
+                .record_keyed(&message.items, &message.keyed, published)
                 .map_err(RecordError::Batcher)?;
         }
         if sequence > state.recorded + 1 {

@@ -285,7 +285,9 @@ impl Reader {
                         .headers
                         .as_ref()
                         .is_some_and(|h| h.get(DURABLE_HEADER).is_some());
-                    if !self.record(reading, sequence, &message.payload, stop).await {
+                    let published = chrono::DateTime::from_timestamp_millis(published_ms)
+                        .unwrap_or_else(chrono::Utc::now);
+                    if !self.record(reading, sequence, &message.payload, published, stop).await {
                         return if stop.is_cancelled() { Ended::Stopped } else { Ended::Restart };
                     }
                     marks.note(sequence, published_ms);
@@ -343,6 +345,7 @@ impl Reader {
         reading: u64,
         sequence: u64,
         body: &[u8],
+        published: chrono::DateTime<chrono::Utc>,
         stop: &CancellationToken,
     ) -> bool {
         let mut message = match codec::decode(body) {
@@ -367,7 +370,7 @@ impl Reader {
         loop {
             match self
                 .cursor
-                .record(reading, sequence, &self.batcher, &message)
+                .record(reading, sequence, &self.batcher, &message, published)
             {
                 Ok(()) => {
                     self.metrics.journal_read_total.inc();

@@ -28,6 +28,7 @@ db_tests!(
     with_the_journal_a_retry_after_a_crash_is_applied_once,
     a_batch_applies_the_first_request_of_a_key_and_leaves_out_the_others,
     a_keyed_part_replayed_after_its_ledger_row_was_pruned_is_not_applied_again,
+    a_repeat_written_after_the_window_is_judged_by_when_it_was_taken,
     pruning_deletes_old_keys_a_bounded_statement_at_a_time,
 );
 
@@ -675,6 +676,54 @@ async fn a_keyed_part_replayed_after_its_ledger_row_was_pruned_is_not_applied_ag
                 reused: 0,
                 ..
             }
+        ),
+        "{outcome:?}"
+    );
+}
+
+/// A repeat sent within the window whose write comes after the window has
+/// passed (a database outage, a spill file replayed late, a journal
+/// backlog) is still a repeat: the window is counted back from when the
+/// request was taken, not from the write (found by review: the write's
+/// clock took the first's key over and applied the repeat).
+async fn a_repeat_written_after_the_window_is_judged_by_when_it_was_taken(db: TestDb) {
+    use api::batch::{Batch, Keyed};
+    let connection = db.connect().await;
+    <migration::Migrator as migration::MigratorTrait>::up(&connection, None)
+        .await
+        .unwrap();
+    let window = Duration::from_secs(60);
+    let request = Keyed {
+        key: "x".to_owned(),
+        fingerprint: api::idempotency::fingerprint(
+            api::idempotency::Operation::Increment,
+            [("a", 5)],
+        ),
+        items: vec![("a".to_owned(), 5)],
+    };
+    let first_taken = chrono::Utc::now() - chrono::Duration::minutes(10);
+    let write = |batch: Batch, now| {
+        let connection = connection.clone();
+        async move {
+            api::store::write_batch_keyed(&connection, &batch, now, 2, window)
+                .await
+                .unwrap()
+        }
+    };
+    let first = Batch::new([("a".to_owned(), 5)], 1)
+        .guarding(vec![request.clone()])
+        .taken_since(Some(first_taken));
+    write(first, first_taken).await;
+    // Sent 30 s after the first, written 5 minutes later.
+    let repeat = Batch::new([("a".to_owned(), 5)], 2)
+        .guarding(vec![request])
+        .taken_since(Some(first_taken + chrono::Duration::seconds(30)));
+    let outcome = write(repeat, first_taken + chrono::Duration::minutes(5)).await;
+    assert_eq!(db.counters().await["a"], 5, "applied twice: {outcome:?}");
+    assert!(
+        matches!(
+            outcome,
+            api::store::WriteOutcome::Committed { repeats: 1, .. }
         ),
         "{outcome:?}"
     );

@@ -153,10 +153,22 @@ async fn a_second_writer_of_the_same_messages_applies_nothing(db: TestDb) {
     for (sequence, items) in (1..).zip(messages) {
         let message = message(items);
         first_cursor
-            .record(first_reading, sequence, &first_batcher, &message)
+            .record(
+                first_reading,
+                sequence,
+                &first_batcher,
+                &message,
+                chrono::Utc::now(),
+            )
             .unwrap();
         second_cursor
-            .record(second_reading, sequence, &second_batcher, &message)
+            .record(
+                second_reading,
+                sequence,
+                &second_batcher,
+                &message,
+                chrono::Utc::now(),
+            )
             .unwrap();
     }
     assert!(matches!(
@@ -184,7 +196,13 @@ async fn a_second_writer_of_the_same_messages_applies_nothing(db: TestDb) {
     // Read again from the stored offset, the second writer goes on.
     let reading = second_cursor.start_reading(3);
     second_cursor
-        .record(reading, 4, &second_batcher, &message(&[("x", 100)]))
+        .record(
+            reading,
+            4,
+            &second_batcher,
+            &message(&[("x", 100)]),
+            chrono::Utc::now(),
+        )
         .unwrap();
     second.flush_once().await.unwrap();
     assert_eq!(db.counters().await["x"], 111);
@@ -550,7 +568,7 @@ async fn a_consumer_that_recreates_itself_from_the_stream_start_applies_nothing_
     let message = message(&[("k", 1)]);
     for sequence in 1..=3 {
         cursor
-            .record(reading, sequence, &batcher, &message)
+            .record(reading, sequence, &batcher, &message, chrono::Utc::now())
             .expect("recorded");
     }
     flusher.flush_once().await.expect("applied");
