@@ -165,7 +165,14 @@ impl Application {
         export_limits(&metrics, &settings);
         let recent_requests: SharedRecentRequests = Arc::default();
         let journal = match &settings.journal {
-            Some(journal) => Some(Journal::connect(journal.clone()).await?),
+            Some(journal) => {
+                let applied = store::journal_applied_through(&db, &journal.stream)
+                    .await
+                    .map_err(|e| {
+                        StartupError::Migrate(Redacted::new(&e, &settings.database_url))
+                    })?;
+                Some(Journal::connect_after(journal.clone(), applied).await?)
+            }
             None => None,
         };
         let mut flusher = Flusher::new(

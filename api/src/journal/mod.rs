@@ -112,6 +112,20 @@ pub enum JournalError {
     },
     #[error("the existing stream {stream} would delete unapplied increments: {why}")]
     Deletes { stream: String, why: &'static str },
+    /// The database says messages up to `applied` of this stream were
+    /// applied, and the stream is missing or ends before that: it was lost
+    /// or deleted (and perhaps created again). Reading it from the stored
+    /// offset would skip its messages as applied, and `wait=true` would
+    /// answer `200` for them.
+    #[error(
+        "the stream {stream} {found}, but journal_offsets says its messages up to {applied} were applied: \
+         it was lost or deleted; see the runbook IncrementJournalStreamLost before starting"
+    )]
+    Lost {
+        stream: String,
+        applied: u64,
+        found: String,
+    },
 }
 
 /// A connected journal: its client, stream and cursor.
@@ -128,7 +142,20 @@ impl Journal {
     ///
     /// # Errors
     /// [`JournalError`].
-    pub async fn connect(mut settings: JournalSettings) -> Result<Self, JournalError> {
+    pub async fn connect(settings: JournalSettings) -> Result<Self, JournalError> {
+        Self::connect_after(settings, 0).await
+    }
+
+    /// [`connect`](Self::connect), given the stream's stored offset
+    /// (`applied`): a stream missing or ending before it is refused, not
+    /// created or read (see [`JournalError::Lost`]).
+    ///
+    /// # Errors
+    /// [`JournalError`].
+    pub async fn connect_after(
+        mut settings: JournalSettings,
+        applied: u64,
+    ) -> Result<Self, JournalError> {
         let servers = settings.servers().map_err(|source| JournalError::Url {
             url: settings.url.clone(),
             source,
@@ -173,6 +200,28 @@ impl Journal {
             num_replicas: settings.replicas,
             ..Default::default()
         };
+        let lost = |found: String| JournalError::Lost {
+            stream: settings.stream.clone(),
+            applied,
+            found,
+        };
+        if applied > 0 {
+            match jetstream.get_stream(&settings.stream).await {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        jetstream::context::GetStreamErrorKind::JetStream(error)
+                            if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                    ) =>
+                {
+                    return Err(lost("does not exist".to_owned()));
+                }
+                // Not reachable yet (a cluster electing its leader): the
+                // creation below retries, and the check after it decides.
+                Err(_) => {}
+            }
+        }
         // A cluster starting with us may not have elected its JetStream
         // leader yet: retry for a while before giving up.
         let mut attempts = 0;
@@ -188,6 +237,12 @@ impl Journal {
             }
         };
         let info = stream.info().await.map_err(|e| stream_error(Box::new(e)))?;
+        if info.state.last_sequence < applied {
+            return Err(lost(format!(
+                "ends at message {}",
+                info.state.last_sequence
+            )));
+        }
         if let Some(why) = deletes_unapplied(&info.config) {
             return Err(JournalError::Deletes {
                 stream: settings.stream.clone(),

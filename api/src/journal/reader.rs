@@ -214,6 +214,32 @@ impl Reader {
                 return Ended::Restart;
             }
         };
+        // A stream deleted and created again while this instance ran starts
+        // its sequences anew: read from the stored offset, its messages
+        // would be skipped as applied. Checked at the start too.
+        match self.stream.get_info().await {
+            Ok(info) if info.state.last_sequence < applied => {
+                tracing::error!(
+                    stream = self.cursor.stream(),
+                    applied,
+                    last = info.state.last_sequence,
+                    "the journal stream ends before the stored offset: it was lost or deleted and created again; not reading it (see the runbook IncrementJournalStreamLost)"
+                );
+                // Not a writer while it does not read: the lease lapses and
+                // IncrementJournalNoWriter fires.
+                self.metrics.journal_writer.set(0);
+                tokio::select! {
+                    () = stop.cancelled() => return Ended::Stopped,
+                    () = tokio::time::sleep(Duration::from_secs(10)) => {}
+                }
+                return Ended::Restart;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "reading the journal stream's state failed");
+                return Ended::Restart;
+            }
+        }
         // Rejections by earlier writers, read after the offset so that they
         // cover it; durable requests waiting here learn of them.
         match store::journal_rejected_through(&self.db, self.cursor.stream()).await {

@@ -31,6 +31,7 @@ db_tests!(
     a_consumer_that_recreates_itself_from_the_stream_start_applies_nothing_twice,
     applied_messages_stay_in_the_stream_for_its_duplicate_window,
     messages_another_publisher_wrote_that_could_never_be_applied_are_skipped,
+    a_lost_stream_stops_the_start_instead_of_being_read_from_the_stored_offset,
 );
 
 async fn every_202_is_applied_once_through_the_journal(db: TestDb) {
@@ -817,4 +818,59 @@ async fn messages_another_publisher_wrote_that_could_never_be_applied_are_skippe
         "{scrape}"
     );
     app.shut_down_cleanly().await;
+}
+
+/// The stream is gone (NATS lost its storage, someone deleted it) while
+/// `journal_offsets` says messages up to 3 were applied. Created again and
+/// read from the stored offset, its first messages were skipped as applied
+/// and `wait=true` answered `200` for them at once (found by review: four
+/// `200`s, counter 1). The start now refuses, naming the runbook, whether the
+/// stream is missing or was created again by hand.
+async fn a_lost_stream_stops_the_start_instead_of_being_read_from_the_stored_offset(db: TestDb) {
+    let nats = NatsServer::start();
+    let app = TestApp::start_with(db, journaled(&nats)).await;
+    for _ in 0..3 {
+        post_waiting(&app, "k", 1)
+            .await
+            .assert_status(StatusCode::OK);
+    }
+    let (report, db) = app.shut_down().await;
+    assert_eq!(report, ShutdownReport::Clean);
+    let settings = JournalSettings::new(nats.url());
+    let client = async_nats::connect(nats.url()).await.expect("connected");
+    let jetstream = async_nats::jetstream::new(client);
+    jetstream
+        .delete_stream(&settings.stream)
+        .await
+        .expect("deleted");
+    let start = || {
+        let mut settings = testkit::test_settings(&db);
+        journaled(&nats)(&mut settings);
+        async move {
+            match api::Application::build(settings).await {
+                Ok(_) => panic!("started on a lost stream"),
+                Err(err) => api::telemetry::error_chain(&err),
+            }
+        }
+    };
+    let refused = start().await;
+    assert!(
+        refused.contains("does not exist") && refused.contains("IncrementJournalStreamLost"),
+        "{refused}"
+    );
+    // Not created by the refused start; created by hand, empty.
+    assert!(jetstream.get_stream(&settings.stream).await.is_err());
+    jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: settings.stream.clone(),
+            subjects: vec![settings.subject()],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            discard: async_nats::jetstream::stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .expect("created again");
+    let refused = start().await;
+    assert!(refused.contains("ends at message 0"), "{refused}");
+    assert_eq!(db.counters().await["k"], 3);
 }
