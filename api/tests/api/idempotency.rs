@@ -577,23 +577,33 @@ async fn with_the_journal_a_retry_after_a_crash_is_applied_once(db: TestDb) {
     );
 }
 
-/// Two copies of a request in one batch (the journal holds both when a
-/// client retried through another instance): the first is applied, the
-/// second left out, and a copy with another body is counted as reused.
-async fn a_batch_applies_the_first_request_of_a_key_and_leaves_out_the_others(db: TestDb) {
-    use api::batch::{Batch, Keyed};
+/// A connection to `db`, migrated.
+async fn migrated(db: &TestDb) -> sea_orm::DatabaseConnection {
     let connection = db.connect().await;
     <migration::Migrator as migration::MigratorTrait>::up(&connection, None)
         .await
         .unwrap();
-    let request = |key: &str, value: i64| Keyed {
+    connection
+}
+
+/// A keyed request adding `value` to counter "a" under `key`.
+fn request(key: &str, value: i64) -> api::batch::Keyed {
+    api::batch::Keyed {
         key: key.to_owned(),
         fingerprint: api::idempotency::fingerprint(
             api::idempotency::Operation::Increment,
             [("a", value)],
         ),
         items: vec![("a".to_owned(), value)],
-    };
+    }
+}
+
+/// Two copies of a request in one batch (the journal holds both when a
+/// client retried through another instance): the first is applied, the
+/// second left out, and a copy with another body is counted as reused.
+async fn a_batch_applies_the_first_request_of_a_key_and_leaves_out_the_others(db: TestDb) {
+    use api::batch::Batch;
+    let connection = migrated(&db).await;
     let keyed = vec![
         request("x", 5),
         request("x", 5),
@@ -632,20 +642,9 @@ async fn a_batch_applies_the_first_request_of_a_key_and_leaves_out_the_others(db
 /// holding a batch whose commit answer was lost. Its keys are still stored
 /// under this very part's id, which proves it applied them: nothing again.
 async fn a_keyed_part_replayed_after_its_ledger_row_was_pruned_is_not_applied_again(db: TestDb) {
-    use api::batch::{Batch, Keyed};
+    use api::batch::Batch;
     use sea_orm::EntityTrait;
-    let connection = db.connect().await;
-    <migration::Migrator as migration::MigratorTrait>::up(&connection, None)
-        .await
-        .unwrap();
-    let request = |key: &str, value: i64| Keyed {
-        key: key.to_owned(),
-        fingerprint: api::idempotency::fingerprint(
-            api::idempotency::Operation::Increment,
-            [("a", value)],
-        ),
-        items: vec![("a".to_owned(), value)],
-    };
+    let connection = migrated(&db).await;
     let batch =
         Batch::new([("a".to_owned(), 3 + 4)], 1).guarding(vec![request("x", 3), request("y", 4)]);
     let write = |now: chrono::DateTime<chrono::Utc>| {
@@ -687,20 +686,10 @@ async fn a_keyed_part_replayed_after_its_ledger_row_was_pruned_is_not_applied_ag
 /// request was taken, not from the write (found by review: the write's
 /// clock took the first's key over and applied the repeat).
 async fn a_repeat_written_after_the_window_is_judged_by_when_it_was_taken(db: TestDb) {
-    use api::batch::{Batch, Keyed};
-    let connection = db.connect().await;
-    <migration::Migrator as migration::MigratorTrait>::up(&connection, None)
-        .await
-        .unwrap();
+    use api::batch::Batch;
+    let connection = migrated(&db).await;
     let window = Duration::from_secs(60);
-    let request = Keyed {
-        key: "x".to_owned(),
-        fingerprint: api::idempotency::fingerprint(
-            api::idempotency::Operation::Increment,
-            [("a", 5)],
-        ),
-        items: vec![("a".to_owned(), 5)],
-    };
+    let request = request("x", 5);
     let first_taken = chrono::Utc::now() - chrono::Duration::minutes(10);
     let write = |batch: Batch, now| {
         let connection = connection.clone();
@@ -731,10 +720,7 @@ async fn a_repeat_written_after_the_window_is_judged_by_when_it_was_taken(db: Te
 
 async fn pruning_deletes_old_keys_a_bounded_statement_at_a_time(db: TestDb) {
     use sea_orm::{ActiveValue::Set, EntityTrait};
-    let connection = db.connect().await;
-    <migration::Migrator as migration::MigratorTrait>::up(&connection, None)
-        .await
-        .unwrap();
+    let connection = migrated(&db).await;
     let now = chrono::Utc::now();
     let old = now - chrono::Duration::hours(25);
     let rows: Vec<entity::idempotency_keys::ActiveModel> = (0..2_600)
