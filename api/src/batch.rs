@@ -42,11 +42,6 @@ pub struct Batch {
     /// was already applied. A batch holding any is one part (the keys and
     /// the rows they guard commit together).
     pub keyed: Vec<Keyed>,
-    /// When the oldest of `keyed` was taken. The `Idempotency-Key` window
-    /// is counted back from it, not from the write: a write delayed past the
-    /// window (a database outage, a spill file replayed late, a journal
-    /// backlog) still finds the key its repeat was sent within the window of.
-    pub keyed_since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// One request that carried an `Idempotency-Key`: applied only if no other
@@ -60,6 +55,13 @@ pub struct Keyed {
     pub fingerprint: i64,
     /// The request's increments, summed per counter key.
     pub items: Vec<(String, i64)>,
+    /// When it was taken (stamped by the batcher; in journal mode, when
+    /// the stream stored its message). Its window is counted back from
+    /// this, not from the write: a write delayed past the window (a
+    /// database outage, a spill file replayed late, a journal backlog)
+    /// still finds the key it was sent within the window of. `None`: the
+    /// write's time.
+    pub taken_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The journal messages a batch holds: every message of `stream` with a
@@ -106,7 +108,6 @@ impl Batch {
             parts,
             journal: None,
             keyed: Vec::new(),
-            keyed_since: None,
         }
     }
 
@@ -122,14 +123,6 @@ impl Batch {
             }];
             self.keyed = keyed;
         }
-        self
-    }
-
-    /// This batch with its keyed requests taken no earlier than `since`
-    /// (see [`Batch::keyed_since`]).
-    #[must_use]
-    pub fn taken_since(mut self, since: Option<chrono::DateTime<chrono::Utc>>) -> Self {
-        self.keyed_since = since;
         self
     }
 

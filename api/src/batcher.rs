@@ -94,8 +94,6 @@ struct SideMap {
     /// (recorded under this lock, so a drain takes a request and its items
     /// together).
     keyed: Vec<Keyed>,
-    /// When the oldest of `keyed` was taken (see [`Batch::keyed_since`]).
-    keyed_since: Option<chrono::DateTime<chrono::Utc>>,
     /// Weight of the items of `keyed` (for the bound; mirrored in
     /// `Batcher::side_keyed_items`).
     keyed_items: u64,
@@ -587,7 +585,8 @@ impl Batcher {
     /// items beside them (a journal message holds both): every item goes to
     /// the side map, together with the requests themselves, so the very next
     /// drain carries a request and its items together. All or nothing;
-    /// returns that drain's number.
+    /// returns that drain's number. A request without its take time gets
+    /// `taken_at` (see [`Keyed::taken_at`]).
     ///
     /// # Errors
     /// As [`record_all`](Self::record_all), without an index; nothing is
@@ -611,6 +610,10 @@ impl Batcher {
         for (key, delta) in items {
             *sums.entry(key).or_insert(0) += i128::from(delta);
         }
+        // Never taken, whatever is pending (as in `record_all`).
+        if sums.values().any(|sum| i64::try_from(*sum).is_err()) {
+            return Err(BatchError::RequestOverflow);
+        }
         self.admit_all(sums.keys().copied())?;
         let mut side = self.side.lock();
         // Keyed requests stay whole until written (they are not merged by
@@ -632,13 +635,10 @@ impl Batcher {
         for (key, sum) in sums {
             side.add(key, sum, &self.handed_over, &self.side_keys);
         }
-        side.keyed.extend(keyed.iter().cloned());
-        if !keyed.is_empty() {
-            side.keyed_since = Some(
-                side.keyed_since
-                    .map_or(taken_at, |since| since.min(taken_at)),
-            );
-        }
+        side.keyed.extend(keyed.iter().map(|request| Keyed {
+            taken_at: request.taken_at.or(Some(taken_at)),
+            ..request.clone()
+        }));
         side.keyed_items += items;
         self.side_keyed_items
             .store(side.keyed_items, Ordering::Relaxed);
@@ -697,14 +697,7 @@ impl Batcher {
     ///
     /// Also returns when the oldest of them was recorded (`pending_since`).
     #[allow(clippy::type_complexity)]
-    fn drain_entries(
-        &self,
-    ) -> (
-        Vec<(String, i128)>,
-        (Vec<Keyed>, Option<chrono::DateTime<chrono::Utc>>),
-        u64,
-        u64,
-    ) {
+    fn drain_entries(&self) -> (Vec<(String, i128)>, Vec<Keyed>, u64, u64) {
         let since = self.pending_since.swap(0, Ordering::Relaxed);
         self.cache.run_pending_tasks();
         let (side, keyed, number) = {
@@ -716,7 +709,7 @@ impl Batcher {
             self.side_keyed_items.store(0, Ordering::Relaxed);
             (
                 std::mem::take(&mut side.deltas),
-                (std::mem::take(&mut side.keyed), side.keyed_since.take()),
+                std::mem::take(&mut side.keyed),
                 side.drains,
             )
         };
@@ -751,7 +744,7 @@ impl Batcher {
         &self,
         span: impl FnOnce() -> Option<JournalSpan>,
     ) -> (Option<Arc<Batch>>, u64) {
-        let (entries, (keyed, keyed_since), number, since) = self.drain_entries();
+        let (entries, keyed, number, since) = self.drain_entries();
         if entries.is_empty() {
             return (None, number);
         }
@@ -765,9 +758,7 @@ impl Batcher {
         self.handed_over_keys.store(weight, Ordering::Relaxed);
         self.handed_over_keyed_items
             .store(keyed_items(&keyed), Ordering::Relaxed);
-        let batch = Batch::new(entries, number)
-            .guarding(keyed)
-            .taken_since(keyed_since);
+        let batch = Batch::new(entries, number).guarding(keyed);
         let batch = Arc::new(match span() {
             Some(span) => batch.holding(span),
             None => batch,
@@ -887,6 +878,7 @@ mod tests {
             key: key.to_owned(),
             fingerprint: 1,
             items: vec![("a".to_owned(), 1)],
+            taken_at: None,
         };
         b.record_keyed(&[], &[request("k1")], chrono::Utc::now())
             .unwrap();
@@ -916,6 +908,7 @@ mod tests {
             key: "large".to_owned(),
             fingerprint: 2,
             items: (0..5).map(|i| (format!("key-{i}"), 1)).collect(),
+            taken_at: None,
         };
         b.record_keyed(&[], std::slice::from_ref(&large), chrono::Utc::now())
             .unwrap();
@@ -1102,6 +1095,23 @@ mod tests {
         // The request's own sum for a key: it could never fit.
         let big = [("x", i64::MAX), ("x", i64::MAX)];
         assert_eq!(b.record_all(&big), Err((1, BatchError::RequestOverflow)));
+        // The same through keyed requests (a journal message another
+        // publisher wrote): it was `DeltaOverflow`, "retry after a flush",
+        // and the journal's reader retried it for good (found by review).
+        let keyed = |key: &str| Keyed {
+            key: key.to_owned(),
+            fingerprint: 1,
+            items: vec![("x".to_owned(), i64::MAX)],
+            taken_at: None,
+        };
+        assert_eq!(
+            b.record_keyed(&[], &[keyed("k1"), keyed("k2")], chrono::Utc::now()),
+            Err(BatchError::RequestOverflow)
+        );
+        assert_eq!(
+            b.record_keyed(&[("x", 1)], &[keyed("k1")], chrono::Utc::now()),
+            Err(BatchError::RequestOverflow)
+        );
     }
 
     #[test]

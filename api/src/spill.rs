@@ -41,10 +41,6 @@ struct SpilledBatch {
     /// batch holding any is one part); absent in files of earlier versions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     keyed: Vec<SpilledKeyed>,
-    /// When the oldest of `keyed` was taken, in Unix milliseconds (see
-    /// `Batch::keyed_since`); absent in files of earlier versions.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    keyed_since_ms: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -52,6 +48,10 @@ struct SpilledKeyed {
     key: String,
     fingerprint: i64,
     items: Vec<(String, i64)>,
+    /// When it was taken, in Unix milliseconds (`Keyed::taken_at`); absent
+    /// in files of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    taken_ms: Option<i64>,
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> SpillError + '_ {
@@ -118,9 +118,9 @@ fn to_disk(batch: &Batch) -> Vec<SpilledBatch> {
                     key: request.key.clone(),
                     fingerprint: request.fingerprint,
                     items: request.items.clone(),
+                    taken_ms: request.taken_at.map(|at| at.timestamp_millis()),
                 })
                 .collect(),
-            keyed_since_ms: batch.keyed_since.map(|since| since.timestamp_millis()),
         })
         .collect()
 }
@@ -175,16 +175,12 @@ fn parse(path: &Path, text: &str) -> Result<Vec<Batch>, SpillError> {
                 key: request.key,
                 fingerprint: request.fingerprint,
                 items: request.items,
+                taken_at: request
+                    .taken_ms
+                    .and_then(chrono::DateTime::from_timestamp_millis),
             })
             .collect();
-        let keyed_since = spilled
-            .keyed_since_ms
-            .and_then(chrono::DateTime::from_timestamp_millis);
-        batches.push(
-            Batch::restored(spilled.batch_id, deltas)
-                .guarding(keyed)
-                .taken_since(keyed_since),
-        );
+        batches.push(Batch::restored(spilled.batch_id, deltas).guarding(keyed));
     }
     Ok(batches)
 }
@@ -381,13 +377,20 @@ mod tests {
             3,
         ));
         let wide = Arc::new(
-            Batch::new([("w".to_owned(), 3 * i128::from(i64::MAX))], 0)
-                .guarding(vec![Keyed {
+            Batch::new([("w".to_owned(), 3 * i128::from(i64::MAX))], 0).guarding(vec![
+                Keyed {
                     key: "retry-1".to_owned(),
                     fingerprint: -5,
                     items: vec![("w".to_owned(), 7)],
-                }])
-                .taken_since(chrono::DateTime::from_timestamp_millis(1_765_000_000_123)),
+                    taken_at: chrono::DateTime::from_timestamp_millis(1_765_000_000_123),
+                },
+                Keyed {
+                    key: "retry-2".to_owned(),
+                    fingerprint: 6,
+                    items: vec![("w".to_owned(), 1)],
+                    taken_at: None,
+                },
+            ]),
         );
         write(&path, std::slice::from_ref(&first)).unwrap();
         write(&path, std::slice::from_ref(&wide)).unwrap();
@@ -397,12 +400,10 @@ mod tests {
         assert_eq!(back[0].deltas, first.deltas);
         assert_eq!(back[1].deltas, wide.deltas);
         assert!(back[0].keyed.is_empty());
-        assert_eq!(back[1].keyed, wide.keyed, "keyed requests are kept");
         assert_eq!(
-            back[1].keyed_since, wide.keyed_since,
-            "and when they were taken"
+            back[1].keyed, wide.keyed,
+            "keyed requests are kept, with when they were taken"
         );
-        assert_eq!(back[0].keyed_since, None);
         remove(&path).unwrap();
         assert!(read(&path).unwrap().is_none());
     }

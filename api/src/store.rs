@@ -229,10 +229,8 @@ pub async fn write_batch_keyed(
     connections: usize,
     idempotency_window: std::time::Duration,
 ) -> Result<WriteOutcome, DbErr> {
-    // Counted back from when the oldest keyed request was taken, so a write
-    // delayed past the window still finds the keys applied before it.
-    let keys_since = batch.keyed_since.map_or(now, |since| Ord::min(since, now))
-        - chrono::Duration::from_std(idempotency_window).unwrap_or(chrono::Duration::MAX);
+    let keys_window =
+        chrono::Duration::from_std(idempotency_window).unwrap_or(chrono::Duration::MAX);
     let connections = match db.get_database_backend() {
         DbBackend::Postgres => connections.max(1),
         _ => 1,
@@ -250,7 +248,7 @@ pub async fn write_batch_keyed(
             Guards {
                 journal: batch.journal.as_ref(),
                 keyed: &batch.keyed,
-                keys_since,
+                keys_window,
             },
             now,
             pace,
@@ -311,8 +309,9 @@ struct Guards<'a> {
     journal: Option<&'a JournalSpan>,
     /// Keyed requests whose items the part's rows include.
     keyed: &'a [Keyed],
-    /// A key applied before this counts as new.
-    keys_since: DateTime<Utc>,
+    /// A key applied longer than this before its request was taken counts
+    /// as new.
+    keys_window: chrono::Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -377,7 +376,7 @@ async fn write_pass(
     let rows = if guards.keyed.is_empty() {
         rows
     } else {
-        let claimed = claim_keys(&txn, id, guards.keyed, guards.keys_since, now).await?;
+        let claimed = claim_keys(&txn, id, guards.keyed, guards.keys_window, now).await?;
         statements += claimed.statements;
         repeats = claimed.repeats.len();
         reused = claimed.reused;
@@ -448,13 +447,13 @@ struct Claimed<'a> {
 }
 
 /// Inserts the batch's `Idempotency-Key`s; a key already there and applied
-/// at or after `since` is a repeat. Within the batch, the first request of a
-/// key wins.
+/// within `window` before its request was taken is a repeat. Within the
+/// batch, the first request of a key wins.
 async fn claim_keys<'a, C: ConnectionTrait>(
     conn: &C,
     batch_id: &str,
     keyed: &'a [Keyed],
-    since: DateTime<Utc>,
+    window: chrono::Duration,
     now: DateTime<Utc>,
 ) -> Result<Claimed<'a>, DbErr> {
     let mut first: std::collections::HashMap<&str, &Keyed> =
@@ -477,11 +476,33 @@ async fn claim_keys<'a, C: ConnectionTrait>(
             }
         }
     }
+    // Each request's window is counted back from when it was taken (a write
+    // may come long after: an outage, a late spill replay, a journal
+    // backlog), to the whole second below: one statement per second of
+    // take times, usually one or two per batch.
+    let mut by_cutoff: std::collections::BTreeMap<DateTime<Utc>, Vec<&Keyed>> =
+        std::collections::BTreeMap::new();
+    for request in candidates {
+        let taken = request.taken_at.map_or(now, |at| Ord::min(at, now));
+        let cutoff = taken
+            .checked_sub_signed(window)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let cutoff = DateTime::from_timestamp(cutoff.timestamp(), 0).unwrap_or(cutoff);
+        by_cutoff.entry(cutoff).or_default().push(request);
+    }
     let backend = conn.get_database_backend();
     let mut held: Vec<&Keyed> = Vec::new();
     let mut stored: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
     // 4 binds per row plus the cut-off, under SQLite's limit.
-    for chunk in candidates.chunks(SQLITE_MAX_BINDS / 4 - 1) {
+    let mut chunks: Vec<(DateTime<Utc>, &[&Keyed])> = Vec::new();
+    for (since, requests) in &by_cutoff {
+        chunks.extend(
+            requests
+                .chunks(SQLITE_MAX_BINDS / 4 - 1)
+                .map(|chunk| (*since, chunk)),
+        );
+    }
+    for (since, chunk) in chunks {
         claimed.statements += 1;
         let stmt = claim_statement(backend, batch_id, chunk, since, now);
         let taken = conn.execute_raw(stmt).await?.rows_affected();

@@ -753,6 +753,8 @@ impl Intake {
             key,
             fingerprint,
             items: sums.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            // Stamped when the batcher takes it, or when the stream stores it.
+            taken_at: None,
         };
         let ticket = match &self.journal {
             Some(journal) => Ticket::Journal(

@@ -146,6 +146,7 @@ pub fn decode(body: &[u8]) -> Result<Message<'_>, CodecError> {
                     key,
                     fingerprint,
                     items,
+                    taken_at: None,
                 });
             }
         }
@@ -223,11 +224,13 @@ mod tests {
                 key: "order-17".to_owned(),
                 fingerprint: i64::MIN,
                 items: vec![("a".to_owned(), 3), ("b".to_owned(), -1)],
+                taken_at: None,
             },
             Keyed {
                 key: "k".repeat(255),
                 fingerprint: 42,
                 items: vec![("a".to_owned(), i64::MAX)],
+                taken_at: None,
             },
         ];
         let plain = [("a", 1), ("c", -7)];
@@ -285,6 +288,7 @@ mod tests {
                 key,
                 fingerprint: 1,
                 items: vec![("a".to_owned(), 1)],
+                taken_at: None,
             }];
             encode_message(std::iter::empty(), &keyed, &mut body);
             assert!(matches!(decode(&body), Err(CodecError::IdempotencyKey(_))));

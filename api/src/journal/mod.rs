@@ -205,35 +205,42 @@ impl Journal {
             applied,
             found,
         };
-        if applied > 0 {
-            match jetstream.get_stream(&settings.stream).await {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        jetstream::context::GetStreamErrorKind::JetStream(error)
-                            if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-                    ) =>
-                {
-                    return Err(lost("does not exist".to_owned()));
-                }
-                // Not reachable yet (a cluster electing its leader): the
-                // creation below retries, and the check after it decides.
-                Err(_) => {}
-            }
-        }
         // A cluster starting with us may not have elected its JetStream
-        // leader yet: retry for a while before giving up.
+        // leader yet: retry for a while before giving up. A stream the
+        // database has applied messages of is only looked up, never
+        // created: created anew, its sequences would start again below
+        // the stored offset (see `JournalError::Lost`).
         let mut attempts = 0;
         let mut stream = loop {
-            match jetstream.get_or_create_stream(config.clone()).await {
+            let found: Result<stream::Stream, Box<dyn std::error::Error + Send + Sync>> =
+                if applied > 0 {
+                    match jetstream.get_stream(&settings.stream).await {
+                        Ok(stream) => Ok(stream),
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                jetstream::context::GetStreamErrorKind::JetStream(error)
+                                    if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                            ) =>
+                        {
+                            return Err(lost("does not exist".to_owned()));
+                        }
+                        Err(e) => Err(Box::new(e)),
+                    }
+                } else {
+                    jetstream
+                        .get_or_create_stream(config.clone())
+                        .await
+                        .map_err(|e| Box::new(e) as _)
+                };
+            match found {
                 Ok(stream) => break stream,
                 Err(e) if attempts < 60 => {
                     attempts += 1;
-                    tracing::info!(error = %crate::telemetry::error_chain(&e), "the journal stream is not available yet; retrying");
+                    tracing::info!(error = %crate::telemetry::error_chain(&*e), "the journal stream is not available yet; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                Err(e) => return Err(stream_error(Box::new(e))),
+                Err(e) => return Err(stream_error(e)),
             }
         };
         let info = stream.info().await.map_err(|e| stream_error(Box::new(e)))?;

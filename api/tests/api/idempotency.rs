@@ -595,6 +595,7 @@ fn request(key: &str, value: i64) -> api::batch::Keyed {
             [("a", value)],
         ),
         items: vec![("a".to_owned(), value)],
+        taken_at: None,
     }
 }
 
@@ -684,31 +685,37 @@ async fn a_keyed_part_replayed_after_its_ledger_row_was_pruned_is_not_applied_ag
 /// passed (a database outage, a spill file replayed late, a journal
 /// backlog) is still a repeat: the window is counted back from when the
 /// request was taken, not from the write (found by review: the write's
-/// clock took the first's key over and applied the repeat).
+/// clock took the first's key over and applied the repeat). Each request by
+/// its own time: a key sent again after its window, in the same delayed
+/// batch, counts as new.
 async fn a_repeat_written_after_the_window_is_judged_by_when_it_was_taken(db: TestDb) {
     use api::batch::Batch;
     let connection = migrated(&db).await;
     let window = Duration::from_secs(60);
-    let request = request("x", 5);
-    let first_taken = chrono::Utc::now() - chrono::Duration::minutes(10);
-    let write = |batch: Batch, now| {
+    let start = chrono::Utc::now() - chrono::Duration::minutes(10);
+    let at = |seconds: i64| start + chrono::Duration::seconds(seconds);
+    let taken = |key: &str, value: i64, seconds: i64| api::batch::Keyed {
+        taken_at: Some(at(seconds)),
+        ..request(key, value)
+    };
+    let write = |keyed: Vec<api::batch::Keyed>, now| {
         let connection = connection.clone();
         async move {
+            let total = keyed
+                .iter()
+                .map(|request| i128::from(request.items[0].1))
+                .sum();
+            let batch = Batch::new([("a".to_owned(), total)], 1).guarding(keyed);
             api::store::write_batch_keyed(&connection, &batch, now, 2, window)
                 .await
                 .unwrap()
         }
     };
-    let first = Batch::new([("a".to_owned(), 5)], 1)
-        .guarding(vec![request.clone()])
-        .taken_since(Some(first_taken));
-    write(first, first_taken).await;
-    // Sent 30 s after the first, written 5 minutes later.
-    let repeat = Batch::new([("a".to_owned(), 5)], 2)
-        .guarding(vec![request])
-        .taken_since(Some(first_taken + chrono::Duration::seconds(30)));
-    let outcome = write(repeat, first_taken + chrono::Duration::minutes(5)).await;
-    assert_eq!(db.counters().await["a"], 5, "applied twice: {outcome:?}");
+    write(vec![taken("x", 5, 0), taken("y", 1, 0)], at(0)).await;
+    // Written 5 minutes on: x sent again 30 s after the first (a repeat), y
+    // sent again 2 minutes after (past its window: new).
+    let outcome = write(vec![taken("x", 5, 30), taken("y", 1, 120)], at(300)).await;
+    assert_eq!(db.counters().await["a"], 5 + 1 + 1, "{outcome:?}");
     assert!(
         matches!(
             outcome,

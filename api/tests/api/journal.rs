@@ -775,8 +775,8 @@ async fn applied_messages_stay_in_the_stream_for_its_duplicate_window(db: TestDb
 
 /// Another publisher on the journal's subject: a key the service would have
 /// refused (on PostgreSQL every flush then failed on the column's length,
-/// for good) and one key's deltas summing outside i64 (the reader waited
-/// for room, for good). Both are skipped and counted; what follows them is
+/// for good) and one key's deltas summing outside i64, in plain items or in
+/// keyed requests (the reader waited for room, for good). Both are skipped and counted; what follows them is
 /// applied.
 async fn messages_another_publisher_wrote_that_could_never_be_applied_are_skipped(db: TestDb) {
     let nats = NatsServer::start();
@@ -786,11 +786,18 @@ async fn messages_another_publisher_wrote_that_could_never_be_applied_are_skippe
     let subject = JournalSettings::new(nats.url()).subject();
     let long_key = "k".repeat(300);
     let mut body = Vec::new();
-    for items in [
-        vec![(long_key.as_str(), 1)],
-        vec![("o", i64::MAX), ("o", 1)],
+    let keyed = |key: &str| api::batch::Keyed {
+        key: key.to_owned(),
+        fingerprint: 1,
+        items: vec![("o".to_owned(), i64::MAX)],
+        taken_at: None,
+    };
+    for (items, keyed) in [
+        (vec![(long_key.as_str(), 1)], vec![]),
+        (vec![("o", i64::MAX), ("o", 1)], vec![]),
+        (vec![], vec![keyed("k1"), keyed("k2")]),
     ] {
-        api::journal::codec::encode(items, &mut body);
+        api::journal::codec::encode_message(items.into_iter(), &keyed, &mut body);
         jetstream
             .publish(subject.clone(), body.clone().into())
             .await
@@ -814,7 +821,7 @@ async fn messages_another_publisher_wrote_that_could_never_be_applied_are_skippe
     );
     let scrape = app.scrape().await;
     assert!(
-        scrape.contains("increment_journal_unreadable_total 2"),
+        scrape.contains("increment_journal_unreadable_total 3"),
         "{scrape}"
     );
     app.shut_down_cleanly().await;
