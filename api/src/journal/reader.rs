@@ -44,6 +44,9 @@ pub struct Reader {
     pub writer: String,
     /// The stream's duplicate window: applied messages stay this long.
     pub retain_for: Duration,
+    /// When the stream this instance connected to was created (Unix
+    /// nanoseconds; see [`super::Journal::created_ns`]).
+    pub stream_created_ns: i128,
 }
 
 /// Stream sequences read with their publication times, one mark per second
@@ -217,14 +220,9 @@ impl Reader {
         // A stream deleted and created again while this instance ran starts
         // its sequences anew: read from the stored offset, its messages
         // would be skipped as applied. Checked at the start too.
-        match self.stream.get_info().await {
-            Ok(info) if info.state.last_sequence < applied => {
-                tracing::error!(
-                    stream = self.cursor.stream(),
-                    applied,
-                    last = info.state.last_sequence,
-                    "the journal stream ends before the stored offset: it was lost or deleted and created again; not reading it (see the runbook IncrementJournalStreamLost)"
-                );
+        match self.stream_is_behind(applied).await {
+            Ok(false) => {}
+            Ok(true) => {
                 // Not a writer while it does not read: the lease lapses and
                 // IncrementJournalNoWriter fires.
                 self.metrics.journal_writer.set(0);
@@ -234,11 +232,7 @@ impl Reader {
                 }
                 return Ended::Restart;
             }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "reading the journal stream's state failed");
-                return Ended::Restart;
-            }
+            Err(()) => return Ended::Restart,
         }
         // Rejections by earlier writers, read after the offset so that they
         // cover it; durable requests waiting here learn of them.
@@ -288,6 +282,11 @@ impl Reader {
                     if !self.renew(reading).await {
                         return Ended::Restart;
                     }
+                    // The ordered consumer follows a stream created again
+                    // without a word: the next reading finds it out.
+                    if self.stream_is_behind(self.cursor.applied()).await == Ok(true) {
+                        return Ended::Restart;
+                    }
                     purged = self.purge(purged, &mut marks).await;
                 }
                 message = messages.next() => {
@@ -321,6 +320,33 @@ impl Reader {
                         self.flusher.request_flush();
                     }
                 }
+            }
+        }
+    }
+
+    /// Whether the stream is not the one the stored offset counts in: it
+    /// ends before `applied`, or it was created after the one this instance
+    /// connected to (deleted and created again: its sequences started anew,
+    /// and may have passed the offset already). Logged as an error. `Err`
+    /// when its state could not be read.
+    async fn stream_is_behind(&self, applied: u64) -> Result<bool, ()> {
+        match self.stream.get_info().await {
+            Ok(info)
+                if info.state.last_sequence < applied
+                    || info.created.unix_timestamp_nanos() != self.stream_created_ns =>
+            {
+                tracing::error!(
+                    stream = self.cursor.stream(),
+                    applied,
+                    last = info.state.last_sequence,
+                    "the journal stream ends before the stored offset: it was lost or deleted and created again; not reading it (see the runbook IncrementJournalStreamLost)"
+                );
+                Ok(true)
+            }
+            Ok(_) => Ok(false),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "reading the journal stream's state failed");
+                Err(())
             }
         }
     }
