@@ -878,6 +878,11 @@ fn interleavings(cases: u32, postgres: bool) {
     let config = proptest::test_runner::Config {
         cases,
         failure_persistence: None,
+        // Each case starts two instances, so shrinking a failure without a
+        // bound could run for hours instead of reporting it (one run went
+        // on for 15 minutes at a full core, once, not seen again in 60
+        // runs): a minute of shrinking, then the smallest case so far.
+        max_shrink_time: 60_000,
         ..proptest::test_runner::Config::default()
     };
     let mut runner = proptest::test_runner::TestRunner::new(config);
