@@ -219,7 +219,6 @@ impl Application {
                     uuid::Uuid::new_v4()
                 ),
                 retain_for: journal.settings.duplicate_window,
-                stream_created_ns: journal.created_ns,
             };
             JournalParts {
                 publisher,

@@ -134,9 +134,6 @@ pub struct Journal {
     pub client: async_nats::Client,
     pub jetstream: jetstream::Context,
     pub stream: stream::Stream,
-    /// When the stream was created (Unix nanoseconds): a stream deleted and
-    /// created again under the same name shows another time.
-    pub created_ns: i128,
     pub cursor: Arc<Cursor>,
 }
 
@@ -271,14 +268,12 @@ impl Journal {
             );
             settings.duplicate_window = info.config.duplicate_window;
         }
-        let created_ns = info.created.unix_timestamp_nanos();
         let cursor = Cursor::new(settings.stream.clone());
         Ok(Self {
             settings,
             client,
             jetstream,
             stream,
-            created_ns,
             cursor,
         })
     }

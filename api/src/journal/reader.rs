@@ -44,9 +44,6 @@ pub struct Reader {
     pub writer: String,
     /// The stream's duplicate window: applied messages stay this long.
     pub retain_for: Duration,
-    /// When the stream this instance connected to was created (Unix
-    /// nanoseconds; see [`super::Journal::created_ns`]).
-    pub stream_created_ns: i128,
 }
 
 /// Stream sequences read with their publication times, one mark per second
@@ -283,7 +280,8 @@ impl Reader {
                         return Ended::Restart;
                     }
                     // The ordered consumer follows a stream created again
-                    // without a word: the next reading finds it out.
+                    // without a word: found out here while the new stream
+                    // is still behind the offset.
                     if self.stream_is_behind(self.cursor.applied()).await == Ok(true) {
                         return Ended::Restart;
                     }
@@ -324,17 +322,15 @@ impl Reader {
         }
     }
 
-    /// Whether the stream is not the one the stored offset counts in: it
-    /// ends before `applied`, or it was created after the one this instance
-    /// connected to (deleted and created again: its sequences started anew,
-    /// and may have passed the offset already). Logged as an error. `Err`
-    /// when its state could not be read.
+    /// Whether the stream ends before `applied`: it is not the one the
+    /// stored offset counts in (lost, or deleted and created again: its
+    /// sequences started anew). Logged as an error. `Err` when its state
+    /// could not be read. Not its creation time: nats-server has reported
+    /// another one for the same stream after restarts (nats-server#8470,
+    /// #8449), and stopping a healthy writer would stop applying.
     async fn stream_is_behind(&self, applied: u64) -> Result<bool, ()> {
         match self.stream.get_info().await {
-            Ok(info)
-                if info.state.last_sequence < applied
-                    || info.created.unix_timestamp_nanos() != self.stream_created_ns =>
-            {
+            Ok(info) if info.state.last_sequence < applied => {
                 tracing::error!(
                     stream = self.cursor.stream(),
                     applied,
