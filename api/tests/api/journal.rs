@@ -887,10 +887,10 @@ async fn a_lost_stream_stops_the_start_instead_of_being_read_from_the_stored_off
 /// the client's ordered consumer follows it without a word, from the
 /// sequence after the last one it saw, so the new stream's first messages
 /// were skipped as applied (and the writer went on as if nothing happened).
-/// The writer now finds within a lease renewal (2 s) that the stream is
-/// another one, stops reading and stops counting itself a writer
-/// (IncrementJournalNoWriter fires). Not covered: messages of the new
-/// stream past the old offset, delivered within those 2 s, are applied.
+/// The writer now finds within a lease renewal (2 s) that the stream ends
+/// before the stored offset, stops reading and stops counting itself a
+/// writer (IncrementJournalNoWriter fires). Not covered: a new stream that
+/// passes the old offset before the writer looks.
 async fn a_stream_created_again_under_a_running_writer_is_not_read_from_the_stored_offset(
     db: TestDb,
 ) {
