@@ -601,17 +601,9 @@ async fn a_consumer_that_recreates_itself_from_the_stream_start_applies_nothing_
             .await
             .expect("deleted");
     }
-    app.increment("after", 1)
-        .await
-        .assert_status(StatusCode::ACCEPTED);
     // Read in stream order: once "after" is applied, whatever the recreated
     // consumer delivered before it has been applied too.
-    eventually(
-        Duration::from_secs(90),
-        "the new message applied",
-        || async { app.db.counters().await.contains_key("after") },
-    )
-    .await;
+    increment_until_applied(&app, "after", Duration::from_secs(90)).await;
     assert_eq!(
         app.db.counters().await["k"],
         3,
@@ -625,18 +617,12 @@ async fn a_consumer_that_recreates_itself_from_the_stream_start_applies_nothing_
 /// old` did; a `max_age` stream lost 202s during a stalled writer (review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_existing_stream_that_would_delete_unapplied_messages_stops_the_start() {
-    use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
+    use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy};
     let nats = NatsServer::start();
     let settings = JournalSettings::new(nats.url());
     let client = async_nats::connect(nats.url()).await.expect("connected");
     let jetstream = async_nats::jetstream::new(client);
-    let safe = Config {
-        name: settings.stream.clone(),
-        subjects: vec![settings.subject()],
-        storage: StorageType::File,
-        discard: DiscardPolicy::New,
-        ..Default::default()
-    };
+    let safe = stream_by_hand(&settings);
     let unsafe_ones = [
         Config {
             discard: DiscardPolicy::Old,
@@ -806,15 +792,7 @@ async fn messages_another_publisher_wrote_that_could_never_be_applied_are_skippe
             .await
             .expect("acknowledged");
     }
-    app.increment("after", 1)
-        .await
-        .assert_status(StatusCode::ACCEPTED);
-    eventually(
-        Duration::from_secs(20),
-        "the next message applied",
-        || async { app.db.counters().await.get("after") == Some(&1) },
-    )
-    .await;
+    increment_until_applied(&app, "after", Duration::from_secs(20)).await;
     let counters = app.db.counters().await;
     assert!(
         !counters.contains_key("o") && !counters.contains_key(&long_key),
@@ -837,20 +815,10 @@ async fn messages_another_publisher_wrote_that_could_never_be_applied_are_skippe
 async fn a_lost_stream_stops_the_start_instead_of_being_read_from_the_stored_offset(db: TestDb) {
     let nats = NatsServer::start();
     let app = TestApp::start_with(db, journaled(&nats)).await;
-    for _ in 0..3 {
-        post_waiting(&app, "k", 1)
-            .await
-            .assert_status(StatusCode::OK);
-    }
+    apply_three_waiting(&app).await;
     let (report, db) = app.shut_down().await;
     assert_eq!(report, ShutdownReport::Clean);
-    let settings = JournalSettings::new(nats.url());
-    let client = async_nats::connect(nats.url()).await.expect("connected");
-    let jetstream = async_nats::jetstream::new(client);
-    jetstream
-        .delete_stream(&settings.stream)
-        .await
-        .expect("deleted");
+    let (settings, jetstream) = delete_the_stream(&nats).await;
     let start = || {
         let mut settings = testkit::test_settings(&db);
         journaled(&nats)(&mut settings);
@@ -869,13 +837,7 @@ async fn a_lost_stream_stops_the_start_instead_of_being_read_from_the_stored_off
     // Not created by the refused start; created by hand, empty.
     assert!(jetstream.get_stream(&settings.stream).await.is_err());
     jetstream
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: settings.stream.clone(),
-            subjects: vec![settings.subject()],
-            storage: async_nats::jetstream::stream::StorageType::File,
-            discard: async_nats::jetstream::stream::DiscardPolicy::New,
-            ..Default::default()
-        })
+        .create_stream(stream_by_hand(&settings))
         .await
         .expect("created again");
     let refused = start().await;
@@ -896,26 +858,10 @@ async fn a_stream_created_again_under_a_running_writer_is_not_read_from_the_stor
 ) {
     let nats = NatsServer::start();
     let app = TestApp::start_with(db, journaled(&nats)).await;
-    for _ in 0..3 {
-        post_waiting(&app, "k", 1)
-            .await
-            .assert_status(StatusCode::OK);
-    }
-    let settings = JournalSettings::new(nats.url());
-    let client = async_nats::connect(nats.url()).await.expect("connected");
-    let jetstream = async_nats::jetstream::new(client);
+    apply_three_waiting(&app).await;
+    let (settings, jetstream) = delete_the_stream(&nats).await;
     jetstream
-        .delete_stream(&settings.stream)
-        .await
-        .expect("deleted");
-    jetstream
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: settings.stream.clone(),
-            subjects: vec![settings.subject()],
-            storage: async_nats::jetstream::stream::StorageType::File,
-            discard: async_nats::jetstream::stream::DiscardPolicy::New,
-            ..Default::default()
-        })
+        .create_stream(stream_by_hand(&settings))
         .await
         .expect("created again");
     // Below the old offset (3): never delivered to the consumer that
@@ -935,4 +881,50 @@ async fn a_stream_created_again_under_a_running_writer_is_not_read_from_the_stor
         "the new stream's messages were read from the old offset"
     );
     app.crash().await;
+}
+
+/// A stream for `settings` as an operator would create it by hand: file
+/// storage, `discard: new`, nothing else set.
+fn stream_by_hand(settings: &JournalSettings) -> async_nats::jetstream::stream::Config {
+    async_nats::jetstream::stream::Config {
+        name: settings.stream.clone(),
+        subjects: vec![settings.subject()],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    }
+}
+
+/// Adds 1 to `key` (a new counter) and waits up to `within` for the writer
+/// to apply it: every message before it in the stream has been read then.
+async fn increment_until_applied(app: &TestApp, key: &str, within: Duration) {
+    app.increment(key, 1)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    eventually(within, "the new message applied", || async {
+        app.db.counters().await.get(key) == Some(&1)
+    })
+    .await;
+}
+
+/// Three `wait=true` increments of "k": the stored offset is 3 after them.
+async fn apply_three_waiting(app: &TestApp) {
+    for _ in 0..3 {
+        post_waiting(app, "k", 1)
+            .await
+            .assert_status(StatusCode::OK);
+    }
+}
+
+/// Deletes the journal's stream on `nats`; returns its settings and a
+/// JetStream context to act on it further.
+async fn delete_the_stream(nats: &NatsServer) -> (JournalSettings, async_nats::jetstream::Context) {
+    let settings = JournalSettings::new(nats.url());
+    let client = async_nats::connect(nats.url()).await.expect("connected");
+    let jetstream = async_nats::jetstream::new(client);
+    jetstream
+        .delete_stream(&settings.stream)
+        .await
+        .expect("deleted");
+    (settings, jetstream)
 }
