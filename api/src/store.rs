@@ -8,7 +8,7 @@
 //! there, an earlier attempt committed (its answer was lost) and nothing is
 //! written again.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use entity::{counters, flush_batches, idempotency_keys, journal_offsets, rejected_increments};
 
 use crate::batch::{Batch, JournalSpan, Keyed};
@@ -486,56 +486,50 @@ async fn claim_keys<'a, C: ConnectionTrait>(
         let taken = request.taken_at.map_or(now, |at| Ord::min(at, now));
         let cutoff = taken
             .checked_sub_signed(window)
-            .unwrap_or(DateTime::<Utc>::MIN_UTC);
-        let cutoff = DateTime::from_timestamp(cutoff.timestamp(), 0).unwrap_or(cutoff);
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+            .trunc_subsecs(0);
         by_cutoff.entry(cutoff).or_default().push(request);
     }
     let backend = conn.get_database_backend();
     let mut held: Vec<&Keyed> = Vec::new();
     let mut stored: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
     // 4 binds per row plus the cut-off, under SQLite's limit.
-    let mut chunks: Vec<(DateTime<Utc>, &[&Keyed])> = Vec::new();
-    for (since, requests) in &by_cutoff {
-        chunks.extend(
-            requests
-                .chunks(SQLITE_MAX_BINDS / 4 - 1)
-                .map(|chunk| (*since, chunk)),
-        );
-    }
-    for (since, chunk) in chunks {
-        claimed.statements += 1;
-        let stmt = claim_statement(backend, batch_id, chunk, since, now);
-        let taken = conn.execute_raw(stmt).await?.rows_affected();
-        if taken == chunk.len() as u64 {
-            continue; // The common case: every key is new.
+    for (&since, requests) in &by_cutoff {
+        for chunk in requests.chunks(SQLITE_MAX_BINDS / 4 - 1) {
+            claimed.statements += 1;
+            let stmt = claim_statement(backend, batch_id, chunk, since, now);
+            let taken = conn.execute_raw(stmt).await?.rows_affected();
+            if taken == chunk.len() as u64 {
+                continue; // The common case: every key is new.
+            }
+            // Rare (a client retried): the keys this statement did not take are
+            // the ones it did not stamp with this batch id and `now`: held under
+            // another batch, or under this one by an earlier commit of it (a
+            // part replayed after its `flush_batches` row was pruned), with the
+            // body applied then.
+            claimed.statements += 1;
+            let keys: Vec<&str> = chunk.iter().map(|request| request.key.as_str()).collect();
+            let rows: Vec<(String, i64)> = idempotency_keys::Entity::find()
+                .select_only()
+                .column(idempotency_keys::Column::Key)
+                .column(idempotency_keys::Column::Fingerprint)
+                .filter(idempotency_keys::Column::Key.is_in(keys))
+                .filter(
+                    sea_orm::Condition::any()
+                        .add(idempotency_keys::Column::BatchId.ne(batch_id))
+                        .add(idempotency_keys::Column::CreatedAt.ne(now)),
+                )
+                .into_tuple::<(String, i64)>()
+                .all(conn)
+                .await?;
+            stored.extend(rows);
+            held.extend(
+                chunk
+                    .iter()
+                    .copied()
+                    .filter(|request| stored.contains_key(&request.key)),
+            );
         }
-        // Rare (a client retried): the keys this statement did not take are
-        // the ones it did not stamp with this batch id and `now`: held under
-        // another batch, or under this one by an earlier commit of it (a
-        // part replayed after its `flush_batches` row was pruned), with the
-        // body applied then.
-        claimed.statements += 1;
-        let keys: Vec<&str> = chunk.iter().map(|request| request.key.as_str()).collect();
-        let rows: Vec<(String, i64)> = idempotency_keys::Entity::find()
-            .select_only()
-            .column(idempotency_keys::Column::Key)
-            .column(idempotency_keys::Column::Fingerprint)
-            .filter(idempotency_keys::Column::Key.is_in(keys))
-            .filter(
-                sea_orm::Condition::any()
-                    .add(idempotency_keys::Column::BatchId.ne(batch_id))
-                    .add(idempotency_keys::Column::CreatedAt.ne(now)),
-            )
-            .into_tuple::<(String, i64)>()
-            .all(conn)
-            .await?;
-        stored.extend(rows);
-        held.extend(
-            chunk
-                .iter()
-                .copied()
-                .filter(|request| stored.contains_key(&request.key)),
-        );
     }
     for request in held {
         claimed.reused += usize::from(
