@@ -301,19 +301,18 @@ impl Reader {
                         return Ended::Restart;
                     };
                     let sequence = info.stream_sequence;
-                    let published_ms =
-                        i64::try_from(info.published.unix_timestamp_nanos() / 1_000_000)
-                            .unwrap_or(i64::MAX);
+                    let published = i64::try_from(info.published.unix_timestamp_nanos() / 1_000_000)
+                        .ok()
+                        .and_then(chrono::DateTime::from_timestamp_millis)
+                        .unwrap_or_else(chrono::Utc::now);
                     let durable = message
                         .headers
                         .as_ref()
                         .is_some_and(|h| h.get(DURABLE_HEADER).is_some());
-                    let published = chrono::DateTime::from_timestamp_millis(published_ms)
-                        .unwrap_or_else(chrono::Utc::now);
                     if !self.record(reading, sequence, &message.payload, published, stop).await {
                         return if stop.is_cancelled() { Ended::Stopped } else { Ended::Restart };
                     }
-                    marks.note(sequence, published_ms);
+                    marks.note(sequence, published.timestamp_millis());
                     if durable {
                         self.flusher.request_flush();
                     }
@@ -386,6 +385,14 @@ impl Reader {
         }
     }
 
+    /// A message that can never be taken (`why`): logged, counted, and
+    /// replaced by an empty one, whose record still moves the cursor past it.
+    fn unreadable(&self, sequence: u64, why: &dyn std::fmt::Display) -> codec::Message<'static> {
+        tracing::error!(error = %why, sequence, "a journal message could not be read; skipped");
+        self.metrics.journal_unreadable_total.inc();
+        codec::Message::default()
+    }
+
     /// Records one message, waiting for room in the batcher; `false` when
     /// the reading ended or `stop` came first.
     async fn record(
@@ -398,12 +405,7 @@ impl Reader {
     ) -> bool {
         let mut message = match codec::decode(body) {
             Ok(message) => message,
-            Err(e) => {
-                tracing::error!(error = %e, sequence, "a journal message could not be read; skipped");
-                self.metrics.journal_unreadable_total.inc();
-                // An empty record still moves the cursor past it.
-                codec::Message::default()
-            }
+            Err(e) => self.unreadable(sequence, &e),
         };
         // While the database refuses the batch in flight, read nothing more.
         while self.flusher.is_stalled() {
@@ -439,13 +441,8 @@ impl Reader {
                 // taken, whatever is pending. The publisher never writes
                 // such a message (it checks each group's sums), so another
                 // one did; waiting for room would stop the journal for good.
-                Err(RecordError::Batcher(crate::batcher::BatchError::RequestOverflow)) => {
-                    tracing::error!(
-                        sequence,
-                        "a journal message could not be read: one key's deltas sum outside the 64-bit range; skipped"
-                    );
-                    self.metrics.journal_unreadable_total.inc();
-                    message = codec::Message::default();
+                Err(RecordError::Batcher(e @ crate::batcher::BatchError::RequestOverflow)) => {
+                    message = self.unreadable(sequence, &e);
                 }
                 Err(RecordError::Batcher(_)) => {
                     // Full or out of range until the next flush: the journal
