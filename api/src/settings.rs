@@ -626,11 +626,11 @@ mod tests {
         settings.idempotency_window = MAX_DURATION;
         assert!(settings.validate().is_ok());
         settings.cache_ttl = MAX_CACHE_TTL + Duration::from_secs(1);
-        let error = settings.validate().unwrap_err().to_string();
+        let error = refusal(&settings);
         assert!(error.contains("--cache-ttl"), "{error}");
         settings.cache_ttl = Duration::from_secs(10);
         settings.idempotency_window = Duration::from_secs(300_000 * 365 * 24 * 3600);
-        let error = settings.validate().unwrap_err().to_string();
+        let error = refusal(&settings);
         assert!(error.contains("--idempotency-window"), "{error}");
     }
 
@@ -701,11 +701,11 @@ mod tests {
     fn refuses_zero_durations_and_unknown_databases() {
         let mut settings = Settings::with_database("sqlite://t.db?mode=rwc");
         settings.flush_interval = Duration::ZERO;
-        let err = settings.validate().unwrap_err().to_string();
+        let err = refusal(&settings);
         assert!(err.contains("--flush-interval"), "{err}");
 
         let settings = Settings::with_database("mysql://root@localhost/db");
-        let err = settings.validate().unwrap_err().to_string();
+        let err = refusal(&settings);
         assert!(err.contains("--database-url"), "{err}");
     }
 }
