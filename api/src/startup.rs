@@ -37,6 +37,8 @@ pub enum StartupError {
     },
     #[error("applying migrations failed")]
     Migrate(#[source] Redacted),
+    #[error("reading the journal's stored offset failed")]
+    JournalOffset(#[source] Redacted),
     #[error("replaying the spill file failed; it is kept for the next start")]
     Replay(#[source] ReplayError),
     #[error(transparent)]
@@ -169,7 +171,7 @@ impl Application {
                 let applied = store::journal_applied_through(&db, &journal.stream)
                     .await
                     .map_err(|e| {
-                        StartupError::Migrate(Redacted::new(&e, &settings.database_url))
+                        StartupError::JournalOffset(Redacted::new(&e, &settings.database_url))
                     })?;
                 Some(Journal::connect_after(journal.clone(), applied).await?)
             }
