@@ -8,6 +8,8 @@
 //! there, an earlier attempt committed (its answer was lost) and nothing is
 //! written again.
 
+use std::collections::{BTreeMap, HashSet};
+
 use chrono::{DateTime, SubsecRound, Utc};
 use entity::{counters, flush_batches, idempotency_keys, journal_offsets, rejected_increments};
 
@@ -78,6 +80,61 @@ fn split_i64(mut delta: i128) -> Vec<i64> {
             }
         }
     }
+}
+
+/// A key whose sum was split into parts (see [`rounds`]) is applied whole or
+/// not at all: when any of its parts was `rejected`, the parts applied are
+/// taken back (in this transaction) and every part is reported rejected. A
+/// partly applied sum would make a `wait=true` request's `422` ("not
+/// applied") untrue, and a client's retry count twice. Taking back cannot
+/// leave `bigint`: it moves the row back toward a value it held.
+async fn reject_split_sums_whole<'a, C: ConnectionTrait>(
+    conn: &C,
+    backend: DbBackend,
+    written: &[Vec<(&'a str, i64)>],
+    rejected: Vec<(&'a str, i64)>,
+    now: DateTime<Utc>,
+) -> Result<Vec<(&'a str, i64)>, DbErr> {
+    let Some(later) = written.get(1..) else {
+        return Ok(rejected);
+    };
+    let split: HashSet<&str> = later.iter().flatten().map(|(key, _)| *key).collect();
+    // Per partly rejected key: what was applied of it, its parts less the
+    // rejected ones (sorted: taken back in key order, as written).
+    let mut applied: BTreeMap<&str, i128> = BTreeMap::new();
+    for (key, part) in &rejected {
+        if split.contains(key) {
+            *applied.entry(*key).or_default() -= i128::from(*part);
+        }
+    }
+    if applied.is_empty() {
+        return Ok(rejected);
+    }
+    let mut whole: Vec<(&str, i64)> = Vec::new();
+    for (key, part) in written.iter().flatten() {
+        if let Some(sum) = applied.get_mut(key) {
+            *sum += i128::from(*part);
+            whole.push((*key, *part));
+        }
+    }
+    let take_back: Vec<(String, i128)> = applied
+        .iter()
+        .filter(|(_, sum)| **sum != 0)
+        .map(|(key, sum)| ((*key).to_owned(), -sum))
+        .collect();
+    for round in rounds(&take_back) {
+        if upsert_chunk(conn, backend, &round, now).await? < round.len() as u64 {
+            return Err(DbErr::Custom(
+                "taking back a partly applied sum left bigint".to_owned(),
+            ));
+        }
+    }
+    let mut rejected: Vec<(&str, i64)> = rejected
+        .into_iter()
+        .filter(|(key, _)| !applied.contains_key(key))
+        .collect();
+    rejected.extend(whole);
+    Ok(rejected)
 }
 
 /// What happened to a batch (or one part of it).
@@ -390,7 +447,8 @@ async fn write_pass(
     let mut rejected: Vec<(&str, i64)> = Vec::new();
     let pace = pace && backend == DbBackend::Postgres;
     let pass_started = std::time::Instant::now();
-    for round in rounds(rows) {
+    let rounds = rounds(rows);
+    for round in &rounds {
         let mut rest = &round[..];
         while !rest.is_empty() {
             let paced = pace && pass_started.elapsed() < PACED_FOR;
@@ -423,6 +481,7 @@ async fn write_pass(
         }
     }
     if !rejected.is_empty() {
+        rejected = reject_split_sums_whole(&txn, backend, &rounds, rejected, now).await?;
         record_rejected(&txn, id, journal, &rejected, now).await?;
         statements += 1;
     }

@@ -16,6 +16,7 @@ db_tests!(
     wait_true_answers_202_not_committed_when_the_flush_cannot_commit_in_time,
     new_keys_get_503_past_the_pending_bound,
     wait_true_does_not_answer_200_for_a_row_rejected_as_an_overflow,
+    wait_true_told_422_for_a_sum_outside_i64_was_not_applied_at_all,
     wait_true_hears_a_rejection_committed_by_an_earlier_attempt_of_its_batch,
 );
 
@@ -38,6 +39,22 @@ async fn wait_true_does_not_answer_200_for_a_row_rejected_as_an_overflow(db: Tes
     assert!(
         metrics.contains("increment_rejected_rows_total 1"),
         "the rejected row is counted"
+    );
+}
+
+/// A plain delta in the key's slot and a waiting one beside it sum past
+/// `i64`: the flush writes the sum in parts. The `422` the waiter hears means
+/// "not applied", so no part of that sum may stay in the counter.
+async fn wait_true_told_422_for_a_sum_outside_i64_was_not_applied_at_all(db: TestDb) {
+    let app = spawn_app(db).await;
+    assert_accepted(app.increment("edge", 5).await).await;
+    let response = post_waiting(&app, "edge", i64::MAX).await;
+    let problem = crate::helpers::problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(problem.type_uri, "/problems/counter-overflow");
+    assert_eq!(
+        app.counters().await.get("edge").copied().unwrap_or(0),
+        0,
+        "the sum the waiter was part of is not in the counter"
     );
 }
 

@@ -8,6 +8,7 @@ use crate::helpers::{assert_accepted, spawn_app, spawn_app_with, test_settings};
 
 db_tests!(
     a_poison_row_is_recorded_and_the_others_are_written,
+    a_sum_outside_i64_is_applied_whole_or_rejected_whole,
     a_failed_flush_keeps_its_batch_and_retries_it_exactly_once,
     a_replayed_batch_is_not_applied_twice,
     parts_of_a_large_batch_commit_on_their_own_and_each_exactly_once,
@@ -336,6 +337,70 @@ async fn concurrent_increments_under_eviction_and_expiry_are_written_exactly_onc
         .await
         .expect("everything is written");
     assert_eq!(app.counters().await, expected);
+}
+
+/// A key's batched sum outside `i64` (deltas merged after an eviction or a
+/// failed flush) is written in several same-sign parts. When its stored total
+/// cannot take the whole sum, no part may stay applied: a `wait=true` request
+/// is told `422` for it, and a retry of a partly applied sum would count twice.
+async fn a_sum_outside_i64_is_applied_whole_or_rejected_whole(db: TestDb) {
+    use sea_orm::EntityTrait;
+
+    let app = spawn_app(db).await;
+    let now = chrono::Utc::now();
+    // "low" is stored at -5 and "high" at 10; the same sum, MAX + 10, then
+    // fits neither. Its parts (MAX, then 10): for "low" the first fits and the
+    // second does not; for "high" the first does not and the second would.
+    let stored = Batch::new([("low".to_owned(), -5), ("high".to_owned(), 10)], 0);
+    store::write_batch(&app.connection, &stored, now, 2)
+        .await
+        .unwrap();
+    let big = i128::from(i64::MAX) + 10;
+    // "fits" is stored at -20: its sum of MAX + 15 lands in range, part by part.
+    let fits_first = Batch::new([("fits".to_owned(), -20)], 0);
+    store::write_batch(&app.connection, &fits_first, now, 2)
+        .await
+        .unwrap();
+    let batch = Batch::new(
+        [
+            ("fits".to_owned(), i128::from(i64::MAX) + 15),
+            ("high".to_owned(), big),
+            ("low".to_owned(), big),
+            ("other".to_owned(), 1),
+        ],
+        0,
+    );
+    let outcome = store::write_batch(&app.connection, &batch, now, 2)
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, store::WriteOutcome::Committed { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        app.counters().await,
+        BTreeMap::from([
+            ("fits".into(), i64::MAX - 5),
+            ("high".into(), 10),
+            ("low".into(), -5),
+            ("other".into(), 1),
+        ]),
+        "a sum that does not fit leaves its key as it was"
+    );
+    let connection = app.db.connect().await;
+    let mut rejected: BTreeMap<String, i128> = BTreeMap::new();
+    for row in entity::rejected_increments::Entity::find()
+        .all(&connection)
+        .await
+        .unwrap()
+    {
+        *rejected.entry(row.key).or_default() += i128::from(row.delta);
+    }
+    assert_eq!(
+        rejected,
+        BTreeMap::from([("high".into(), big), ("low".into(), big)]),
+        "the whole sum is recorded as rejected"
+    );
 }
 
 async fn a_poison_row_is_recorded_and_the_others_are_written(db: TestDb) {
