@@ -184,6 +184,10 @@ pub enum WaitOutcome {
     Rejected,
     /// Not committed within the timeout; still held, to be written.
     TimedOut,
+    /// Its drain committed, but which of its rows were rejected could not
+    /// be read: its row was written or rejected, and nothing more is held
+    /// for it. Only waiters without a key get it (a keyed one asks its key).
+    CommittedUnread,
     /// A request applied under its `Idempotency-Key` (earlier, or by its
     /// drain): whether its row was written or rejected could not be read
     /// within the timeout. Nothing is held for it.
@@ -551,7 +555,8 @@ impl Flusher {
     /// Notes for the waiters of the committed `batch`: which of its keys were
     /// rejected (read back when `maybe_rejected`), and whether it left out
     /// repeats. Reading may fail (the database just went away): the waiters
-    /// then cannot be told, and time out instead of hearing "committed".
+    /// then hear that the batch committed but their row's fate is unknown,
+    /// not "written".
     async fn take_notes(&self, batch: &Batch, maybe_rejected: bool, repeats_left_out: bool) {
         let mut notes = DrainNotes {
             repeats_left_out,
@@ -619,7 +624,7 @@ impl Flusher {
             }
             None if keyed && ticket <= noted.dropped_through => WaitOutcome::CommittedAskKey,
             None => WaitOutcome::Committed,
-            Some(notes) if notes.rejections_unknown => WaitOutcome::TimedOut,
+            Some(notes) if notes.rejections_unknown => WaitOutcome::CommittedUnread,
             Some(notes) if notes.rejected.contains(key) => WaitOutcome::Rejected,
             Some(_) => WaitOutcome::Committed,
         }
@@ -824,6 +829,43 @@ pub fn retry_backoff(interval: Duration, failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A committed drain whose rejected rows could not be read: its waiter
+    /// must not hear "still held, will be written" (nothing is held any
+    /// more, and its row may have been rejected), nor "written".
+    #[tokio::test]
+    async fn a_waiter_whose_rejected_rows_could_not_be_read_hears_so() {
+        let db = sea_orm::Database::connect("sqlite::memory:")
+            .await
+            .expect("an in-memory database");
+        let batcher = Arc::new(Batcher::new(
+            std::num::NonZeroU64::new(100).expect("non-zero"),
+            Duration::from_secs(60),
+        ));
+        let flusher = Flusher::new(
+            batcher,
+            db,
+            Arc::new(Metrics::new()),
+            Arc::default(),
+            Duration::from_secs(3600),
+        );
+        flusher.notes.lock().drains.insert(
+            1,
+            DrainNotes {
+                rejections_unknown: true,
+                ..DrainNotes::default()
+            },
+        );
+        flusher.committed.send_replace(1);
+        let plain = flusher
+            .wait_committed(1, "k", false, Duration::from_secs(5))
+            .await;
+        assert_eq!(plain, WaitOutcome::CommittedUnread);
+        let keyed = flusher
+            .wait_committed(1, "k", true, Duration::from_secs(5))
+            .await;
+        assert_eq!(keyed, WaitOutcome::CommittedAskKey);
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -518,6 +518,16 @@ impl IncrementApi {
                     ),
                 })))
             }
+            WaitOutcome::CommittedUnread => {
+                IncrementResponse::Accepted(AcceptedBody(Some(NotYetCommitted {
+                    committed: false,
+                    detail: "taken, and its batch committed, but whether this row was written or \
+                     rejected (its total would have left the 64-bit range; see \
+                     rejected_increments) could not be read; nothing more is held for it: \
+                     do not resend it"
+                        .to_owned(),
+                })))
+            }
             WaitOutcome::Unsettled => {
                 IncrementResponse::Accepted(AcceptedBody(Some(NotYetCommitted {
                     committed: false,
