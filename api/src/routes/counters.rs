@@ -151,6 +151,25 @@ fn check_parameter(name: &str, text: Option<&str>) -> Result<(), ProblemJson> {
     }
 }
 
+/// Refuses a query whose percent-decoded bytes are not UTF-8. poem decodes
+/// it lossily, into U+FFFD, which a stored key may hold: `prefix=%FF`
+/// would list such keys instead of being refused.
+fn check_query_utf8(query: Option<&str>) -> Result<(), ProblemJson> {
+    let query = query.unwrap_or_default();
+    let valid = query.split('&').all(|pair| {
+        let bytes: Vec<u8> = percent_encoding::percent_decode_str(pair).collect();
+        std::str::from_utf8(&bytes).is_ok()
+    });
+    if valid {
+        Ok(())
+    } else {
+        Err(
+            ApiError::Invalid("the query string is not UTF-8 once percent-decoded".to_owned())
+                .payload(),
+        )
+    }
+}
+
 fn clamp_i64(value: i128) -> i64 {
     i64::try_from(value).unwrap_or(if value < 0 { i64::MIN } else { i64::MAX })
 }
@@ -225,7 +244,11 @@ impl CounterApi {
         limit: Query<Option<u64>>,
         /// Only keys after this one (the previous page's `next`).
         after: Query<Option<String>>,
+        request: &poem::Request,
     ) -> PageResponse {
+        if let Err(problem) = check_query_utf8(request.uri().query()) {
+            return PageResponse::Unprocessable(problem);
+        }
         for (name, text) in [
             ("prefix", prefix.0.as_deref()),
             ("after", after.0.as_deref()),

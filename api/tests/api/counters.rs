@@ -308,4 +308,20 @@ async fn listing_pages_through_stored_counters_in_key_order(db: TestDb) {
         let message = error_message(response, StatusCode::UNPROCESSABLE_ENTITY).await;
         assert!(message.contains("limit"), "{bad}: {message}");
     }
+    // Percent-encoded bytes that are not UTF-8 name no key: refused, not
+    // read as U+FFFD (which a stored key may hold).
+    assert_accepted(app.increment("\u{fffd}replacement", 1).await).await;
+    app.flush().await;
+    for bad in [
+        "?prefix=%FF",
+        "?prefix=%FFre",
+        "?after=%C3",
+        "?prefix=p&after=%FF",
+    ] {
+        let response = app.client.get(format!("/counters{bad}")).send().await;
+        let message = error_message(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert!(message.contains("UTF-8"), "{bad}: {message}");
+    }
+    let (_, body) = list(&app, "?prefix=%EF%BF%BD").await;
+    assert_eq!(body["counters"][0]["key"], "\u{fffd}replacement");
 }
