@@ -211,6 +211,11 @@ pub enum WaitOutcome {
     KeyExpired,
 }
 
+/// How long a counter read may hold drains off (see
+/// [`Flusher::read_counter`]): a point read by primary key, far past what a
+/// healthy database takes.
+const COUNTER_READ_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Idempotency keys deleted per statement when pruning: short statements,
 /// each its own transaction, between which flushes go on.
 const PRUNE_KEYS_PER_STATEMENT: u64 = 1_000;
@@ -426,7 +431,16 @@ impl Flusher {
                 .map(|(part, delta)| (part.id.clone(), delta))
         });
         let batch_id = in_flight.as_ref().map(|(id, _)| id.as_str());
-        let (stored, batch_committed) = store::read_counter(&self.db, key, batch_id).await?;
+        // Bounded: a database that stopped answering (a peer gone without a
+        // reset) would otherwise hold the gate, and every drain, for good.
+        let read = store::read_counter(&self.db, key, batch_id);
+        let (stored, batch_committed) = tokio::time::timeout(COUNTER_READ_TIMEOUT, read)
+            .await
+            .map_err(|_| {
+            DbErr::Custom(format!(
+                "the database did not answer a counter read within {COUNTER_READ_TIMEOUT:?}"
+            ))
+        })??;
         let in_flight = in_flight
             .filter(|_| !batch_committed)
             .map(|(_, delta)| delta);

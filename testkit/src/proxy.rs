@@ -1,6 +1,7 @@
 //! A TCP proxy between the service and PostgreSQL that can refuse and cut
-//! connections, and cut one right after a COMMIT reached the server (the
-//! ambiguous-commit case: the server committed, the client never hears it).
+//! connections, cut one right after a COMMIT reached the server (the
+//! ambiguous-commit case: the server committed, the client never hears it),
+//! and freeze them (a peer that stops answering without a reset).
 
 use std::{
     net::SocketAddr,
@@ -34,6 +35,11 @@ struct Shared {
     cut_after_commit: AtomicBool,
     /// COMMITs swallowed so far.
     swallowed_commits: AtomicU64,
+    /// While set, what either side sends is held, not forwarded.
+    frozen: watch::Sender<bool>,
+    /// Armed: the next client chunk holding this is forwarded, then the
+    /// proxy freezes (the server dies in the middle of that statement).
+    freeze_after: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 /// A running proxy; stops when dropped.
@@ -54,6 +60,8 @@ impl FaultProxy {
             cuts: watch::Sender::new(0),
             cut_after_commit: AtomicBool::new(false),
             swallowed_commits: AtomicU64::new(0),
+            frozen: watch::Sender::new(false),
+            freeze_after: std::sync::Mutex::new(None),
         });
         let accepting = Arc::clone(&shared);
         let task = tokio::spawn(async move {
@@ -103,6 +111,28 @@ impl FaultProxy {
         self.shared.cuts.send_modify(|n| *n += 1);
     }
 
+    /// Every connection, open or new, stops answering: what either side
+    /// sends is held (no reset, no error) until [`thaw`](Self::thaw).
+    pub fn freeze(&self) {
+        self.shared.frozen.send_replace(true);
+    }
+
+    /// Freezes right after the next client chunk holding `statement` (a
+    /// piece of its SQL) is forwarded: the statement reached the server on a
+    /// connection that was healthy when it was taken, and gets no answer.
+    pub fn freeze_after(&self, statement: &[u8]) {
+        *self
+            .shared
+            .freeze_after
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(statement.to_vec());
+    }
+
+    /// Forwards what was held, and everything after.
+    pub fn thaw(&self) {
+        self.shared.frozen.send_replace(false);
+    }
+
     /// Arms the ambiguous-commit fault for the next COMMIT.
     pub fn cut_after_next_commit(&self) {
         self.shared.cut_after_commit.store(true, Ordering::SeqCst);
@@ -131,6 +161,7 @@ async fn relay(mut client: TcpStream, shared: Arc<Shared>) {
     };
     let mut cuts = shared.cuts.subscribe();
     cuts.borrow_and_update();
+    let mut frozen = shared.frozen.subscribe();
     let (mut client_read, mut client_write) = client.split();
     let (mut server_read, mut server_write) = server.split();
     let mut from_client = vec![0u8; 64 * 1024];
@@ -144,6 +175,7 @@ async fn relay(mut client: TcpStream, shared: Arc<Shared>) {
             read = client_read.read(&mut from_client) => {
                 let Ok(n) = read else { return };
                 if n == 0 { return; }
+                if !thawed(&mut frozen, &mut cuts).await { return; }
                 let chunk = &from_client[..n];
                 if contains(chunk, b"COMMIT")
                     && shared.cut_after_commit.swap(false, Ordering::SeqCst)
@@ -151,10 +183,19 @@ async fn relay(mut client: TcpStream, shared: Arc<Shared>) {
                     swallow_next_answer = true;
                 }
                 if server_write.write_all(chunk).await.is_err() { return; }
+                let mut armed = shared
+                    .freeze_after
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if armed.as_deref().is_some_and(|statement| contains(chunk, statement)) {
+                    *armed = None;
+                    shared.frozen.send_replace(true);
+                }
             }
             read = server_read.read(&mut from_server) => {
                 let Ok(n) = read else { return };
                 if n == 0 { return; }
+                if !thawed(&mut frozen, &mut cuts).await { return; }
                 if swallow_next_answer {
                     // The server answered the COMMIT: it is durable, and the
                     // client will never know.
@@ -164,5 +205,14 @@ async fn relay(mut client: TcpStream, shared: Arc<Shared>) {
                 if client_write.write_all(&from_server[..n]).await.is_err() { return; }
             }
         }
+    }
+}
+
+/// Waits while the proxy is frozen; false when the connection is cut (or
+/// the proxy gone) meanwhile.
+async fn thawed(frozen: &mut watch::Receiver<bool>, cuts: &mut watch::Receiver<u64>) -> bool {
+    tokio::select! {
+        thawed = frozen.wait_for(|frozen| !*frozen) => thawed.is_ok(),
+        _ = cuts.changed() => false,
     }
 }

@@ -279,6 +279,38 @@ async fn an_ambiguous_commit_is_not_applied_twice() {
     );
 }
 
+/// A counter read holds drains off while it asks the database; one that
+/// stops answering in the middle of it (no reset, no error) must not hold
+/// them, and the read, for good: the read gives up with `503`, and flushes go on once the
+/// database answers again.
+#[tokio::test]
+async fn a_counter_read_from_a_database_that_stopped_answering_gives_up() {
+    let Some((db, proxy, mut settings)) = through_proxy().await else {
+        return;
+    };
+    settings.flush_interval = Duration::from_secs(3600);
+    let app = TestApp::start(db, settings).await;
+    app.increment("k", 1)
+        .await
+        .assert_status(poem::http::StatusCode::ACCEPTED);
+    // Taken from the pool (and checked by its ping) while healthy.
+    proxy.freeze_after(b"FROM flush_batches WHERE batch_id");
+    let read = tokio::time::timeout(
+        Duration::from_secs(20),
+        app.client.get("/counters/k").send(),
+    )
+    .await
+    .expect("the read gives up within 20 s");
+    read.assert_status(poem::http::StatusCode::SERVICE_UNAVAILABLE);
+    proxy.thaw();
+    let flushed = tokio::time::timeout(Duration::from_secs(20), app.flusher.flush_once()).await;
+    assert!(
+        matches!(flushed, Ok(Ok(FlushOutcome::Written { .. }))),
+        "the flush goes on: {flushed:?}"
+    );
+    assert_eq!(app.counters().await, BTreeMap::from([("k".to_owned(), 1)]));
+}
+
 /// Keyed requests are held whole until written (one per `Idempotency-Key`,
 /// not merged by counter), so while the database is down they count toward
 /// the pending bound: past it, 503 `pending-limit` instead of memory that
