@@ -114,6 +114,19 @@ impl Group {
     }
 }
 
+impl Group {
+    /// The group's message, as published.
+    fn message(&self) -> Vec<u8> {
+        let mut body = Vec::with_capacity(self.bytes);
+        codec::encode_message(
+            self.deltas.iter().map(|(k, v)| (k.as_str(), *v)),
+            &self.keyed,
+            &mut body,
+        );
+        body
+    }
+}
+
 struct Groups {
     open: Group,
     sealed: VecDeque<Group>,
@@ -223,12 +236,20 @@ impl Publisher {
             None => sums.keys().map(|key| codec::max_item_len(key)).sum(),
         };
         let mut groups = self.groups.lock();
+        // A key's plain and keyed sums are held apart, and each is an i64:
+        // the one this request adds to must stay in range (not wrap), and so
+        // must their total, which the reader takes as one (a message over it
+        // could never be applied).
         let fits = |group: &Group| {
             (group.bytes + bytes <= self.settings.max_message_bytes || group.requests == 0)
                 && sums.iter().all(|(key, (sum, _))| {
-                    let held = i128::from(group.deltas.get(*key).copied().unwrap_or(0))
-                        + i128::from(group.keyed_totals.get(*key).copied().unwrap_or(0));
-                    i64::try_from(held + i128::from(*sum)).is_ok()
+                    let plain = i128::from(group.deltas.get(*key).copied().unwrap_or(0));
+                    let keyed_total =
+                        i128::from(group.keyed_totals.get(*key).copied().unwrap_or(0));
+                    let added_to = if keyed.is_some() { keyed_total } else { plain };
+                    let sum = i128::from(*sum);
+                    i64::try_from(added_to + sum).is_ok()
+                        && i64::try_from(plain + keyed_total + sum).is_ok()
                 })
         };
         if !fits(&groups.open) {
@@ -333,13 +354,7 @@ impl Publisher {
 
     /// One group's message, attempted until an answer is certain.
     async fn publish(&self, group: &Group) -> Outcome {
-        let mut body = Vec::with_capacity(group.bytes);
-        codec::encode_message(
-            group.deltas.iter().map(|(k, v)| (k.as_str(), *v)),
-            &group.keyed,
-            &mut body,
-        );
-        let body = bytes::Bytes::from(body);
+        let body = bytes::Bytes::from(group.message());
         let id = uuid::Uuid::new_v4().to_string();
         let first = Instant::now();
         // Whether an earlier attempt may have stored the message.
@@ -410,4 +425,70 @@ enum Attempt {
     Stored(u64),
     NotStored(Refusal),
     Unknown,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A publisher whose client never connects: grouping needs no server.
+    fn unconnected_publisher() -> Arc<Publisher> {
+        let client = futures::FutureExt::now_or_never(
+            async_nats::ConnectOptions::new()
+                .retry_on_initial_connect()
+                .connect("nats://127.0.0.1:1"),
+        )
+        .expect("a client that retries in the background returns at once")
+        .expect("a client");
+        let jetstream = jetstream::new(client.clone());
+        let settings = PublisherSettings {
+            subject: "increments".into(),
+            in_flight: 1,
+            max_waiting_groups: 8,
+            max_message_bytes: 64 * 1024,
+            ack_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            retry_horizon: Duration::from_secs(1),
+        };
+        Publisher::new(client, jetstream, settings, Arc::new(Metrics::new()))
+    }
+
+    /// A key's plain sum and its keyed total are held apart in a group.
+    /// Plain `MAX`, keyed `-10`, plain `+5`: the total stays in range
+    /// throughout, but the plain sum alone would pass `MAX`. It wrapped, and
+    /// the reader skipped the whole message (every request in it answered
+    /// `202`) as one that can never be applied.
+    #[tokio::test]
+    async fn every_message_a_group_makes_can_be_applied() {
+        let publisher = unconnected_publisher();
+        publisher
+            .join(&[("k", i64::MAX)], None, false)
+            .expect("joins");
+        let keyed = Keyed {
+            key: "retry-1".into(),
+            fingerprint: 1,
+            items: vec![("k".into(), -10)],
+            taken_at: None,
+        };
+        publisher.join(&[], Some(keyed), false).expect("joins");
+        publisher.join(&[("k", 5)], None, false).expect("joins");
+        publisher.join(&[("other", 7)], None, false).expect("joins");
+
+        let batcher = crate::Batcher::new(
+            std::num::NonZeroU64::new(100).expect("non-zero"),
+            Duration::from_secs(60),
+        );
+        let mut groups = 0;
+        while let Some(group) = publisher.take_group() {
+            groups += 1;
+            let body = group.message();
+            let message = codec::decode(&body).expect("decodes");
+            batcher
+                .record_keyed(&message.items, &message.keyed, chrono::Utc::now())
+                .expect("the reader can apply every message");
+        }
+        assert_eq!(groups, 2, "the plain +5 went to a group of its own");
+        assert_eq!(batcher.pending_for("k"), Some(i128::from(i64::MAX) - 5));
+        assert_eq!(batcher.pending_for("other"), Some(7));
+    }
 }
