@@ -170,6 +170,11 @@ struct Claim<A> {
 enum Answer<A> {
     Taken(A),
     Released,
+    /// The request may have been taken or not (a journal publish whose
+    /// answer never came): a repeat with the same body is taken again (the
+    /// flush applies one of them), one with another body is refused, as
+    /// the first may be applied.
+    Unconfirmed,
 }
 
 /// What [`Recent::begin`] found.
@@ -189,6 +194,9 @@ pub struct First<A: Clone + Send + Sync + 'static> {
     key: String,
     claim: Arc<Claim<A>>,
     taken: bool,
+    /// A repeat of an unconfirmed request: refused, the key stays
+    /// unconfirmed (the first may still be applied), not free.
+    after_unconfirmed: bool,
 }
 
 impl<A: Clone + Send + Sync + 'static> First<A> {
@@ -197,6 +205,13 @@ impl<A: Clone + Send + Sync + 'static> First<A> {
         self.taken = true;
         self.claim.answer.send_replace(Some(Answer::Taken(answer)));
     }
+
+    /// Whether the request was taken is unknown: it may be applied. The key
+    /// stays held for its body (see [`Answer::Unconfirmed`]).
+    pub fn unconfirmed(mut self) {
+        self.taken = true;
+        self.claim.answer.send_replace(Some(Answer::Unconfirmed));
+    }
 }
 
 impl<A: Clone + Send + Sync + 'static> Drop for First<A> {
@@ -204,7 +219,12 @@ impl<A: Clone + Send + Sync + 'static> Drop for First<A> {
         if self.taken {
             return;
         }
-        // Refused (or cancelled): the key is free; waiting repeats try again.
+        if self.after_unconfirmed {
+            self.claim.answer.send_replace(Some(Answer::Unconfirmed));
+            return;
+        }
+        // Refused (or cancelled before it was offered to the journal or the
+        // batcher): the key is free; waiting repeats try again.
         self.recent.forget(&self.key, &self.claim);
         self.claim.answer.send_replace(Some(Answer::Released));
     }
@@ -327,6 +347,26 @@ impl<A: Clone + Send + Sync + 'static> Recent<A> {
         (claim, true)
     }
 
+    /// A fresh claim of `key` for the same body, in place of `claim` (an
+    /// unconfirmed request's) if that still holds it.
+    fn reclaim(&self, key: &str, claim: &Arc<Claim<A>>) -> Option<Arc<Claim<A>>> {
+        let mut guard = self.shard(key).lock();
+        let shard = &mut *guard;
+        let fresh = Arc::new(Claim {
+            fingerprint: claim.fingerprint,
+            answer: watch::Sender::new(None),
+        });
+        for generation in [&mut shard.current, &mut shard.previous] {
+            if let Some(held) = generation.get_mut(key)
+                && Arc::ptr_eq(held, claim)
+            {
+                *held = Arc::clone(&fresh);
+                return Some(fresh);
+            }
+        }
+        None
+    }
+
     /// Forgets `key` if `claim` still holds it.
     fn forget(&self, key: &str, claim: &Arc<Claim<A>>) {
         let mut guard = self.shard(key).lock();
@@ -352,6 +392,7 @@ impl<A: Clone + Send + Sync + 'static> Recent<A> {
                     key: key.to_owned(),
                     claim,
                     taken: false,
+                    after_unconfirmed: false,
                 });
             }
             if claim.fingerprint != fingerprint {
@@ -365,6 +406,18 @@ impl<A: Clone + Send + Sync + 'static> Recent<A> {
                 .and_then(|a| a.clone());
             match settled {
                 Some(Answer::Taken(answer)) => return Begin::Repeat(answer),
+                Some(Answer::Unconfirmed) => {
+                    // Otherwise another request took its place: look again.
+                    if let Some(claim) = self.reclaim(key, &claim) {
+                        return Begin::First(First {
+                            recent: self.clone(),
+                            key: key.to_owned(),
+                            claim,
+                            taken: false,
+                            after_unconfirmed: true,
+                        });
+                    }
+                }
                 // Released (or its sender vanished): claim it afresh.
                 Some(Answer::Released) | None => self.forget(key, &claim),
             }

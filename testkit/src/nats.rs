@@ -137,6 +137,26 @@ impl NatsServer {
         }
     }
 
+    /// SIGSTOP: the server stops answering (connections stay open, nothing
+    /// is refused) until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`pause`](Self::pause): it goes on with what it was sent.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("a running nats-server");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Starts (again) on the same port and store; waits until it accepts.
     pub fn restart(&mut self) {
         if let Err(LaunchError::Exited(log)) = self.launch() {

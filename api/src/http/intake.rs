@@ -21,7 +21,7 @@ use crate::{
     batch::Keyed,
     batcher::{BatchError, Batcher},
     http::problem::ApiError,
-    idempotency::{self, Applied, Begin, Operation, Recent, Stored},
+    idempotency::{self, Applied, Begin, First, Operation, Recent, Stored},
     journal::{AppendError, Publisher, Refusal},
     key::{CounterKey, KeyError},
     metrics::Metrics,
@@ -756,27 +756,64 @@ impl Intake {
             // Stamped when the batcher takes it, or when the stream stores it.
             taken_at: None,
         };
-        let ticket = match &self.journal {
-            Some(journal) => Ticket::Journal(
-                journal
-                    .append_keyed(keyed, durable)
+        let accepted = increments.len() as u64;
+        let answer = match &self.journal {
+            Some(journal) => {
+                let sequence = Self::append_keyed(journal, first, keyed, durable, accepted)
                     .await
-                    .map_err(|e| self.append_refusal(e, batch))?,
-            ),
-            None => Ticket::Drain(
-                self.batcher
+                    .map_err(|e| self.append_refusal(e, batch))?;
+                KeyedAnswer {
+                    ticket: Ticket::Journal(sequence),
+                    accepted,
+                    fingerprint,
+                }
+            }
+            None => {
+                let drain = self
+                    .batcher
                     .record_keyed(&[], std::slice::from_ref(&keyed), chrono::Utc::now())
-                    .map_err(|e| self.refusal(e, None))?,
-            ),
+                    .map_err(|e| self.refusal(e, None))?;
+                let answer = KeyedAnswer {
+                    ticket: Ticket::Drain(drain),
+                    accepted,
+                    fingerprint,
+                };
+                first.taken(answer.clone());
+                answer
+            }
         };
-        let answer = KeyedAnswer {
-            ticket,
-            accepted: increments.len() as u64,
-            fingerprint,
-        };
-        first.taken(answer.clone());
         self.accepted(answer.accepted);
         Ok(answer)
+    }
+
+    /// Journals a keyed request and settles its key's claim by the outcome,
+    /// in a task of its own: a client that hangs up meanwhile must not free
+    /// the key while its message may still be stored (a reuse with another
+    /// body would then be answered `202` and left out when applied).
+    async fn append_keyed(
+        journal: &Arc<Publisher>,
+        first: First<KeyedAnswer>,
+        keyed: Keyed,
+        durable: bool,
+        accepted: u64,
+    ) -> Result<u64, AppendError> {
+        let journal = Arc::clone(journal);
+        let fingerprint = keyed.fingerprint;
+        let appending = tokio::spawn(async move {
+            let appended = journal.append_keyed(keyed, durable).await;
+            match &appended {
+                Ok(sequence) => first.taken(KeyedAnswer {
+                    ticket: Ticket::Journal(*sequence),
+                    accepted,
+                    fingerprint,
+                }),
+                Err(AppendError::Unconfirmed) => first.unconfirmed(),
+                // Nothing was stored: the key is free again.
+                Err(AppendError::Refused(_) | AppendError::Overflow(_)) => drop(first),
+            }
+            appended
+        });
+        appending.await.unwrap_or(Err(AppendError::Unconfirmed))
     }
 
     /// Takes increments into the journal instead of the batcher.

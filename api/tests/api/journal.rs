@@ -33,6 +33,7 @@ db_tests!(
     messages_another_publisher_wrote_that_could_never_be_applied_are_skipped,
     a_lost_stream_stops_the_start_instead_of_being_read_from_the_stored_offset,
     a_stream_created_again_under_a_running_writer_is_not_read_from_the_stored_offset,
+    an_unconfirmed_keyed_request_keeps_its_key_from_another_body,
 );
 
 async fn every_202_is_applied_once_through_the_journal(db: TestDb) {
@@ -211,6 +212,47 @@ async fn a_second_writer_of_the_same_messages_applies_nothing(db: TestDb) {
     assert_eq!(second_cursor.applied(), 4);
 }
 
+/// A keyed request whose publish was never acknowledged (`504`: it may be
+/// stored, and is once the server answers again) holds its key here: the
+/// key reused with another body is refused, not answered `202` and then
+/// left out when the first is applied; the same body again is taken, and
+/// applied once.
+async fn an_unconfirmed_keyed_request_keeps_its_key_from_another_body(db: TestDb) {
+    let nats = NatsServer::start();
+    let app = TestApp::start_with(db, journaled(&nats)).await;
+    let post = |value: i64| {
+        app.client
+            .post("/increment")
+            .header("idempotency-key", "order-1")
+            .content_type("application/json")
+            .body(serde_json::json!({ "key": "paid", "value": value }).to_string())
+            .send()
+    };
+    nats.pause();
+    post(1).await.assert_status(StatusCode::GATEWAY_TIMEOUT);
+    nats.resume();
+    let reused = post(2).await;
+    reused.assert_status(StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: serde_json::Value = reused.json();
+    assert_eq!(
+        problem["type"], "/problems/idempotency-key-reused",
+        "{problem}"
+    );
+    post(1).await.assert_status(StatusCode::ACCEPTED);
+    eventually(
+        Duration::from_secs(20),
+        "the first body applied",
+        || async { app.db.counters().await.get("paid") == Some(&1) },
+    )
+    .await;
+    let db = app.shut_down_cleanly().await;
+    assert_eq!(
+        db.counters().await.get("paid"),
+        Some(&1),
+        "applied once, the other body never"
+    );
+}
+
 /// A PostgreSQL database behind a fault proxy (its URL through the proxy)
 /// and a nats-server; `None` without PostgreSQL.
 async fn through_proxy() -> Option<(TestDb, testkit::proxy::FaultProxy, NatsServer, String)> {
@@ -219,6 +261,39 @@ async fn through_proxy() -> Option<(TestDb, testkit::proxy::FaultProxy, NatsServ
         testkit::proxy::FaultProxy::start(db.postgres_addr().expect("a PostgreSQL address")).await;
     let url = proxy.url_for(&db.url);
     Some((db, proxy, NatsServer::start(), url))
+}
+
+/// Journal mode: the message holding a waiting request is applied with its
+/// row rejected, and the waiter's question about its row then hangs (the
+/// database stops answering): it must not hear "held and will be written".
+/// PostgreSQL only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_waiter_whose_message_was_applied_is_not_told_held_when_its_fate_cannot_be_read()
+{
+    let Some((db, proxy, nats, url)) = through_proxy().await else {
+        return;
+    };
+    let app = TestApp::start_with(db, |settings| {
+        journaled(&nats)(settings);
+        settings.database_url = url;
+        settings.wait_timeout = Duration::from_secs(3);
+    })
+    .await;
+    post_waiting(&app, "full", i64::MAX)
+        .await
+        .assert_status(StatusCode::OK);
+    proxy.freeze_after(b"\"rejected_increments\".\"key\" = ");
+    let response = post_waiting(&app, "full", 1).await;
+    response.assert_status(StatusCode::ACCEPTED);
+    let body: serde_json::Value = response.json();
+    proxy.thaw();
+    assert_eq!(body["committed"], false, "{body}");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("batch committed") && !detail.contains("held and will be written"),
+        "{detail}"
+    );
+    assert_eq!(app.db.counters().await.get("full"), Some(&i64::MAX));
 }
 
 /// Resident memory of this process (the application runs in it), in bytes.
