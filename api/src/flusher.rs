@@ -184,9 +184,10 @@ pub enum WaitOutcome {
     Rejected,
     /// Not committed within the timeout; still held, to be written.
     TimedOut,
-    /// Its drain committed, but which of its rows were rejected could not
-    /// be read: its row was written or rejected, and nothing more is held
-    /// for it. Only waiters without a key get it (a keyed one asks its key).
+    /// Its drain (or journal message) committed, but which of its rows were
+    /// rejected could not be read in time: its row was written or rejected,
+    /// and nothing more is held for it. Only waiters without a key get it
+    /// (a keyed one asks its key).
     CommittedUnread,
     /// A request applied under its `Idempotency-Key` (earlier, or by its
     /// drain): whether its row was written or rejected could not be read
@@ -215,6 +216,12 @@ pub enum WaitOutcome {
 /// [`Flusher::read_counter`]): a point read by primary key, far past what a
 /// healthy database takes.
 const COUNTER_READ_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a committed batch's rejected keys may take to read back. The
+/// flush holds its batch in flight meanwhile (the next one waits), and so do
+/// its `wait=true` requests, which would otherwise outlast their own timeout
+/// and hear "held", though the batch committed.
+const NOTES_READ_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Idempotency keys deleted per statement when pruning: short statements,
 /// each its own transaction, between which flushes go on.
@@ -568,19 +575,24 @@ impl Flusher {
 
     /// Notes for the waiters of the committed `batch`: which of its keys were
     /// rejected (read back when `maybe_rejected`), and whether it left out
-    /// repeats. Reading may fail (the database just went away): the waiters
-    /// then hear that the batch committed but their row's fate is unknown,
-    /// not "written".
+    /// repeats. Reading may fail or hang (the database just went away): the
+    /// waiters then hear that the batch committed but their row's fate is
+    /// unknown, not "written" (nor "held", after a wait that outlasted it).
     async fn take_notes(&self, batch: &Batch, maybe_rejected: bool, repeats_left_out: bool) {
         let mut notes = DrainNotes {
             repeats_left_out,
             ..DrainNotes::default()
         };
         if maybe_rejected {
-            match store::rejected_keys(&self.db, batch).await {
-                Ok(keys) => notes.rejected = keys,
-                Err(e) => {
+            let read = store::rejected_keys(&self.db, batch);
+            match tokio::time::timeout(NOTES_READ_TIMEOUT, read).await {
+                Ok(Ok(keys)) => notes.rejected = keys,
+                Ok(Err(e)) => {
                     tracing::warn!(error = %error_chain(&e), batch.id = %batch.id, "reading the rejected keys of a committed batch failed");
+                    notes.rejections_unknown = true;
+                }
+                Err(_) => {
+                    tracing::warn!(batch.id = %batch.id, timeout = ?NOTES_READ_TIMEOUT, "reading the rejected keys of a committed batch took too long");
                     notes.rejections_unknown = true;
                 }
             }

@@ -334,9 +334,12 @@ pub enum Applied {
     /// Applied, but the request's row was rejected (the stored total would
     /// have left `bigint`; it is in `rejected_increments`).
     Rejected,
-    /// Not known to be applied within the timeout (or whether its row was
-    /// rejected could not be read): still held, to be written.
+    /// Not known to be applied within the timeout: still held, to be
+    /// written.
     Unconfirmed,
+    /// Applied, but whether the request's row was rejected could not be
+    /// read within the timeout: nothing is held for it any more.
+    AppliedUnread,
 }
 
 /// Waits until the message `sequence` is applied to the database (by any
@@ -366,7 +369,7 @@ pub async fn wait_applied(
     match store::answered_by(deadline, rejected).await {
         Some(true) => Applied::Rejected,
         Some(false) => Applied::Written,
-        None => Applied::Unconfirmed,
+        None => Applied::AppliedUnread,
     }
 }
 

@@ -478,6 +478,7 @@ impl IncrementApi {
                     journal::Applied::Written => WaitOutcome::Committed,
                     journal::Applied::Rejected => WaitOutcome::Rejected,
                     journal::Applied::Unconfirmed => WaitOutcome::TimedOut,
+                    journal::Applied::AppliedUnread => WaitOutcome::CommittedUnread,
                 }
             }
             (Ticket::Journal(_), None) => WaitOutcome::TimedOut,

@@ -311,6 +311,38 @@ async fn a_counter_read_from_a_database_that_stopped_answering_gives_up() {
     assert_eq!(app.counters().await, BTreeMap::from([("k".to_owned(), 1)]));
 }
 
+/// A batch committed with a waiting request's row rejected, and reading its
+/// rejected keys back then hangs (the database stops answering): the waiter
+/// must not hear "held and will be written". Nothing is held for it any
+/// more, and its row was rejected.
+#[tokio::test]
+async fn a_waiter_whose_batch_committed_is_not_told_held_when_its_fate_cannot_be_read() {
+    let Some((db, proxy, mut settings)) = through_proxy().await else {
+        return;
+    };
+    settings.flush_interval = Duration::from_secs(3600);
+    settings.wait_timeout = Duration::from_secs(5);
+    let app = TestApp::start(db, settings).await;
+    crate::helpers::post_waiting(&app, "edge", i64::MAX)
+        .await
+        .assert_status(poem::http::StatusCode::OK);
+    proxy.freeze_after(b"\"rejected_increments\".\"batch_id\" IN");
+    let response = crate::helpers::post_waiting(&app, "edge", 1).await;
+    response.assert_status(poem::http::StatusCode::ACCEPTED);
+    let body: serde_json::Value = response.json();
+    proxy.thaw();
+    assert_eq!(body["committed"], false, "{body}");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("batch committed") && !detail.contains("held and will be written"),
+        "{detail}"
+    );
+    assert_eq!(
+        app.counters().await,
+        BTreeMap::from([("edge".to_owned(), i64::MAX)])
+    );
+}
+
 /// Keyed requests are held whole until written (one per `Idempotency-Key`,
 /// not merged by counter), so while the database is down they count toward
 /// the pending bound: past it, 503 `pending-limit` instead of memory that
