@@ -84,7 +84,8 @@ fn split_i64(mut delta: i128) -> Vec<i64> {
 
 /// A key whose sum was split into parts (see [`rounds`]) is applied whole or
 /// not at all: when any of its parts was `rejected`, the parts applied are
-/// taken back (in this transaction) and every part is reported rejected. A
+/// taken back (in this transaction; a row the transaction created is
+/// removed) and every part is reported rejected. A
 /// partly applied sum would make a `wait=true` request's `422` ("not
 /// applied") untrue, and a client's retry count twice. Taking back cannot
 /// leave `bigint`: it moves the row back toward a value it held.
@@ -129,6 +130,14 @@ async fn reject_split_sums_whole<'a, C: ConnectionTrait>(
             ));
         }
     }
+    // A key this transaction created (its `created_at` is this write's) is
+    // left as if never written: no row, not a row at 0.
+    counters::Entity::delete_many()
+        .filter(counters::Column::Key.is_in(take_back.iter().map(|(key, _)| key.as_str())))
+        .filter(counters::Column::CreatedAt.eq(now))
+        .filter(counters::Column::Value.eq(0))
+        .exec(conn)
+        .await?;
     let mut rejected: Vec<(&str, i64)> = rejected
         .into_iter()
         .filter(|(key, _)| !applied.contains_key(key))

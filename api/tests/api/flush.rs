@@ -361,11 +361,13 @@ async fn a_sum_outside_i64_is_applied_whole_or_rejected_whole(db: TestDb) {
     store::write_batch(&app.connection, &fits_first, now, 2)
         .await
         .unwrap();
+    // "new" is not stored: its first part would create the row.
     let batch = Batch::new(
         [
             ("fits".to_owned(), i128::from(i64::MAX) + 15),
             ("high".to_owned(), big),
             ("low".to_owned(), big),
+            ("new".to_owned(), i128::from(i64::MAX) + 1),
             ("other".to_owned(), 1),
         ],
         0,
@@ -385,7 +387,7 @@ async fn a_sum_outside_i64_is_applied_whole_or_rejected_whole(db: TestDb) {
             ("low".into(), -5),
             ("other".into(), 1),
         ]),
-        "a sum that does not fit leaves its key as it was"
+        "a sum that does not fit leaves its key as it was (a new key unwritten)"
     );
     let connection = app.db.connect().await;
     let mut rejected: BTreeMap<String, i128> = BTreeMap::new();
@@ -398,7 +400,11 @@ async fn a_sum_outside_i64_is_applied_whole_or_rejected_whole(db: TestDb) {
     }
     assert_eq!(
         rejected,
-        BTreeMap::from([("high".into(), big), ("low".into(), big)]),
+        BTreeMap::from([
+            ("high".into(), big),
+            ("low".into(), big),
+            ("new".into(), i128::from(i64::MAX) + 1),
+        ]),
         "the whole sum is recorded as rejected"
     );
 }
