@@ -151,23 +151,26 @@ fn check_parameter(name: &str, text: Option<&str>) -> Result<(), ProblemJson> {
     }
 }
 
-/// Refuses a query whose percent-decoded bytes are not UTF-8. poem decodes
-/// it lossily, into U+FFFD, which a stored key may hold: `prefix=%FF`
-/// would list such keys instead of being refused.
+/// Refuses a `prefix` or `after` whose percent-decoded bytes are not UTF-8.
+/// poem decodes them lossily, into U+FFFD, which a stored key may hold:
+/// `prefix=%FF` would list such keys instead of being refused. (Parameters
+/// nobody reads are left alone.)
 fn check_query_utf8(query: Option<&str>) -> Result<(), ProblemJson> {
-    let query = query.unwrap_or_default();
-    let valid = query.split('&').all(|pair| {
-        let bytes: Vec<u8> = percent_encoding::percent_decode_str(pair).collect();
-        std::str::from_utf8(&bytes).is_ok()
-    });
-    if valid {
-        Ok(())
-    } else {
-        Err(
-            ApiError::Invalid("the query string is not UTF-8 once percent-decoded".to_owned())
-                .payload(),
-        )
+    for pair in query.unwrap_or_default().split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+        if name != "prefix" && name != "after" {
+            continue;
+        }
+        let bytes: Vec<u8> = percent_encoding::percent_decode_str(value).collect();
+        if std::str::from_utf8(&bytes).is_err() {
+            return Err(ApiError::Invalid(format!(
+                "parameter {name:?} is not UTF-8 once percent-decoded"
+            ))
+            .payload());
+        }
     }
+    Ok(())
 }
 
 fn clamp_i64(value: i128) -> i64 {

@@ -324,4 +324,7 @@ async fn listing_pages_through_stored_counters_in_key_order(db: TestDb) {
     }
     let (_, body) = list(&app, "?prefix=%EF%BF%BD").await;
     assert_eq!(body["counters"][0]["key"], "\u{fffd}replacement");
+    // Parameters nobody reads are left alone.
+    let (status, _) = list(&app, "?prefix=x&unread=%FF").await;
+    assert_eq!(status, StatusCode::OK);
 }
