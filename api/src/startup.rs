@@ -173,7 +173,9 @@ impl Application {
                     .map_err(|e| {
                         StartupError::JournalOffset(Redacted::new(&e, &settings.database_url))
                     })?;
-                Some(Journal::connect_after(journal.clone(), applied).await?)
+                let journal = Journal::connect_after(journal.clone(), applied).await?;
+                journal.check_room_for(settings.max_body)?;
+                Some(journal)
             }
             None => None,
         };

@@ -112,6 +112,18 @@ pub enum JournalError {
     },
     #[error("the existing stream {stream} would delete unapplied increments: {why}")]
     Deletes { stream: String, why: &'static str },
+    /// One request of `--max-body` might not fit in a message the server or
+    /// the stream takes: it would be refused (`503`) however often it is
+    /// sent.
+    #[error(
+        "journal messages can be at most {message_bytes} bytes here ({limit}), too small for a \
+         request of --max-body {max_body} bytes: lower --max-body or raise that limit"
+    )]
+    MessageTooSmall {
+        message_bytes: usize,
+        limit: String,
+        max_body: usize,
+    },
     /// The database says messages up to `applied` of this stream were
     /// applied, and the stream is missing or ends before that: it was lost
     /// or deleted (and perhaps created again). Reading it from the stored
@@ -135,6 +147,42 @@ pub struct Journal {
     pub jetstream: jetstream::Context,
     pub stream: stream::Stream,
     pub cursor: Arc<Cursor>,
+    /// The largest message the publisher sends (see [`message_bytes`]).
+    max_message_bytes: usize,
+    /// What set `max_message_bytes`, for the start's error.
+    message_limit: String,
+}
+
+/// A group's message grows to at most this many bytes (the server's
+/// `max_payload` is 1 MiB by default).
+const GROUP_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// Room for a message's headers (its id, the durable flag) beside its
+/// payload, within the server's and the stream's limits.
+const HEADER_ROOM: usize = 1024;
+
+/// Room beside a request's body in its message: an `Idempotency-Key`
+/// (not in the body), its fingerprint and the message's framing.
+const REQUEST_ROOM: usize = 512;
+
+/// The largest message to send: [`GROUP_MESSAGE_BYTES`], lowered to fit the
+/// server's `max_payload` and the stream's `max_msg_size` (0 or negative:
+/// none), headers included; and what set it.
+fn message_bytes(max_payload: usize, stream_max: i32) -> (usize, String) {
+    let mut bytes = GROUP_MESSAGE_BYTES;
+    let mut limit = "the publisher's group size".to_owned();
+    if max_payload > 0 && max_payload.saturating_sub(HEADER_ROOM) < bytes {
+        bytes = max_payload.saturating_sub(HEADER_ROOM);
+        limit = format!("nats-server max_payload {max_payload}");
+    }
+    if let Ok(stream_max) = usize::try_from(stream_max)
+        && stream_max > 0
+        && stream_max.saturating_sub(HEADER_ROOM) < bytes
+    {
+        bytes = stream_max.saturating_sub(HEADER_ROOM);
+        limit = format!("the stream's max_msg_size {stream_max}");
+    }
+    (bytes, limit)
 }
 
 impl Journal {
@@ -269,13 +317,36 @@ impl Journal {
             settings.duplicate_window = info.config.duplicate_window;
         }
         let cursor = Cursor::new(settings.stream.clone());
+        let (max_message_bytes, message_limit) = message_bytes(
+            client.server_info().max_payload,
+            info.config.max_message_size,
+        );
         Ok(Self {
             settings,
             client,
             jetstream,
             stream,
             cursor,
+            max_message_bytes,
+            message_limit,
         })
+    }
+
+    /// Refuses a `--max-body` whose requests might not fit in one message:
+    /// a request is never split, and one over the server's or the stream's
+    /// limit would get `503` however often it were sent.
+    ///
+    /// # Errors
+    /// [`JournalError::MessageTooSmall`].
+    pub fn check_room_for(&self, max_body: usize) -> Result<(), JournalError> {
+        if self.max_message_bytes < max_body.saturating_add(REQUEST_ROOM) {
+            return Err(JournalError::MessageTooSmall {
+                message_bytes: self.max_message_bytes,
+                limit: self.message_limit.clone(),
+                max_body,
+            });
+        }
+        Ok(())
     }
 
     pub fn publisher(&self, metrics: Arc<Metrics>) -> Arc<Publisher> {
@@ -287,7 +358,7 @@ impl Journal {
                 subject: self.settings.subject(),
                 in_flight: self.settings.in_flight,
                 max_waiting_groups: 64,
-                max_message_bytes: 256 * 1024,
+                max_message_bytes: self.max_message_bytes,
                 ack_timeout,
                 request_timeout: ack_timeout + Duration::from_secs(1),
                 retry_horizon: self.settings.duplicate_window / 4,
@@ -426,6 +497,23 @@ async fn poll_applied(db: DatabaseConnection, cursor: Arc<Cursor>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Messages stay under the server's and the stream's limits with room
+    /// for their headers; a message over either was refused with `503`
+    /// however often it was sent (found by review with `max_payload`
+    /// 131072 and a 229 KB batch).
+    #[test]
+    fn messages_fit_the_servers_and_the_streams_limits() {
+        assert_eq!(message_bytes(1024 * 1024, -1).0, GROUP_MESSAGE_BYTES);
+        assert_eq!(message_bytes(0, 0).0, GROUP_MESSAGE_BYTES);
+        let (bytes, limit) = message_bytes(131_072, -1);
+        assert_eq!(bytes, 131_072 - HEADER_ROOM);
+        assert!(limit.contains("max_payload 131072"), "{limit}");
+        let (bytes, limit) = message_bytes(1024 * 1024, 100_000);
+        assert_eq!(bytes, 100_000 - HEADER_ROOM);
+        assert!(limit.contains("max_msg_size 100000"), "{limit}");
+        assert_eq!(message_bytes(500, -1).0, 0, "no underflow");
+    }
 
     /// `","` (a template of two unset variables) was taken as no servers,
     /// and the client spun at a full core for good.

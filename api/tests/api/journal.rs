@@ -34,6 +34,7 @@ db_tests!(
     a_lost_stream_stops_the_start_instead_of_being_read_from_the_stored_offset,
     a_stream_created_again_under_a_running_writer_is_not_read_from_the_stored_offset,
     an_unconfirmed_keyed_request_keeps_its_key_from_another_body,
+    a_stream_whose_messages_cannot_hold_a_request_stops_the_start,
 );
 
 async fn every_202_is_applied_once_through_the_journal(db: TestDb) {
@@ -960,6 +961,79 @@ async fn a_stream_created_again_under_a_running_writer_is_not_read_from_the_stor
 
 /// A stream for `settings` as an operator would create it by hand: file
 /// storage, `discard: new`, nothing else set.
+/// An existing stream whose `max_msg_size` is below what one request of
+/// `--max-body` needs: such a request was answered `503` ("NATS is
+/// unreachable") however often it was sent. The start now says so; with a
+/// smaller `--max-body` it starts, and a batch near the stream's limit is
+/// taken (groups stay under it).
+async fn a_stream_whose_messages_cannot_hold_a_request_stops_the_start(db: TestDb) {
+    let nats = NatsServer::start();
+    let mut settings = testkit::test_settings(&db);
+    journaled(&nats)(&mut settings);
+    let journal = settings.journal.clone().expect("journaled");
+    let client = async_nats::connect(nats.url()).await.expect("connects");
+    async_nats::jetstream::new(client)
+        .create_stream(async_nats::jetstream::stream::Config {
+            max_message_size: 32 * 1024,
+            ..stream_by_hand(&journal)
+        })
+        .await
+        .expect("created");
+    settings.max_body = 64 * 1024;
+    let refused = match api::Application::build(settings.clone()).await {
+        Ok(_) => panic!("started with messages too small for --max-body"),
+        Err(err) => api::telemetry::error_chain(&err),
+    };
+    assert!(
+        refused.contains("max_msg_size 32768") && refused.contains("--max-body 65536"),
+        "{refused}"
+    );
+    settings.max_body = 16 * 1024;
+    let app = TestApp::start(db, settings).await;
+    // Distinct keys in each request (a group sums a key's deltas).
+    let body = |request: usize| {
+        let items: Vec<_> = (0..300)
+            .map(|i| serde_json::json!({ "key": format!("key-{request}-{i:04}-{}", "x".repeat(18)), "value": 1 }))
+            .collect();
+        serde_json::json!({ "increments": items }).to_string()
+    };
+    assert!(
+        (12 * 1024..16 * 1024).contains(&body(0).len()),
+        "{}",
+        body(0).len()
+    );
+    // The server paused: the first request's message waits in flight, and
+    // the four after it are grouped (together, over 40 KB) behind it.
+    nats.pause();
+    let sending = futures::future::join_all((0..5).map(|request| {
+        app.client
+            .post("/increments")
+            .content_type("application/json")
+            .body(body(request))
+            .send()
+    }));
+    let waiting = async {
+        eventually(Duration::from_secs(10), "five requests waiting", || async {
+            // The scrape counts itself.
+            app.scrape()
+                .await
+                .contains("increment_http_requests_in_flight 6\n")
+        })
+        .await;
+        nats.resume();
+    };
+    let (answers, ()) = tokio::join!(sending, waiting);
+    for answer in answers {
+        answer.assert_status(StatusCode::ACCEPTED);
+    }
+    eventually(Duration::from_secs(20), "every batch applied", || async {
+        let counters = app.db.counters().await;
+        counters.len() == 1_500 && counters.values().all(|v| *v == 1)
+    })
+    .await;
+    app.shut_down_cleanly().await;
+}
+
 fn stream_by_hand(settings: &JournalSettings) -> async_nats::jetstream::stream::Config {
     async_nats::jetstream::stream::Config {
         name: settings.stream.clone(),
