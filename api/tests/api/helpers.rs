@@ -34,6 +34,29 @@ pub async fn post_waiting(app: &TestApp, key: &str, value: i64) -> Response {
 }
 
 /// Asserts a 202 with an empty body.
+/// `POST /increment?wait=true` while `proxy` freezes after `statement`
+/// (the question about the request's row) reaches the database: the answer
+/// must be `202` "committed, but its row's fate could not be read", never
+/// "held and will be written" (nothing is held for it any more).
+pub async fn waiter_told_committed_when_its_row_is_unread(
+    app: &TestApp,
+    proxy: &testkit::proxy::FaultProxy,
+    statement: &[u8],
+    key: &str,
+) {
+    proxy.freeze_after(statement);
+    let response = post_waiting(app, key, 1).await;
+    response.assert_status(StatusCode::ACCEPTED);
+    let body: serde_json::Value = response.json();
+    proxy.thaw();
+    assert_eq!(body["committed"], false, "{body}");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("batch committed") && !detail.contains("held and will be written"),
+        "{detail}"
+    );
+}
+
 pub async fn assert_accepted(response: Response) {
     response.assert_status(StatusCode::ACCEPTED);
     response.assert_bytes(b"");
