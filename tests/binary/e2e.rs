@@ -30,9 +30,15 @@ async fn load(base: &str, sigterm_after: Option<(usize, Pid)>) -> (BTreeMap<Stri
             let answered = Arc::clone(&answered);
             tokio::spawn(async move {
                 // One client per task with one idle connection: a
-                // keep-alive connection per task.
+                // keep-alive connection per task. The timeout bounds the
+                // test: one CI run hung here for over 20 minutes after the
+                // SIGTERM with no socket open and no timer pending (a
+                // request waiting on the client's pool, never sent). A
+                // request that times out counts as refused, as after the
+                // listener closed.
                 let client = reqwest::Client::builder()
                     .pool_max_idle_per_host(1)
+                    .timeout(std::time::Duration::from_secs(10))
                     .build()
                     .unwrap();
                 let mut accepted: BTreeMap<String, i64> = BTreeMap::new();
