@@ -758,16 +758,9 @@ impl Intake {
         };
         let accepted = increments.len() as u64;
         let answer = match &self.journal {
-            Some(journal) => {
-                let sequence = Self::append_keyed(journal, first, keyed, durable, accepted)
-                    .await
-                    .map_err(|e| self.append_refusal(e, batch))?;
-                KeyedAnswer {
-                    ticket: Ticket::Journal(sequence),
-                    accepted,
-                    fingerprint,
-                }
-            }
+            Some(journal) => Self::append_keyed(journal, first, keyed, durable, accepted)
+                .await
+                .map_err(|e| self.append_refusal(e, batch))?,
             None => {
                 let drain = self
                     .batcher
@@ -796,22 +789,30 @@ impl Intake {
         keyed: Keyed,
         durable: bool,
         accepted: u64,
-    ) -> Result<u64, AppendError> {
+    ) -> Result<KeyedAnswer, AppendError> {
         let journal = Arc::clone(journal);
         let fingerprint = keyed.fingerprint;
         let appending = tokio::spawn(async move {
-            let appended = journal.append_keyed(keyed, durable).await;
-            match &appended {
-                Ok(sequence) => first.taken(KeyedAnswer {
-                    ticket: Ticket::Journal(*sequence),
-                    accepted,
-                    fingerprint,
-                }),
-                Err(AppendError::Unconfirmed) => first.unconfirmed(),
+            match journal.append_keyed(keyed, durable).await {
+                Ok(sequence) => {
+                    let answer = KeyedAnswer {
+                        ticket: Ticket::Journal(sequence),
+                        accepted,
+                        fingerprint,
+                    };
+                    first.taken(answer.clone());
+                    Ok(answer)
+                }
+                Err(AppendError::Unconfirmed) => {
+                    first.unconfirmed();
+                    Err(AppendError::Unconfirmed)
+                }
                 // Nothing was stored: the key is free again.
-                Err(AppendError::Refused(_) | AppendError::Overflow(_)) => drop(first),
+                Err(refused) => {
+                    drop(first);
+                    Err(refused)
+                }
             }
-            appended
         });
         appending.await.unwrap_or(Err(AppendError::Unconfirmed))
     }
