@@ -1,11 +1,13 @@
 //! Pending deltas per key, held in a bounded, expiring moka cache.
 //!
-//! Design ("sealed slots"): the cache maps a key
-//! to an `Arc<Slot>`, a small mutex-guarded cell that requests add to in
-//! place. Nothing ever overwrites a live entry. Whatever makes an entry leave
-//! the cache (size eviction, TinyLFU refusing admission, TTL expiry, explicit
-//! invalidation) runs the eviction listener, which *seals* the slot and moves
-//! its remainder into the *side map*. A writer that finds its slot sealed
+//! Design ("sealed slots"): each key has an `Arc<Slot>`, a small
+//! mutex-guarded cell that requests add to in place, found through the
+//! [`index`]. The cache holds the slots in [pages](page) of a few keys (one
+//! moka entry per page, not per key: moka's entry alone outweighed a key's
+//! slot). Nothing ever overwrites a live slot. Whatever makes a page leave
+//! the cache (size eviction, TTL expiry, explicit invalidation) runs the
+//! eviction listener, which *seals* every slot of the page and moves their
+//! remainders into the *side map*. A writer that finds its slot sealed
 //! retries on a fresh one. So every delta is in exactly one place: a live
 //! slot, the side map, or a batch handed over to the flusher
 //! ([`Batcher::hand_over`]), which owns it from then on.
@@ -35,7 +37,7 @@ use std::{
 };
 
 use compact_str::CompactString;
-use moka::{notification::RemovalCause, sync::Cache};
+use moka::{notification::RemovalCause, policy::EvictionPolicy, sync::Cache};
 use parking_lot::Mutex;
 
 use crate::{
@@ -44,6 +46,9 @@ use crate::{
 };
 
 mod index;
+mod page;
+
+use page::Page;
 
 /// Deltas taken out of the batcher, per key. `i128` because the sum of several
 /// in-range `i64` deltas of one key (a slot evicted, then a fresh one) may leave
@@ -61,6 +66,19 @@ pub const KEY_UNIT_BYTES: usize = 64;
 /// this weight a unit costs at most about 520 bytes (a 63-byte key).
 pub fn key_weight(key: &str) -> u64 {
     1 + (key.len() / KEY_UNIT_BYTES) as u64
+}
+
+/// Keys (of weight one) a page of the cache holds at most. 16: moka's
+/// per-entry cost, about 290 bytes, becomes about 18 per key; a size
+/// eviction or an expiry then seals 16 keys at once, which only moves their
+/// deltas aside.
+pub const PAGE_KEYS: u64 = 16;
+
+/// The room of a page in a cache of `capacity`: [`PAGE_KEYS`], less in a
+/// small cache (a cache of 64 or less holds one key per page, as if there
+/// were no pages), so that the open page is a small part of the cache.
+fn page_room(capacity: u64) -> u64 {
+    (capacity / 64).clamp(1, PAGE_KEYS)
 }
 
 /// Why an increment was refused. Nothing is recorded when this is returned.
@@ -244,16 +262,25 @@ pub struct EvictionCounts {
 
 /// Holds pending deltas between flushes. Cheap to share: wrap in an `Arc`.
 pub struct Batcher {
-    /// Keys inline up to 24 bytes (`CompactString`): one allocation less per
-    /// pending key than `String` (measured in `BENCHMARKS.md`).
-    cache: Cache<CompactString, Arc<Slot>>,
-    /// The cache's slots by key, looked up before the cache (see
-    /// [`index`]). Reads that hit it are not seen by the cache: its size
-    /// eviction and admission go by insertions and misses rather than by
-    /// use, and a slot past its TTL stays in use until the cache's
-    /// maintenance removes it (run by cache traffic and by every drain).
-    /// Nothing is lost either way: the listener moves what it seals aside.
+    /// The pages of live slots, by a number each gets when opened. Least
+    /// recently *opened* goes first: reads never reach the cache (they find
+    /// their slot in the index), so use cannot order it, and a new page is
+    /// always admitted (TinyLFU would refuse it on a full cache, every one
+    /// being as new as the last). A slot past its TTL stays in use until
+    /// the cache's maintenance removes its page (run by cache traffic and
+    /// by every drain). Nothing is lost either way: the listener moves what
+    /// it seals aside.
+    cache: Cache<u64, Arc<Page<Slot>>>,
+    /// Every live slot by key: what a request looks up (see [`index`]). A
+    /// slot is made and put here under the index's lock, so a key never has
+    /// two live slots.
     index: Arc<index::Index<Slot>>,
+    /// The page new keys' slots join until it is full (or has left the
+    /// cache), and the number the next page gets.
+    open_page: Mutex<Arc<Page<Slot>>>,
+    pages_opened: AtomicU64,
+    /// Weight of keys a page takes (see [`page_room`]).
+    page_room: u64,
     /// Remainders of slots that left the cache, durable records, batch
     /// fallbacks; emptied only by `drain`.
     side: Arc<Mutex<SideMap>>,
@@ -329,47 +356,60 @@ impl Batcher {
         // panic and later evictions would be lost. parking_lot locks do not poison.
         let cache = Cache::builder()
             .max_capacity(capacity.get())
-            .weigher(|key: &CompactString, _: &Arc<Slot>| {
-                u32::try_from(key_weight(key)).unwrap_or(u32::MAX)
+            .eviction_policy(EvictionPolicy::lru())
+            .weigher(|_: &u64, page: &Arc<Page<Slot>>| {
+                u32::try_from(page.room()).unwrap_or(u32::MAX)
             })
             .time_to_live(ttl)
             .eviction_listener(
-                move |key: Arc<CompactString>, slot: Arc<Slot>, cause: RemovalCause| {
+                move |_: Arc<u64>, page: Arc<Page<Slot>>, cause: RemovalCause| {
+                    let slots = page.seal();
                     // Same handling for every cause: filtering on the cause is
                     // unreliable (moka can report an expiry as `Replaced`).
-                    // The side map before the slot: the same order as
+                    // The side map before the slots: the same order as
                     // `pending_for` and `record_all`, so a reader sees the
                     // move whole and nothing deadlocks.
                     let mut side = listener_side.lock();
-                    let remainder = {
-                        let mut state = slot.state.lock();
-                        state.sealed = true;
-                        state.take(&slot.key, &listener_dirty_slots)
-                    };
-                    if let Some(delta) = remainder {
-                        side.add(
-                            &key,
-                            i128::from(delta),
-                            &listener_handed_over,
-                            &listener_side_keys,
-                        );
+                    for slot in &slots {
+                        let remainder = {
+                            let mut state = slot.state.lock();
+                            state.sealed = true;
+                            state.take(&slot.key, &listener_dirty_slots)
+                        };
+                        if let Some(delta) = remainder {
+                            side.add(
+                                &slot.key,
+                                i128::from(delta),
+                                &listener_handed_over,
+                                &listener_side_keys,
+                            );
+                        }
                     }
                     drop(side);
-                    // After sealing: a request that puts this slot back in the
-                    // index checks the seal afterwards (see `slot`).
-                    listener_index.remove(listener_index.hash(&key), &slot);
+                    // After sealing: a request that finds one of these slots
+                    // in the index checks the seal under its lock.
+                    for slot in &slots {
+                        listener_index.remove(listener_index.hash(&slot.key), slot);
+                    }
+                    let left = slots.len() as u64;
                     let mut counts = listener_evictions.lock();
                     match cause {
-                        RemovalCause::Size => counts.size += 1,
-                        RemovalCause::Expired => counts.expired += 1,
+                        RemovalCause::Size => counts.size += left,
+                        RemovalCause::Expired => counts.expired += left,
                         RemovalCause::Explicit | RemovalCause::Replaced => {}
                     }
                 },
             )
             .build();
+        // A sealed page to begin with: the first new key opens a real one.
+        let open_page = Arc::new(Page::new(1));
+        open_page.seal();
         Self {
             cache,
             index,
+            open_page: Mutex::new(open_page),
+            pages_opened: AtomicU64::new(0),
+            page_room: page_room(capacity.get()),
             side,
             side_keys,
             handed_over,
@@ -512,38 +552,41 @@ impl Batcher {
         Ok(())
     }
 
-    /// `key`'s slot, created when missing: from the index when it has it,
-    /// else from the cache, then put in the index. (`get_with_by_ref` would
-    /// need the key type to be `str`'s owned form, `String`.)
-    ///
-    /// The slot may be sealed (evicted meanwhile); callers check under its
-    /// lock, as they always did.
+    /// `key`'s slot, made when missing (and put in the open page, and the
+    /// index). The slot may be sealed (its page left the cache meanwhile);
+    /// callers check under its lock, as they always did.
     fn slot(&self, key: &str) -> Arc<Slot> {
         let hash = self.index.hash(key);
         if let Some(slot) = self.index.get(hash, key) {
             return slot;
         }
-        let slot = match self.cache.get(key) {
-            Some(slot) => slot,
-            None => self
-                .cache
-                .get_with(CompactString::from(key), || Arc::new(Slot::new(key))),
-        };
-        self.index.insert(hash, &slot);
-        // The listener seals, then removes from the index. Sealed now: it may
-        // have removed before the insert above, so remove it here, or the
-        // index would keep a slot the cache no longer holds.
-        if slot.state.lock().sealed {
-            self.index.remove(hash, &slot);
+        let mut opened = None;
+        let slot = self.index.get_or_insert_with(hash, key, || {
+            let slot = Arc::new(Slot::new(key));
+            let weight = key_weight(key);
+            let mut open = self.open_page.lock();
+            if !open.join(&slot, weight) {
+                let page = Arc::new(Page::new(self.page_room.max(weight)));
+                page.join(&slot, weight);
+                *open = Arc::clone(&page);
+                opened = Some(page);
+            }
+            slot
+        });
+        // Outside the index's lock: an insertion may run the cache's
+        // maintenance, whose listener takes it. Until then the page is
+        // open but not yet in the cache, which is harmless: nothing can
+        // evict it, and its slots are as live as any.
+        if let Some(page) = opened {
+            let number = self.pages_opened.fetch_add(1, Ordering::Relaxed);
+            self.cache.insert(number, page);
         }
         slot
     }
 
     /// `key`'s slot if there is one, without creating it.
     fn live_slot(&self, key: &str) -> Option<Arc<Slot>> {
-        self.index
-            .get(self.index.hash(key), key)
-            .or_else(|| self.cache.get(key))
+        self.index.get(self.index.hash(key), key)
     }
 
     /// Called with `slot`'s lock held (`state`); lock order: side map, slots,
@@ -946,30 +989,128 @@ mod tests {
     }
 
     /// The index never keeps a slot the cache let go: once the cache's
-    /// maintenance has run (one thread here), it maps exactly the cache's
-    /// entries, so it is
-    /// bounded by the cache's capacity; after `seal_all` it is empty.
+    /// maintenance has run (one thread here), it maps exactly the slots of
+    /// the cache's pages, so it is bounded by the cache's capacity; after
+    /// `seal_all` it is empty. With one key per page (a small cache) and
+    /// with pages of [`PAGE_KEYS`].
     #[test]
     fn the_index_holds_what_the_cache_holds_and_no_more() {
-        let b = batcher(64, Duration::from_secs(60));
-        for round in 0..20 {
-            for key in 0..1_000 {
-                b.record(&format!("k{}", (key * 7 + round) % 1_000), 1)
+        for (capacity, keys) in [(64, 1_000), (64 * PAGE_KEYS * 4, 20_000)] {
+            let b = batcher(capacity, Duration::from_secs(60));
+            for round in 0..20 {
+                for key in 0..keys {
+                    b.record(&format!("k{}", (key * 7 + round) % keys), 1)
+                        .expect("recorded");
+                }
+            }
+            b.cache.run_pending_tasks();
+            assert!(
+                b.cache.weighted_size() <= capacity,
+                "{} in a cache of {capacity}",
+                b.cache.weighted_size()
+            );
+            let mut cached = 0;
+            for (_, page) in b.cache.iter() {
+                for slot in page.slots() {
+                    cached += 1;
+                    let indexed = b
+                        .index
+                        .get(b.index.hash(&slot.key), &slot.key)
+                        .expect("indexed");
+                    assert!(
+                        Arc::ptr_eq(&indexed, &slot),
+                        "{}: the cache's own slot",
+                        slot.key
+                    );
+                }
+            }
+            assert!(
+                cached as u64 <= capacity,
+                "{cached} keys in a cache of {capacity}"
+            );
+            assert_eq!(b.index.len(), cached);
+            b.seal_all();
+            assert_eq!(b.index.len(), 0);
+            let drained = b.drain();
+            assert_eq!(
+                drained.values().sum::<i128>(),
+                20 * i128::from(keys),
+                "nothing lost"
+            );
+        }
+    }
+
+    /// Pages of several keys: a page leaves the cache whole, by size or by
+    /// age, and every delta of its keys moves aside; a key made again after
+    /// its page left joins another page.
+    #[test]
+    fn keys_leave_the_cache_with_their_page_and_lose_nothing() {
+        let capacity = 64 * PAGE_KEYS;
+        assert_eq!(page_room(capacity), PAGE_KEYS);
+        let b = batcher(capacity, Duration::from_millis(20));
+        let mut recorded = 0;
+        for round in 0..30 {
+            for key in 0..3_000 {
+                b.record(&format!("k{}", (key * 13 + round) % 3_000), 1)
                     .expect("recorded");
+                recorded += 1;
+            }
+            if round % 10 == 9 {
+                std::thread::sleep(Duration::from_millis(25));
             }
         }
-        b.cache.run_pending_tasks();
-        let cached = usize::try_from(b.cache.entry_count()).expect("small");
-        assert!(cached <= 64, "{cached} entries in a cache of 64");
-        assert_eq!(b.index.len(), cached);
-        for (key, slot) in b.cache.iter() {
-            let indexed = b.index.get(b.index.hash(&key), &key).expect("indexed");
-            assert!(Arc::ptr_eq(&indexed, &slot), "{key}: the cache's own slot");
-        }
+        let evictions = b.evictions();
+        assert!(evictions.size > 0 && evictions.expired > 0, "{evictions:?}");
+        let mut total = b.drain().values().sum::<i128>();
         b.seal_all();
-        assert_eq!(b.index.len(), 0);
-        let drained = b.drain();
-        assert_eq!(drained.values().sum::<i128>(), 20_000, "nothing lost");
+        total += b.drain().values().sum::<i128>();
+        assert_eq!(total, recorded);
+    }
+
+    /// Writers on several threads, pages sealed by size and by age under
+    /// them, and drains at the same time: each delta is drained once.
+    #[test]
+    fn concurrent_records_under_page_evictions_and_drains_count_once() {
+        let b = Arc::new(batcher(64 * PAGE_KEYS, Duration::from_millis(2)));
+        let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let drainer = {
+            let (b, writing) = (Arc::clone(&b), Arc::clone(&writing));
+            std::thread::spawn(move || {
+                let mut total: i128 = 0;
+                while writing.load(Ordering::SeqCst) {
+                    total += b.drain().values().sum::<i128>();
+                }
+                total
+            })
+        };
+        let writers: Vec<_> = (0..4_i64)
+            .map(|w| {
+                let b = Arc::clone(&b);
+                std::thread::spawn(move || {
+                    let mut sent: i128 = 0;
+                    for i in 0..40_000_i64 {
+                        let key = format!("k{}", (i * 31 + w) % 5_000);
+                        if i % 7 == 0 {
+                            let other = format!("k{}", (i * 17 + w) % 5_000);
+                            b.record_all(&[(&key, 2), (&other, 3)]).expect("recorded");
+                            sent += 5;
+                        } else {
+                            b.record(&key, 1).expect("recorded");
+                            sent += 1;
+                        }
+                    }
+                    sent
+                })
+            })
+            .collect();
+        let sent: i128 = writers.into_iter().map(|w| w.join().expect("writer")).sum();
+        writing.store(false, Ordering::SeqCst);
+        let mut drained = drainer.join().expect("drainer");
+        b.seal_all();
+        drained += b.drain().values().sum::<i128>();
+        assert_eq!(drained, sent);
+        let evictions = b.evictions();
+        assert!(evictions.size + evictions.expired > 0, "{evictions:?}");
     }
 
     /// A batch handed over to a flush that keeps failing (the database

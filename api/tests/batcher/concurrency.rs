@@ -107,3 +107,10 @@ fn exact_under_ttl_expiry() {
 fn exact_under_eviction_and_expiry_together() {
     stress(16, Duration::from_millis(2));
 }
+
+/// The cache holds keys in pages of 16 once it has room for 1,024 keys: a
+/// size eviction then seals 16 slots at once under the writers.
+#[test]
+fn exact_under_size_eviction_of_whole_pages() {
+    stress(2_048, Duration::from_secs(60));
+}

@@ -1,0 +1,104 @@
+//! Pages: the cache's entries, each holding the slots of a few keys.
+//!
+//! moka's own entry costs about 260–290 bytes whatever it holds (its table
+//! bucket, the `Arc`'d key, the value and entry info, the access- and
+//! write-order nodes: measured in bench/PROFILE.md), more than a key's slot,
+//! index pointer and dirty-list place together. So the cache holds pages,
+//! not slots: a new key's slot joins the page open for new keys, and a page
+//! enters the cache once, weighing its room. It leaves the cache whole
+//! (size, TTL, invalidation), and every slot in it is sealed then, as a
+//! single slot was: a page bounds its keys' life and count as an entry
+//! bounded each key's.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+/// The slots of keys that entered the cache together.
+pub(super) struct Page<V> {
+    /// Weight of keys the page takes; what it weighs in the cache.
+    room: u64,
+    state: Mutex<PageState<V>>,
+}
+
+struct PageState<V> {
+    slots: Vec<Arc<V>>,
+    /// Weight of the keys of `slots`.
+    used: u64,
+    /// The page left the cache: its slots are sealed (or being sealed) and
+    /// no slot may join it.
+    sealed: bool,
+}
+
+impl<V> Page<V> {
+    /// An empty page with room for keys weighing `room` in all.
+    pub(super) fn new(room: u64) -> Self {
+        Self {
+            room,
+            state: Mutex::new(PageState {
+                slots: Vec::with_capacity(usize::try_from(room.min(64)).unwrap_or(64)),
+                used: 0,
+                sealed: false,
+            }),
+        }
+    }
+
+    /// What the page weighs in the cache: its room, used or not.
+    pub(super) fn room(&self) -> u64 {
+        self.room
+    }
+
+    /// Adds `slot`, whose key weighs `weight`, unless the page has left the
+    /// cache or lacks the room (`false`: open another page). An empty page
+    /// takes any one key, however heavy (made with room for it anyway).
+    pub(super) fn join(&self, slot: &Arc<V>, weight: u64) -> bool {
+        let mut state = self.state.lock();
+        if state.sealed || (state.used > 0 && state.used + weight > self.room) {
+            return false;
+        }
+        state.used += weight;
+        state.slots.push(Arc::clone(slot));
+        true
+    }
+
+    /// Marks the page as gone from the cache and hands over its slots (for
+    /// the caller to seal). Later calls return nothing.
+    pub(super) fn seal(&self) -> Vec<Arc<V>> {
+        let mut state = self.state.lock();
+        state.sealed = true;
+        std::mem::take(&mut state.slots)
+    }
+
+    /// The slots of a page still in the cache (for tests).
+    #[cfg(test)]
+    pub(super) fn slots(&self) -> Vec<Arc<V>> {
+        self.state.lock().slots.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_takes_keys_up_to_its_room_then_none_once_sealed() {
+        let page = Page::new(4);
+        let one = Arc::new(1);
+        assert!(page.join(&one, 1));
+        assert!(page.join(&Arc::new(2), 2));
+        assert!(!page.join(&Arc::new(3), 2), "5 units in a room of 4");
+        assert!(page.join(&Arc::new(4), 1));
+        let sealed = page.seal();
+        assert_eq!(sealed.len(), 3);
+        assert!(Arc::ptr_eq(&sealed[0], &one));
+        assert!(!page.join(&Arc::new(5), 1), "sealed: no slot joins");
+        assert!(page.seal().is_empty(), "sealed once");
+    }
+
+    #[test]
+    fn an_empty_page_takes_one_key_heavier_than_its_room() {
+        let page = Page::new(2);
+        assert!(page.join(&Arc::new(1), 9));
+        assert!(!page.join(&Arc::new(2), 1));
+    }
+}
