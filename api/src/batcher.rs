@@ -48,7 +48,7 @@ use crate::{
 mod index;
 mod page;
 
-use page::Page;
+use page::{Join, Page};
 
 /// Deltas taken out of the batcher, per key. `i128` because the sum of several
 /// in-range `i64` deltas of one key (a slot evicted, then a fresh one) may leave
@@ -281,6 +281,9 @@ pub struct Batcher {
     pages_opened: AtomicU64,
     /// Weight of keys a page takes (see [`page_room`]).
     page_room: u64,
+    /// Age past which the open page takes no more keys: half the TTL, so a
+    /// key stays in the cache at least that long (unless evicted).
+    page_max_age: Duration,
     /// Remainders of slots that left the cache, durable records, batch
     /// fallbacks; emptied only by `drain`.
     side: Arc<Mutex<SideMap>>,
@@ -410,6 +413,7 @@ impl Batcher {
             open_page: Mutex::new(open_page),
             pages_opened: AtomicU64::new(0),
             page_room: page_room(capacity.get()),
+            page_max_age: ttl / 2,
             side,
             side_keys,
             handed_over,
@@ -565,11 +569,24 @@ impl Batcher {
             let slot = Arc::new(Slot::new(key));
             let weight = key_weight(key);
             let mut open = self.open_page.lock();
-            if !open.join(&slot, weight) {
-                let page = Arc::new(Page::new(self.page_room.max(weight)));
-                page.join(&slot, weight);
-                *open = Arc::clone(&page);
-                opened = Some(page);
+            match open.join(&slot, weight, self.page_max_age) {
+                Join::Joined => {}
+                // A page of its own, weighing what it holds, so the open
+                // page is not closed with room left: keys of mixed lengths
+                // would otherwise leave pages part empty, each weighing its
+                // whole room, and the cache would hold far fewer keys than
+                // its capacity.
+                Join::NoRoom => {
+                    let page = Arc::new(Page::new(weight));
+                    page.join(&slot, weight, self.page_max_age);
+                    opened = Some(page);
+                }
+                Join::Closed => {
+                    let page = Arc::new(Page::new(self.page_room.max(weight)));
+                    page.join(&slot, weight, self.page_max_age);
+                    *open = Arc::clone(&page);
+                    opened = Some(page);
+                }
             }
             slot
         });
@@ -1065,6 +1082,37 @@ mod tests {
         b.seal_all();
         total += b.drain().values().sum::<i128>();
         assert_eq!(total, recorded);
+    }
+
+    /// Keys of mixed lengths fill the cache to its capacity: a key that
+    /// does not fit the open page gets a page of its own, weighing just
+    /// that key, and the open page stays open. (Closing it instead left
+    /// pages part empty, each weighing its whole room: about half the
+    /// capacity held, found by review.)
+    #[test]
+    fn keys_of_mixed_lengths_fill_the_cache_to_its_capacity() {
+        let capacity = 16_384;
+        let b = batcher(capacity, Duration::from_secs(60));
+        for i in 0..50_000 {
+            let key = if i % 2 == 0 {
+                format!("short-{i}")
+            } else {
+                format!("{i:0>600}")
+            };
+            b.record(&key, 1).expect("recorded");
+        }
+        b.cache.run_pending_tasks();
+        let held: u64 = b
+            .cache
+            .iter()
+            .flat_map(|(_, page)| page.slots())
+            .map(|slot| key_weight(&slot.key))
+            .sum();
+        assert!(
+            held * 10 >= capacity * 9,
+            "keys weighing {held} held in a cache of {capacity}"
+        );
+        assert!(b.cache.weighted_size() <= capacity);
     }
 
     /// Writers on several threads, pages sealed by size and by age under

@@ -10,7 +10,10 @@
 //! single slot was: a page bounds its keys' life and count as an entry
 //! bounded each key's.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use parking_lot::Mutex;
 
@@ -18,6 +21,8 @@ use parking_lot::Mutex;
 pub(super) struct Page<V> {
     /// Weight of keys the page takes; what it weighs in the cache.
     room: u64,
+    /// When the page was opened (its life in the cache began about then).
+    opened: Instant,
     state: Mutex<PageState<V>>,
 }
 
@@ -30,11 +35,22 @@ struct PageState<V> {
     sealed: bool,
 }
 
+/// What [`Page::join`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Join {
+    Joined,
+    /// The key is heavier than the room left; lighter keys may still join.
+    NoRoom,
+    /// No key may join: the page is full, sealed or too old.
+    Closed,
+}
+
 impl<V> Page<V> {
     /// An empty page with room for keys weighing `room` in all.
     pub(super) fn new(room: u64) -> Self {
         Self {
             room,
+            opened: Instant::now(),
             state: Mutex::new(PageState {
                 slots: Vec::with_capacity(usize::try_from(room.min(64)).unwrap_or(64)),
                 used: 0,
@@ -48,17 +64,27 @@ impl<V> Page<V> {
         self.room
     }
 
-    /// Adds `slot`, whose key weighs `weight`, unless the page has left the
-    /// cache or lacks the room (`false`: open another page). An empty page
-    /// takes any one key, however heavy (made with room for it anyway).
-    pub(super) fn join(&self, slot: &Arc<V>, weight: u64) -> bool {
+    /// Adds `slot`, whose key weighs `weight`, if the page is open to it.
+    /// A page older than `max_age` is closed: a key that joined it would
+    /// leave the cache with it sooner than its TTL's half. An unsealed empty
+    /// page takes any one key, however heavy and whatever `max_age` (it is
+    /// made for that key).
+    pub(super) fn join(&self, slot: &Arc<V>, weight: u64, max_age: Duration) -> Join {
         let mut state = self.state.lock();
-        if state.sealed || (state.used > 0 && state.used + weight > self.room) {
-            return false;
+        if state.sealed {
+            return Join::Closed;
+        }
+        if state.used > 0 {
+            if state.used >= self.room || self.opened.elapsed() >= max_age {
+                return Join::Closed;
+            }
+            if state.used + weight > self.room {
+                return Join::NoRoom;
+            }
         }
         state.used += weight;
         state.slots.push(Arc::clone(slot));
-        true
+        Join::Joined
     }
 
     /// Marks the page as gone from the cache and hands over its slots (for
@@ -80,25 +106,41 @@ impl<V> Page<V> {
 mod tests {
     use super::*;
 
+    const AGE: Duration = Duration::from_secs(60);
+
     #[test]
     fn a_page_takes_keys_up_to_its_room_then_none_once_sealed() {
         let page = Page::new(4);
         let one = Arc::new(1);
-        assert!(page.join(&one, 1));
-        assert!(page.join(&Arc::new(2), 2));
-        assert!(!page.join(&Arc::new(3), 2), "5 units in a room of 4");
-        assert!(page.join(&Arc::new(4), 1));
+        assert_eq!(page.join(&one, 1, AGE), Join::Joined);
+        assert_eq!(page.join(&Arc::new(2), 2, AGE), Join::Joined);
+        assert_eq!(
+            page.join(&Arc::new(3), 2, AGE),
+            Join::NoRoom,
+            "5 units in a room of 4"
+        );
+        assert_eq!(page.join(&Arc::new(4), 1, AGE), Join::Joined);
+        assert_eq!(page.join(&Arc::new(5), 1, AGE), Join::Closed, "full");
         let sealed = page.seal();
         assert_eq!(sealed.len(), 3);
         assert!(Arc::ptr_eq(&sealed[0], &one));
-        assert!(!page.join(&Arc::new(5), 1), "sealed: no slot joins");
         assert!(page.seal().is_empty(), "sealed once");
+        let page = Page::new(4);
+        page.seal();
+        assert_eq!(page.join(&Arc::new(6), 1, AGE), Join::Closed, "sealed");
     }
 
     #[test]
     fn an_empty_page_takes_one_key_heavier_than_its_room() {
         let page = Page::new(2);
-        assert!(page.join(&Arc::new(1), 9));
-        assert!(!page.join(&Arc::new(2), 1));
+        assert_eq!(page.join(&Arc::new(1), 9, AGE), Join::Joined);
+        assert_eq!(page.join(&Arc::new(2), 1, AGE), Join::Closed);
+    }
+
+    #[test]
+    fn an_old_page_is_closed_once_it_holds_a_key() {
+        let page = Page::new(4);
+        assert_eq!(page.join(&Arc::new(1), 1, Duration::ZERO), Join::Joined);
+        assert_eq!(page.join(&Arc::new(2), 1, Duration::ZERO), Join::Closed);
     }
 }

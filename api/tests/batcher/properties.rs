@@ -39,7 +39,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
     #[test]
-    fn what_comes_out_equals_what_went_in(capacity in 1u64..5, ops in prop::collection::vec(op(), 1..80)) {
+    fn what_comes_out_equals_what_went_in(capacity in prop_oneof![1u64..5, 128u64..200], ops in prop::collection::vec(op(), 1..80)) {
         let batcher = Batcher::new(NonZeroU64::new(capacity).unwrap(), Duration::from_secs(3600));
         let mut recorded: HashMap<String, i128> = HashMap::new();
         let mut drained: HashMap<String, i128> = HashMap::new();
