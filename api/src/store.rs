@@ -1033,9 +1033,22 @@ pub async fn list_counters(
     after: Option<&str>,
     limit: u64,
 ) -> Result<Vec<counters::Model>, DbErr> {
-    // Code-point order on both backends (see the migration that indexes it):
-    // PostgreSQL compares `key COLLATE "C"`, SQLite's BINARY already does.
-    let key: Expr = match db.get_database_backend() {
+    list_counters_query(db.get_database_backend(), prefix, after, limit)
+        .all(db)
+        .await
+}
+
+/// The query of [`list_counters`] (public for the test of its plan).
+pub fn list_counters_query(
+    backend: DbBackend,
+    prefix: &str,
+    after: Option<&str>,
+    limit: u64,
+) -> sea_orm::Select<counters::Entity> {
+    // Code-point order on both backends: PostgreSQL compares `key COLLATE
+    // "C"` (the column's own collation since migration 8, so the primary
+    // key's index serves it), SQLite's BINARY already does.
+    let key: Expr = match backend {
         DbBackend::Postgres => Expr::cust(r#""key" COLLATE "C""#),
         _ => Expr::col((counters::Entity, counters::Column::Key)),
     };
@@ -1050,7 +1063,7 @@ pub async fn list_counters(
     if let Some(after) = after {
         query = query.filter(Expr::expr(key).gt(after.to_owned()));
     }
-    query.limit(limit).all(db).await
+    query.limit(limit)
 }
 
 /// The smallest string greater than every string that starts with

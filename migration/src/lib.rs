@@ -13,6 +13,7 @@ mod m20261201_000004_create_key_order_indexes;
 mod m20261202_000005_create_journal_offsets;
 mod m20261203_000006_create_idempotency_keys;
 mod m20261206_000007_add_journal_span_to_rejected_increments;
+mod m20261207_000008_counters_key_in_collation_c;
 
 pub struct Migrator;
 
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000005_create_journal_offsets::Migration),
             Box::new(m20261203_000006_create_idempotency_keys::Migration),
             Box::new(m20261206_000007_add_journal_span_to_rejected_increments::Migration),
+            Box::new(m20261207_000008_counters_key_in_collation_c::Migration),
         ]
     }
 }
