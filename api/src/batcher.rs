@@ -253,6 +253,54 @@ impl DirtyList {
     }
 }
 
+/// The `Idempotency-Key`s of the keyed requests held here — in the side map,
+/// or in the batch handed over and not yet released — each with the
+/// fingerprint of its first request, by the drain that carries them. The
+/// door asks when its memory of recent keys has forgotten a key (it is
+/// bounded by count): while a request is held here, its key is not yet in
+/// the database either, and another body would be taken and then left out
+/// by the flush, after a `202`. Bounded as the keyed requests are (their
+/// items count toward the pending-key bound).
+#[derive(Default)]
+struct HeldKeys {
+    /// Fingerprint of the first request held with the key, and how many
+    /// requests with it are held.
+    by_key: HashMap<String, (i64, u64)>,
+    /// The keys recorded for each drain number.
+    by_drain: BTreeMap<u64, Vec<String>>,
+}
+
+impl HeldKeys {
+    fn hold(&mut self, drain: u64, keyed: &[Keyed]) {
+        let keys = self.by_drain.entry(drain).or_default();
+        for request in keyed {
+            self.by_key
+                .entry(request.key.clone())
+                .or_insert((request.fingerprint, 0))
+                .1 += 1;
+            keys.push(request.key.clone());
+        }
+    }
+
+    /// Lets go of the keys of drains up to `drain` (their requests are
+    /// written, or no longer here).
+    fn let_go_through(&mut self, drain: u64) {
+        while let Some(entry) = self.by_drain.first_entry() {
+            if *entry.key() > drain {
+                break;
+            }
+            for key in entry.remove() {
+                if let Some((_, held)) = self.by_key.get_mut(&key) {
+                    *held -= 1;
+                    if *held == 0 {
+                        self.by_key.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Counts of what left the cache other than by a drain, by cause.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct EvictionCounts {
@@ -298,6 +346,8 @@ pub struct Batcher {
     /// Weight of the items of the side map's keyed requests (read without
     /// its lock).
     side_keyed_items: AtomicU64,
+    /// The `Idempotency-Key`s of the keyed requests held here.
+    held_keys: Mutex<HeldKeys>,
     /// Weight of the items of `handed_over`'s keyed requests.
     handed_over_keyed_items: AtomicU64,
     /// Bound on distinct pending keys, by weight (slots + side + handed over).
@@ -420,6 +470,7 @@ impl Batcher {
             handed_over_keys: AtomicU64::new(0),
             side_keyed_items: AtomicU64::new(0),
             handed_over_keyed_items: AtomicU64::new(0),
+            held_keys: Mutex::default(),
             max_pending_keys,
             evictions,
             dirty_slots,
@@ -703,6 +754,9 @@ impl Batcher {
         self.side_keyed_items
             .store(side.keyed_items, Ordering::Relaxed);
         let drains = side.drains;
+        // Under the side map's lock: a drain cannot take these requests
+        // (and a release let go of their keys) before they are held.
+        self.held_keys.lock().hold(drains + 1, keyed);
         drop(side);
         self.note_pending();
         Ok(drains + 1)
@@ -744,6 +798,9 @@ impl Batcher {
     /// that can take up to ~100 ms: call it from a blocking context.
     pub fn drain_numbered(&self) -> (Deltas, u64) {
         let (entries, _, number, _) = self.drain_entries();
+        // Taken out without a batch to release: the keyed requests are the
+        // caller's now.
+        self.held_keys.lock().let_go_through(number);
         let mut deltas = Deltas::with_capacity(entries.len());
         for (key, delta) in entries {
             *deltas.entry(key).or_insert(0) += delta;
@@ -838,6 +895,7 @@ impl Batcher {
     pub fn release(&self, batch: &Arc<Batch>) {
         let mut handed_over = self.handed_over.lock();
         if handed_over.as_ref().is_some_and(|b| Arc::ptr_eq(b, batch)) {
+            self.held_keys.lock().let_go_through(batch.drain);
             *handed_over = None;
             self.handed_over_keys.store(0, Ordering::Relaxed);
             self.handed_over_keyed_items.store(0, Ordering::Relaxed);
@@ -859,6 +917,16 @@ impl Batcher {
                 break;
             }
         }
+    }
+
+    /// The fingerprint of the first request held here (not yet written)
+    /// with the `Idempotency-Key` `key`, if any.
+    pub fn held_request(&self, key: &str) -> Option<i64> {
+        self.held_keys
+            .lock()
+            .by_key
+            .get(key)
+            .map(|(fingerprint, _)| *fingerprint)
     }
 
     /// What the bound counts, each key by its [`key_weight`] (so a short key
@@ -976,6 +1044,41 @@ mod tests {
             b.record_keyed(&[], &[request("k4")], chrono::Utc::now()),
             Err(BatchError::Full)
         );
+    }
+
+    /// A keyed request's `Idempotency-Key` is held from its record until
+    /// the batch that carries it is released (written), or until a drain
+    /// that hands over no batch takes it.
+    #[test]
+    fn a_keyed_request_is_held_until_its_batch_is_released() {
+        let b = batcher(100, Duration::from_secs(60));
+        let request = |key: &str, fingerprint: i64| Keyed {
+            key: key.to_owned(),
+            fingerprint,
+            items: vec![("a".to_owned(), 1)],
+            taken_at: None,
+        };
+        b.record_keyed(&[], &[request("k1", 7)], chrono::Utc::now())
+            .unwrap();
+        assert_eq!(b.held_request("k1"), Some(7));
+        assert_eq!(b.held_request("k2"), None);
+        let (batch, _) = b.hand_over();
+        let batch = batch.expect("a batch");
+        assert_eq!(b.held_request("k1"), Some(7), "handed over, not written");
+        // Recorded again meanwhile (a repeat): held by the next drain too.
+        b.record_keyed(
+            &[],
+            &[request("k1", 7), request("k2", 8)],
+            chrono::Utc::now(),
+        )
+        .unwrap();
+        b.release(&batch);
+        assert_eq!(b.held_request("k1"), Some(7), "its repeat is still held");
+        assert_eq!(b.held_request("k2"), Some(8));
+        drop(b.drain());
+        assert_eq!(b.held_request("k1"), None);
+        assert_eq!(b.held_request("k2"), None);
+        assert!(b.held_keys.lock().by_drain.is_empty());
     }
 
     /// Without drains (the database down), keys that keep leaving and

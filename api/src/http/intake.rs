@@ -721,6 +721,21 @@ impl Intake {
                 return Err(ApiError::IdempotencyKeyReused);
             }
         };
+        // A request of this key still held here (not yet written) that the
+        // memory forgot (it is bounded by count: a database outage outlasts
+        // it): the database cannot know the key yet, so ask the batcher,
+        // before the database (a release follows the commit).
+        if self
+            .batcher
+            .held_request(&key)
+            .is_some_and(|held| held != fingerprint)
+        {
+            self.metrics
+                .idempotency_reused_total
+                .with_label_values(&["memory"])
+                .inc();
+            return Err(ApiError::IdempotencyKeyReused);
+        }
         let stored = match &self.applied {
             Some(applied) => applied.lookup(&key).await,
             None => Stored::Unknown,

@@ -14,6 +14,7 @@ use crate::helpers::{post_waiting, problem};
 db_tests!(
     a_repeat_gets_the_first_answer_and_is_applied_once,
     a_key_reused_with_another_body_is_refused,
+    a_key_held_here_is_refused_to_another_body_after_the_memory_forgot_it,
     bad_keys_are_refused_and_nothing_is_applied,
     a_retry_to_another_instance_after_the_flush_is_not_applied,
     a_waiting_retry_of_a_request_whose_row_was_rejected_hears_counter_overflow,
@@ -195,6 +196,62 @@ async fn a_key_reused_with_another_body_is_refused(db: TestDb) {
         None,
         "the reused key's body is not applied"
     );
+}
+
+/// A keyed request still held on the instance (the database down: its
+/// flush cannot commit) keeps its key from another body after the bounded
+/// memory of recent keys has forgotten it: the door asks the batcher. It
+/// was answered `202` and then left out when the first was applied (found
+/// by review).
+async fn a_key_held_here_is_refused_to_another_body_after_the_memory_forgot_it(db: TestDb) {
+    let app = TestApp::start_with(db, |settings| {
+        settings.idempotency_memory = 32;
+    })
+    .await;
+    app.db
+        .execute("ALTER TABLE counters RENAME TO counters_away")
+        .await;
+    keyed(&app, "first", "a", 5)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    assert!(
+        app.flusher.flush_once().await.is_err(),
+        "the flush cannot commit"
+    );
+    // Enough other keys that the memory (32) forgets "first".
+    for i in 0..200 {
+        keyed(&app, &format!("other-{i}"), "o", 1)
+            .await
+            .assert_status(StatusCode::ACCEPTED);
+    }
+    assert_refused(
+        keyed(&app, "first", "b", 7).await,
+        "/problems/idempotency-key-reused",
+    )
+    .await;
+    // The same body again is taken (the flush applies one copy).
+    keyed(&app, "first", "a", 5)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    app.db
+        .execute("ALTER TABLE counters_away RENAME TO counters")
+        .await;
+    app.flush().await;
+    // Written: the key is no longer held, and the database has it.
+    assert_refused(
+        keyed(&app, "first", "b", 7).await,
+        "/problems/idempotency-key-reused",
+    )
+    .await;
+    let db = app.shut_down_cleanly().await;
+    let counters = db.counters().await;
+    assert_eq!(counters.get("a"), Some(&5), "the first body, once");
+    assert_eq!(
+        counters.get("b"),
+        None,
+        "the reused key's body is not applied"
+    );
+    assert_eq!(counters.get("o"), Some(&200));
 }
 
 async fn bad_keys_are_refused_and_nothing_is_applied(db: TestDb) {
