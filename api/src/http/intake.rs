@@ -721,21 +721,16 @@ impl Intake {
                 return Err(ApiError::IdempotencyKeyReused);
             }
         };
-        // A request of this key still held here (not yet written) that the
-        // memory forgot (it is bounded by count: a database outage outlasts
-        // it): the database cannot know the key yet, so ask the batcher,
-        // before the database (a release follows the commit).
-        if self
+        // A request of this key with another body still held here (not yet
+        // written) that the memory forgot (it is bounded by count; a
+        // database outage outlasts it): the database cannot know the key
+        // yet. Asked before the database, as the batcher lets go of a key
+        // only once its batch committed; the database's answer still comes
+        // first when it has this very body applied.
+        let held_with_another_body = self
             .batcher
             .held_request(&key)
-            .is_some_and(|held| held != fingerprint)
-        {
-            self.metrics
-                .idempotency_reused_total
-                .with_label_values(&["memory"])
-                .inc();
-            return Err(ApiError::IdempotencyKeyReused);
-        }
+            .is_some_and(|held| held != fingerprint);
         let stored = match &self.applied {
             Some(applied) => applied.lookup(&key).await,
             None => Stored::Unknown,
@@ -760,6 +755,13 @@ impl Intake {
                     .with_label_values(&["database"])
                     .inc();
                 // Dropping `first` frees the key here; the database keeps it.
+                return Err(ApiError::IdempotencyKeyReused);
+            }
+            Stored::Absent | Stored::Unknown if held_with_another_body => {
+                self.metrics
+                    .idempotency_reused_total
+                    .with_label_values(&["memory"])
+                    .inc();
                 return Err(ApiError::IdempotencyKeyReused);
             }
             Stored::Absent | Stored::Unknown => {}
