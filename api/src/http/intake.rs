@@ -726,11 +726,14 @@ impl Intake {
         // database outage outlasts it): the database cannot know the key
         // yet. Asked before the database, as the batcher lets go of a key
         // only once its batch committed; the database's answer still comes
-        // first when it has this very body applied.
-        let held_with_another_body = self
-            .batcher
-            .held_request(&key)
-            .is_some_and(|held| held != fingerprint);
+        // first when it has this very body applied. Not with the look-up
+        // off: this body may be the one applied (through another instance)
+        // and nothing here can tell, so the flush decides, as documented.
+        let held_with_another_body = self.applied.is_some()
+            && self
+                .batcher
+                .held_request(&key)
+                .is_some_and(|held| held != fingerprint);
         let stored = match &self.applied {
             Some(applied) => applied.lookup(&key).await,
             None => Stored::Unknown,

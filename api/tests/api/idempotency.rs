@@ -15,6 +15,7 @@ db_tests!(
     a_repeat_gets_the_first_answer_and_is_applied_once,
     a_key_reused_with_another_body_is_refused,
     a_key_held_here_is_refused_to_another_body_after_the_memory_forgot_it,
+    with_the_look_up_off_a_retry_of_the_applied_body_through_another_instance_is_taken,
     bad_keys_are_refused_and_nothing_is_applied,
     a_retry_to_another_instance_after_the_flush_is_not_applied,
     a_waiting_retry_of_a_request_whose_row_was_rejected_hears_counter_overflow,
@@ -252,6 +253,53 @@ async fn a_key_held_here_is_refused_to_another_body_after_the_memory_forgot_it(d
         "the reused key's body is not applied"
     );
     assert_eq!(counters.get("o"), Some(&200));
+}
+
+/// With `--idempotency-lookup false` the door does not refuse a body for
+/// another one it holds: the first body may have been applied through
+/// another instance, and a `422` ("the key belongs to another request")
+/// would tell its client it was not, inviting a resend under a new key.
+/// The flush decides (found by review: the held-key check answered `422`).
+async fn with_the_look_up_off_a_retry_of_the_applied_body_through_another_instance_is_taken(
+    db: TestDb,
+) {
+    let alias = db.alias();
+    let first = TestApp::start_with(db, |settings| {
+        settings.idempotency_lookup = false;
+    })
+    .await;
+    let second = TestApp::start_with(alias, |settings| {
+        settings.idempotency_lookup = false;
+        settings.idempotency_memory = 32;
+    })
+    .await;
+    keyed(&first, "applied", "a", 5)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    first.flush().await;
+    // Another body on the second instance: taken (it cannot tell), held.
+    keyed(&second, "applied", "b", 7)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    for i in 0..200 {
+        keyed(&second, &format!("other-{i}"), "o", 1)
+            .await
+            .assert_status(StatusCode::ACCEPTED);
+    }
+    // The client of the applied body retries through the second instance.
+    keyed(&second, "applied", "a", 5)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    second.flush().await;
+    let db = first.shut_down_cleanly().await;
+    second.shut_down_cleanly().await;
+    let counters = db.counters().await;
+    assert_eq!(counters.get("a"), Some(&5), "applied once");
+    assert_eq!(
+        counters.get("b").copied().unwrap_or(0),
+        0,
+        "the other body is left out"
+    );
 }
 
 async fn bad_keys_are_refused_and_nothing_is_applied(db: TestDb) {
