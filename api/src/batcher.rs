@@ -298,6 +298,11 @@ impl HeldKeys {
                 }
             }
         }
+        // A backlog (an outage) grew the table; give the memory back once
+        // it has drained.
+        if self.by_key.capacity() > 1024 && self.by_key.len() * 4 < self.by_key.capacity() {
+            self.by_key.shrink_to(self.by_key.len() * 2);
+        }
     }
 }
 
@@ -1079,6 +1084,12 @@ mod tests {
         assert_eq!(b.held_request("k1"), None);
         assert_eq!(b.held_request("k2"), None);
         assert!(b.held_keys.lock().by_drain.is_empty());
+        // Many held (a backlog), then written: the table gives its memory back.
+        let many: Vec<Keyed> = (0..10_000).map(|i| request(&format!("m{i}"), i)).collect();
+        b.record_keyed(&[], &many, chrono::Utc::now()).unwrap();
+        assert!(b.held_keys.lock().by_key.capacity() >= 10_000);
+        drop(b.drain());
+        assert!(b.held_keys.lock().by_key.capacity() <= 1024 * 2);
     }
 
     /// Without drains (the database down), keys that keep leaving and
