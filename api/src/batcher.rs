@@ -329,8 +329,8 @@ pub struct Batcher {
     /// two live slots.
     index: Arc<index::Index<Slot>>,
     /// The page new keys' slots join until it is full (or has left the
-    /// cache), and the number the next page gets.
-    open_page: Mutex<Arc<Page<Slot>>>,
+    /// cache; none before the first key), and the number the next page gets.
+    open_page: Mutex<Option<Arc<Page<Slot>>>>,
     pages_opened: AtomicU64,
     /// Weight of keys a page takes (see [`page_room`]).
     page_room: u64,
@@ -459,13 +459,10 @@ impl Batcher {
                 },
             )
             .build();
-        // A sealed page to begin with: the first new key opens a real one.
-        let open_page = Arc::new(Page::new(1));
-        open_page.seal();
         Self {
             cache,
             index,
-            open_page: Mutex::new(open_page),
+            open_page: Mutex::new(None),
             pages_opened: AtomicU64::new(0),
             page_room: page_room(capacity.get()),
             page_max_age: ttl / 2,
@@ -625,22 +622,20 @@ impl Batcher {
             let slot = Arc::new(Slot::new(key));
             let weight = key_weight(key);
             let mut open = self.open_page.lock();
-            match open.join(&slot, weight, self.page_max_age) {
+            let joined = open.as_ref().map_or(Join::Closed, |page| {
+                page.join(&slot, weight, self.page_max_age)
+            });
+            match joined {
                 Join::Joined => {}
                 // A page of its own, weighing what it holds, so the open
                 // page is not closed with room left: keys of mixed lengths
                 // would otherwise leave pages part empty, each weighing its
                 // whole room, and the cache would hold far fewer keys than
                 // its capacity.
-                Join::NoRoom => {
-                    let page = Arc::new(Page::new(weight));
-                    page.join(&slot, weight, self.page_max_age);
-                    opened = Some(page);
-                }
+                Join::NoRoom => opened = Some(Arc::new(Page::holding(&slot, weight, weight))),
                 Join::Closed => {
-                    let page = Arc::new(Page::new(self.page_room.max(weight)));
-                    page.join(&slot, weight, self.page_max_age);
-                    *open = Arc::clone(&page);
+                    let page = Arc::new(Page::holding(&slot, weight, self.page_room.max(weight)));
+                    *open = Some(Arc::clone(&page));
                     opened = Some(page);
                 }
             }

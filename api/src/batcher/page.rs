@@ -46,14 +46,18 @@ pub(super) enum Join {
 }
 
 impl<V> Page<V> {
-    /// An empty page with room for keys weighing `room` in all.
-    pub(super) fn new(room: u64) -> Self {
+    /// A page with room for keys weighing `room` in all, holding `slot`,
+    /// whose key weighs `weight` (heavier than `room` when the page is made
+    /// for that key alone).
+    pub(super) fn holding(slot: &Arc<V>, weight: u64, room: u64) -> Self {
+        let mut slots = Vec::with_capacity(usize::try_from(room.min(64)).unwrap_or(64));
+        slots.push(Arc::clone(slot));
         Self {
             room,
             opened: Instant::now(),
             state: Mutex::new(PageState {
-                slots: Vec::with_capacity(usize::try_from(room.min(64)).unwrap_or(64)),
-                used: 0,
+                slots,
+                used: weight,
                 sealed: false,
             }),
         }
@@ -66,21 +70,14 @@ impl<V> Page<V> {
 
     /// Adds `slot`, whose key weighs `weight`, if the page is open to it.
     /// A page older than `max_age` is closed: a key that joined it would
-    /// leave the cache with it sooner than its TTL's half. An unsealed empty
-    /// page takes any one key, however heavy and whatever `max_age` (it is
-    /// made for that key).
+    /// leave the cache with it sooner than its TTL's half.
     pub(super) fn join(&self, slot: &Arc<V>, weight: u64, max_age: Duration) -> Join {
         let mut state = self.state.lock();
-        if state.sealed {
+        if state.sealed || state.used >= self.room || self.opened.elapsed() >= max_age {
             return Join::Closed;
         }
-        if state.used > 0 {
-            if state.used >= self.room || self.opened.elapsed() >= max_age {
-                return Join::Closed;
-            }
-            if state.used + weight > self.room {
-                return Join::NoRoom;
-            }
+        if state.used + weight > self.room {
+            return Join::NoRoom;
         }
         state.used += weight;
         state.slots.push(Arc::clone(slot));
@@ -110,9 +107,8 @@ mod tests {
 
     #[test]
     fn a_page_takes_keys_up_to_its_room_then_none_once_sealed() {
-        let page = Page::new(4);
         let one = Arc::new(1);
-        assert_eq!(page.join(&one, 1, AGE), Join::Joined);
+        let page = Page::holding(&one, 1, 4);
         assert_eq!(page.join(&Arc::new(2), 2, AGE), Join::Joined);
         assert_eq!(
             page.join(&Arc::new(3), 2, AGE),
@@ -125,22 +121,21 @@ mod tests {
         assert_eq!(sealed.len(), 3);
         assert!(Arc::ptr_eq(&sealed[0], &one));
         assert!(page.seal().is_empty(), "sealed once");
-        let page = Page::new(4);
+        let page = Page::holding(&Arc::new(0), 1, 4);
         page.seal();
         assert_eq!(page.join(&Arc::new(6), 1, AGE), Join::Closed, "sealed");
     }
 
     #[test]
-    fn an_empty_page_takes_one_key_heavier_than_its_room() {
-        let page = Page::new(2);
-        assert_eq!(page.join(&Arc::new(1), 9, AGE), Join::Joined);
+    fn a_page_made_for_a_key_heavier_than_its_room_holds_it_alone() {
+        let page = Page::holding(&Arc::new(1), 9, 2);
+        assert_eq!(page.slots().len(), 1);
         assert_eq!(page.join(&Arc::new(2), 1, AGE), Join::Closed);
     }
 
     #[test]
-    fn an_old_page_is_closed_once_it_holds_a_key() {
-        let page = Page::new(4);
-        assert_eq!(page.join(&Arc::new(1), 1, Duration::ZERO), Join::Joined);
+    fn an_old_page_is_closed() {
+        let page = Page::holding(&Arc::new(1), 1, 4);
         assert_eq!(page.join(&Arc::new(2), 1, Duration::ZERO), Join::Closed);
     }
 }
