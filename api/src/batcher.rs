@@ -146,6 +146,32 @@ fn keyed_items(keyed: &[Keyed]) -> u64 {
         .sum()
 }
 
+/// A request's values summed per key, in key order, each sum with the
+/// position of its key's last item. Summed wide, so only a key's total must
+/// fit in `i64`, whatever the order of its items; `Err` is the position of
+/// the last item of a key whose total does not.
+///
+/// # Errors
+/// That position.
+pub fn sum_per_key<'a>(
+    items: impl IntoIterator<Item = (&'a str, i64)>,
+) -> Result<Vec<(&'a str, i64, usize)>, usize> {
+    let mut per_key: BTreeMap<&str, (i128, usize)> = BTreeMap::new();
+    for (index, (key, delta)) in items.into_iter().enumerate() {
+        let entry = per_key.entry(key).or_insert((0, index));
+        entry.0 += i128::from(delta);
+        entry.1 = index;
+    }
+    per_key
+        .into_iter()
+        .map(|(key, (sum, last_index))| {
+            i64::try_from(sum)
+                .map(|sum| (key, sum, last_index))
+                .map_err(|_| last_index)
+        })
+        .collect()
+}
+
 fn handed_over_holds(handed_over: &HandedOver, key: &str) -> bool {
     handed_over
         .lock()
@@ -562,17 +588,8 @@ impl Batcher {
     /// delta would leave `i64`; nothing is recorded then.
     pub fn record_all(&self, items: &[(&str, i64)]) -> Result<(), (usize, BatchError)> {
         // Sum per key first (sorted): the batch may name a key several times.
-        let mut per_key: BTreeMap<&str, (i128, usize)> = BTreeMap::new();
-        for (index, (key, delta)) in items.iter().enumerate() {
-            let entry = per_key.entry(key).or_insert((0, index));
-            entry.0 += i128::from(*delta);
-            entry.1 = index;
-        }
-        let mut sums: Vec<(&str, i64, usize)> = Vec::with_capacity(per_key.len());
-        for (key, (sum, last_index)) in per_key {
-            let sum = i64::try_from(sum).map_err(|_| (last_index, BatchError::RequestOverflow))?;
-            sums.push((key, sum, last_index));
-        }
+        let sums = sum_per_key(items.iter().copied())
+            .map_err(|index| (index, BatchError::RequestOverflow))?;
         self.admit_all(sums.iter().map(|(key, _, _)| *key))
             .map_err(|e| (0, e))?;
         // Look up (or create) every slot before taking any lock: a moka call

@@ -7,7 +7,7 @@
 //! iterative skipper, so any nesting depth is fine (the body size bounds the
 //! work) and no depth limit differs between paths.
 
-use std::{borrow::Cow, collections::BTreeMap, fmt, sync::Arc};
+use std::{borrow::Cow, fmt, sync::Arc};
 
 use poem_openapi::{
     payload::{ParsePayload, Payload},
@@ -693,13 +693,11 @@ impl Intake {
         durable: bool,
     ) -> Result<KeyedAnswer, ApiError> {
         let batch = operation == Operation::Increments;
-        let mut sums: BTreeMap<&str, i64> = BTreeMap::new();
-        for (index, increment) in increments.iter().enumerate() {
-            let sum = sums.entry(increment.key.as_str()).or_insert(0);
-            *sum = sum
-                .checked_add(increment.value)
-                .ok_or_else(|| self.refusal(BatchError::RequestOverflow, batch.then_some(index)))?;
-        }
+        let sums =
+            crate::batcher::sum_per_key(increments.iter().map(|i| (i.key.as_str(), i.value)))
+                .map_err(|index| {
+                    self.refusal(BatchError::RequestOverflow, batch.then_some(index))
+                })?;
         let fingerprint = idempotency::fingerprint(
             operation,
             increments.iter().map(|i| (i.key.as_str(), i.value)),
@@ -772,7 +770,10 @@ impl Intake {
         let keyed = Keyed {
             key,
             fingerprint,
-            items: sums.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            items: sums
+                .into_iter()
+                .map(|(k, v, _)| (k.to_owned(), v))
+                .collect(),
             // Stamped when the batcher takes it, or when the stream stores it.
             taken_at: None,
         };

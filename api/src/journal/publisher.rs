@@ -216,24 +216,20 @@ impl Publisher {
         keyed: Option<Keyed>,
         durable: bool,
     ) -> Result<watch::Receiver<Option<Outcome>>, AppendError> {
-        let mut sums: HashMap<&str, (i64, usize)> = HashMap::with_capacity(items.len());
         let keyed_items = keyed.iter().flat_map(|request| {
             request
                 .items
                 .iter()
                 .map(|(key, delta)| (key.as_str(), *delta))
         });
-        for (index, (key, delta)) in items.iter().copied().chain(keyed_items).enumerate() {
-            let entry = sums.entry(key).or_insert((0, index));
-            entry.0 = entry
-                .0
-                .checked_add(delta)
-                .ok_or(AppendError::Overflow(index))?;
-            entry.1 = index;
-        }
+        let sums = crate::batcher::sum_per_key(items.iter().copied().chain(keyed_items))
+            .map_err(AppendError::Overflow)?;
         let bytes: usize = match &keyed {
             Some(request) => codec::max_keyed_len(request),
-            None => sums.keys().map(|key| codec::max_item_len(key)).sum(),
+            None => sums
+                .iter()
+                .map(|(key, _, _)| codec::max_item_len(key))
+                .sum(),
         };
         let mut groups = self.groups.lock();
         // A key's plain and keyed sums are held apart, and each is an i64:
@@ -242,7 +238,7 @@ impl Publisher {
         // could never be applied).
         let fits = |group: &Group| {
             (group.bytes + bytes <= self.settings.max_message_bytes || group.requests == 0)
-                && sums.iter().all(|(key, (sum, _))| {
+                && sums.iter().all(|(key, sum, _)| {
                     let plain = i128::from(group.deltas.get(*key).copied().unwrap_or(0));
                     let keyed_total =
                         i128::from(group.keyed_totals.get(*key).copied().unwrap_or(0));
@@ -261,7 +257,7 @@ impl Publisher {
         }
         let group = &mut groups.open;
         if keyed.is_some() {
-            for (key, (sum, _)) in sums {
+            for (key, sum, _) in sums {
                 *group
                     .keyed_totals
                     .entry(CompactString::from(key))
@@ -270,7 +266,7 @@ impl Publisher {
             group.bytes += bytes;
             group.keyed.extend(keyed);
         } else {
-            for (key, (sum, _)) in sums {
+            for (key, sum, _) in sums {
                 match group.deltas.get_mut(key) {
                     Some(held) => *held += sum,
                     None => {

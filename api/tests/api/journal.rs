@@ -53,6 +53,15 @@ async fn every_202_is_applied_once_through_the_journal(db: TestDb) {
         .send()
         .await;
     batch.assert_status(StatusCode::ACCEPTED);
+    // A key's values whose total fits are taken whatever their order (the
+    // publisher summed them item by item in i64 and refused this one).
+    app.client
+        .post("/increments")
+        .content_type("application/json")
+        .body(r#"{"increments":[{"key":"mid","value":9223372036854775807},{"key":"mid","value":1},{"key":"mid","value":-1}]}"#)
+        .send()
+        .await
+        .assert_status(StatusCode::ACCEPTED);
     let durable = app
         .client
         .post("/increment?wait=true")
@@ -77,9 +86,10 @@ async fn every_202_is_applied_once_through_the_journal(db: TestDb) {
             counters["page:home"],
             counters["a"],
             counters["b"],
-            counters["durable"]
+            counters["durable"],
+            counters["mid"]
         ),
-        (100, 5, -3, 7)
+        (100, 5, -3, 7, i64::MAX)
     );
 }
 
