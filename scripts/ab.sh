@@ -56,7 +56,8 @@ start_service() { # CONFIG BIN [FLAGS...]: sets PORT[CONFIG]
   db="incab_${name,,}_$$"
   psql -q "$PG/postgres" -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
   DBS+=("$db")
-  TOKIO_WORKER_THREADS=1 RUST_LOG=warn,api::startup=info "$bin" --listen 127.0.0.1:0 --database-url "$PG/$db" "$@" \
+  TOKIO_WORKER_THREADS=1 RUST_LOG=warn,api::startup=info "$bin" --listen 127.0.0.1:0 --database-url "$PG/$db" \
+    --spill-path "$SCRATCH/$name.spill.jsonl" "$@" \
     >"$SCRATCH/$name.log" 2>&1 &
   PIDS+=($!)
   addr=$(listening_addr "$SCRATCH/$name.log" "$!" 30)

@@ -130,7 +130,7 @@ database_url="postgres://$PGUSER@$PGHOST:$PGPORT/$db_name"
 # Port 0: the service binds a free port itself and logs it.
 RUST_LOG="${RUST_LOG:-info},api::startup=info" \
   "$bin" --listen 127.0.0.1:0 --database-url "$database_url" --flush-interval 200ms \
-  >>"$server_log" 2>&1 &
+  --spill-path "$work/spill.jsonl" >>"$server_log" 2>&1 &
 server_pid=$!
 addr=$(listening_addr "$server_log" "$server_pid" 60)
 base_url="http://$addr"

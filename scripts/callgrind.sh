@@ -60,7 +60,8 @@ for bin in "$@"; do
     # shellcheck disable=SC2086  # FLAGS is a list of words
     TOKIO_WORKER_THREADS=1 RUST_LOG=warn,api::startup=info valgrind --tool=callgrind \
       --callgrind-out-file="$out.%p" --dump-instr=no --collect-atstart=yes \
-      "$bin" --listen 127.0.0.1:0 --database-url "$PG/$DB" $FLAGS >"$SCRATCH/service.$run_index.log" 2>&1 &
+      "$bin" --listen 127.0.0.1:0 --database-url "$PG/$DB" --spill-path "$SCRATCH/spill.$run_index.jsonl" \
+      $FLAGS >"$SCRATCH/service.$run_index.log" 2>&1 &
     PID=$!
     addr=$(listening_addr "$SCRATCH/service.$run_index.log" "$PID" 180)
     load "$addr" "$keys" "$WARM" >/dev/null || die "warm-up load failed ($bin, $keys)"

@@ -29,6 +29,11 @@ pub enum SpillError {
     },
     #[error("spill file {path} is not valid: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    #[error(
+        "spill file {path} is in use by another running instance (its lock {lock} is held): \
+         give each instance its own --spill-path, or let them share a --spill-dir"
+    )]
+    InUse { path: PathBuf, lock: PathBuf },
 }
 
 /// One part of a batch on disk (replayed as a batch of one part under the
@@ -195,6 +200,90 @@ pub fn remove(path: &Path) -> Result<(), SpillError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_error(path)(e)),
     }
+}
+
+/// Creates, writes, syncs and deletes a file in `dir`, where spill files
+/// will be written: a location the final flush could not write to (a
+/// read-only or missing directory, no permission) is found at start, not
+/// at the shutdown that needed it.
+///
+/// # Errors
+/// [`SpillError`] naming the probe file and what failed.
+pub fn probe(dir: &Path) -> Result<(), SpillError> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let probe = dir.join(format!(
+        ".increment-probe-{}.tmp",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let written = fs::File::create(&probe)
+        .and_then(|mut file| file.write_all(b"probe\n").and_then(|()| file.sync_all()));
+    let removed = fs::remove_file(&probe);
+    written.map_err(io_error(&probe))?;
+    removed.map_err(io_error(&probe))
+}
+
+/// One spill file's lock, held by the process that spills to it
+/// (`--spill-path`) for as long as it runs: two instances that shared the
+/// file would replay and delete each other's spills (one replaying a file
+/// while the other rewrote it lost the other's increments). The lock is a
+/// file beside it (`….lock`), not the spill file, which each write replaces.
+/// Deleted when dropped, while still held.
+pub struct PathLock {
+    lock: PathBuf,
+    /// Holds the lock (when the filesystem has locks).
+    _file: fs::File,
+}
+
+impl Drop for PathLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.lock);
+    }
+}
+
+/// Takes `spill_path`'s lock for this process.
+///
+/// # Errors
+/// [`SpillError::InUse`] when another process holds it; [`SpillError::Io`]
+/// when the lock file cannot be created or locked.
+pub fn lock_path(spill_path: &Path) -> Result<PathLock, SpillError> {
+    let mut name = spill_path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock = PathBuf::from(name);
+    // A holder deletes the file as it lets go: a handle opened just before
+    // that is of a file no longer named, so check and open again.
+    for _ in 0..10 {
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock)
+            .map_err(io_error(&lock))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(SpillError::InUse {
+                    path: spill_path.to_owned(),
+                    lock,
+                });
+            }
+            // A filesystem without locks: nothing to enforce with.
+            Err(fs::TryLockError::Error(e)) => {
+                tracing::warn!(path = %lock.display(), error = %e, "cannot lock the spill file; make sure no other instance uses it");
+                return Ok(PathLock { lock, _file: file });
+            }
+        }
+        if same_file(&file, &lock).map_err(io_error(&lock))? {
+            return Ok(PathLock { lock, _file: file });
+        }
+    }
+    Err(io_error(&lock)(io::Error::other(
+        "its lock file kept being replaced",
+    )))
 }
 
 /// The extension of spill files; a directory shared by instances is

@@ -41,6 +41,8 @@ pub enum StartupError {
     JournalOffset(#[source] Redacted),
     #[error("replaying the spill file failed; it is kept for the next start")]
     Replay(#[source] ReplayError),
+    #[error("the spill location cannot be used")]
+    Spill(#[source] SpillError),
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
     #[error("binding {addr} failed")]
@@ -97,6 +99,8 @@ pub struct Application {
     settings: Settings,
     /// Where this run spills what its final flush could not write.
     spill_file: std::path::PathBuf,
+    /// With `--spill-path`: that file is this process's while it runs.
+    spill_lock: Option<spill::PathLock>,
     state: AppState,
     flusher: Arc<Flusher>,
     journal: Option<JournalParts>,
@@ -133,19 +137,36 @@ impl Application {
                 .await
                 .map_err(|e| StartupError::Migrate(Redacted::new(&e, &settings.database_url)))?;
         }
-        let spill_file = match &settings.spill_dir {
+        let (spill_file, spill_lock) = match &settings.spill_dir {
             Some(dir) => {
                 warn_of_spill_files_outside(dir);
-                replay_spill_dir(&db, dir, settings.idempotency_window)
-                    .await
-                    .map_err(StartupError::Replay)?;
-                spill::own_file(dir)
+                std::fs::create_dir_all(dir)
+                    .map_err(|source| SpillError::Io {
+                        path: dir.clone(),
+                        source,
+                    })
+                    .and_then(|()| spill::probe(dir))
+                    .map_err(StartupError::Spill)?;
+                // Files left by others are not this instance's to hold up
+                // its start with (a database that answers but cannot write:
+                // every replica would stop): the rescan retries them, and
+                // their ids keep each part applied once.
+                if let Err(e) = replay_spill_dir(&db, dir, settings.idempotency_window).await {
+                    tracing::error!(error = %crate::telemetry::error_chain(&e), dir = %dir.display(), "replaying the spill directory failed; the rescan retries it");
+                }
+                (spill::own_file(dir), None)
             }
             None => {
-                replay_spill(&db, &settings.spill_path, settings.idempotency_window)
+                let path = &settings.spill_path;
+                // Taken before the replay: another instance's file is not
+                // this one's to replay and delete while it may still write it.
+                let lock = spill::lock_path(path).map_err(StartupError::Spill)?;
+                spill::probe(path.parent().unwrap_or(std::path::Path::new(".")))
+                    .map_err(StartupError::Spill)?;
+                replay_spill(&db, path, settings.idempotency_window)
                     .await
                     .map_err(StartupError::Replay)?;
-                settings.spill_path.clone()
+                (path.clone(), Some(lock))
             }
         };
         let listener = tokio::net::TcpListener::bind(settings.listen)
@@ -256,6 +277,7 @@ impl Application {
             local_addr,
             settings,
             spill_file,
+            spill_lock,
             state,
             flusher,
             journal,
@@ -302,6 +324,7 @@ impl Application {
             local_addr,
             settings,
             spill_file,
+            spill_lock,
             state,
             flusher,
             journal,
@@ -395,10 +418,16 @@ impl Application {
         if join_by(deadline, flush_loop, "the flush loop").await {
             tracing::error!("the flush loop panicked");
         }
-        if let Some(rescan) = spill_rescan
-            && join_by(deadline, rescan, "the spill directory rescan").await
-        {
-            tracing::error!("the spill directory rescan panicked");
+        // A rescan may be in the middle of replaying another instance's
+        // file, which can take longer than the whole shutdown budget; the
+        // final flush of this instance's own increments goes first. Cut off,
+        // the replay is redone by the next start or rescan (by their ids,
+        // nothing twice).
+        if let Some(rescan) = spill_rescan {
+            rescan.abort();
+            if rescan.await.is_err_and(|e| e.is_panic()) {
+                tracing::error!("the spill directory rescan panicked");
+            }
         }
         tracing::info!("connections closed; writing everything pending");
         let report = match (flusher.flush_remaining(deadline).await, &lease) {
@@ -415,6 +444,7 @@ impl Application {
         if let Some(reader) = lease {
             reader.release_lease().await;
         }
+        drop(spill_lock);
         report
     }
 }

@@ -27,7 +27,18 @@ pub fn test_settings(db: &TestDb) -> Settings {
     settings.flush_interval = Duration::from_secs(3600);
     settings.cache_ttl = Duration::from_secs(3600);
     settings.db_pool_size = 4;
+    settings.spill_path = own_spill_path();
     settings
+}
+
+/// A spill file of the test's own: a spill file is one instance's, and a
+/// second instance on it is refused at start (tests run side by side).
+/// Restarts from a clone of the same settings find it again.
+pub fn own_spill_path() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "increment-test-spill-{}.jsonl",
+        uuid::Uuid::new_v4().simple()
+    ))
 }
 
 /// The application serving on a real port, with the parts tests inspect.

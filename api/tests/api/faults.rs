@@ -20,6 +20,7 @@ async fn through_proxy() -> Option<(TestDb, FaultProxy, Settings)> {
     let proxy = FaultProxy::start(db.postgres_addr().expect("a PostgreSQL address")).await;
     let mut settings = Settings::with_database(proxy.url_for(&db.url));
     settings.db_pool_size = 4;
+    settings.spill_path = testkit::app::own_spill_path();
     Some((db, proxy, settings))
 }
 

@@ -11,7 +11,134 @@ db_tests!(
     a_spilled_batch_that_had_committed_is_not_replayed_twice,
     a_shared_spill_dir_is_replayed_by_whichever_instance_starts_next,
     a_spill_file_that_is_not_utf8_is_set_aside_and_the_others_are_replayed,
+    a_second_instance_on_the_same_spill_path_is_refused_at_start,
+    a_spill_dir_whose_replay_fails_at_start_does_not_stop_the_start,
 );
+
+/// Two running instances on one `--spill-path` replayed and deleted each
+/// other's spills (one replaying the file while the other rewrote it lost
+/// the other's increments): the second is refused at start, and the path
+/// is free again once the first has stopped.
+async fn a_second_instance_on_the_same_spill_path_is_refused_at_start(db: TestDb) {
+    let settings = test_settings(&db);
+    let app = spawn_app_with(db, settings.clone()).await;
+    let refused = match api::Application::build(settings.clone()).await {
+        Ok(_) => panic!("a second instance started on the same spill file"),
+        Err(refused) => refused,
+    };
+    assert!(
+        matches!(
+            &refused,
+            api::startup::StartupError::Spill(api::spill::SpillError::InUse { .. })
+        ),
+        "{refused:?}"
+    );
+    let (report, db) = app.shut_down().await;
+    assert_eq!(report, ShutdownReport::Clean);
+    let mut lock = settings.spill_path.as_os_str().to_owned();
+    lock.push(".lock");
+    assert!(!std::path::Path::new(&lock).exists(), "removed at exit");
+    spawn_app_with(db, settings).await.shut_down_cleanly().await;
+}
+
+/// A spill location the final flush could not write to is refused at
+/// start; it used to be found only at the shutdown that needed it, whose
+/// increments were then lost.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_spill_path_that_cannot_be_written_is_refused_at_start() {
+    let db = TestDb::sqlite().await;
+    let mut settings = test_settings(&db);
+    settings.spill_path = std::path::PathBuf::from("/proc/increment-test-spill.jsonl");
+    let refused = match api::Application::build(settings).await {
+        Ok(_) => panic!("started with a spill file it cannot write"),
+        Err(refused) => refused,
+    };
+    assert!(
+        matches!(&refused, api::startup::StartupError::Spill(_)),
+        "{refused:?}"
+    );
+}
+
+/// A file another instance left in the shared spill directory, while the
+/// database answers but cannot write (here its table is renamed away): the
+/// start goes on, as it does without the file (a start that failed on it
+/// would stop every replica), and the rescan replays the file once the
+/// database writes again.
+async fn a_spill_dir_whose_replay_fails_at_start_does_not_stop_the_start(db: TestDb) {
+    let mut settings = test_settings(&db);
+    let db = spawn_app_with(db, settings.clone())
+        .await
+        .shut_down_cleanly()
+        .await;
+    db.execute("ALTER TABLE counters RENAME TO counters_away")
+        .await;
+    let shared = tempfile::tempdir().unwrap();
+    let spill_dir = shared.path().join("spill");
+    std::fs::create_dir_all(&spill_dir).unwrap();
+    let left = api::spill::own_file(&spill_dir);
+    let batch = std::sync::Arc::new(api::batch::Batch::new([("left".to_owned(), 5)], 1));
+    api::spill::write(&left, &[batch]).unwrap();
+    settings.spill_dir = Some(spill_dir.clone());
+    settings.spill_rescan_interval = Duration::from_millis(100);
+    let app = spawn_app_with(db, settings).await;
+    assert_accepted(app.increment("new", 1).await).await;
+    assert_eq!(api::spill::left_in(&spill_dir).unwrap(), vec![left]);
+    app.db
+        .execute("ALTER TABLE counters_away RENAME TO counters")
+        .await;
+    testkit::eventually(
+        Duration::from_secs(10),
+        "the rescan replays the file",
+        || async { app.counters().await.get("left") == Some(&5) },
+    )
+    .await;
+    assert!(api::spill::left_in(&spill_dir).unwrap().is_empty());
+    app.flush().await;
+    assert_eq!(
+        app.counters().await,
+        BTreeMap::from([("left".into(), 5), ("new".into(), 1)])
+    );
+}
+
+/// A rescan replaying another instance's file when shutdown begins (here
+/// stuck on a row lock; a large file is the same) used to be waited for
+/// until the deadline, leaving this instance's final flush no time: its own
+/// increments were spilled though the database was up. The rescan is cut
+/// off (the file stays for the next start, which applies it once).
+/// PostgreSQL only (row locks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescan_replaying_at_shutdown_does_not_hold_up_the_final_flush() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let shared = tempfile::tempdir().unwrap();
+    let spill_dir = shared.path().join("spill");
+    let mut settings = test_settings(&db);
+    settings.shutdown_timeout = Duration::from_secs(3);
+    settings.spill_dir = Some(spill_dir.clone());
+    settings.spill_rescan_interval = Duration::from_millis(100);
+    let app = spawn_app_with(db, settings.clone()).await;
+    assert_accepted(app.increment("hot", 1).await).await;
+    app.flush().await;
+    let (locker, lock) = lock_row(&app, "hot").await;
+    let other = api::spill::own_file(&spill_dir);
+    let batch = std::sync::Arc::new(api::batch::Batch::new([("hot".to_owned(), 5)], 1));
+    api::spill::write(&other, &[batch]).unwrap();
+    until_a_session_waits_for_a_lock(&locker).await;
+    assert_accepted(app.increment("mine", 2).await).await;
+    let (report, db) = tokio::time::timeout(Duration::from_secs(20), app.shut_down())
+        .await
+        .expect("the shutdown ends");
+    assert_eq!(report, ShutdownReport::Clean);
+    lock.rollback().await.unwrap();
+    assert_eq!(api::spill::left_in(&spill_dir).unwrap(), vec![other]);
+    let next = spawn_app_with(db, settings).await;
+    assert_eq!(
+        next.counters().await,
+        BTreeMap::from([("hot".into(), 6), ("mine".into(), 2)])
+    );
+}
 
 async fn shutdown_writes_everything_pending(db: TestDb) {
     let settings = test_settings(&db);
@@ -83,7 +210,7 @@ async fn a_spilled_batch_that_had_committed_is_not_replayed_twice(db: TestDb) {
     let unwritten = std::sync::Arc::new(api::batch::Batch::new([("k".to_owned(), 2)], 2));
     api::spill::write(&settings.spill_path, &[committed, unwritten]).unwrap();
 
-    let restarted = spawn_app_with(app.db, settings.clone()).await;
+    let restarted = spawn_app_with(app.crash().await, settings.clone()).await;
     assert_eq!(restarted.counters().await.get("k"), Some(&7));
     assert!(!settings.spill_path.exists());
 }
