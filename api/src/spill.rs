@@ -202,6 +202,23 @@ pub fn remove(path: &Path) -> Result<(), SpillError> {
     }
 }
 
+/// Renames a spill file that cannot be parsed out of the way of every later
+/// start, to `….<unix ms>.invalid` beside it (a name no earlier one used),
+/// and returns that name: kept for a person to look at.
+///
+/// # Errors
+/// [`SpillError`] when it cannot be renamed.
+pub fn set_aside(path: &Path) -> Result<PathBuf, SpillError> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis());
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{now_ms}.invalid"));
+    let aside = PathBuf::from(name);
+    fs::rename(path, &aside).map_err(io_error(path))?;
+    Ok(aside)
+}
+
 /// Creates, writes, syncs and deletes a file in `dir`, where spill files
 /// will be written: a location the final flush could not write to (a
 /// read-only or missing directory, no permission) is found at start, not

@@ -505,8 +505,17 @@ async fn replay_spill(
     path: &std::path::Path,
     idempotency_window: std::time::Duration,
 ) -> Result<(), ReplayError> {
-    let Some(batches) = spill::read(path)? else {
-        return Ok(());
+    let batches = match spill::read(path) {
+        Ok(Some(batches)) => batches,
+        Ok(None) => return Ok(()),
+        // As in a spill directory: a damaged file must not stop every start
+        // until someone edits it.
+        Err(e @ SpillError::Invalid { .. }) => {
+            let aside = spill::set_aside(path)?;
+            tracing::error!(error = %e, kept_as = %aside.display(), "the spill file cannot be read; set aside, its increments are not applied");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
     };
     write_spilled(db, path, &batches, idempotency_window).await?;
     spill::remove(path)?;

@@ -13,7 +13,39 @@ db_tests!(
     a_spill_file_that_is_not_utf8_is_set_aside_and_the_others_are_replayed,
     a_second_instance_on_the_same_spill_path_is_refused_at_start,
     a_spill_dir_whose_replay_fails_at_start_does_not_stop_the_start,
+    a_damaged_spill_file_is_set_aside_and_the_start_goes_on,
 );
+
+/// A `--spill-path` file that cannot be parsed (a torn disk, someone's
+/// editor) stopped every start until a person edited it; it is set aside,
+/// as in a spill directory, and the instance starts.
+async fn a_damaged_spill_file_is_set_aside_and_the_start_goes_on(db: TestDb) {
+    let settings = test_settings(&db);
+    std::fs::write(
+        &settings.spill_path,
+        "{\"batch_id\":\"a\",\"deltas\":[[\"k\",\"1\"]]}\n{torn",
+    )
+    .unwrap();
+    let app = spawn_app_with(db, settings.clone()).await;
+    assert!(!settings.spill_path.exists());
+    let parent = settings.spill_path.parent().unwrap();
+    let name = settings
+        .spill_path
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let aside: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|file| file.starts_with(&name) && file.ends_with(".invalid"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    std::fs::remove_file(parent.join(&aside[0])).unwrap();
+    assert!(app.counters().await.is_empty(), "nothing applied from it");
+    app.shut_down_cleanly().await;
+}
 
 /// Two running instances on one `--spill-path` replayed and deleted each
 /// other's spills (one replaying the file while the other rewrote it lost
