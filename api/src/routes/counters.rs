@@ -249,6 +249,16 @@ impl CounterApi {
         after: Query<Option<String>>,
         request: &poem::Request,
     ) -> PageResponse {
+        if let Some(name) =
+            super::repeated_parameter(request.uri().query(), &["prefix", "after", "limit"])
+        {
+            return PageResponse::Unprocessable(
+                ApiError::Invalid(format!(
+                    "query parameter {name:?} given more than once; give it once"
+                ))
+                .payload(),
+            );
+        }
         if let Err(problem) = check_query_utf8(request.uri().query()) {
             return PageResponse::Unprocessable(problem);
         }

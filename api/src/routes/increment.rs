@@ -33,18 +33,9 @@ fn idempotency_key(request: &poem::Request) -> Result<Option<String>, ApiError> 
         .map_err(|e| ApiError::InvalidIdempotencyKey(e.to_string()))
 }
 
-/// `wait` given more than once (`?wait=false&wait=true`, or `w%61it=…`
-/// beside `wait=…`: names are compared decoded, as the query reader reads
-/// them): the reader would take the first, silently; which one the client
-/// meant cannot be told, and the two mean different answers.
+/// `wait` given more than once: the two may mean different answers.
 fn wait_repeated(request: &poem::Request) -> bool {
-    let Some(query) = request.uri().query() else {
-        return false;
-    };
-    url::form_urlencoded::parse(query.as_bytes())
-        .filter(|(name, _)| name == "wait")
-        .count()
-        > 1
+    super::repeated_parameter(request.uri().query(), &["wait"]).is_some()
 }
 
 #[derive(Tags)]

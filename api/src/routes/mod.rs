@@ -22,6 +22,20 @@ use crate::{
     metrics::Metrics,
 };
 
+/// The first of `names` given more than once in `query` (`?wait=false&wait=true`,
+/// or `w%61it=…` beside `wait=…`: names are compared decoded, as the query
+/// reader reads them). The reader would take the first, silently; which one
+/// the client meant cannot be told.
+pub(crate) fn repeated_parameter<'a>(query: Option<&str>, names: &[&'a str]) -> Option<&'a str> {
+    let query = query?;
+    names.iter().copied().find(|wanted| {
+        url::form_urlencoded::parse(query.as_bytes())
+            .filter(|(name, _)| name == wanted)
+            .count()
+            > 1
+    })
+}
+
 /// Readiness as the load balancer sees it: true until shutdown begins.
 #[derive(Clone, Default)]
 pub struct Lifecycle {

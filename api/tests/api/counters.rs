@@ -322,6 +322,17 @@ async fn listing_pages_through_stored_counters_in_key_order(db: TestDb) {
         let message = error_message(response, StatusCode::UNPROCESSABLE_ENTITY).await;
         assert!(message.contains("UTF-8"), "{bad}: {message}");
     }
+    // A parameter given twice: which one was meant cannot be told (the
+    // first was taken, silently).
+    for twice in [
+        "?prefix=a&prefix=b",
+        "?after=a&%61fter=b",
+        "?limit=1&limit=2",
+    ] {
+        let response = app.client.get(format!("/counters{twice}")).send().await;
+        let message = error_message(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert!(message.contains("more than once"), "{twice}: {message}");
+    }
     let (_, body) = list(&app, "?prefix=%EF%BF%BD").await;
     assert_eq!(body["counters"][0]["key"], "\u{fffd}replacement");
     // Parameters nobody reads are left alone.
