@@ -317,12 +317,25 @@ async fn the_fast_path_answers_like_the_operation(db: TestDb) {
 }
 
 async fn post_batch(app: &crate::helpers::TestApp, body: &str) -> crate::helpers::Response {
-    app.client
+    post_batch_keyed(app, body, None).await
+}
+
+/// `POST /increments` of `body`, with `Idempotency-Key: idempotency_key`
+/// when given.
+async fn post_batch_keyed(
+    app: &crate::helpers::TestApp,
+    body: &str,
+    idempotency_key: Option<&str>,
+) -> crate::helpers::Response {
+    let mut request = app
+        .client
         .post("/increments")
         .content_type("application/json")
-        .body(body.to_owned())
-        .send()
-        .await
+        .body(body.to_owned());
+    if let Some(value) = idempotency_key {
+        request = request.header("idempotency-key", value);
+    }
+    request.send().await
 }
 
 async fn batches_are_applied_whole_or_not_at_all(db: TestDb) {
@@ -377,15 +390,11 @@ async fn batches_are_applied_whole_or_not_at_all(db: TestDb) {
     let overflowing =
         r#"{"increments": [{"key": "d", "value": 9223372036854775807}, {"key": "d", "value": 1}]}"#;
     for idempotency_key in [None, Some("\"own-sum\"")] {
-        let mut request = app
-            .client
-            .post("/increments")
-            .content_type("application/json")
-            .body(overflowing);
-        if let Some(value) = idempotency_key {
-            request = request.header("idempotency-key", value);
-        }
-        let problem = problem(request.send().await, StatusCode::UNPROCESSABLE_ENTITY).await;
+        let problem = problem(
+            post_batch_keyed(&app, overflowing, idempotency_key).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
         assert_eq!(
             problem.type_uri, "/problems/invalid-request",
             "{idempotency_key:?}"
@@ -404,15 +413,9 @@ async fn batches_are_applied_whole_or_not_at_all(db: TestDb) {
         let body = format!(
             r#"{{"increments": [{{"key": "{key}", "value": 9223372036854775807}}, {{"key": "{key}", "value": 1}}, {{"key": "{key}", "value": -1}}]}}"#
         );
-        let mut request = app
-            .client
-            .post("/increments")
-            .content_type("application/json")
-            .body(body);
-        if let Some(value) = idempotency_key {
-            request = request.header("idempotency-key", value);
-        }
-        request.send().await.assert_status(StatusCode::ACCEPTED);
+        post_batch_keyed(&app, &body, idempotency_key)
+            .await
+            .assert_status(StatusCode::ACCEPTED);
     }
 
     post_batch(&app, &format!(r#"{{"increments": [{}]}}"#, items(1_000)))
