@@ -92,14 +92,11 @@ pub fn write(path: &Path, batches: &[Arc<Batch>]) -> Result<(), SpillError> {
     file.sync_all().map_err(io_error(&temporary))?;
     drop(file);
     fs::rename(&temporary, path).map_err(io_error(path))?;
-    let directory = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
-        _ => PathBuf::from("."),
-    };
+    let directory = directory_of(path);
     // The file is in place once renamed and will be replayed: a failed
     // directory sync only leaves the rename exposed to a power loss, and
     // reporting the increments lost would invite an operator to resend them.
-    if let Err(e) = fs::File::open(&directory).and_then(|dir| dir.sync_all()) {
+    if let Err(e) = fs::File::open(directory).and_then(|dir| dir.sync_all()) {
         tracing::warn!(path = %path.display(), error = %e, "the spill file is written, but its directory could not be synced: a power loss may still undo it");
     }
     Ok(())
@@ -202,6 +199,14 @@ pub fn remove(path: &Path) -> Result<(), SpillError> {
     }
 }
 
+/// The directory `path` is in (`.` for a bare file name).
+pub fn directory_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
 /// Renames a spill file that cannot be parsed out of the way of every later
 /// start, to `….<unix ms>.invalid` beside it (a name no earlier one used),
 /// and returns that name: kept for a person to look at.
@@ -227,11 +232,6 @@ pub fn set_aside(path: &Path) -> Result<PathBuf, SpillError> {
 /// # Errors
 /// [`SpillError`] naming the probe file and what failed.
 pub fn probe(dir: &Path) -> Result<(), SpillError> {
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
     let probe = dir.join(format!(
         ".increment-probe-{}.tmp",
         uuid::Uuid::new_v4().simple()

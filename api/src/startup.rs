@@ -161,8 +161,7 @@ impl Application {
                 // Taken before the replay: another instance's file is not
                 // this one's to replay and delete while it may still write it.
                 let lock = spill::lock_path(path).map_err(StartupError::Spill)?;
-                spill::probe(path.parent().unwrap_or(std::path::Path::new(".")))
-                    .map_err(StartupError::Spill)?;
+                spill::probe(spill::directory_of(path)).map_err(StartupError::Spill)?;
                 replay_spill(&db, path, settings.idempotency_window)
                     .await
                     .map_err(StartupError::Replay)?;
