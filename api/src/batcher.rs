@@ -112,9 +112,9 @@ struct SideMap {
     /// (recorded under this lock, so a drain takes a request and its items
     /// together).
     keyed: Vec<Keyed>,
-    /// Weight of the items of `keyed` (for the bound; mirrored in
-    /// `Batcher::side_keyed_items`).
-    keyed_items: u64,
+    /// [`keyed_weight`] of `keyed` (for the bound; mirrored in
+    /// `Batcher::side_keyed_weight`).
+    keyed_weight: u64,
 }
 
 impl SideMap {
@@ -142,7 +142,7 @@ type HandedOver = Mutex<Option<Arc<Batch>>>;
 /// request, and in the table of held keys by key and by drain: up to 255
 /// bytes, three times; uncounted, 255-byte keys held about 950 bytes per
 /// unit of the bound, found by review).
-fn keyed_items(keyed: &[Keyed]) -> u64 {
+fn keyed_weight(keyed: &[Keyed]) -> u64 {
     keyed
         .iter()
         .map(|request| {
@@ -384,13 +384,13 @@ pub struct Batcher {
     handed_over: Arc<HandedOver>,
     /// Weight of the keys of `handed_over`.
     handed_over_keys: AtomicU64,
-    /// Weight of the items of the side map's keyed requests (read without
+    /// [`keyed_weight`] of the side map's keyed requests (read without
     /// its lock).
-    side_keyed_items: AtomicU64,
+    side_keyed_weight: AtomicU64,
     /// The `Idempotency-Key`s of the keyed requests held here.
     held_keys: Mutex<HeldKeys>,
-    /// Weight of the items of `handed_over`'s keyed requests.
-    handed_over_keyed_items: AtomicU64,
+    /// [`keyed_weight`] of `handed_over`'s keyed requests.
+    handed_over_keyed_weight: AtomicU64,
     /// Bound on distinct pending keys, by weight (slots + side + handed over).
     max_pending_keys: u64,
     /// Evictions seen by the listener, for metrics.
@@ -506,8 +506,8 @@ impl Batcher {
             side_keys,
             handed_over,
             handed_over_keys: AtomicU64::new(0),
-            side_keyed_items: AtomicU64::new(0),
-            handed_over_keyed_items: AtomicU64::new(0),
+            side_keyed_weight: AtomicU64::new(0),
+            handed_over_keyed_weight: AtomicU64::new(0),
             held_keys: Mutex::default(),
             max_pending_keys,
             evictions,
@@ -755,13 +755,13 @@ impl Batcher {
         self.admit_all(sums.keys().copied())?;
         let mut side = self.side.lock();
         // Keyed requests stay whole until written (they are not merged by
-        // key), so their items count toward the bound as well: otherwise
+        // key), so they count toward the bound as well: otherwise
         // those held while the database is down (no drains) would grow
         // without limit. An empty batcher takes any one request (see
         // `admit_all`).
-        let items = keyed_items(keyed);
+        let weight = keyed_weight(keyed);
         let held = self.pending_keys();
-        if items > 0 && held > 0 && held.saturating_add(items) > self.max_pending_keys {
+        if weight > 0 && held > 0 && held.saturating_add(weight) > self.max_pending_keys {
             return Err(BatchError::Full);
         }
         for (key, sum) in &sums {
@@ -777,9 +777,9 @@ impl Batcher {
             taken_at: request.taken_at.or(Some(taken_at)),
             ..request.clone()
         }));
-        side.keyed_items += items;
-        self.side_keyed_items
-            .store(side.keyed_items, Ordering::Relaxed);
+        side.keyed_weight += weight;
+        self.side_keyed_weight
+            .store(side.keyed_weight, Ordering::Relaxed);
         let drains = side.drains;
         // Under the side map's lock: a drain cannot take these requests
         // (and a release let go of their keys) before they are held.
@@ -848,9 +848,9 @@ impl Batcher {
             let mut side = self.side.lock();
             side.drains += 1;
             side.counted = 0;
-            side.keyed_items = 0;
+            side.keyed_weight = 0;
             self.side_keys.store(0, Ordering::Relaxed);
-            self.side_keyed_items.store(0, Ordering::Relaxed);
+            self.side_keyed_weight.store(0, Ordering::Relaxed);
             (
                 std::mem::take(&mut side.deltas),
                 std::mem::take(&mut side.keyed),
@@ -900,8 +900,8 @@ impl Batcher {
         // has merged them.
         let weight = entries.iter().map(|(key, _)| key_weight(key)).sum();
         self.handed_over_keys.store(weight, Ordering::Relaxed);
-        self.handed_over_keyed_items
-            .store(keyed_items(&keyed), Ordering::Relaxed);
+        self.handed_over_keyed_weight
+            .store(keyed_weight(&keyed), Ordering::Relaxed);
         let batch = Batch::new(entries, number).guarding(keyed);
         let batch = Arc::new(match span() {
             Some(span) => batch.holding(span),
@@ -925,7 +925,7 @@ impl Batcher {
             self.held_keys.lock().let_go_through(batch.drain);
             *handed_over = None;
             self.handed_over_keys.store(0, Ordering::Relaxed);
-            self.handed_over_keyed_items.store(0, Ordering::Relaxed);
+            self.handed_over_keyed_weight.store(0, Ordering::Relaxed);
             self.handed_over_since.store(0, Ordering::Relaxed);
         }
     }
@@ -969,8 +969,8 @@ impl Batcher {
         self.dirty_slots.load(Ordering::Relaxed)
             + self.side_keys.load(Ordering::Relaxed)
             + self.handed_over_keys.load(Ordering::Relaxed)
-            + self.side_keyed_items.load(Ordering::Relaxed)
-            + self.handed_over_keyed_items.load(Ordering::Relaxed)
+            + self.side_keyed_weight.load(Ordering::Relaxed)
+            + self.handed_over_keyed_weight.load(Ordering::Relaxed)
     }
 
     /// Age of the oldest delta not yet written: recorded since the last
