@@ -271,7 +271,7 @@ pub fn lock_path(spill_path: &Path) -> Result<PathLock, SpillError> {
     name.push(".lock");
     let lock = PathBuf::from(name);
     // A holder deletes the file as it lets go: a handle opened just before
-    // that is of a file no longer named, so check and open again.
+    // that is of a file no longer named, so open it again.
     for _ in 0..10 {
         let file = fs::OpenOptions::new()
             .read(true)
@@ -280,27 +280,56 @@ pub fn lock_path(spill_path: &Path) -> Result<PathLock, SpillError> {
             .truncate(false)
             .open(&lock)
             .map_err(io_error(&lock))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
+        match take_lock(file, &lock).map_err(io_error(&lock))? {
+            Locking::Held(file) => return Ok(PathLock { lock, _file: file }),
+            Locking::HeldElsewhere => {
                 return Err(SpillError::InUse {
                     path: spill_path.to_owned(),
                     lock,
                 });
             }
-            // A filesystem without locks: nothing to enforce with.
-            Err(fs::TryLockError::Error(e)) => {
+            // Nothing to enforce with.
+            Locking::Unlockable(file, e) => {
                 tracing::warn!(path = %lock.display(), error = %e, "cannot lock the spill file; make sure no other instance uses it");
                 return Ok(PathLock { lock, _file: file });
             }
-        }
-        if same_file(&file, &lock).map_err(io_error(&lock))? {
-            return Ok(PathLock { lock, _file: file });
+            Locking::Replaced => {}
         }
     }
     Err(io_error(&lock)(io::Error::other(
         "its lock file kept being replaced",
     )))
+}
+
+/// How taking the lock of a file opened as `path` ended.
+enum Locking {
+    /// Locked by this process, and still the file named `path`.
+    Held(fs::File),
+    /// Another process holds it.
+    HeldElsewhere,
+    /// The filesystem has no locks (NFS mounted `nolock`); still the file
+    /// named `path`.
+    Unlockable(fs::File, io::Error),
+    /// `path` no longer names the opened file: between the open and the
+    /// lock, its holder removed (or replaced) it.
+    Replaced,
+}
+
+/// Takes an exclusive lock on `file` without waiting. Open it for writing:
+/// NFS emulates `flock` with POSIX locks, and an exclusive one needs that.
+fn take_lock(file: fs::File, path: &Path) -> io::Result<Locking> {
+    let unlockable = match file.try_lock() {
+        Ok(()) => None,
+        Err(fs::TryLockError::WouldBlock) => return Ok(Locking::HeldElsewhere),
+        Err(fs::TryLockError::Error(e)) => Some(e),
+    };
+    if !same_file(&file, path)? {
+        return Ok(Locking::Replaced);
+    }
+    Ok(match unlockable {
+        None => Locking::Held(file),
+        Some(e) => Locking::Unlockable(file, e),
+    })
 }
 
 /// The extension of spill files; a directory shared by instances is
@@ -372,15 +401,12 @@ impl Claimed {
         parse(&self.path, &text_of(&self.path, bytes)?)
     }
 
-    /// Renames a file that cannot be parsed to `….invalid`, out of the way
-    /// of every later start, and keeps it for a person to look at.
+    /// Sets a file that cannot be parsed aside, as [`set_aside`] does.
     ///
     /// # Errors
     /// [`SpillError`] when it cannot be renamed.
     pub fn set_aside(self) -> Result<PathBuf, SpillError> {
-        let aside = self.path.with_extension("invalid");
-        fs::rename(&self.path, &aside).map_err(io_error(&self.path))?;
-        Ok(aside)
+        set_aside(&self.path)
     }
 
     /// Deletes the file once its batches are written, then lets go of it.
@@ -398,29 +424,23 @@ impl Claimed {
 /// # Errors
 /// [`SpillError`] when it cannot be opened or locked for another reason.
 pub fn claim(path: &Path) -> Result<Option<Claimed>, SpillError> {
-    // Open for writing too: NFS emulates `flock` with POSIX locks, and an
-    // exclusive one needs a file open for writing.
     let file = match fs::OpenOptions::new().read(true).write(true).open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_error(path)(e)),
     };
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(fs::TryLockError::WouldBlock) => return Ok(None),
-        // A filesystem without locks (NFS mounted `nolock`): replay anyway.
-        // Two instances replaying one file at once stay exact: each part is
-        // applied under its id, once (the ledger), only the slower replay
-        // then finds its parts applied.
-        Err(fs::TryLockError::Error(e)) => {
+    let file = match take_lock(file, path).map_err(io_error(path))? {
+        Locking::Held(file) => file,
+        // Being replayed, or replayed and removed since it was listed.
+        Locking::HeldElsewhere | Locking::Replaced => return Ok(None),
+        // Replay anyway. Two instances replaying one file at once stay
+        // exact: each part is applied under its id, once (the ledger), only
+        // the slower replay then finds its parts applied.
+        Locking::Unlockable(file, e) => {
             tracing::warn!(path = %path.display(), error = %e, "cannot lock the spill file; replaying it unlocked");
+            file
         }
-    }
-    // Between the open and the lock, another instance may have replayed the
-    // file and removed it: then this handle is of a file no longer there.
-    if !same_file(&file, path).map_err(io_error(path))? {
-        return Ok(None);
-    }
+    };
     Ok(Some(Claimed {
         path: path.to_owned(),
         file,

@@ -16,6 +16,24 @@ db_tests!(
     a_damaged_spill_file_is_set_aside_and_the_start_goes_on,
 );
 
+/// The files `spill_file` was set aside as (`<name>.<unix ms>.invalid`).
+fn set_aside(spill_file: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let name = spill_file
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    std::fs::read_dir(api::spill::directory_of(spill_file))
+        .unwrap()
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.path())
+        .filter(|path| {
+            let file = path.file_name().unwrap().to_string_lossy();
+            file.starts_with(&format!("{name}.")) && file.ends_with(".invalid")
+        })
+        .collect()
+}
+
 /// A `--spill-path` file that cannot be parsed (a torn disk, someone's
 /// editor) stopped every start until a person edited it; it is set aside,
 /// as in a spill directory, and the instance starts.
@@ -28,21 +46,9 @@ async fn a_damaged_spill_file_is_set_aside_and_the_start_goes_on(db: TestDb) {
     .unwrap();
     let app = spawn_app_with(db, settings.clone()).await;
     assert!(!settings.spill_path.exists());
-    let parent = settings.spill_path.parent().unwrap();
-    let name = settings
-        .spill_path
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    let aside: Vec<_> = std::fs::read_dir(parent)
-        .unwrap()
-        .filter_map(|entry| entry.ok())
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .filter(|file| file.starts_with(&name) && file.ends_with(".invalid"))
-        .collect();
+    let aside = set_aside(&settings.spill_path);
     assert_eq!(aside.len(), 1, "{aside:?}");
-    std::fs::remove_file(parent.join(&aside[0])).unwrap();
+    std::fs::remove_file(&aside[0]).unwrap();
     assert!(app.counters().await.is_empty(), "nothing applied from it");
     app.shut_down_cleanly().await;
 }
@@ -308,11 +314,10 @@ async fn a_shared_spill_dir_is_replayed_by_whichever_instance_starts_next(db: Te
     api::spill::write(&late, &[batch]).unwrap();
     let damaged = spill_dir.join("spill-0000000000000-damaged.jsonl");
     std::fs::write(&damaged, "{not json\n").unwrap();
-    let set_aside = damaged.with_extension("invalid");
     testkit::eventually(
         Duration::from_secs(10),
         "the late file replayed, the damaged one set aside",
-        || async { next.counters().await.get("d") == Some(&7) && set_aside.exists() },
+        || async { next.counters().await.get("d") == Some(&7) && set_aside(&damaged).len() == 1 },
     )
     .await;
     assert!(api::spill::left_in(&spill_dir).unwrap().is_empty());
@@ -379,10 +384,7 @@ async fn a_spill_file_that_is_not_utf8_is_set_aside_and_the_others_are_replayed(
     let app = spawn_app_with(db, settings).await;
     assert_eq!(app.counters().await.get("c"), Some(&5));
     assert!(!unreadable.exists());
-    assert!(
-        spill_dir.join("spill-unreadable.invalid").exists(),
-        "kept for a person"
-    );
+    assert_eq!(set_aside(&unreadable).len(), 1, "kept for a person");
     app.shut_down_cleanly().await;
 }
 
