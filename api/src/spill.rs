@@ -85,6 +85,9 @@ pub fn write(path: &Path, batches: &[Arc<Batch>]) -> Result<(), SpillError> {
         text.push_str(&line);
         text.push('\n');
     }
+    let directory = directory_of(path);
+    // Created at start, but a person may have removed it since.
+    fs::create_dir_all(directory).map_err(io_error(directory))?;
     let temporary = path.with_extension("tmp");
     let mut file = fs::File::create(&temporary).map_err(io_error(&temporary))?;
     file.write_all(text.as_bytes())
@@ -92,7 +95,6 @@ pub fn write(path: &Path, batches: &[Arc<Batch>]) -> Result<(), SpillError> {
     file.sync_all().map_err(io_error(&temporary))?;
     drop(file);
     fs::rename(&temporary, path).map_err(io_error(path))?;
-    let directory = directory_of(path);
     // The file is in place once renamed and will be replayed: a failed
     // directory sync only leaves the rename exposed to a power loss, and
     // reporting the increments lost would invite an operator to resend them.
@@ -224,14 +226,15 @@ pub fn set_aside(path: &Path) -> Result<PathBuf, SpillError> {
     Ok(aside)
 }
 
-/// Creates, writes, syncs and deletes a file in `dir`, where spill files
-/// will be written: a location the final flush could not write to (a
-/// read-only or missing directory, no permission) is found at start, not
-/// at the shutdown that needed it.
+/// Creates `dir` when missing, then creates, writes, syncs and deletes a
+/// file in it, where spill files will be written: a location the final
+/// flush could not write to (a read-only directory, no permission) is found
+/// at start, not at the shutdown that needed it.
 ///
 /// # Errors
-/// [`SpillError`] naming the probe file and what failed.
+/// [`SpillError`] naming the directory or the probe file and what failed.
 pub fn probe(dir: &Path) -> Result<(), SpillError> {
+    fs::create_dir_all(dir).map_err(io_error(dir))?;
     let probe = dir.join(format!(
         ".increment-probe-{}.tmp",
         uuid::Uuid::new_v4().simple()
@@ -532,6 +535,21 @@ mod tests {
         );
         remove(&path).unwrap();
         assert!(read(&path).unwrap().is_none());
+    }
+
+    /// The directory is made at start, but a person may remove it while the
+    /// instance runs; the shutdown that spills must not fail for that.
+    #[test]
+    fn a_spill_into_a_directory_removed_since_the_start_makes_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill_dir = dir.path().join("spill");
+        probe(&spill_dir).unwrap();
+        fs::remove_dir(&spill_dir).unwrap();
+        let path = own_file(&spill_dir);
+        let batch = Arc::new(Batch::new([("a".to_owned(), 1)], 1));
+        write(&path, &[batch]).unwrap();
+        let read_back = read(&path).unwrap().unwrap();
+        assert_eq!(read_back.len(), 1);
     }
 
     #[test]

@@ -140,13 +140,7 @@ impl Application {
         let (spill_file, spill_lock) = match &settings.spill_dir {
             Some(dir) => {
                 warn_of_spill_files_outside(dir);
-                std::fs::create_dir_all(dir)
-                    .map_err(|source| SpillError::Io {
-                        path: dir.clone(),
-                        source,
-                    })
-                    .and_then(|()| spill::probe(dir))
-                    .map_err(StartupError::Spill)?;
+                spill::probe(dir).map_err(StartupError::Spill)?;
                 // Files left by others are not this instance's to hold up
                 // its start with (a database that answers but cannot write:
                 // every replica would stop): the rescan retries them, and
@@ -158,10 +152,10 @@ impl Application {
             }
             None => {
                 let path = &settings.spill_path;
+                spill::probe(spill::directory_of(path)).map_err(StartupError::Spill)?;
                 // Taken before the replay: another instance's file is not
                 // this one's to replay and delete while it may still write it.
                 let lock = spill::lock_path(path).map_err(StartupError::Spill)?;
-                spill::probe(spill::directory_of(path)).map_err(StartupError::Spill)?;
                 replay_spill(&db, path, settings.idempotency_window)
                     .await
                     .map_err(StartupError::Replay)?;
@@ -545,17 +539,13 @@ async fn write_spilled(
 
 /// Replays every spill file left in a directory shared by instances, each
 /// under a lock so that instances starting together replay each file once.
-/// The directory is created when missing. A file that cannot be parsed is
-/// renamed `….invalid` and logged, so it does not stop every replica.
+/// A file that cannot be parsed is renamed `….invalid` and logged, so it
+/// does not stop every replica.
 async fn replay_spill_dir(
     db: &DatabaseConnection,
     dir: &std::path::Path,
     idempotency_window: std::time::Duration,
 ) -> Result<(), ReplayError> {
-    std::fs::create_dir_all(dir).map_err(|source| SpillError::Io {
-        path: dir.to_owned(),
-        source,
-    })?;
     for path in spill::left_in(dir)? {
         let mut claimed = match spill::claim(&path) {
             Ok(Some(claimed)) => claimed,
