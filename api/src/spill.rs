@@ -86,7 +86,8 @@ pub fn write(path: &Path, batches: &[Arc<Batch>]) -> Result<(), SpillError> {
         text.push('\n');
     }
     let directory = directory_of(path);
-    // Created at start, but a person may have removed it since.
+    // It existed at start (the probe); a person may have removed it since,
+    // and the increments are better written than lost for that.
     fs::create_dir_all(directory).map_err(io_error(directory))?;
     let temporary = path.with_extension("tmp");
     let mut file = fs::File::create(&temporary).map_err(io_error(&temporary))?;
@@ -226,15 +227,15 @@ pub fn set_aside(path: &Path) -> Result<PathBuf, SpillError> {
     Ok(aside)
 }
 
-/// Creates `dir` when missing, then creates, writes, syncs and deletes a
-/// file in it, where spill files will be written: a location the final
-/// flush could not write to (a read-only directory, no permission) is found
-/// at start, not at the shutdown that needed it.
+/// Creates, writes, syncs and deletes a file in `dir`, where spill files
+/// will be written: a location the final flush could not write to (a
+/// read-only or missing directory, no permission) is found at start, not
+/// at the shutdown that needed it. A missing directory is not made: a
+/// mistyped path would put the spill files where no volume keeps them.
 ///
 /// # Errors
-/// [`SpillError`] naming the directory or the probe file and what failed.
+/// [`SpillError`] naming the probe file and what failed.
 pub fn probe(dir: &Path) -> Result<(), SpillError> {
-    fs::create_dir_all(dir).map_err(io_error(dir))?;
     let probe = dir.join(format!(
         ".increment-probe-{}.tmp",
         uuid::Uuid::new_v4().simple()
@@ -537,12 +538,13 @@ mod tests {
         assert!(read(&path).unwrap().is_none());
     }
 
-    /// The directory is made at start, but a person may remove it while the
-    /// instance runs; the shutdown that spills must not fail for that.
+    /// The directory exists at start (the probe), but a person may remove it
+    /// while the instance runs; the shutdown that spills must not fail for that.
     #[test]
     fn a_spill_into_a_directory_removed_since_the_start_makes_it_again() {
         let dir = tempfile::tempdir().unwrap();
         let spill_dir = dir.path().join("spill");
+        fs::create_dir(&spill_dir).unwrap();
         probe(&spill_dir).unwrap();
         fs::remove_dir(&spill_dir).unwrap();
         let path = own_file(&spill_dir);

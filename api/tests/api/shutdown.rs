@@ -84,18 +84,28 @@ async fn a_second_instance_on_the_same_spill_path_is_refused_at_start(db: TestDb
 /// increments were then lost.
 #[cfg(target_os = "linux")]
 #[tokio::test]
+/// A missing `--spill-dir` is refused too, not made: a mistyped path would
+/// put the spill files where no volume keeps them.
 async fn a_spill_path_that_cannot_be_written_is_refused_at_start() {
     let db = TestDb::sqlite().await;
-    let mut settings = test_settings(&db);
-    settings.spill_path = std::path::PathBuf::from("/proc/increment-test-spill.jsonl");
-    let refused = match api::Application::build(settings).await {
-        Ok(_) => panic!("started with a spill file it cannot write"),
-        Err(refused) => refused,
-    };
-    assert!(
-        matches!(&refused, api::startup::StartupError::Spill(_)),
-        "{refused:?}"
-    );
+    let base = tempfile::tempdir().unwrap();
+    let missing = base.path().join("mistyped");
+    let unwritable = test_settings(&db);
+    let mut missing_dir = unwritable.clone();
+    missing_dir.spill_dir = Some(missing.clone());
+    let mut unwritable = unwritable;
+    unwritable.spill_path = std::path::PathBuf::from("/proc/increment-test-spill.jsonl");
+    for settings in [unwritable, missing_dir] {
+        let refused = match api::Application::build(settings).await {
+            Ok(_) => panic!("started with a spill location it cannot write"),
+            Err(refused) => refused,
+        };
+        assert!(
+            matches!(&refused, api::startup::StartupError::Spill(_)),
+            "{refused:?}"
+        );
+    }
+    assert!(!missing.exists(), "not made");
 }
 
 /// A file another instance left in the shared spill directory, while the
@@ -152,6 +162,7 @@ async fn a_rescan_replaying_at_shutdown_does_not_hold_up_the_final_flush() {
     };
     let shared = tempfile::tempdir().unwrap();
     let spill_dir = shared.path().join("spill");
+    std::fs::create_dir(&spill_dir).unwrap();
     let mut settings = test_settings(&db);
     settings.shutdown_timeout = Duration::from_secs(3);
     settings.spill_dir = Some(spill_dir.clone());
@@ -261,9 +272,9 @@ async fn a_shared_spill_dir_is_replayed_by_whichever_instance_starts_next(db: Te
     let spill_dir = shared.path().join("spill");
     let mut settings = test_settings(&db);
     settings.shutdown_timeout = Duration::from_secs(1);
+    std::fs::create_dir(&spill_dir).unwrap();
     settings.spill_dir = Some(spill_dir.clone());
     let app = spawn_app_with(db, settings.clone()).await;
-    assert!(spill_dir.is_dir(), "created at start");
     app.db
         .execute("ALTER TABLE counters RENAME TO counters_away")
         .await;
