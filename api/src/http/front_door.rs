@@ -30,9 +30,12 @@ pub struct RouteTable {
     /// The methods a route label answers, for the `Allow` header of a 405.
     pub allowed_methods: fn(&'static str) -> &'static str,
     /// Route labels served whatever `--max-in-flight` says: the liveness
-    /// probe. Requests whose bodies arrive slowly hold their permits for up
-    /// to `--body-timeout`; a liveness probe refused meanwhile would have
-    /// the orchestrator restart a working instance.
+    /// probe and the scrape. Requests whose bodies arrive slowly hold their
+    /// permits for up to `--body-timeout`; a liveness probe refused
+    /// meanwhile would have the orchestrator restart a working instance,
+    /// and a refused scrape would hide the saturation it should show (and
+    /// fire the instance-down alert). They take no body, so that requests
+    /// past the cap hold no memory.
     pub beyond_in_flight: &'static [&'static str],
 }
 
@@ -75,7 +78,8 @@ impl<E: Endpoint> FrontDoor<E> {
     }
 
     async fn handle(&self, mut req: Request, route: &'static str) -> Response {
-        let _permit = if self.routes.beyond_in_flight.contains(&route) {
+        let beyond_in_flight = self.routes.beyond_in_flight.contains(&route);
+        let _permit = if beyond_in_flight {
             None
         } else {
             match self.limits.admit() {
@@ -83,7 +87,12 @@ impl<E: Endpoint> FrontDoor<E> {
                 Err(e) => return e.as_response(),
             }
         };
-        let body = match self.limits.read_body(&mut req).await {
+        let max_body = if beyond_in_flight {
+            0
+        } else {
+            self.limits.max_body()
+        };
+        let body = match self.limits.read_body(&mut req, max_body).await {
             Ok(body) => body,
             Err(e) => {
                 // The body was not read (whole): the connection cannot carry

@@ -46,25 +46,34 @@ impl Limits {
             .map_err(|_| ApiError::Overloaded { retry_after: 1 })
     }
 
-    /// Reads the body into memory, refusing more than `max_body` bytes (413)
-    /// and bodies not received within `body_timeout` (408). A declared
-    /// `Content-Length` over the limit is refused before reading anything.
+    /// `--max-body`: the most a request body may hold.
+    pub fn max_body(&self) -> usize {
+        self.max_body
+    }
+
+    /// Reads the body into memory, refusing more than `max_body` bytes (413;
+    /// at most `--max-body`, less for a route that takes less) and bodies
+    /// not received within `body_timeout` (408). A declared `Content-Length`
+    /// over the limit is refused before reading anything.
     ///
     /// Returns the body (also put back into the request), `None` when empty.
     ///
     /// # Errors
     /// As above; a connection that fails mid-body is a 400 (which the
     /// client will not see).
-    pub async fn read_body(&self, req: &mut Request) -> Result<Option<Bytes>, ApiError> {
-        let too_large = || ApiError::PayloadTooLarge {
-            limit: self.max_body,
-        };
+    pub async fn read_body(
+        &self,
+        req: &mut Request,
+        max_body: usize,
+    ) -> Result<Option<Bytes>, ApiError> {
+        let max_body = max_body.min(self.max_body);
+        let too_large = || ApiError::PayloadTooLarge { limit: max_body };
         let declared = req
             .headers()
             .get(poem::http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > self.max_body as u64) {
+        if declared.is_some_and(|len| len > max_body as u64) {
             return Err(too_large());
         }
         if declared == Some(0) {
@@ -73,7 +82,7 @@ impl Limits {
         // Read here, under both limits (the handlers would read it whole
         // anyway; bodies are small).
         let body = req.take_body();
-        match tokio::time::timeout(self.body_timeout, read_limited(body, self.max_body)).await {
+        match tokio::time::timeout(self.body_timeout, read_limited(body, max_body)).await {
             Ok(Ok(bytes)) => {
                 req.set_body(bytes.clone());
                 Ok((!bytes.is_empty()).then_some(bytes))

@@ -293,7 +293,8 @@ pub enum ApiError {
     /// 408: the body did not arrive within `--body-timeout`.
     #[error("the request body was not received within {0:?}")]
     RequestTimeout(std::time::Duration),
-    /// 413: the body is larger than `--max-body`.
+    /// 413: the body is larger than `--max-body` (or is any body, on a
+    /// route that takes none).
     #[error("the request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     /// 415: no `Content-Type`, not a media type, or not JSON.

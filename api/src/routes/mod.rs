@@ -150,7 +150,7 @@ pub fn allowed_methods(route: &'static str) -> &'static str {
 pub const ROUTES: RouteTable = RouteTable {
     label: route_label,
     allowed_methods,
-    beyond_in_flight: &["/healthz"],
+    beyond_in_flight: &["/healthz", "/metrics"],
 };
 
 /// The OpenAPI service with every tag.

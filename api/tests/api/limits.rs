@@ -86,7 +86,7 @@ async fn requests_beyond_the_in_flight_cap_get_503() {
     })
     .await;
     // One request holds the only slot: its body is still on the way. A probe
-    // (`/metrics`) polls until it is refused (the probe takes nothing). The
+    // (`/readyz`) polls until it is refused (the probe takes nothing). The
     // probe needs the slot too: a holder that arrived while a probe was in
     // flight was itself refused, and is sent again.
     let client = reqwest::Client::new();
@@ -98,7 +98,7 @@ async fn requests_beyond_the_in_flight_cap_get_503() {
             .await;
         loop {
             assert!(Instant::now() < deadline, "the holder never took the slot");
-            let probe = client.get(app.url("/metrics")).send().await.unwrap();
+            let probe = client.get(app.url("/readyz")).send().await.unwrap();
             if probe.status() == 503 {
                 break 'held holder;
             }
@@ -121,6 +121,22 @@ async fn requests_beyond_the_in_flight_cap_get_503() {
     // the orchestrator restart a working instance. (It was refused before.)
     let live = client.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(live.status(), 200);
+    // So is the scrape, which shows the saturation (it was refused, and
+    // the instance-down alert fired instead).
+    let scrape = client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(scrape.status(), 200);
+    let scraped = scrape.text().await.unwrap();
+    assert!(
+        scraped.contains("increment_http_requests_in_flight_limit 1"),
+        "{scraped}"
+    );
+    // Past the cap, they take no body: nothing held in memory for them.
+    let mut with_body = RawClient::connect(app.addr).await;
+    with_body
+        .send(b"GET /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nbody")
+        .await;
+    let answer = with_body.response(PATIENCE).await.expect("an answer");
+    assert_eq!(answer.status, 413);
     let held = holder.response(PATIENCE).await.expect("an answer");
     assert_eq!(held.status, 408);
     let db = app.shut_down_cleanly().await;
