@@ -26,8 +26,9 @@
 #      service has CPU and memory limits; the secrets are files that exist
 #      and no password is a plain environment value.
 #   5. nginx -t on nginx/increment.conf.template rendered the way the nginx
-#      image renders it, with the nginx service's environment. This is skipped
-#      if there is no local nginx or envsubst. An nginx older than 1.27.3
+#      image renders it, with the nginx service's environment. nginx and
+#      envsubst are installed with apt-get when missing (as root); without
+#      root and without them, the step says it is skipped. An nginx older than 1.27.3
 #      (Debian 12 has 1.22) does not know `resolve`, so that one parameter is
 #      left out for the check.
 #   6. Self-test: broken copies (an unknown key, a dependency on a missing
@@ -196,9 +197,20 @@ step "5. nginx -t on nginx/increment.conf.template, filled in as the nginx image
 # The image's entrypoint runs envsubst on the names of the environment
 # variables that match NGINX_ENVSUBST_FILTER. This does the same with the
 # nginx service's environment from the normalised config.
-NGINX=$(command -v nginx || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; } || true)
+find_nginx() { command -v nginx || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; } || true; }
+NGINX=$(find_nginx)
+if { [ -z "$NGINX" ] || ! command -v envsubst >/dev/null; } && [ "$(id -u)" = 0 ]; then
+  echo "installing with apt-get: nginx-light gettext-base"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! timeout 900 apt-get install -y --no-install-recommends nginx-light gettext-base; then
+    timeout 300 apt-get update
+    timeout 900 apt-get install -y --no-install-recommends nginx-light gettext-base
+  fi
+  NGINX=$(find_nginx)
+fi
 if [ -z "$NGINX" ] || ! command -v envsubst >/dev/null; then
-  echo "no nginx or envsubst here: skipped (scripts/e2e-scale.sh installs both)"
+  [ "${CI:-}" = true ] && die "nginx or envsubst is missing and could not be installed"
+  echo "no nginx or envsubst here (not root, so not installed): skipped"
 else
   python3 - "$tmp/normalised.json" nginx/increment.conf.template "$tmp/compose-increment.conf" <<'EOF' \
     || die "could not render the template with the compose environment"
