@@ -133,6 +133,9 @@ pub struct Flusher {
     /// Flushes failed in a row (0: the last one succeeded); while above 0,
     /// the failed batch waits in flight for a retry.
     failures: std::sync::atomic::AtomicU32,
+    /// Why the database could not be reached, as last logged during this
+    /// run of failures: each new reason is logged once.
+    unreachable_because: Mutex<Option<String>>,
     /// How long an applied `Idempotency-Key` keeps a repeat out.
     idempotency_window: Duration,
     /// An idempotency-key pruning task is running.
@@ -140,6 +143,33 @@ pub struct Flusher {
     /// When that pruning last started (every 1/24 of the window, 1 s to 1 h).
     last_key_prune: Mutex<Option<Instant>>,
 }
+
+/// Why PostgreSQL cannot be reached, from one connection opened outside the
+/// pool: the pool retries a failing connect until its acquire timeout and
+/// then says only "timed out", which cannot tell a server that is down from
+/// a pool that is exhausted. `None` when that connection opens (the trouble
+/// is elsewhere), and on SQLite.
+async fn unreachable_because(db: &DatabaseConnection) -> Option<String> {
+    use sea_orm::sqlx::Connection as _;
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return None;
+    }
+    let options = db.get_postgres_connection_pool().connect_options();
+    let connect = sea_orm::sqlx::PgConnection::connect_with(&options);
+    match tokio::time::timeout(UNREACHABLE_CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(connection)) => {
+            let _ = connection.close().await;
+            None
+        }
+        Ok(Err(e)) => Some(error_chain(&e)),
+        Err(_) => Some(format!(
+            "no answer to a connection attempt within {UNREACHABLE_CONNECT_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// How long [`unreachable_because`] waits for its connection.
+const UNREACHABLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The flush lock's guard, over the batch in flight.
 type InFlightGuard = tokio::sync::OwnedMutexGuard<Option<Arc<Batch>>>;
@@ -254,6 +284,7 @@ impl Flusher {
             write_connections: DEFAULT_WRITE_CONNECTIONS,
             journal: None,
             failures: std::sync::atomic::AtomicU32::new(0),
+            unreachable_because: Mutex::new(None),
             idempotency_window: store::DEFAULT_IDEMPOTENCY_WINDOW,
             pruning_keys: Arc::default(),
             last_key_prune: Mutex::new(None),
@@ -366,6 +397,7 @@ impl Flusher {
         }
         if result.is_ok() {
             let failures = self.failures.swap(0, std::sync::atomic::Ordering::Relaxed);
+            *self.unreachable_because.lock() = None;
             if failures > 0 {
                 tracing::info!(failures, "flush succeeded again");
             }
@@ -755,6 +787,8 @@ impl Flusher {
     async fn wait_for_retry(&self, backoff: Duration, stop: &CancellationToken) -> bool {
         let deadline = tokio::time::Instant::now() + backoff;
         let probe_every = self.interval.max(Duration::from_millis(100));
+        // Asked once per wait (once per failed flush), not at every probe.
+        let mut asked_why = false;
         loop {
             let wake = deadline.min(tokio::time::Instant::now() + probe_every);
             tokio::select! {
@@ -771,8 +805,24 @@ impl Flusher {
                 answered = self.db.ping() => answered.is_ok(),
             };
             if answered {
+                *self.unreachable_because.lock() = None;
                 tracing::info!("the database answers again; retrying the flush now");
                 return true;
+            }
+            if asked_why {
+                continue;
+            }
+            asked_why = true;
+            let reason = tokio::select! {
+                () = stop.cancelled() => return false,
+                reason = unreachable_because(&self.db) => reason,
+            };
+            if let Some(reason) = reason {
+                let mut logged = self.unreachable_because.lock();
+                if logged.as_deref() != Some(reason.as_str()) {
+                    tracing::warn!(reason = %reason, "the database cannot be reached");
+                    *logged = Some(reason);
+                }
             }
         }
     }

@@ -306,6 +306,58 @@ async fn a_flush_failure_carries_the_flush_span_s_trace_id() {
         .await;
 }
 
+/// A database that cannot be reached made every flush log only the pool's
+/// "timed out", which cannot tell a server that is down from an exhausted
+/// pool; the reason a connection fails is logged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_is_logged_with_the_reason() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let proxy = testkit::proxy::FaultProxy::start(db.postgres_addr().expect("an address")).await;
+    let mut through_proxy = db.alias();
+    through_proxy.url = proxy.url_for(&db.url);
+    let dir = tempfile::tempdir().unwrap();
+    let service = Service::start_logging(
+        &through_proxy,
+        dir.path(),
+        &[],
+        api::telemetry::DEFAULT_LOG_FILTER,
+    )
+    .await;
+    proxy.refuse();
+    let response = reqwest::Client::new()
+        .post(format!("{}/increment", service.base))
+        .header("content-type", "application/json")
+        .body(r#"{"key":"k","value":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let unreachable = || {
+        json_lines(&service)
+            .into_iter()
+            .filter(|line| line["message"] == "the database cannot be reached")
+            .collect::<Vec<_>>()
+    };
+    testkit::eventually(Duration::from_secs(60), "the reason is logged", || async {
+        !unreachable().is_empty()
+    })
+    .await;
+    let line = &unreachable()[0];
+    assert_eq!(line["level"], "WARN");
+    let reason = line["reason"].as_str().expect("a reason");
+    assert!(!reason.contains("timed out"), "{reason}");
+    proxy.restore();
+    testkit::eventually(
+        Duration::from_secs(60),
+        "the flush succeeds again",
+        || async { db.counters().await.get("k") == Some(&1) },
+    )
+    .await;
+    assert_eq!(unreachable().len(), 1, "logged once");
+}
+
 /// Runs the binary until it exits (it cannot start) and returns its stderr.
 async fn failed_start(args: &[&str], envs: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
