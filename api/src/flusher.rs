@@ -716,8 +716,9 @@ impl Flusher {
         }
     }
 
-    /// Deletes `Idempotency-Key`s older than the window in its own task, a
-    /// bounded statement at a time, so it never holds up a flush.
+    /// Deletes `Idempotency-Key`s older than the window and the time they are
+    /// kept past it ([`store::kept_past_window`]) in its own task, a bounded
+    /// statement at a time, so it never holds up a flush.
     fn prune_idempotency_keys(&self) {
         use std::sync::atomic::Ordering;
         if self.pruning_keys.swap(true, Ordering::AcqRel) {
@@ -726,11 +727,15 @@ impl Flusher {
         let db = self.db.clone();
         let metrics = Arc::clone(&self.metrics);
         let running = Arc::clone(&self.pruning_keys);
-        let window =
-            chrono::Duration::from_std(self.idempotency_window).unwrap_or(chrono::Duration::MAX);
+        let kept = self
+            .idempotency_window
+            .saturating_add(store::kept_past_window(self.idempotency_window));
+        let kept = chrono::Duration::from_std(kept).unwrap_or(chrono::Duration::MAX);
         tokio::spawn(async move {
             loop {
-                let before = Utc::now() - window;
+                let before = Utc::now()
+                    .checked_sub_signed(kept)
+                    .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
                 match store::prune_idempotency_keys(&db, before, PRUNE_KEYS_PER_STATEMENT).await {
                     Ok(deleted) => {
                         metrics.idempotency_keys_pruned_total.inc_by(deleted);
