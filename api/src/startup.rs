@@ -187,6 +187,21 @@ impl Application {
                     .map_err(|e| {
                         StartupError::JournalOffset(Redacted::new(&e, &settings.database_url))
                     })?;
+                let marked_lost = store::journal_stream_marked_lost(&db, &journal.stream)
+                    .await
+                    .map_err(|e| {
+                        StartupError::JournalOffset(Redacted::new(&e, &settings.database_url))
+                    })?;
+                if marked_lost {
+                    return Err(crate::journal::JournalError::Lost {
+                        stream: journal.stream.clone(),
+                        applied,
+                        found: "was found deleted and created again while instances ran \
+                                (journal_offsets marks it lost)"
+                            .to_owned(),
+                    }
+                    .into());
+                }
                 let journal = Journal::connect_after(journal.clone(), applied).await?;
                 journal.check_room_for(settings.max_body)?;
                 Some(journal)

@@ -1234,6 +1234,42 @@ pub async fn claim_journal_lease(
     Ok(db.execute(&update).await?.rows_affected() == 1)
 }
 
+/// The writer `journal_offsets` names once `stream` was found lost or
+/// created again under running instances (its sequences started anew: read
+/// from the stored offset, its messages would be skipped as applied). Its
+/// lease never ends, so no instance reads the stream and none starts, until
+/// an operator resets the row (runbook IncrementJournalStreamLost).
+pub const JOURNAL_STREAM_LOST: &str = "(stream lost: see the runbook IncrementJournalStreamLost)";
+
+/// Marks `stream` lost (see [`JOURNAL_STREAM_LOST`]), whoever holds its lease.
+///
+/// # Errors
+/// Any database error.
+pub async fn mark_journal_stream_lost(db: &DatabaseConnection, stream: &str) -> Result<(), DbErr> {
+    let update = Query::update()
+        .table(journal_offsets::Entity)
+        .value(journal_offsets::Column::Writer, JOURNAL_STREAM_LOST)
+        .value(journal_offsets::Column::LeaseUntilMs, i64::MAX)
+        .and_where(journal_offsets::Column::Stream.eq(stream))
+        .to_owned();
+    db.execute(&update).await?;
+    Ok(())
+}
+
+/// Whether `stream` is marked lost (see [`JOURNAL_STREAM_LOST`]).
+///
+/// # Errors
+/// Any database error.
+pub async fn journal_stream_marked_lost(
+    db: &DatabaseConnection,
+    stream: &str,
+) -> Result<bool, DbErr> {
+    let row = journal_offsets::Entity::find_by_id(stream.to_owned())
+        .one(db)
+        .await?;
+    Ok(row.is_some_and(|row| row.writer.as_deref() == Some(JOURNAL_STREAM_LOST)))
+}
+
 /// Gives the lease up (at shutdown), if `writer` holds it.
 ///
 /// # Errors

@@ -76,6 +76,11 @@ pub struct Cursor {
     /// A task polls the stored offset for them (one per instance, however
     /// many wait; see [`crate::journal::wait_applied`]).
     polling: std::sync::atomic::AtomicBool,
+    /// The stream was found deleted and created again (its sequences
+    /// started anew): `applied` counts in another stream, so nothing is
+    /// read and no waiter is told "applied" until an operator resets the
+    /// offset and restarts (see [`crate::store::JOURNAL_STREAM_LOST`]).
+    lost: std::sync::atomic::AtomicBool,
 }
 
 impl Cursor {
@@ -91,6 +96,7 @@ impl Cursor {
             rejected_through: std::sync::atomic::AtomicU64::new(0),
             waiters: std::sync::atomic::AtomicUsize::new(0),
             polling: std::sync::atomic::AtomicBool::new(false),
+            lost: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -123,6 +129,15 @@ impl Cursor {
 
     pub fn stream(&self) -> &str {
         &self.stream
+    }
+
+    /// See the `lost` field; `true` when it was not marked before.
+    pub fn mark_lost(&self) -> bool {
+        !self.lost.swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether a reading has started (so `applied` holds the stored offset).

@@ -151,6 +151,8 @@ pub struct Journal {
     max_message_bytes: usize,
     /// What set `max_message_bytes`, for the start's error.
     message_limit: String,
+    /// The stream's last sequence when it was opened.
+    last_sequence: u64,
 }
 
 /// A group's message grows to at most this many bytes (the server's
@@ -316,6 +318,7 @@ impl Journal {
             );
             settings.duplicate_window = info.config.duplicate_window;
         }
+        let last_sequence = info.state.last_sequence;
         let cursor = Cursor::new(settings.stream.clone());
         let (max_message_bytes, message_limit) = message_bytes(
             client.server_info().max_payload,
@@ -329,6 +332,7 @@ impl Journal {
             cursor,
             max_message_bytes,
             message_limit,
+            last_sequence,
         })
     }
 
@@ -364,6 +368,8 @@ impl Journal {
                 retry_horizon: self.settings.duplicate_window / 4,
             },
             metrics,
+            Arc::clone(&self.cursor),
+            self.last_sequence,
         )
     }
 }
@@ -452,8 +458,9 @@ pub async fn wait_sequence(
     sequence: u64,
     timeout: Duration,
 ) -> bool {
+    // A lost stream's offset counts in another stream than `sequence`.
     let mut applied = cursor.subscribe_applied();
-    if *applied.borrow_and_update() >= sequence {
+    if *applied.borrow_and_update() >= sequence && !cursor.is_lost() {
         return true;
     }
     let (_waiting, start_polling) = cursor.enter_wait();
@@ -467,11 +474,13 @@ pub async fn wait_sequence(
                 if changed.is_err() {
                     return false;
                 }
-                if *applied.borrow_and_update() >= sequence {
+                if *applied.borrow_and_update() >= sequence && !cursor.is_lost() {
                     return true;
                 }
             }
-            () = tokio::time::sleep_until(deadline) => return *applied.borrow() >= sequence,
+            () = tokio::time::sleep_until(deadline) => {
+                return *applied.borrow() >= sequence && !cursor.is_lost();
+            }
         }
     }
 }
@@ -481,6 +490,9 @@ async fn poll_applied(db: DatabaseConnection, cursor: Arc<Cursor>) {
     loop {
         // The offset first, then the rejections: both commit together, so
         // the later read covers every rejection up to the offset read.
+        if store::journal_stream_marked_lost(&db, cursor.stream()).await == Ok(true) {
+            cursor.mark_lost();
+        }
         if let Ok(stored) = store::journal_applied_through(&db, cursor.stream()).await
             && let Ok(rejected) = store::journal_rejected_through(&db, cursor.stream()).await
         {

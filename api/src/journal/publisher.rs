@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::codec;
+use super::{Cursor, codec};
 use crate::{batch::Keyed, metrics::Metrics};
 
 /// Header marking a message that a `wait=true` request waits for: the
@@ -140,14 +140,24 @@ pub struct Publisher {
     groups: Mutex<Groups>,
     wake: Notify,
     metrics: Arc<Metrics>,
+    /// Marked lost when an acknowledgement shows the stream numbering anew.
+    cursor: Arc<Cursor>,
+    /// The highest sequence acknowledged so far (from the stream's last at
+    /// start): a message sent after it was acknowledged is stored after it,
+    /// so a first (not duplicate) acknowledgement at or below it means the
+    /// stream was deleted and created again.
+    acked_through: std::sync::atomic::AtomicU64,
 }
 
 impl Publisher {
+    /// `last_sequence`: the stream's, when it was opened.
     pub fn new(
         client: async_nats::Client,
         jetstream: jetstream::Context,
         settings: PublisherSettings,
         metrics: Arc<Metrics>,
+        cursor: Arc<Cursor>,
+        last_sequence: u64,
     ) -> Arc<Self> {
         Arc::new(Self {
             client,
@@ -159,6 +169,8 @@ impl Publisher {
             }),
             wake: Notify::new(),
             metrics,
+            cursor,
+            acked_through: std::sync::atomic::AtomicU64::new(last_sequence),
         })
     }
 
@@ -385,6 +397,7 @@ impl Publisher {
         if durable {
             publish = publish.header(DURABLE_HEADER, "1");
         }
+        let stored_after = self.acked_through.load(std::sync::atomic::Ordering::SeqCst);
         let ack = match self
             .jetstream
             .send_publish(self.settings.subject.clone(), publish)
@@ -398,7 +411,19 @@ impl Publisher {
             }
         };
         match ack.await {
-            Ok(ack) => Attempt::Stored(ack.sequence),
+            Ok(ack) => {
+                self.acked_through
+                    .fetch_max(ack.sequence, std::sync::atomic::Ordering::SeqCst);
+                if !ack.duplicate && ack.sequence <= stored_after && self.cursor.mark_lost() {
+                    tracing::error!(
+                        stream = self.cursor.stream(),
+                        sequence = ack.sequence,
+                        acknowledged_before = stored_after,
+                        "the journal stream numbers its messages anew: it was deleted and created again; nothing is read from it until the offset is reset (see the runbook IncrementJournalStreamLost)"
+                    );
+                }
+                Attempt::Stored(ack.sequence)
+            }
             Err(e) => match e.kind() {
                 PublishErrorKind::StreamNotFound => Attempt::NotStored(Refusal::Unavailable),
                 PublishErrorKind::Other
@@ -437,6 +462,7 @@ mod tests {
         .expect("a client that retries in the background returns at once")
         .expect("a client");
         let jetstream = jetstream::new(client.clone());
+        let cursor = Cursor::new("increments");
         let settings = PublisherSettings {
             subject: "increments".into(),
             in_flight: 1,
@@ -446,7 +472,14 @@ mod tests {
             request_timeout: Duration::from_secs(1),
             retry_horizon: Duration::from_secs(1),
         };
-        Publisher::new(client, jetstream, settings, Arc::new(Metrics::new()))
+        Publisher::new(
+            client,
+            jetstream,
+            settings,
+            Arc::new(Metrics::new()),
+            cursor,
+            0,
+        )
     }
 
     /// A key's plain sum and its keyed total are held apart in a group.

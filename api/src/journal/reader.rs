@@ -180,9 +180,19 @@ impl Reader {
         .await
     }
 
-    /// `false` when stopped first.
+    /// `false` when stopped first. Never `true` once the stream is lost.
     async fn wait_for_lease(&self, stop: &CancellationToken) -> bool {
         loop {
+            if self.cursor.is_lost() {
+                // Told to every instance through the database: none may read.
+                self.mark_lost_in_the_database().await;
+                self.metrics.journal_writer.set(0);
+                tokio::select! {
+                    () = stop.cancelled() => return false,
+                    () = tokio::time::sleep(LEASE / 3) => {}
+                }
+                continue;
+            }
             // Creates the stream's row on first use; renewals need not ask.
             let claimed = match store::journal_applied_through(&self.db, self.cursor.stream()).await
             {
@@ -219,16 +229,11 @@ impl Reader {
         // would be skipped as applied. Checked at the start too.
         match self.stream_is_behind(applied).await {
             Ok(false) => {}
-            Ok(true) => {
-                // Not a writer while it does not read: the lease lapses and
-                // IncrementJournalNoWriter fires.
-                self.metrics.journal_writer.set(0);
-                tokio::select! {
-                    () = stop.cancelled() => return Ended::Stopped,
-                    () = tokio::time::sleep(Duration::from_secs(10)) => {}
-                }
-                return Ended::Restart;
-            }
+            // Not a writer while it does not read (IncrementJournalNoWriter
+            // fires), and no instance reads it again until an operator resets
+            // the offset: a new stream that passed the old offset meanwhile
+            // would be read from there, its first messages skipped.
+            Ok(true) => return Ended::Restart,
             Err(()) => return Ended::Restart,
         }
         // Rejections by earlier writers, read after the offset so that they
@@ -281,8 +286,11 @@ impl Reader {
                     }
                     // The ordered consumer follows a stream created again
                     // without a word: found out here while the new stream
-                    // is still behind the offset.
-                    if self.stream_is_behind(self.cursor.applied()).await == Ok(true) {
+                    // is still behind the offset, or by a publisher whose
+                    // acknowledgement came with a sequence already used.
+                    if self.cursor.is_lost()
+                        || self.stream_is_behind(self.cursor.applied()).await == Ok(true)
+                    {
                         return Ended::Restart;
                     }
                     purged = self.purge(purged, &mut marks).await;
@@ -296,6 +304,9 @@ impl Reader {
                         }
                         None => return Ended::Restart,
                     };
+                    if self.cursor.is_lost() {
+                        return Ended::Restart;
+                    }
                     let Ok(info) = message.info() else {
                         tracing::warn!("a journal message without its metadata; starting over");
                         return Ended::Restart;
@@ -330,6 +341,7 @@ impl Reader {
     async fn stream_is_behind(&self, applied: u64) -> Result<bool, ()> {
         match self.stream.get_info().await {
             Ok(info) if info.state.last_sequence < applied => {
+                self.cursor.mark_lost();
                 tracing::error!(
                     stream = self.cursor.stream(),
                     applied,
@@ -342,6 +354,25 @@ impl Reader {
             Err(e) => {
                 tracing::warn!(error = %error_chain(&e), "reading the journal stream's state failed");
                 Err(())
+            }
+        }
+    }
+
+    /// Marks the stream lost in `journal_offsets` (see
+    /// [`store::JOURNAL_STREAM_LOST`]): no instance takes the lease or
+    /// starts until an operator resets it. Retried by the caller's loop.
+    async fn mark_lost_in_the_database(&self) {
+        match store::journal_stream_marked_lost(&self.db, self.cursor.stream()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                if let Err(e) =
+                    store::mark_journal_stream_lost(&self.db, self.cursor.stream()).await
+                {
+                    tracing::warn!(error = %error_chain(&e), "marking the journal stream lost failed; retrying");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "reading the journal offset failed");
             }
         }
     }
