@@ -33,6 +33,13 @@ fn idempotency_key(request: &poem::Request) -> Result<Option<String>, ApiError> 
         .map_err(|e| ApiError::InvalidIdempotencyKey(e.to_string()))
 }
 
+/// `wait` given at all, on a route that has no such parameter.
+fn wait_given(request: &poem::Request) -> bool {
+    request.uri().query().is_some_and(|query| {
+        url::form_urlencoded::parse(query.as_bytes()).any(|(name, _)| name == "wait")
+    })
+}
+
 /// `wait` given more than once: the two may mean different answers.
 fn wait_repeated(request: &poem::Request) -> bool {
     super::repeated_parameter(request.uri().query(), &["wait"]).is_some()
@@ -365,6 +372,16 @@ impl IncrementApi {
             Ok(increments) => increments,
             Err(e) => return ApiError::from(e).into(),
         };
+        // Ignored, it would read as a durable answer that the `202` is not.
+        if wait_given(request) {
+            return ApiError::Invalid(
+                "query parameter \"wait\" is not supported by POST /increments (its 202 means \
+                 taken, not yet written); send each increment to POST /increment?wait=true \
+                 for a durable answer"
+                    .to_owned(),
+            )
+            .into();
+        }
         let accepted = match idempotency_key(request) {
             Ok(Some(key)) => self
                 .intake

@@ -5,6 +5,7 @@ use crate::helpers::{assert_accepted, error_message, problem, spawn_app};
 
 db_tests!(
     wait_given_twice_is_refused,
+    wait_on_a_batch_is_refused,
     batches_are_applied_whole_or_not_at_all,
     accepted_increments_are_summed_and_written,
     every_malformed_body_gets_422_naming_the_field_and_changes_nothing,
@@ -252,6 +253,29 @@ async fn wait_given_twice_is_refused(db: TestDb) {
         (counters.get("twice"), counters.get("once")),
         (None, Some(&1))
     );
+}
+
+/// `POST /increments` has no `wait`: it answered `202` ("taken") to
+/// `wait=true` as if the parameter were not there, which a client could
+/// read as the durable answer it asked for (found by review).
+async fn wait_on_a_batch_is_refused(db: TestDb) {
+    let app = spawn_app(db).await;
+    for query in ["wait=true", "wait=false", "w%61it=true", "other=1&wait"] {
+        let response = app
+            .client
+            .post(format!("/increments?{query}"))
+            .content_type("application/json")
+            .body(r#"{"increments":[{"key":"batch","value":1}]}"#)
+            .send()
+            .await;
+        let message = error_message(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert!(
+            message.contains("POST /increment?wait=true"),
+            "{query}: {message}"
+        );
+    }
+    app.flush().await;
+    assert_eq!(app.counters().await.get("batch"), None);
 }
 
 async fn a_pending_delta_never_leaves_i64(db: TestDb) {
