@@ -280,14 +280,7 @@ async fn a_flush_failure_carries_the_flush_span_s_trace_id() {
         Service::start_logging(&db, dir.path(), &[], api::telemetry::DEFAULT_LOG_FILTER).await;
     db.execute("ALTER TABLE counters RENAME TO counters_away")
         .await;
-    let response = reqwest::Client::new()
-        .post(format!("{}/increment", service.base))
-        .header("content-type", "application/json")
-        .body(r#"{"key":"k","value":1}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
+    accept_one(&service).await;
     let failure = || {
         json_lines(&service)
             .into_iter()
@@ -326,14 +319,7 @@ async fn an_unreachable_database_is_logged_with_the_reason() {
     )
     .await;
     proxy.refuse();
-    let response = reqwest::Client::new()
-        .post(format!("{}/increment", service.base))
-        .header("content-type", "application/json")
-        .body(r#"{"key":"k","value":1}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
+    accept_one(&service).await;
     let unreachable = || {
         json_lines(&service)
             .into_iter()
@@ -356,6 +342,18 @@ async fn an_unreachable_database_is_logged_with_the_reason() {
     )
     .await;
     assert_eq!(unreachable().len(), 1, "logged once");
+}
+
+/// `POST /increment` of 1 to "k", answered `202`.
+async fn accept_one(service: &Service) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/increment", service.base))
+        .header("content-type", "application/json")
+        .body(r#"{"key":"k","value":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
 }
 
 /// Runs the binary until it exits (it cannot start) and returns its stderr.
