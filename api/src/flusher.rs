@@ -168,8 +168,9 @@ async fn unreachable_because(db: &DatabaseConnection) -> Option<String> {
     }
 }
 
-/// How long [`unreachable_because`] waits for its connection.
-const UNREACHABLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`unreachable_because`] waits for its connection: short, since
+/// the next probe (and so the recovery) waits for it, once per failed flush.
+const UNREACHABLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The flush lock's guard, over the batch in flight.
 type InFlightGuard = tokio::sync::OwnedMutexGuard<Option<Arc<Batch>>>;

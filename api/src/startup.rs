@@ -187,18 +187,19 @@ impl Application {
                     .map_err(|e| {
                         StartupError::JournalOffset(Redacted::new(&e, &settings.database_url))
                     })?;
-                let marked_lost = store::journal_stream_marked_lost(&db, &journal.stream)
+                let lost_from = store::journal_stream_lost_from(&db, &journal.stream)
                     .await
                     .map_err(|e| {
                         StartupError::JournalOffset(Redacted::new(&e, &settings.database_url))
                     })?;
-                if marked_lost {
+                if let Some(from) = lost_from {
                     return Err(crate::journal::JournalError::Lost {
                         stream: journal.stream.clone(),
                         applied,
-                        found: "was found deleted and created again while instances ran \
-                                (journal_offsets marks it lost)"
-                            .to_owned(),
+                        found: format!(
+                            "was found numbering its messages anew from message {from} while \
+                             instances ran (journal_offsets.lost_from)"
+                        ),
                     }
                     .into());
                 }

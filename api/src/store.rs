@@ -442,7 +442,7 @@ async fn write_pass(
         && !advance_journal(&txn, span).await?
     {
         txn.rollback().await?;
-        tracing::warn!(part.id = %id, stream = %span.stream, after = span.after, "the journal offset moved: these messages were applied by another writer");
+        tracing::warn!(part.id = %id, stream = %span.stream, after = span.after, "the journal offset moved (these messages were applied by another writer) or the stream is marked lost: not applied here");
         return Ok(PassOutcome::Done(WriteOutcome::JournalMoved));
     }
     let backend = txn.get_database_backend();
@@ -1108,7 +1108,8 @@ pub async fn prune_batches(db: &DatabaseConnection, before: DateTime<Utc>) -> Re
 
 /// Moves `span.stream`'s applied offset from `span.after` to `span.through`,
 /// in the caller's transaction; `false` (nothing changed) when the offset is
-/// not at `span.after`.
+/// not at `span.after`, or the stream is marked lost (a writer that has not
+/// noticed yet must not apply what it read from the old offset).
 async fn advance_journal<C: ConnectionTrait>(conn: &C, span: &JournalSpan) -> Result<bool, DbErr> {
     let update = Query::update()
         .table(journal_offsets::Entity)
@@ -1118,6 +1119,11 @@ async fn advance_journal<C: ConnectionTrait>(conn: &C, span: &JournalSpan) -> Re
         )
         .and_where(journal_offsets::Column::Stream.eq(span.stream.as_str()))
         .and_where(journal_offsets::Column::AppliedThrough.eq(as_bigint(span.after)))
+        .cond_where(
+            sea_orm::Condition::any()
+                .add(journal_offsets::Column::Writer.is_null())
+                .add(journal_offsets::Column::Writer.ne(JOURNAL_STREAM_LOST)),
+        )
         .to_owned();
     Ok(conn.execute(&update).await?.rows_affected() == 1)
 }
@@ -1241,33 +1247,62 @@ pub async fn claim_journal_lease(
 /// an operator resets the row (runbook IncrementJournalStreamLost).
 pub const JOURNAL_STREAM_LOST: &str = "(stream lost: see the runbook IncrementJournalStreamLost)";
 
-/// Marks `stream` lost (see [`JOURNAL_STREAM_LOST`]), whoever holds its lease.
+/// Marks `stream` lost (see [`JOURNAL_STREAM_LOST`]), whoever holds its
+/// lease, with `from`, a sequence found reused (the lowest one any instance
+/// found is kept: the runbook resets the offset to just below it).
 ///
 /// # Errors
 /// Any database error.
-pub async fn mark_journal_stream_lost(db: &DatabaseConnection, stream: &str) -> Result<(), DbErr> {
-    let update = Query::update()
-        .table(journal_offsets::Entity)
-        .value(journal_offsets::Column::Writer, JOURNAL_STREAM_LOST)
-        .value(journal_offsets::Column::LeaseUntilMs, i64::MAX)
-        .and_where(journal_offsets::Column::Stream.eq(stream))
-        .to_owned();
-    db.execute(&update).await?;
+pub async fn mark_journal_stream_lost(
+    db: &DatabaseConnection,
+    stream: &str,
+    from: u64,
+) -> Result<(), DbErr> {
+    let backend = db.get_database_backend();
+    let sql = if backend == DbBackend::Postgres {
+        "UPDATE journal_offsets SET writer = $1, lease_until_ms = $2, \
+         lost_from = CASE WHEN lost_from IS NULL OR lost_from > $3 THEN $4 ELSE lost_from END \
+         WHERE stream = $5"
+    } else {
+        "UPDATE journal_offsets SET writer = ?, lease_until_ms = ?, \
+         lost_from = CASE WHEN lost_from IS NULL OR lost_from > ? THEN ? ELSE lost_from END \
+         WHERE stream = ?"
+    };
+    let from = as_bigint(from);
+    db.execute_raw(Statement::from_sql_and_values(
+        backend,
+        sql,
+        [
+            JOURNAL_STREAM_LOST.into(),
+            i64::MAX.into(),
+            from.into(),
+            from.into(),
+            stream.into(),
+        ],
+    ))
+    .await?;
     Ok(())
 }
 
-/// Whether `stream` is marked lost (see [`JOURNAL_STREAM_LOST`]).
+/// When `stream` is marked lost (see [`JOURNAL_STREAM_LOST`]): the lowest
+/// sequence found reused.
 ///
 /// # Errors
 /// Any database error.
-pub async fn journal_stream_marked_lost(
+pub async fn journal_stream_lost_from(
     db: &DatabaseConnection,
     stream: &str,
-) -> Result<bool, DbErr> {
+) -> Result<Option<u64>, DbErr> {
     let row = journal_offsets::Entity::find_by_id(stream.to_owned())
         .one(db)
         .await?;
-    Ok(row.is_some_and(|row| row.writer.as_deref() == Some(JOURNAL_STREAM_LOST)))
+    Ok(row
+        .filter(|row| row.writer.as_deref() == Some(JOURNAL_STREAM_LOST))
+        .map(|row| {
+            row.lost_from
+                .and_then(|from| u64::try_from(from).ok())
+                .unwrap_or(1)
+        }))
 }
 
 /// Gives the lease up (at shutdown), if `writer` holds it.

@@ -10,6 +10,9 @@ pub struct Model {
     pub applied_through: i64,
     pub writer: Option<String>,
     pub lease_until_ms: i64,
+    /// Set when the stream was found numbering its messages anew: the lowest
+    /// sequence seen reused (see the runbook IncrementJournalStreamLost).
+    pub lost_from: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

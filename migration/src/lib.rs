@@ -14,6 +14,7 @@ mod m20261202_000005_create_journal_offsets;
 mod m20261203_000006_create_idempotency_keys;
 mod m20261206_000007_add_journal_span_to_rejected_increments;
 mod m20261207_000008_counters_key_in_collation_c;
+mod m20261207_000009_add_lost_from_to_journal_offsets;
 
 pub struct Migrator;
 
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000006_create_idempotency_keys::Migration),
             Box::new(m20261206_000007_add_journal_span_to_rejected_increments::Migration),
             Box::new(m20261207_000008_counters_key_in_collation_c::Migration),
+            Box::new(m20261207_000009_add_lost_from_to_journal_offsets::Migration),
         ]
     }
 }

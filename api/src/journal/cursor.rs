@@ -76,11 +76,14 @@ pub struct Cursor {
     /// A task polls the stored offset for them (one per instance, however
     /// many wait; see [`crate::journal::wait_applied`]).
     polling: std::sync::atomic::AtomicBool,
-    /// The stream was found deleted and created again (its sequences
-    /// started anew): `applied` counts in another stream, so nothing is
-    /// read and no waiter is told "applied" until an operator resets the
-    /// offset and restarts (see [`crate::store::JOURNAL_STREAM_LOST`]).
-    lost: std::sync::atomic::AtomicBool,
+    /// The lowest sequence found reused (`u64::MAX`: none): the stream was
+    /// deleted and created again, or lost its tail, and numbers anew, so
+    /// `applied` no longer counts its messages. Nothing is read and no
+    /// waiter is told "applied" until an operator resets the offset and
+    /// restarts (see [`crate::store::JOURNAL_STREAM_LOST`]).
+    lost_from: std::sync::atomic::AtomicU64,
+    /// Wakes the reader to tell every instance (through the database).
+    lost_found: tokio::sync::Notify,
 }
 
 impl Cursor {
@@ -96,7 +99,8 @@ impl Cursor {
             rejected_through: std::sync::atomic::AtomicU64::new(0),
             waiters: std::sync::atomic::AtomicUsize::new(0),
             polling: std::sync::atomic::AtomicBool::new(false),
-            lost: std::sync::atomic::AtomicBool::new(false),
+            lost_from: std::sync::atomic::AtomicU64::new(u64::MAX),
+            lost_found: tokio::sync::Notify::new(),
         })
     }
 
@@ -131,13 +135,28 @@ impl Cursor {
         &self.stream
     }
 
-    /// See the `lost` field; `true` when it was not marked before.
-    pub fn mark_lost(&self) -> bool {
-        !self.lost.swap(true, std::sync::atomic::Ordering::SeqCst)
+    /// Marks the stream lost, `sequence` found reused (see the `lost_from`
+    /// field); `true` when it was not marked before.
+    pub fn mark_lost(&self, sequence: u64) -> bool {
+        let before = self
+            .lost_from
+            .fetch_min(sequence, std::sync::atomic::Ordering::SeqCst);
+        self.lost_found.notify_waiters();
+        before == u64::MAX
     }
 
     pub fn is_lost(&self) -> bool {
-        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+        self.lost_from() != u64::MAX
+    }
+
+    /// The lowest sequence found reused, `u64::MAX` when none.
+    pub fn lost_from(&self) -> u64 {
+        self.lost_from.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Completes when the stream is marked lost after this call.
+    pub async fn lost_found(&self) {
+        self.lost_found.notified().await;
     }
 
     /// Whether a reading has started (so `applied` holds the stored offset).

@@ -490,8 +490,8 @@ async fn poll_applied(db: DatabaseConnection, cursor: Arc<Cursor>) {
     loop {
         // The offset first, then the rejections: both commit together, so
         // the later read covers every rejection up to the offset read.
-        if store::journal_stream_marked_lost(&db, cursor.stream()).await == Ok(true) {
-            cursor.mark_lost();
+        if let Ok(Some(from)) = store::journal_stream_lost_from(&db, cursor.stream()).await {
+            cursor.mark_lost(from);
         }
         if let Ok(stored) = store::journal_applied_through(&db, cursor.stream()).await
             && let Ok(rejected) = store::journal_rejected_through(&db, cursor.stream()).await

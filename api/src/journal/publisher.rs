@@ -414,7 +414,10 @@ impl Publisher {
             Ok(ack) => {
                 self.acked_through
                     .fetch_max(ack.sequence, std::sync::atomic::Ordering::SeqCst);
-                if !ack.duplicate && ack.sequence <= stored_after && self.cursor.mark_lost() {
+                if !ack.duplicate
+                    && ack.sequence <= stored_after
+                    && self.cursor.mark_lost(ack.sequence)
+                {
                     tracing::error!(
                         stream = self.cursor.stream(),
                         sequence = ack.sequence,

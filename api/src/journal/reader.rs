@@ -146,6 +146,10 @@ impl Reader {
             match self.read(stop).instrument(reading).await {
                 Ended::Stopped => break,
                 Ended::Restart => {
+                    // Not a writer until the lease is taken again (a flush
+                    // that found the offset moved, or the stream marked
+                    // lost, ends a reading without a renewal saying so).
+                    self.metrics.journal_writer.set(0);
                     // Whatever this reading recorded is dropped; the next one
                     // starts from the stored offset.
                     self.flusher.abandon_journal().await;
@@ -212,6 +216,9 @@ impl Reader {
             tokio::select! {
                 () = stop.cancelled() => return false,
                 () = tokio::time::sleep(LEASE / 3) => {}
+                // At once: the writer may be applying the new stream from
+                // the old offset meanwhile (its flushes stop at the mark).
+                () = self.cursor.lost_found() => {}
             }
         }
     }
@@ -280,6 +287,7 @@ impl Reader {
         loop {
             tokio::select! {
                 () = stop.cancelled() => return Ended::Stopped,
+                () = self.cursor.lost_found() => return Ended::Restart,
                 _ = renew.tick() => {
                     if !self.renew(reading).await {
                         return Ended::Restart;
@@ -341,7 +349,8 @@ impl Reader {
     async fn stream_is_behind(&self, applied: u64) -> Result<bool, ()> {
         match self.stream.get_info().await {
             Ok(info) if info.state.last_sequence < applied => {
-                self.cursor.mark_lost();
+                self.cursor
+                    .mark_lost(info.state.last_sequence.saturating_add(1));
                 tracing::error!(
                     stream = self.cursor.stream(),
                     applied,
@@ -362,11 +371,12 @@ impl Reader {
     /// [`store::JOURNAL_STREAM_LOST`]): no instance takes the lease or
     /// starts until an operator resets it. Retried by the caller's loop.
     async fn mark_lost_in_the_database(&self) {
-        match store::journal_stream_marked_lost(&self.db, self.cursor.stream()).await {
-            Ok(true) => {}
-            Ok(false) => {
+        let from = self.cursor.lost_from();
+        match store::journal_stream_lost_from(&self.db, self.cursor.stream()).await {
+            Ok(Some(marked)) if marked <= from => {}
+            Ok(_) => {
                 if let Err(e) =
-                    store::mark_journal_stream_lost(&self.db, self.cursor.stream()).await
+                    store::mark_journal_stream_lost(&self.db, self.cursor.stream(), from).await
                 {
                     tracing::warn!(error = %error_chain(&e), "marking the journal stream lost failed; retrying");
                 }
