@@ -422,7 +422,7 @@ impl Publisher {
                         stream = self.cursor.stream(),
                         sequence = ack.sequence,
                         acknowledged_before = stored_after,
-                        "the journal stream numbers its messages anew: it was deleted and created again; nothing is read from it until the offset is reset (see the runbook IncrementJournalStreamLost)"
+                        "the journal stream numbers its messages anew: it was deleted and created again, or lost its tail; nothing is read from it until the offset is reset (see the runbook IncrementJournalStreamLost)"
                     );
                 }
                 Attempt::Stored(ack.sequence)
