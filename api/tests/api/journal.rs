@@ -523,19 +523,16 @@ fn message<'a>(items: &[(&'a str, i64)]) -> Message<'a> {
 async fn writer_and_other(db: TestDb, nats: &NatsServer) -> (TestApp, TestApp) {
     let alias = db.alias();
     let writer = TestApp::start_with(db, journaled(nats)).await;
-    eventually(
-        Duration::from_secs(20),
-        "the first instance holds the lease",
-        || async {
-            writer
-                .scrape()
-                .await
-                .contains("increment_journal_writer 1\n")
-        },
-    )
-    .await;
+    until_it_holds_the_lease(&writer).await;
     let other = TestApp::start_with(alias, journaled(nats)).await;
     (writer, other)
+}
+
+async fn until_it_holds_the_lease(app: &TestApp) {
+    eventually(Duration::from_secs(20), "it holds the lease", || async {
+        app.scrape().await.contains("increment_journal_writer 1\n")
+    })
+    .await;
 }
 
 /// Durable requests on an instance without the writer lease learn from the
@@ -972,17 +969,7 @@ async fn stream_created_again_under_running_instances(db: TestDb, publishing: Pu
     };
     let alias = db.alias();
     let writer = TestApp::start_with(db, short_waits).await;
-    eventually(
-        Duration::from_secs(20),
-        "the writer holds the lease",
-        || async {
-            writer
-                .scrape()
-                .await
-                .contains("increment_journal_writer 1\n")
-        },
-    )
-    .await;
+    until_it_holds_the_lease(&writer).await;
     let other = match publishing {
         Publishing::ThroughTheWriter => None,
         Publishing::ThroughAnother => Some(TestApp::start_with(alias, short_waits).await),
