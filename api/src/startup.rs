@@ -182,28 +182,12 @@ impl Application {
         let recent_requests: SharedRecentRequests = Arc::default();
         let journal = match &settings.journal {
             Some(journal) => {
-                let applied = store::journal_applied_through(&db, &journal.stream)
+                let offset = store::journal_offset(&db, &journal.stream)
                     .await
                     .map_err(|e| {
                         StartupError::JournalOffset(Redacted::new(&e, &settings.database_url))
                     })?;
-                let lost_from = store::journal_stream_lost_from(&db, &journal.stream)
-                    .await
-                    .map_err(|e| {
-                        StartupError::JournalOffset(Redacted::new(&e, &settings.database_url))
-                    })?;
-                if let Some(from) = lost_from {
-                    return Err(crate::journal::JournalError::Lost {
-                        stream: journal.stream.clone(),
-                        applied,
-                        found: format!(
-                            "was found numbering its messages anew from message {from} while \
-                             instances ran (journal_offsets.lost_from)"
-                        ),
-                    }
-                    .into());
-                }
-                let journal = Journal::connect_after(journal.clone(), applied).await?;
+                let journal = Journal::connect_after(journal.clone(), offset).await?;
                 journal.check_room_for(settings.max_body)?;
                 Some(journal)
             }

@@ -1133,17 +1133,34 @@ fn as_bigint(sequence: u64) -> i64 {
     i64::try_from(sequence).unwrap_or(i64::MAX)
 }
 
-/// The sequence through which `stream`'s messages are applied, creating its
-/// row (at 0, lease free) when missing.
+/// `stream`'s row in `journal_offsets`, as readers and starts need it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JournalOffset {
+    /// The sequence through which its messages are applied.
+    pub applied: u64,
+    /// When the stream is marked lost (see [`JOURNAL_STREAM_LOST`]): the
+    /// lowest sequence found reused.
+    pub lost_from: Option<u64>,
+}
+
+/// `stream`'s offset, creating its row (at 0, lease free) when missing.
 ///
 /// # Errors
 /// Any database error.
-pub async fn journal_applied_through(db: &DatabaseConnection, stream: &str) -> Result<u64, DbErr> {
+pub async fn journal_offset(db: &DatabaseConnection, stream: &str) -> Result<JournalOffset, DbErr> {
+    let of = |row: journal_offsets::Model| JournalOffset {
+        applied: u64::try_from(row.applied_through).unwrap_or(0),
+        lost_from: (row.writer.as_deref() == Some(JOURNAL_STREAM_LOST)).then(|| {
+            row.lost_from
+                .and_then(|from| u64::try_from(from).ok())
+                .unwrap_or(1)
+        }),
+    };
     let row = journal_offsets::Entity::find_by_id(stream.to_owned())
         .one(db)
         .await?;
     if let Some(row) = row {
-        return Ok(u64::try_from(row.applied_through).unwrap_or(0));
+        return Ok(of(row));
     }
     let insert = Query::insert()
         .into_table(journal_offsets::Entity)
@@ -1164,7 +1181,16 @@ pub async fn journal_applied_through(db: &DatabaseConnection, stream: &str) -> R
     let row = journal_offsets::Entity::find_by_id(stream.to_owned())
         .one(db)
         .await?;
-    Ok(row.map_or(0, |row| u64::try_from(row.applied_through).unwrap_or(0)))
+    Ok(row.map(of).unwrap_or_default())
+}
+
+/// The sequence through which `stream`'s messages are applied, creating its
+/// row (at 0, lease free) when missing.
+///
+/// # Errors
+/// Any database error.
+pub async fn journal_applied_through(db: &DatabaseConnection, stream: &str) -> Result<u64, DbErr> {
+    Ok(journal_offset(db, stream).await?.applied)
 }
 
 /// The highest sequence of `stream` held by a batch that rejected a row (0
@@ -1258,51 +1284,26 @@ pub async fn mark_journal_stream_lost(
     stream: &str,
     from: u64,
 ) -> Result<(), DbErr> {
-    let backend = db.get_database_backend();
-    let sql = if backend == DbBackend::Postgres {
-        "UPDATE journal_offsets SET writer = $1, lease_until_ms = $2, \
-         lost_from = CASE WHEN lost_from IS NULL OR lost_from > $3 THEN $4 ELSE lost_from END \
-         WHERE stream = $5"
-    } else {
-        "UPDATE journal_offsets SET writer = ?, lease_until_ms = ?, \
-         lost_from = CASE WHEN lost_from IS NULL OR lost_from > ? THEN ? ELSE lost_from END \
-         WHERE stream = ?"
-    };
     let from = as_bigint(from);
-    db.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql,
-        [
-            JOURNAL_STREAM_LOST.into(),
-            i64::MAX.into(),
-            from.into(),
-            from.into(),
-            stream.into(),
-        ],
-    ))
-    .await?;
+    let lost_from = journal_offsets::Column::LostFrom;
+    let update = Query::update()
+        .table(journal_offsets::Entity)
+        .value(journal_offsets::Column::Writer, JOURNAL_STREAM_LOST)
+        .value(journal_offsets::Column::LeaseUntilMs, i64::MAX)
+        .value(
+            lost_from,
+            Expr::case(
+                sea_orm::Condition::any()
+                    .add(Expr::col(lost_from).is_null())
+                    .add(Expr::col(lost_from).gt(from)),
+                from,
+            )
+            .finally(Expr::col(lost_from)),
+        )
+        .and_where(journal_offsets::Column::Stream.eq(stream))
+        .to_owned();
+    db.execute(&update).await?;
     Ok(())
-}
-
-/// When `stream` is marked lost (see [`JOURNAL_STREAM_LOST`]): the lowest
-/// sequence found reused.
-///
-/// # Errors
-/// Any database error.
-pub async fn journal_stream_lost_from(
-    db: &DatabaseConnection,
-    stream: &str,
-) -> Result<Option<u64>, DbErr> {
-    let row = journal_offsets::Entity::find_by_id(stream.to_owned())
-        .one(db)
-        .await?;
-    Ok(row
-        .filter(|row| row.writer.as_deref() == Some(JOURNAL_STREAM_LOST))
-        .map(|row| {
-            row.lost_from
-                .and_then(|from| u64::try_from(from).ok())
-                .unwrap_or(1)
-        }))
 }
 
 /// Gives the lease up (at shutdown), if `writer` holds it.

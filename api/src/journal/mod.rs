@@ -193,19 +193,31 @@ impl Journal {
     /// # Errors
     /// [`JournalError`].
     pub async fn connect(settings: JournalSettings) -> Result<Self, JournalError> {
-        Self::connect_after(settings, 0).await
+        Self::connect_after(settings, store::JournalOffset::default()).await
     }
 
-    /// [`connect`](Self::connect), given the stream's stored offset
-    /// (`applied`): a stream missing or ending before it is refused, not
-    /// created or read (see [`JournalError::Lost`]).
+    /// [`connect`](Self::connect), given the stream's stored offset: a
+    /// stream marked lost, or missing or ending before the offset, is
+    /// refused, not created or read (see [`JournalError::Lost`]).
     ///
     /// # Errors
     /// [`JournalError`].
     pub async fn connect_after(
         mut settings: JournalSettings,
-        applied: u64,
+        offset: store::JournalOffset,
     ) -> Result<Self, JournalError> {
+        let applied = offset.applied;
+        let lost = |found: String| JournalError::Lost {
+            stream: settings.stream.clone(),
+            applied,
+            found,
+        };
+        if let Some(from) = offset.lost_from {
+            return Err(lost(format!(
+                "was found numbering its messages anew from message {from} while instances \
+                 ran (journal_offsets.lost_from)"
+            )));
+        }
         let servers = settings.servers().map_err(|source| JournalError::Url {
             url: settings.url.clone(),
             source,
@@ -249,11 +261,6 @@ impl Journal {
             duplicate_window: settings.duplicate_window,
             num_replicas: settings.replicas,
             ..Default::default()
-        };
-        let lost = |found: String| JournalError::Lost {
-            stream: settings.stream.clone(),
-            applied,
-            found,
         };
         // A cluster starting with us may not have elected its JetStream
         // leader yet: retry for a while before giving up. A stream the
@@ -459,8 +466,9 @@ pub async fn wait_sequence(
     timeout: Duration,
 ) -> bool {
     // A lost stream's offset counts in another stream than `sequence`.
+    let covers = |applied: u64| applied >= sequence && !cursor.is_lost();
     let mut applied = cursor.subscribe_applied();
-    if *applied.borrow_and_update() >= sequence && !cursor.is_lost() {
+    if covers(*applied.borrow_and_update()) {
         return true;
     }
     let (_waiting, start_polling) = cursor.enter_wait();
@@ -474,12 +482,12 @@ pub async fn wait_sequence(
                 if changed.is_err() {
                     return false;
                 }
-                if *applied.borrow_and_update() >= sequence && !cursor.is_lost() {
+                if covers(*applied.borrow_and_update()) {
                     return true;
                 }
             }
             () = tokio::time::sleep_until(deadline) => {
-                return *applied.borrow() >= sequence && !cursor.is_lost();
+                return covers(*applied.borrow());
             }
         }
     }
@@ -490,14 +498,14 @@ async fn poll_applied(db: DatabaseConnection, cursor: Arc<Cursor>) {
     loop {
         // The offset first, then the rejections: both commit together, so
         // the later read covers every rejection up to the offset read.
-        if let Ok(Some(from)) = store::journal_stream_lost_from(&db, cursor.stream()).await {
-            cursor.mark_lost(from);
-        }
-        if let Ok(stored) = store::journal_applied_through(&db, cursor.stream()).await
+        if let Ok(offset) = store::journal_offset(&db, cursor.stream()).await
             && let Ok(rejected) = store::journal_rejected_through(&db, cursor.stream()).await
         {
+            if let Some(from) = offset.lost_from {
+                cursor.mark_lost(from);
+            }
             cursor.note_rejected(rejected);
-            cursor.note_applied(stored);
+            cursor.note_applied(offset.applied);
         }
         tokio::time::sleep(APPLIED_POLL).await;
         if cursor.poller_may_stop() {

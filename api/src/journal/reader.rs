@@ -372,8 +372,11 @@ impl Reader {
     /// starts until an operator resets it. Retried by the caller's loop.
     async fn mark_lost_in_the_database(&self) {
         let from = self.cursor.lost_from();
-        match store::journal_stream_lost_from(&self.db, self.cursor.stream()).await {
-            Ok(Some(marked)) if marked <= from => {}
+        match store::journal_offset(&self.db, self.cursor.stream()).await {
+            Ok(store::JournalOffset {
+                lost_from: Some(marked),
+                ..
+            }) if marked <= from => {}
             Ok(_) => {
                 if let Err(e) =
                     store::mark_journal_stream_lost(&self.db, self.cursor.stream(), from).await
