@@ -28,6 +28,7 @@ db_tests!(
     a_retry_after_a_restart_is_not_applied,
     a_key_counts_as_new_once_the_window_has_passed_and_is_pruned,
     a_repeat_taken_within_the_window_and_written_after_it_is_applied_once,
+    a_key_applied_just_over_a_window_ago_is_judged_alike_by_look_up_and_flush,
     with_the_journal_a_retry_after_a_crash_is_applied_once,
     a_batch_applies_the_first_request_of_a_key_and_leaves_out_the_others,
     a_keyed_part_replayed_after_its_ledger_row_was_pruned_is_not_applied_again,
@@ -653,6 +654,45 @@ async fn a_repeat_taken_within_the_window_and_written_after_it_is_applied_once(d
     let db = first.shut_down_cleanly().await;
     second.shut_down_cleanly().await;
     assert_eq!(db.counters().await["a"], 5, "applied once");
+}
+
+/// A key another instance applied a little more than a window ago, sent
+/// again with another body: the look-up and the flush's claim must agree on
+/// whether it is still held. The claim counts the window to the whole second
+/// below (one statement per second of take times); a look-up counting it to
+/// the instant said "absent", the request was answered `202`, and the claim
+/// then held it as a reused key and left it out: a `202` never applied.
+async fn a_key_applied_just_over_a_window_ago_is_judged_alike_by_look_up_and_flush(db: TestDb) {
+    use sea_orm::{ActiveModelTrait, Set};
+    let window = Duration::from_secs(60);
+    let app = TestApp::start_with(db, |settings| settings.idempotency_window = window).await;
+    // Early in a second, so that "a window and 100 ms ago" is still inside
+    // the second the claim's cut-off is truncated to.
+    eventually(Duration::from_secs(5), "early in a second", || async {
+        (200..500).contains(&chrono::Utc::now().timestamp_subsec_millis())
+    })
+    .await;
+    let now = chrono::Utc::now();
+    let applied_at =
+        now - chrono::Duration::from_std(window).unwrap() - chrono::Duration::milliseconds(100);
+    let connection = app.db.connect().await;
+    entity::idempotency_keys::ActiveModel {
+        key: Set("k-edge".to_owned()),
+        fingerprint: Set(0),
+        batch_id: Set("applied-elsewhere".to_owned()),
+        created_at: Set(applied_at.into()),
+    }
+    .insert(&connection)
+    .await
+    .unwrap();
+    let status = keyed(&app, "k-edge", "a", 5).await.status();
+    let db = app.shut_down_cleanly().await;
+    let applied = db.counters().await.get("a").copied();
+    match status {
+        StatusCode::ACCEPTED => assert_eq!(applied, Some(5), "answered 202, so applied"),
+        StatusCode::UNPROCESSABLE_ENTITY => assert_eq!(applied, None, "refused, so not applied"),
+        other => panic!("unexpected {other}"),
+    }
 }
 
 /// Writes keyed requests through `app` until its pruner has deleted a key
