@@ -84,7 +84,10 @@ async fn serve(settings: api::Settings) -> anyhow::Result<()> {
     }
 }
 
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+/// Waits for a request to stop: Ctrl-C, SIGTERM, or SIGHUP and SIGQUIT,
+/// whose default action would end the process at once and lose every
+/// increment it holds (a closed terminal, a "reload" habit): all of them stop
+/// it cleanly.
 async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
@@ -93,21 +96,34 @@ async fn shutdown_signal() {
         }
     };
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sigterm) => {
-                sigterm.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+    let name = {
+        use tokio::signal::unix::SignalKind;
+        tokio::select! {
+            () = ctrl_c => "Ctrl-C",
+            name = received(SignalKind::terminate(), "SIGTERM") => name,
+            name = received(SignalKind::hangup(), "SIGHUP") => name,
+            name = received(SignalKind::quit(), "SIGQUIT") => name,
         }
     };
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("received Ctrl-C"),
-        () = terminate => tracing::info!("received SIGTERM"),
+    let name = {
+        ctrl_c.await;
+        "Ctrl-C"
+    };
+    tracing::info!(signal = name, "received {name}");
+}
+
+/// `name` once the signal `kind` arrives; never when it cannot be listened for.
+#[cfg(unix)]
+async fn received(kind: tokio::signal::unix::SignalKind, name: &'static str) -> &'static str {
+    match tokio::signal::unix::signal(kind) {
+        Ok(mut stream) => {
+            stream.recv().await;
+            name
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for {name}");
+            std::future::pending().await
+        }
     }
 }

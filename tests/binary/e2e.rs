@@ -98,6 +98,7 @@ async fn load(base: &str, sigterm_after: Option<(usize, Pid)>) -> (BTreeMap<Stri
 db_tests!(
     every_accepted_increment_is_stored_after_sigterm,
     sigterm_during_load_keeps_every_accepted_increment,
+    sighup_and_sigquit_stop_the_service_as_sigterm_does,
 );
 
 async fn every_accepted_increment_is_stored_after_sigterm(db: TestDb) {
@@ -124,4 +125,34 @@ async fn sigterm_during_load_keeps_every_accepted_increment(db: TestDb) {
     assert!(refused > 0, "the load outlived the listener");
     assert!(!expected.is_empty());
     assert_eq!(db.counters().await, expected, "exactly the 202s are stored");
+}
+
+/// SIGHUP (a closed terminal) and SIGQUIT end a process at once by default:
+/// the service once lost everything it held on them (found by review).
+/// Each now stops it as SIGTERM does.
+async fn sighup_and_sigquit_stop_the_service_as_sigterm_does(db: TestDb) {
+    let spill = tempfile::tempdir().unwrap();
+    let mut expected = BTreeMap::new();
+    for (round, signal) in [Signal::SIGHUP, Signal::SIGQUIT].into_iter().enumerate() {
+        // Nothing flushed before the signal: only the shutdown writes it.
+        let service = Service::start_with(&db, spill.path(), &["--flush-interval", "1h"]).await;
+        let client = reqwest::Client::new();
+        for value in 1..=10 {
+            let key = format!("{signal}-{}", value % 3);
+            let response = client
+                .post(format!("{}/increment", service.base))
+                .json(&serde_json::json!({ "key": key, "value": value }))
+                .send()
+                .await
+                .expect("answered");
+            assert_eq!(response.status(), 202, "round {round}");
+            *expected.entry(key).or_insert(0) += value;
+        }
+        service.signal(signal);
+        assert!(
+            service.wait_for_exit().await.success(),
+            "exit 0 after a clean shutdown on {signal}"
+        );
+        assert_eq!(db.counters().await, expected, "after {signal}");
+    }
 }

@@ -103,7 +103,11 @@ impl Service {
     }
 
     pub fn terminate(&self) {
-        nix::sys::signal::kill(self.pid(), Signal::SIGTERM).expect("SIGTERM sent");
+        self.signal(Signal::SIGTERM);
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        nix::sys::signal::kill(self.pid(), signal).expect("signal sent");
     }
 
     pub async fn wait_for_exit(mut self) -> std::process::ExitStatus {
