@@ -4,7 +4,7 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use migration::{Migrator, MigratorTrait};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, Statement};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -35,6 +35,13 @@ pub enum StartupError {
         #[source]
         source: Redacted,
     },
+    #[error(
+        "the database's encoding is {encoding}, not UTF8: keys are any UTF-8 text, and some \
+         could never be written (create the database with ENCODING 'UTF8')"
+    )]
+    DatabaseEncoding { encoding: String },
+    #[error("reading the database's encoding failed")]
+    ReadEncoding(#[source] Redacted),
     #[error("applying migrations failed")]
     Migrate(#[source] Redacted),
     #[error("reading the journal's stored offset failed")]
@@ -132,6 +139,7 @@ impl Application {
                 url: crate::settings::redact_url(&settings.database_url),
                 source,
             })?;
+        require_utf8(&db, &settings).await?;
         if settings.migrate {
             migrate(&settings)
                 .await
@@ -611,6 +619,35 @@ async fn rescan_spill_dir(
         if let Err(e) = replay_spill_dir(&db, &dir, idempotency_window).await {
             tracing::warn!(error = %crate::telemetry::error_chain(&e), dir = %dir.display(), "replaying spill files failed; will retry");
         }
+    }
+}
+
+/// Refuses a PostgreSQL database whose encoding is not UTF8. Keys are any
+/// UTF-8 text; in LATIN1, say, one the encoding cannot hold fails its flush
+/// every time, and the batch in flight (retried before anything newer) holds
+/// back every increment behind it, then every start that replays its spill
+/// (found by review). SQLite stores UTF-8 text whatever it holds.
+async fn require_utf8(db: &DatabaseConnection, settings: &Settings) -> Result<(), StartupError> {
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return Ok(());
+    }
+    let read = |e: DbErr| StartupError::ReadEncoding(Redacted::new(&e, &settings.database_url));
+    let row = db
+        .query_one_raw(Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_encoding_to_char(encoding) AS encoding FROM pg_database \
+             WHERE datname = current_database()",
+        ))
+        .await
+        .map_err(read)?;
+    let encoding: String = match row {
+        Some(row) => row.try_get("", "encoding").map_err(read)?,
+        None => return Ok(()),
+    };
+    if encoding == "UTF8" {
+        Ok(())
+    } else {
+        Err(StartupError::DatabaseEncoding { encoding })
     }
 }
 

@@ -70,6 +70,20 @@ impl TestDb {
     /// When `CI` is set and `TEST_DATABASE_URL` is not: in CI a PostgreSQL
     /// test fails rather than passing by skipping.
     pub async fn postgres() -> Option<Self> {
+        Self::postgres_created_with("").await
+    }
+
+    /// As [`postgres`](Self::postgres), in `encoding` (with the `C` locale,
+    /// which every encoding accepts).
+    pub async fn postgres_in_encoding(encoding: &str) -> Option<Self> {
+        Self::postgres_created_with(&format!(
+            " ENCODING '{encoding}' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"
+        ))
+        .await
+    }
+
+    /// A new database created with `options` after its name.
+    async fn postgres_created_with(options: &str) -> Option<Self> {
         let server_url = postgres_server(
             std::env::var("TEST_DATABASE_URL").ok(),
             std::env::var_os("CI").is_some(),
@@ -79,7 +93,7 @@ impl TestDb {
             .await
             .expect("TEST_DATABASE_URL must point at a reachable PostgreSQL server");
         admin
-            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+            .execute_unprepared(&format!("CREATE DATABASE \"{name}\"{options}"))
             .await
             .expect("the test user may create databases");
         admin.close().await.ok();

@@ -113,3 +113,39 @@ async fn a_database_that_never_answers_is_named_within_the_deadline() {
     );
     drop(silent);
 }
+
+/// A PostgreSQL database in LATIN1 cannot hold some keys (an emoji): their
+/// flush failed every time, holding back every increment behind it, then
+/// every start that replayed its spill (found by review). Refused at start,
+/// before anything is created in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_not_in_utf8_is_refused_at_start() {
+    let Some(db) = TestDb::postgres_in_encoding("LATIN1").await else {
+        return;
+    };
+    let refused = match Application::build(test_settings(&db)).await {
+        Ok(_) => panic!("started on a LATIN1 database"),
+        Err(refused) => refused,
+    };
+    assert!(
+        matches!(
+            &refused,
+            api::startup::StartupError::DatabaseEncoding { encoding } if encoding == "LATIN1"
+        ),
+        "{refused:?}"
+    );
+    let connection = db.connect().await;
+    let tables = connection
+        .query_one_raw(Statement::from_string(
+            connection.get_database_backend(),
+            "SELECT count(*) AS n FROM pg_tables WHERE schemaname = 'public'",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        tables.try_get::<i64>("", "n").unwrap(),
+        0,
+        "nothing migrated"
+    );
+}
