@@ -921,6 +921,10 @@ fn pool_options(settings: &Settings, max: u32) -> ConnectOptions {
     options
 }
 
+/// How long PostgreSQL lets one of our sessions sit idle inside a
+/// transaction before it ends the session (and its locks).
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "30s";
+
 async fn connect(settings: &Settings) -> Result<DatabaseConnection, DbErr> {
     let mut options = pool_options(settings, settings.db_pool_size);
     options
@@ -931,7 +935,21 @@ async fn connect(settings: &Settings) -> Result<DatabaseConnection, DbErr> {
         // keys and the claim's rare read of held keys run here. Custom plans
         // follow the table. (The look-up has its own connection and plan:
         // `connect_lookups`.)
-        .map_sqlx_postgres_opts(|o| o.options([("plan_cache_mode", "force_custom_plan")]))
+        .map_sqlx_postgres_opts(|o| {
+            o.options([
+                ("plan_cache_mode", "force_custom_plan"),
+                // A flush whose connection goes silent (a partition, a frozen
+                // peer: no reset) keeps its transaction and its row locks
+                // until the server notices, by TCP keepalive about two hours
+                // later; every other instance's flush of those keys waits
+                // that long (found by review). No transaction of ours idles
+                // for more than a paced statement's pause.
+                (
+                    "idle_in_transaction_session_timeout",
+                    IDLE_IN_TRANSACTION_TIMEOUT,
+                ),
+            ])
+        })
         .map_sqlx_sqlite_opts(|o| {
             // WAL lets /readyz and readers run beside a flush; FULL keeps
             // committed flushes durable.

@@ -128,6 +128,12 @@ impl FaultProxy {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(statement.to_vec());
     }
 
+    /// Whether connections are held (after [`freeze`](Self::freeze), or once
+    /// [`freeze_after`](Self::freeze_after)'s statement went through).
+    pub fn is_frozen(&self) -> bool {
+        *self.shared.frozen.borrow()
+    }
+
     /// Forwards what was held, and everything after.
     pub fn thaw(&self) {
         self.shared.frozen.send_replace(false);

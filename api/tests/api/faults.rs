@@ -398,3 +398,58 @@ async fn keyed_requests_held_through_an_outage_stop_at_the_pending_bound() {
     assert_eq!(report, ShutdownReport::Clean);
     assert_eq!(db.counters().await.get("one-counter"), Some(&accepted));
 }
+
+/// A flush whose connection went silent inside its transaction (a
+/// partition: no reset, no close) kept its row locks until the server
+/// noticed, by TCP keepalive hours later, and another instance's flush of
+/// the same keys waited as long (found by review). The server now ends such
+/// a session after 30 s idle in its transaction: the other flush goes
+/// through, and the silent instance writes its batch once when it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_gone_silent_in_its_transaction_does_not_hold_other_instances_back() {
+    let Some((db, proxy, mut settings)) = through_proxy().await else {
+        return;
+    };
+    settings.flush_interval = Duration::from_secs(3600);
+    let alias = db.alias();
+    let silent = TestApp::start(db, settings).await;
+    let direct = TestApp::start_with(alias, |settings| {
+        settings.flush_interval = Duration::from_secs(3600);
+    })
+    .await;
+    for (app, value) in [(&silent, 1), (&direct, 2)] {
+        app.increment("locked-by-the-silent-one", value)
+            .await
+            .assert_status(poem::http::StatusCode::ACCEPTED);
+    }
+    // Its upsert's parameters (the key, bound after the statement was
+    // prepared) reach the server, which takes the row's lock; the answer,
+    // and everything after, is held.
+    proxy.freeze_after(b"locked-by-the-silent-one");
+    let silent_flusher = Arc::clone(&silent.flusher);
+    let silent_flush = tokio::spawn(async move { silent_flusher.flush_once().await });
+    eventually(Duration::from_secs(10), "the upsert was sent", || async {
+        proxy.is_frozen()
+    })
+    .await;
+    let flushed = tokio::time::timeout(Duration::from_secs(90), direct.flusher.flush_once()).await;
+    assert!(
+        matches!(flushed, Ok(Ok(FlushOutcome::Written { .. }))),
+        "the other instance's flush goes through: {flushed:?}"
+    );
+    proxy.thaw();
+    let first = tokio::time::timeout(Duration::from_secs(30), silent_flush)
+        .await
+        .expect("the silent flush ends once thawed")
+        .expect("no panic");
+    assert!(first.is_err(), "its session was ended: {first:?}");
+    let retried = tokio::time::timeout(Duration::from_secs(30), silent.flusher.flush_once()).await;
+    assert!(
+        matches!(retried, Ok(Ok(FlushOutcome::Written { .. }))),
+        "{retried:?}"
+    );
+    assert_eq!(
+        direct.counters().await,
+        BTreeMap::from([("locked-by-the-silent-one".to_owned(), 3)])
+    );
+}
