@@ -43,8 +43,10 @@ use crate::{
 /// Longest wait between two attempts while the database fails.
 pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
 
-/// How long `flush_batches` rows are kept. A retry of a batch never comes
-/// later than this after the batch's first attempt.
+/// How long `flush_batches` rows are kept. A batch written again later than
+/// this after its first attempt (a retry through a day-long outage, a spill
+/// replayed a day on) cannot tell whether an unanswered commit of it landed
+/// once another instance has pruned: the limit in docs/operations.md.
 pub const BATCH_ID_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// How often old `flush_batches` rows are deleted.
