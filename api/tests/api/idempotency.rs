@@ -605,7 +605,6 @@ async fn a_retry_after_a_restart_is_not_applied(db: TestDb) {
 /// (found by review: pruning at the window's end let a retry sent inside
 /// it, and written a flush later, be applied twice).
 async fn a_repeat_taken_within_the_window_and_written_after_it_is_applied_once(db: TestDb) {
-    use sea_orm::{ActiveValue::Set, EntityTrait};
     let window = Duration::from_secs(4);
     let alias = db.alias();
     let first = TestApp::start_with(db, |settings| {
@@ -635,16 +634,12 @@ async fn a_repeat_taken_within_the_window_and_written_after_it_is_applied_once(d
     .await;
     // The first instance writes and prunes; a key older than any window
     // shows when a prune has run.
-    let marker = entity::idempotency_keys::ActiveModel {
-        key: Set("marker".to_owned()),
-        fingerprint: Set(0),
-        batch_id: Set("marker".to_owned()),
-        created_at: Set((chrono::Utc::now() - chrono::Duration::days(2)).into()),
-    };
-    entity::idempotency_keys::Entity::insert(marker)
-        .exec(&first.connection)
-        .await
-        .unwrap();
+    stored_elsewhere(
+        &first,
+        "marker",
+        chrono::Utc::now() - chrono::Duration::days(2),
+    )
+    .await;
     until_a_key_is_pruned(&first).await;
     second.flush().await;
     assert!(
@@ -663,7 +658,6 @@ async fn a_repeat_taken_within_the_window_and_written_after_it_is_applied_once(d
 /// the instant said "absent", the request was answered `202`, and the claim
 /// then held it as a reused key and left it out: a `202` never applied.
 async fn a_key_applied_just_over_a_window_ago_is_judged_alike_by_look_up_and_flush(db: TestDb) {
-    use sea_orm::{ActiveModelTrait, Set};
     let window = Duration::from_secs(60);
     let app = TestApp::start_with(db, |settings| settings.idempotency_window = window).await;
     // Early in a second, so that "a window and 100 ms ago" is still inside
@@ -675,16 +669,7 @@ async fn a_key_applied_just_over_a_window_ago_is_judged_alike_by_look_up_and_flu
     let now = chrono::Utc::now();
     let applied_at =
         now - chrono::Duration::from_std(window).unwrap() - chrono::Duration::milliseconds(100);
-    let connection = app.db.connect().await;
-    entity::idempotency_keys::ActiveModel {
-        key: Set("k-edge".to_owned()),
-        fingerprint: Set(0),
-        batch_id: Set("applied-elsewhere".to_owned()),
-        created_at: Set(applied_at.into()),
-    }
-    .insert(&connection)
-    .await
-    .unwrap();
+    stored_elsewhere(&app, "k-edge", applied_at).await;
     let status = keyed(&app, "k-edge", "a", 5).await.status();
     let db = app.shut_down_cleanly().await;
     let applied = db.counters().await.get("a").copied();
@@ -693,6 +678,22 @@ async fn a_key_applied_just_over_a_window_ago_is_judged_alike_by_look_up_and_flu
         StatusCode::UNPROCESSABLE_ENTITY => assert_eq!(applied, None, "refused, so not applied"),
         other => panic!("unexpected {other}"),
     }
+}
+
+/// Stores `key` in `idempotency_keys` as if another instance had applied a
+/// request under it (fingerprint 0, matching no body here) at `applied_at`.
+async fn stored_elsewhere(app: &TestApp, key: &str, applied_at: chrono::DateTime<chrono::Utc>) {
+    use sea_orm::{ActiveValue::Set, EntityTrait};
+    let row = entity::idempotency_keys::ActiveModel {
+        key: Set(key.to_owned()),
+        fingerprint: Set(0),
+        batch_id: Set("applied-elsewhere".to_owned()),
+        created_at: Set(applied_at.into()),
+    };
+    entity::idempotency_keys::Entity::insert(row)
+        .exec(&app.connection)
+        .await
+        .unwrap();
 }
 
 /// Writes keyed requests through `app` until its pruner has deleted a key
