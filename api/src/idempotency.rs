@@ -489,10 +489,8 @@ async fn answer_group(
     window: chrono::Duration,
 ) {
     let keys: Vec<String> = group.iter().map(|(key, _)| key.clone()).collect();
-    // To the whole second below, as the flush's claim counts it (see
-    // `store::claim_keys`): a key the claim would still hold must not look
-    // absent here, or its request is answered `202` and then left out.
-    let since = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now() - window, 0);
+    // As the flush's claim counts it.
+    let since = crate::store::window_start(chrono::Utc::now(), window);
     let found = crate::store::applied_fingerprints(db, &keys, since).await;
     if let Err(e) = &found {
         tracing::warn!(error = %crate::telemetry::error_chain(e), "looking up idempotency keys failed; their flush decides");

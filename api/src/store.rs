@@ -292,6 +292,17 @@ pub fn kept_past_window(window: std::time::Duration) -> std::time::Duration {
     window.min(std::time::Duration::from_secs(3600))
 }
 
+/// Where the window of a request taken `at` begins: keys applied since then
+/// hold it. To the whole second below, so the claims of a batch take one
+/// statement per second of take times; the look-up at the door counts the
+/// same way, or it would find absent a key the claim still holds (its
+/// request answered `202`, then left out).
+pub fn window_start(at: DateTime<Utc>, window: chrono::Duration) -> DateTime<Utc> {
+    at.checked_sub_signed(window)
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+        .trunc_subsecs(0)
+}
+
 /// [`write_batch`], remembering the batch's `Idempotency-Key`s for
 /// `idempotency_window`: a key applied longer ago than that counts as new.
 ///
@@ -556,17 +567,16 @@ async fn claim_keys<'a, C: ConnectionTrait>(
     }
     // Each request's window is counted back from when it was taken (a write
     // may come long after: an outage, a late spill replay, a journal
-    // backlog), to the whole second below: one statement per second of
-    // take times, usually one or two per batch.
+    // backlog), by `window_start`: one statement per second of take times,
+    // usually one or two per batch.
     let mut by_cutoff: std::collections::BTreeMap<DateTime<Utc>, Vec<&Keyed>> =
         std::collections::BTreeMap::new();
     for request in candidates {
         let taken = request.taken_at.map_or(now, |at| Ord::min(at, now));
-        let cutoff = taken
-            .checked_sub_signed(window)
-            .unwrap_or(DateTime::<Utc>::MIN_UTC)
-            .trunc_subsecs(0);
-        by_cutoff.entry(cutoff).or_default().push(request);
+        by_cutoff
+            .entry(window_start(taken, window))
+            .or_default()
+            .push(request);
     }
     let backend = conn.get_database_backend();
     let mut held: Vec<&Keyed> = Vec::new();
