@@ -318,6 +318,9 @@ async fn the_fast_path_answers_like_the_operation(db: TestDb) {
             let mut headers: Vec<(String, String)> = response
                 .headers()
                 .iter()
+                // `date` ticks by the second: two answers either side of a
+                // tick would differ whichever path gave them.
+                .filter(|(name, _)| *name != poem::http::header::DATE)
                 .map(|(name, value)| (name.to_string(), value.to_str().unwrap_or("?").to_owned()))
                 .collect();
             headers.sort();
