@@ -43,14 +43,28 @@ use crate::{
 /// Longest wait between two attempts while the database fails.
 pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
 
-/// How long `flush_batches` rows are kept. A batch written again later than
-/// this after its first attempt (a retry through a day-long outage, a spill
-/// replayed a day on) cannot tell whether an unanswered commit of it landed
-/// once another instance has pruned: the limit in docs/operations.md.
+/// How long `flush_batches` rows are kept once settled (their writer knows
+/// they committed, so no retry of them will come). A day, not less: a
+/// counter read may still be asking whether its batch committed.
 pub const BATCH_ID_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How long `flush_batches` rows not known settled are kept: a retry of an
+/// unanswered commit may come through an outage or from a spill replayed
+/// days later. Settling is lost for an instance that was killed (its last
+/// minute of rows) or whose marking failed; those rows are few. A batch
+/// written again later than this after its first attempt cannot tell
+/// whether that commit landed: the limit in docs/operations.md.
+pub const UNSETTLED_BATCH_ID_RETENTION: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 
 /// How often old `flush_batches` rows are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(60 * 60);
+
+/// How often this instance marks the rows of its committed batches settled.
+const SETTLE_EVERY: Duration = Duration::from_secs(60);
+
+/// Batch ids waiting to be marked settled, at most (while marking fails);
+/// ids beyond it stay unsettled, which only keeps their rows longer.
+const SETTLE_PENDING_MAX: usize = 100_000;
 
 /// What one flush did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +141,8 @@ pub struct Flusher {
     /// sees a delta in both places or in neither.
     drain_gate: Arc<tokio::sync::RwLock<()>>,
     last_prune: Mutex<Option<Instant>>,
+    /// Ids of parts this instance knows committed, to be marked settled.
+    settling: Mutex<Settling>,
     /// Parts of a large batch written at once, one connection each.
     write_connections: usize,
     /// With the journal on: which journal messages the batcher holds; each
@@ -144,6 +160,13 @@ pub struct Flusher {
     pruning_keys: Arc<std::sync::atomic::AtomicBool>,
     /// When that pruning last started (every 1/24 of the window, 1 s to 1 h).
     last_key_prune: Mutex<Option<Instant>>,
+}
+
+/// Ids of committed parts not yet marked settled, and when marking last ran.
+#[derive(Default)]
+struct Settling {
+    ids: Vec<String>,
+    last: Option<Instant>,
 }
 
 /// Why PostgreSQL cannot be reached, from one connection opened outside the
@@ -284,6 +307,7 @@ impl Flusher {
             in_flight: Arc::default(),
             drain_gate: Arc::default(),
             last_prune: Mutex::new(None),
+            settling: Mutex::default(),
             write_connections: DEFAULT_WRITE_CONNECTIONS,
             journal: None,
             failures: std::sync::atomic::AtomicU32::new(0),
@@ -572,6 +596,7 @@ impl Flusher {
                 .await;
         }
         **in_flight = None;
+        self.note_settled(batch);
         self.batcher.release(batch);
         self.publish_committed(batch.drain);
         if let (Some(cursor), Some(span)) = (&self.journal, &batch.journal) {
@@ -691,7 +716,44 @@ impl Flusher {
         }
     }
 
+    /// Remembers that every part of `batch` committed: no retry of them
+    /// will come, so their `flush_batches` rows need not outlive a day.
+    fn note_settled(&self, batch: &Batch) {
+        let mut settling = self.settling.lock();
+        if settling.ids.len() + batch.parts.len() <= SETTLE_PENDING_MAX {
+            settling
+                .ids
+                .extend(batch.parts.iter().map(|part| part.id.clone()));
+        }
+    }
+
+    /// Marks the rows of the parts noted by [`Self::note_settled`] settled;
+    /// on failure they are kept for the next try.
+    async fn settle(&self) {
+        let ids = std::mem::take(&mut self.settling.lock().ids);
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(e) = store::settle_batches(&self.db, &ids).await {
+            tracing::warn!(error = %error_chain(&e), batches = ids.len(), "marking committed batches settled failed; will retry");
+            let mut settling = self.settling.lock();
+            let room = SETTLE_PENDING_MAX.saturating_sub(settling.ids.len());
+            settling.ids.extend(ids.into_iter().take(room));
+        }
+    }
+
     async fn prune_if_due(&self) {
+        let settle_due = {
+            let mut settling = self.settling.lock();
+            let due = settling.last.is_none_or(|at| at.elapsed() >= SETTLE_EVERY);
+            if due {
+                settling.last = Some(Instant::now());
+            }
+            due
+        };
+        if settle_due {
+            self.settle().await;
+        }
         let keys_every = (self.idempotency_window / 24).clamp(Duration::from_secs(1), PRUNE_EVERY);
         let keys_due = {
             let mut last = self.last_key_prune.lock();
@@ -712,8 +774,13 @@ impl Flusher {
             return;
         }
         *self.last_prune.lock() = Some(Instant::now());
-        let before = Utc::now() - BATCH_ID_RETENTION;
-        if let Err(e) = store::prune_batches(&self.db, before).await {
+        let now = Utc::now();
+        let pruned = store::prune_batches(
+            &self.db,
+            now - BATCH_ID_RETENTION,
+            now - UNSETTLED_BATCH_ID_RETENTION,
+        );
+        if let Err(e) = pruned.await {
             tracing::warn!(error = %error_chain(&e), "pruning old flush batch ids failed; will retry");
             *self.last_prune.lock() = None;
         }
@@ -853,7 +920,11 @@ impl Flusher {
         let mut failures: u32 = 0;
         loop {
             match tokio::time::timeout_at(deadline, self.flush_once()).await {
-                Ok(Ok(FlushOutcome::Empty)) => return Ok(()),
+                Ok(Ok(FlushOutcome::Empty)) => {
+                    // Best effort: rows left unsettled are only kept longer.
+                    let _ = tokio::time::timeout_at(deadline, self.settle()).await;
+                    return Ok(());
+                }
                 Ok(Ok(FlushOutcome::Written { .. })) => failures = 0,
                 // Logged by `flush_once`, in its span.
                 Ok(Err(_)) => {

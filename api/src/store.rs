@@ -1104,13 +1104,43 @@ fn successor(prefix: &str) -> Option<String> {
     None
 }
 
-/// Deletes `flush_batches` rows committed before `before`; returns how many.
+/// Marks the `flush_batches` rows of `ids` settled: their writer knows
+/// they committed and will not retry them.
 ///
 /// # Errors
 /// Any database error.
-pub async fn prune_batches(db: &DatabaseConnection, before: DateTime<Utc>) -> Result<u64, DbErr> {
+pub async fn settle_batches(db: &DatabaseConnection, ids: &[String]) -> Result<(), DbErr> {
+    for chunk in ids.chunks(SQLITE_MAX_BINDS - 1) {
+        flush_batches::Entity::update_many()
+            .col_expr(flush_batches::Column::Settled, Expr::value(true))
+            .filter(flush_batches::Column::BatchId.is_in(chunk.iter().map(String::as_str)))
+            .exec(db)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Deletes `flush_batches` rows committed before `settled_before` and
+/// settled, or before `unsettled_before` (a retry may still come for those
+/// until then); returns how many.
+///
+/// # Errors
+/// Any database error.
+pub async fn prune_batches(
+    db: &DatabaseConnection,
+    settled_before: DateTime<Utc>,
+    unsettled_before: DateTime<Utc>,
+) -> Result<u64, DbErr> {
     let result = flush_batches::Entity::delete_many()
-        .filter(flush_batches::Column::CommittedAt.lt(before))
+        .filter(
+            sea_orm::Condition::any()
+                .add(
+                    flush_batches::Column::CommittedAt
+                        .lt(settled_before)
+                        .and(flush_batches::Column::Settled.eq(true)),
+                )
+                .add(flush_batches::Column::CommittedAt.lt(unsettled_before)),
+        )
         .exec(db)
         .await?;
     Ok(result.rows_affected)

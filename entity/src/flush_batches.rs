@@ -9,6 +9,8 @@ pub struct Model {
     pub batch_id: String,
     pub keys: i64,
     pub committed_at: DateTimeWithTimeZone,
+    /// The writer knows this batch committed: no retry of it will come.
+    pub settled: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -15,6 +15,7 @@ mod m20261203_000006_create_idempotency_keys;
 mod m20261206_000007_add_journal_span_to_rejected_increments;
 mod m20261207_000008_counters_key_in_collation_c;
 mod m20261207_000009_add_lost_from_to_journal_offsets;
+mod m20261208_000010_add_settled_to_flush_batches;
 
 pub struct Migrator;
 
@@ -31,6 +32,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000007_add_journal_span_to_rejected_increments::Migration),
             Box::new(m20261207_000008_counters_key_in_collation_c::Migration),
             Box::new(m20261207_000009_add_lost_from_to_journal_offsets::Migration),
+            Box::new(m20261208_000010_add_settled_to_flush_batches::Migration),
         ]
     }
 }

@@ -4,8 +4,8 @@
 //! Why: when the connection breaks while COMMIT is in flight, the flusher
 //! cannot know whether the batch landed. It retries the *same* batch with the
 //! same id; the insert into this table then finds the id and the retry is
-//! skipped, so no increment is added twice. Rows older than a day are pruned by
-//! the flusher (a retry never waits that long).
+//! skipped, so no increment is added twice. The flusher prunes old rows (how
+//! old: migration 10, which adds `settled`).
 
 use sea_orm_migration::{prelude::*, schema::*};
 

@@ -280,6 +280,98 @@ async fn an_ambiguous_commit_is_not_applied_twice() {
     );
 }
 
+/// The ledger row of a batch whose COMMIT went unanswered is what keeps
+/// its retry out; the retry may come more than a day on (an outage, a
+/// spill replayed later). Another instance pruned every row older than a
+/// day, that one too, and the retry was applied again: a doubled batch
+/// (found by review). Only rows their writer has settled (it knows they
+/// committed) go after a day now; the others stay for 30 days.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambiguous_commit_retried_after_a_day_is_not_applied_twice() {
+    use entity::flush_batches;
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+
+    let Some((db, proxy, mut settings)) = through_proxy().await else {
+        return;
+    };
+    settings.flush_interval = Duration::from_secs(3600);
+    let alias = db.alias();
+    let cut_off = TestApp::start(db, settings).await;
+    for (key, value) in [("a", 1), ("b", 2), ("a", 3)] {
+        cut_off
+            .increment(key, value)
+            .await
+            .assert_status(poem::http::StatusCode::ACCEPTED);
+    }
+    proxy.cut_after_next_commit();
+    assert!(cut_off.flusher.flush_once().await.is_err());
+    assert_eq!(proxy.swallowed_commits(), 1);
+
+    // A day and more goes by: the unanswered batch's row, and one left by
+    // an instance killed a month ago, are old.
+    let other = TestApp::start_with(alias, |settings| {
+        settings.flush_interval = Duration::from_secs(3600);
+    })
+    .await;
+    other
+        .db
+        .execute(
+            "UPDATE flush_batches SET committed_at = committed_at - interval '25 hours';
+             INSERT INTO flush_batches (batch_id, keys, committed_at)
+             VALUES ('killed-a-month-ago', 1, now() - interval '31 days')",
+        )
+        .await;
+    let day_old = || async {
+        let day_ago = chrono::Utc::now() - chrono::Duration::hours(24);
+        let rows = flush_batches::Entity::find()
+            .filter(flush_batches::Column::CommittedAt.lt(day_ago))
+            .all(&other.connection)
+            .await
+            .expect("the ledger can be read");
+        rows.into_iter().map(|row| row.batch_id).collect::<Vec<_>>()
+    };
+    let old_rows = day_old().await;
+    assert!(
+        old_rows.len() == 2 && old_rows.iter().any(|id| id == "killed-a-month-ago"),
+        "the unanswered batch's row and the month-old one: {old_rows:?}"
+    );
+
+    // The other instance flushes, and prunes on its first flush.
+    other
+        .increment("c", 1)
+        .await
+        .assert_status(poem::http::StatusCode::ACCEPTED);
+    other.flusher.flush_once().await.expect("a direct flush");
+    let left = day_old().await;
+    assert!(
+        !left.iter().any(|id| id == "killed-a-month-ago"),
+        "the month-old row is pruned: {left:?}"
+    );
+
+    let retry = cut_off
+        .flusher
+        .flush_once()
+        .await
+        .expect("the retry succeeds");
+    assert!(
+        matches!(retry, FlushOutcome::Written { batches: 1, .. }),
+        "{retry:?}"
+    );
+    assert_eq!(
+        other.db.counters().await,
+        BTreeMap::from([
+            ("a".to_owned(), 4),
+            ("b".to_owned(), 2),
+            ("c".to_owned(), 1)
+        ]),
+        "the committed batch was not added again"
+    );
+    assert!(
+        day_old().await.is_empty(),
+        "settled by the retry, the day-old row is pruned"
+    );
+}
+
 /// A counter read holds drains off while it asks the database; one that
 /// stops answering in the middle of it (no reset, no error) must not hold
 /// them, and the read, for good: the read gives up with `503`, and flushes go on once the
