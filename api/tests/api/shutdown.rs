@@ -7,6 +7,7 @@ use crate::helpers::{assert_accepted, spawn_app_with, test_settings};
 
 db_tests!(
     shutdown_writes_everything_pending,
+    shutdown_settles_every_batch_it_knows_committed,
     shutdown_with_the_database_unavailable_spills_and_the_next_start_replays,
     a_spilled_batch_that_had_committed_is_not_replayed_twice,
     a_shared_spill_dir_is_replayed_by_whichever_instance_starts_next,
@@ -202,6 +203,31 @@ async fn shutdown_writes_everything_pending(db: TestDb) {
         db.counters().await,
         BTreeMap::from([("a".into(), 4), ("b".into(), 2)])
     );
+}
+
+/// The rows of `flush_batches` an instance knows committed are marked
+/// settled (pruned after a day; the others are kept 30 days for a retry):
+/// every minute while it runs, and the rest at shutdown.
+async fn shutdown_settles_every_batch_it_knows_committed(db: TestDb) {
+    use sea_orm::EntityTrait;
+
+    let settings = test_settings(&db);
+    let app = spawn_app_with(db, settings).await;
+    for key in ["a", "b"] {
+        assert_accepted(app.increment(key, 1).await).await;
+        // The first flush marks at once, the second is within the minute.
+        app.flusher.flush_once().await.expect("a flush");
+    }
+    assert_accepted(app.increment("c", 1).await).await;
+    let (report, db) = app.shut_down().await;
+    assert_eq!(report, ShutdownReport::Clean);
+    let connection = db.connect().await;
+    let rows = entity::flush_batches::Entity::find()
+        .all(&connection)
+        .await
+        .expect("the ledger can be read");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(rows.iter().all(|row| row.settled), "{rows:?}");
 }
 
 async fn shutdown_with_the_database_unavailable_spills_and_the_next_start_replays(db: TestDb) {
