@@ -142,7 +142,8 @@ pub struct Flusher {
     drain_gate: Arc<tokio::sync::RwLock<()>>,
     last_prune: Mutex<Option<Instant>>,
     /// Ids of parts this instance knows committed, to be marked settled.
-    settling: Mutex<Settling>,
+    settling: Mutex<Vec<String>>,
+    last_settle: Mutex<Option<Instant>>,
     /// Parts of a large batch written at once, one connection each.
     write_connections: usize,
     /// With the journal on: which journal messages the batcher holds; each
@@ -160,13 +161,6 @@ pub struct Flusher {
     pruning_keys: Arc<std::sync::atomic::AtomicBool>,
     /// When that pruning last started (every 1/24 of the window, 1 s to 1 h).
     last_key_prune: Mutex<Option<Instant>>,
-}
-
-/// Ids of committed parts not yet marked settled, and when marking last ran.
-#[derive(Default)]
-struct Settling {
-    ids: Vec<String>,
-    last: Option<Instant>,
 }
 
 /// Why PostgreSQL cannot be reached, from one connection opened outside the
@@ -308,6 +302,7 @@ impl Flusher {
             drain_gate: Arc::default(),
             last_prune: Mutex::new(None),
             settling: Mutex::default(),
+            last_settle: Mutex::new(None),
             write_connections: DEFAULT_WRITE_CONNECTIONS,
             journal: None,
             failures: std::sync::atomic::AtomicU32::new(0),
@@ -720,60 +715,37 @@ impl Flusher {
     /// will come, so their `flush_batches` rows need not outlive a day.
     fn note_settled(&self, batch: &Batch) {
         let mut settling = self.settling.lock();
-        if settling.ids.len() + batch.parts.len() <= SETTLE_PENDING_MAX {
-            settling
-                .ids
-                .extend(batch.parts.iter().map(|part| part.id.clone()));
+        if settling.len() + batch.parts.len() <= SETTLE_PENDING_MAX {
+            settling.extend(batch.parts.iter().map(|part| part.id.clone()));
         }
     }
 
     /// Marks the rows of the parts noted by [`Self::note_settled`] settled;
     /// on failure they are kept for the next try.
     async fn settle(&self) {
-        let ids = std::mem::take(&mut self.settling.lock().ids);
+        let ids = std::mem::take(&mut *self.settling.lock());
         if ids.is_empty() {
             return;
         }
         if let Err(e) = store::settle_batches(&self.db, &ids).await {
             tracing::warn!(error = %error_chain(&e), batches = ids.len(), "marking committed batches settled failed; will retry");
             let mut settling = self.settling.lock();
-            let room = SETTLE_PENDING_MAX.saturating_sub(settling.ids.len());
-            settling.ids.extend(ids.into_iter().take(room));
+            let room = SETTLE_PENDING_MAX.saturating_sub(settling.len());
+            settling.extend(ids.into_iter().take(room));
         }
     }
 
     async fn prune_if_due(&self) {
-        let settle_due = {
-            let mut settling = self.settling.lock();
-            let due = settling.last.is_none_or(|at| at.elapsed() >= SETTLE_EVERY);
-            if due {
-                settling.last = Some(Instant::now());
-            }
-            due
-        };
-        if settle_due {
+        if due(&self.last_settle, SETTLE_EVERY) {
             self.settle().await;
         }
         let keys_every = (self.idempotency_window / 24).clamp(Duration::from_secs(1), PRUNE_EVERY);
-        let keys_due = {
-            let mut last = self.last_key_prune.lock();
-            let due = last.is_none_or(|at| at.elapsed() >= keys_every);
-            if due {
-                *last = Some(Instant::now());
-            }
-            due
-        };
-        if keys_due {
+        if due(&self.last_key_prune, keys_every) {
             self.prune_idempotency_keys();
         }
-        let due = self
-            .last_prune
-            .lock()
-            .is_none_or(|at| at.elapsed() >= PRUNE_EVERY);
-        if !due {
+        if !due(&self.last_prune, PRUNE_EVERY) {
             return;
         }
-        *self.last_prune.lock() = Some(Instant::now());
         let now = Utc::now();
         let pruned = store::prune_batches(
             &self.db,
@@ -960,6 +932,17 @@ impl Flusher {
             batches,
         }
     }
+}
+
+/// Whether `every` has passed since `last` (or it never ran); if so, `last`
+/// becomes now.
+fn due(last: &Mutex<Option<Instant>>, every: Duration) -> bool {
+    let mut last = last.lock();
+    let due = last.is_none_or(|at| at.elapsed() >= every);
+    if due {
+        *last = Some(Instant::now());
+    }
+    due
 }
 
 fn unix_now() -> f64 {
