@@ -24,6 +24,20 @@ async fn through_proxy() -> Option<(TestDb, FaultProxy, Settings)> {
     Some((db, proxy, settings))
 }
 
+/// Two instances on one database, flushing only when told: the first
+/// through the proxy, the second directly.
+async fn through_proxy_and_direct() -> Option<(FaultProxy, TestApp, TestApp)> {
+    let (db, proxy, mut settings) = through_proxy().await?;
+    settings.flush_interval = Duration::from_secs(3600);
+    let alias = db.alias();
+    let proxied = TestApp::start(db, settings).await;
+    let direct = TestApp::start_with(alias, |settings| {
+        settings.flush_interval = Duration::from_secs(3600);
+    })
+    .await;
+    Some((proxy, proxied, direct))
+}
+
 /// Polls `url` until it answers `status`, for at most `within`.
 async fn wait_for_status(client: &reqwest::Client, url: &str, status: u16, within: Duration) {
     eventually(within, &format!("{url} answers {status}"), || async {
@@ -291,12 +305,9 @@ async fn an_ambiguous_commit_retried_after_a_day_is_not_applied_twice() {
     use entity::flush_batches;
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 
-    let Some((db, proxy, mut settings)) = through_proxy().await else {
+    let Some((proxy, cut_off, other)) = through_proxy_and_direct().await else {
         return;
     };
-    settings.flush_interval = Duration::from_secs(3600);
-    let alias = db.alias();
-    let cut_off = TestApp::start(db, settings).await;
     for (key, value) in [("a", 1), ("b", 2), ("a", 3)] {
         cut_off
             .increment(key, value)
@@ -309,10 +320,6 @@ async fn an_ambiguous_commit_retried_after_a_day_is_not_applied_twice() {
 
     // A day and more goes by: the unanswered batch's row, and one left by
     // an instance killed a month ago, are old.
-    let other = TestApp::start_with(alias, |settings| {
-        settings.flush_interval = Duration::from_secs(3600);
-    })
-    .await;
     other
         .db
         .execute(
@@ -499,16 +506,9 @@ async fn keyed_requests_held_through_an_outage_stop_at_the_pending_bound() {
 /// through, and the silent instance writes its batch once when it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_gone_silent_in_its_transaction_does_not_hold_other_instances_back() {
-    let Some((db, proxy, mut settings)) = through_proxy().await else {
+    let Some((proxy, silent, direct)) = through_proxy_and_direct().await else {
         return;
     };
-    settings.flush_interval = Duration::from_secs(3600);
-    let alias = db.alias();
-    let silent = TestApp::start(db, settings).await;
-    let direct = TestApp::start_with(alias, |settings| {
-        settings.flush_interval = Duration::from_secs(3600);
-    })
-    .await;
     for (app, value) in [(&silent, 1), (&direct, 2)] {
         app.increment("locked-by-the-silent-one", value)
             .await
