@@ -24,22 +24,27 @@ use sea_orm::{
 /// chosen so one statement stays well under a second on a small machine.
 pub const POSTGRES_ROWS_PER_STATEMENT: usize = 10_000;
 
-/// PostgreSQL, for the first [`PACED_FOR`] of a batch of one part (up to
-/// 50,000 keys: a usual flush): smaller statements, each followed by a pause
-/// as long as it took. Where the database shares the service's cores (the
-/// embedded stack, a small host), an upsert of tens of thousands of rows is
-/// a burst of CPU that delays the requests behind it (p99 at 31,000 req/s,
-/// medians of 12 rounds: 100k uniform keys 22 → 12 ms, zipf 8 → 5 ms;
-/// `bench/PROFILE.md`).
-/// A batch of several parts is a backlog and goes at full size and speed;
-/// journal, keyed and replayed batches are one part of any size, and get
-/// the paced start too (at most [`PACED_FOR`] of it). The cost: the paced
-/// transaction holds its row locks longer, and it and a `wait=true` answer
-/// waiting on it take up to twice as long.
+/// PostgreSQL, a usual flush (up to [`PACED_MAX_KEYS`]): statements of this
+/// many rows, each followed, for the first [`PACED_FOR`] of a part, by a
+/// pause as long as it took; the parts one after another. Where the database
+/// shares the service's cores (the embedded stack, a small host), an upsert
+/// of tens of thousands of rows is a burst of CPU that delays the requests
+/// behind it. Pacing only a part's first 400 ms, and only batches of one
+/// part, left a burst at full size after it, and none at all for a flush
+/// just over one part (two parts at once on two connections): PostgreSQL at
+/// 85–100 % of a core for 200–300 ms, the requests' p99 at half the maximum
+/// rate over 100k uniform keys 23 ms against 10 ms now (medians of 8
+/// rounds; `bench/PROFILE.md`).
+/// Larger batches are a backlog and go at full size, on several
+/// connections. The cost: the paced transaction holds its row locks longer,
+/// and it and a `wait=true` answer waiting on it take up to twice as long.
 pub const POSTGRES_PACED_ROWS: usize = 2_000;
 
 /// See [`POSTGRES_PACED_ROWS`].
-const PACED_FOR: std::time::Duration = std::time::Duration::from_millis(400);
+const PACED_FOR: std::time::Duration = std::time::Duration::from_millis(800);
+
+/// Batches of at most this many keys are paced (see [`POSTGRES_PACED_ROWS`]).
+pub const PACED_MAX_KEYS: usize = 100_000;
 
 /// Bind parameters bundled SQLite allows in one statement.
 const SQLITE_MAX_BINDS: usize = 32_766;
@@ -322,10 +327,11 @@ pub async fn write_batch_keyed(
         DbBackend::Postgres => connections.max(1),
         _ => 1,
     };
-    let permits = tokio::sync::Semaphore::new(connections);
+    let pace = batch.len() <= PACED_MAX_KEYS;
+    // A paced batch's parts in turn: two at once would be two bursts again.
+    let permits = tokio::sync::Semaphore::new(if pace { 1 } else { connections });
     // A loop, not a closure: the futures stay `Send` for the flush task.
     let mut writes = Vec::with_capacity(batch.parts.len());
-    let pace = batch.parts.len() == 1;
     for part in &batch.parts {
         writes.push(write_part(
             db,
@@ -481,8 +487,7 @@ async fn write_pass(
     for round in &rounds {
         let mut rest = &round[..];
         while !rest.is_empty() {
-            let paced = pace && pass_started.elapsed() < PACED_FOR;
-            let size = if paced {
+            let size = if pace {
                 POSTGRES_PACED_ROWS
             } else {
                 chunk_rows
@@ -505,7 +510,7 @@ async fn write_pass(
                     rejected.extend(chunk.iter().filter(|(key, _)| !changed.contains(*key)));
                 }
             }
-            if paced && !rest.is_empty() {
+            if pace && pass_started.elapsed() < PACED_FOR && !rest.is_empty() {
                 tokio::time::sleep(started.elapsed()).await;
             }
         }
