@@ -37,7 +37,9 @@ pub const POSTGRES_ROWS_PER_STATEMENT: usize = 10_000;
 /// rounds; `bench/PROFILE.md`).
 /// Larger batches are a backlog and go at full size, on several
 /// connections. The cost: the paced transaction holds its row locks longer,
-/// and it and a `wait=true` answer waiting on it take up to twice as long.
+/// and it and a `wait=true` answer waiting on it take longer (the pauses add
+/// up to about [`PACED_FOR`] to each part, and a second part waits for the
+/// first).
 pub const POSTGRES_PACED_ROWS: usize = 2_000;
 
 /// See [`POSTGRES_PACED_ROWS`].
