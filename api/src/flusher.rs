@@ -19,7 +19,10 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -133,6 +136,9 @@ pub struct Flusher {
     notes: Mutex<Notes>,
     /// Wakes the loop for an early flush (a durable request is waiting).
     flush_soon: tokio::sync::Notify,
+    /// Durable requests waiting now: while there are any, the write does
+    /// not pace itself (a paced flush made them wait three times as long).
+    durable_waiters: AtomicUsize,
     /// The batch in flight, behind the lock that serialises flushes (the
     /// loop, `/admin/flush`, the final flush and tests all call `flush_once`).
     in_flight: Arc<tokio::sync::Mutex<Option<Arc<Batch>>>>,
@@ -224,6 +230,23 @@ struct DrainNotes {
     repeats_left_out: bool,
 }
 
+/// Counts a durable request as waiting for as long as it lives (a request
+/// whose client went away is dropped mid-wait).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn on(waiters: &'a AtomicUsize) -> Self {
+        waiters.fetch_add(1, Ordering::Relaxed);
+        Self(waiters)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// How a durable request's wait ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitOutcome {
@@ -298,6 +321,7 @@ impl Flusher {
             committed: tokio::sync::watch::Sender::new(0),
             notes: Mutex::default(),
             flush_soon: tokio::sync::Notify::new(),
+            durable_waiters: AtomicUsize::new(0),
             in_flight: Arc::default(),
             drain_gate: Arc::default(),
             last_prune: Mutex::new(None),
@@ -560,6 +584,7 @@ impl Flusher {
             Utc::now(),
             self.write_connections,
             self.idempotency_window,
+            &self.durable_waiters,
         )
         .await
         .map_err(|source| FlushError::Database {
@@ -686,6 +711,7 @@ impl Flusher {
         timeout: Duration,
     ) -> WaitOutcome {
         let mut committed = self.committed.subscribe();
+        let _waiting = Waiting::on(&self.durable_waiters);
         self.flush_soon.notify_one();
         let reached = tokio::time::timeout(timeout, committed.wait_for(|c| *c >= ticket))
             .await

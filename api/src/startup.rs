@@ -533,7 +533,15 @@ async fn write_spilled(
     let mut keys = 0;
     for batch in batches {
         // Spilled batches come back as one part each: one connection.
-        store::write_batch_keyed(db, batch, chrono::Utc::now(), 1, idempotency_window).await?;
+        store::write_batch_keyed(
+            db,
+            batch,
+            chrono::Utc::now(),
+            1,
+            idempotency_window,
+            &std::sync::atomic::AtomicUsize::new(0),
+        )
+        .await?;
         keys += batch.len();
     }
     tracing::warn!(

@@ -9,6 +9,7 @@
 //! written again.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::{DateTime, SubsecRound, Utc};
 use entity::{counters, flush_batches, idempotency_keys, journal_offsets, rejected_increments};
@@ -36,12 +37,11 @@ pub const POSTGRES_ROWS_PER_STATEMENT: usize = 10_000;
 /// rate over 100k uniform keys 23 ms against 10 ms now (medians of 8
 /// rounds; `bench/PROFILE.md`).
 /// Larger batches are a backlog and go at full size, on several
-/// connections. The cost: the paced transaction holds its row locks longer,
-/// and it and a `wait=true` answer waiting on it take longer (the pauses add
-/// up to about [`PACED_FOR`] to each part, a second part waits for the
-/// first, and each small statement is a round trip through a busy worker):
-/// at 35,000 req/s over 100k uniform keys on two cores, `wait=true` took
-/// 1.8–2.3 s instead of 0.5–0.7 s (`bench/PROFILE.md`).
+/// connections. The cost: the paced transaction holds its row locks longer.
+/// A durable request (`wait=true`) waiting on the flush ends the pacing (see
+/// [`write_batch_keyed`]): paced, `wait=true` under 35,000 req/s over 100k
+/// uniform keys on two cores took 1.8–2.3 s instead of 0.5–0.7 s; with the
+/// pacing ended 0.03–0.35 s (`bench/PROFILE.md`).
 pub const POSTGRES_PACED_ROWS: usize = 2_000;
 
 /// See [`POSTGRES_PACED_ROWS`].
@@ -284,7 +284,15 @@ pub async fn write_batch(
     now: DateTime<Utc>,
     connections: usize,
 ) -> Result<WriteOutcome, DbErr> {
-    write_batch_keyed(db, batch, now, connections, DEFAULT_IDEMPOTENCY_WINDOW).await
+    write_batch_keyed(
+        db,
+        batch,
+        now,
+        connections,
+        DEFAULT_IDEMPOTENCY_WINDOW,
+        &AtomicUsize::new(0),
+    )
+    .await
 }
 
 /// How long an applied `Idempotency-Key` is remembered unless configured.
@@ -314,6 +322,8 @@ pub fn window_start(at: DateTime<Utc>, window: chrono::Duration) -> DateTime<Utc
 
 /// [`write_batch`], remembering the batch's `Idempotency-Key`s for
 /// `idempotency_window`: a key applied longer ago than that counts as new.
+/// While `waiters` is above zero (durable requests wait for a flush), the
+/// write is not paced, or stops pacing: full-size statements, no pauses.
 ///
 /// # Errors
 /// As [`write_batch`].
@@ -324,6 +334,7 @@ pub async fn write_batch_keyed(
     now: DateTime<Utc>,
     connections: usize,
     idempotency_window: std::time::Duration,
+    waiters: &AtomicUsize,
 ) -> Result<WriteOutcome, DbErr> {
     let keys_window =
         chrono::Duration::from_std(idempotency_window).unwrap_or(chrono::Duration::MAX);
@@ -331,7 +342,7 @@ pub async fn write_batch_keyed(
         DbBackend::Postgres => connections.max(1),
         _ => 1,
     };
-    let pace = batch.len() <= PACED_MAX_KEYS;
+    let pace = batch.len() <= PACED_MAX_KEYS && waiters.load(Ordering::Relaxed) == 0;
     // A paced batch's parts in turn: two at once would be two bursts again.
     let permits = tokio::sync::Semaphore::new(if pace { 1 } else { connections });
     // A loop, not a closure: the futures stay `Send` for the flush task.
@@ -348,7 +359,7 @@ pub async fn write_batch_keyed(
                 keys_window,
             },
             now,
-            pace,
+            pace.then_some(waiters),
         ));
     }
     let results = futures::future::join_all(writes).await;
@@ -380,7 +391,7 @@ async fn write_part(
     rows: &[(String, i128)],
     guards: Guards<'_>,
     now: DateTime<Utc>,
-    pace: bool,
+    pace: Option<&AtomicUsize>,
 ) -> Result<WriteOutcome, DbErr> {
     let _permit = permits
         .acquire()
@@ -432,7 +443,7 @@ async fn write_pass(
     guards: Guards<'_>,
     now: DateTime<Utc>,
     pass: Pass,
-    pace: bool,
+    pace: Option<&AtomicUsize>,
 ) -> Result<PassOutcome, DbErr> {
     let journal = guards.journal;
     let txn = db.begin().await?;
@@ -485,13 +496,17 @@ async fn write_pass(
         _ => SQLITE_ROWS_PER_STATEMENT,
     };
     let mut rejected: Vec<(&str, i64)> = Vec::new();
-    let pace = pace && backend == DbBackend::Postgres;
+    // Paced (on PostgreSQL) until a durable request waits.
+    let mut pace = pace.filter(|_| backend == DbBackend::Postgres);
     let pass_started = std::time::Instant::now();
     let rounds = rounds(rows);
     for round in &rounds {
         let mut rest = &round[..];
         while !rest.is_empty() {
-            let size = if pace {
+            if pace.is_some_and(|waiters| waiters.load(Ordering::Relaxed) > 0) {
+                pace = None;
+            }
+            let size = if pace.is_some() {
                 POSTGRES_PACED_ROWS
             } else {
                 chunk_rows
@@ -514,7 +529,7 @@ async fn write_pass(
                     rejected.extend(chunk.iter().filter(|(key, _)| !changed.contains(*key)));
                 }
             }
-            if pace && pass_started.elapsed() < PACED_FOR && !rest.is_empty() {
+            if pace.is_some() && pass_started.elapsed() < PACED_FOR && !rest.is_empty() {
                 tokio::time::sleep(started.elapsed()).await;
             }
         }

@@ -257,17 +257,20 @@ async fn a_usual_flush_on_postgres_goes_in_paced_statements(db: TestDb) {
 /// A flush just over one part (two parts) is paced like a smaller one, its
 /// parts one after the other; it used to go at full size on two connections
 /// at once, PostgreSQL's largest burst of CPU under steady load. Over
-/// `PACED_MAX_KEYS` a batch is a backlog: full-size statements. SQLite is
-/// never paced. Totals exact.
+/// `PACED_MAX_KEYS` a batch is a backlog: full-size statements. So is a
+/// usual flush while a durable request waits on it (pacing made `wait=true`
+/// three times as slow). SQLite is never paced. Totals exact.
 async fn a_flush_just_over_one_part_is_paced_and_a_backlog_is_not(db: TestDb) {
     let backend = db.backend;
     let app = spawn_app(db).await;
     let now = chrono::Utc::now();
+    let usual = api::batch::PART_ROWS + 1_000;
     let sizes = [
-        ("usual", api::batch::PART_ROWS + 1_000),
-        ("backlog", store::PACED_MAX_KEYS + 1),
+        ("usual", usual, 0),
+        ("waited-on", usual, 1),
+        ("backlog", store::PACED_MAX_KEYS + 1, 0),
     ];
-    for (name, keys) in sizes {
+    for (name, keys, waiters) in sizes {
         let batch = Batch::new((0..keys).map(|i| (format!("{name}-{i:06}"), 1)), 0);
         assert!(batch.parts.len() >= 2, "{name}: several parts");
         let rows_per_statement = match (backend, name) {
@@ -280,7 +283,17 @@ async fn a_flush_just_over_one_part_is_paced_and_a_backlog_is_not(db: TestDb) {
             .iter()
             .map(|part| batch.rows(part).len().div_ceil(rows_per_statement))
             .sum();
-        match store::write_batch(&app.connection, &batch, now, 2).await {
+        let waiters = std::sync::atomic::AtomicUsize::new(waiters);
+        let written = store::write_batch_keyed(
+            &app.connection,
+            &batch,
+            now,
+            2,
+            store::DEFAULT_IDEMPOTENCY_WINDOW,
+            &waiters,
+        )
+        .await;
+        match written {
             Ok(store::WriteOutcome::Committed { statements, .. }) => {
                 assert_eq!(statements, expected, "{name}");
             }
@@ -290,7 +303,7 @@ async fn a_flush_just_over_one_part_is_paced_and_a_backlog_is_not(db: TestDb) {
     let counters = app.counters().await;
     assert_eq!(
         counters.len(),
-        sizes.iter().map(|(_, keys)| keys).sum::<usize>()
+        sizes.iter().map(|(_, keys, _)| keys).sum::<usize>()
     );
     assert!(counters.values().all(|v| *v == 1));
 }

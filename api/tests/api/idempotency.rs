@@ -866,7 +866,7 @@ async fn a_keyed_part_replayed_after_its_ledger_row_was_pruned_is_not_applied_ag
         let (connection, batch) = (connection.clone(), &batch);
         async move {
             let window = Duration::from_secs(7 * 24 * 3600);
-            api::store::write_batch_keyed(&connection, batch, now, 2, window)
+            api::store::write_batch_keyed(&connection, batch, now, 2, window, &Default::default())
                 .await
                 .unwrap()
         }
@@ -920,7 +920,7 @@ async fn a_repeat_written_after_the_window_is_judged_by_when_it_was_taken(db: Te
                 .map(|request| i128::from(request.items[0].1))
                 .sum();
             let batch = Batch::new([("a".to_owned(), total)], 1).guarding(keyed);
-            api::store::write_batch_keyed(&connection, &batch, now, 2, window)
+            api::store::write_batch_keyed(&connection, &batch, now, 2, window, &Default::default())
                 .await
                 .unwrap()
         }
