@@ -138,7 +138,11 @@ pub struct Flusher {
     flush_soon: tokio::sync::Notify,
     /// Durable requests waiting now: while there are any, the write does
     /// not pace itself (a paced flush made them wait three times as long).
+    /// With the journal on, a durable message read and not yet drained
+    /// counts as one (see [`Self::request_durable_flush`]).
     durable_waiters: AtomicUsize,
+    /// A durable message was read since the last drain.
+    durable_read: std::sync::atomic::AtomicBool,
     /// The batch in flight, behind the lock that serialises flushes (the
     /// loop, `/admin/flush`, the final flush and tests all call `flush_once`).
     in_flight: Arc<tokio::sync::Mutex<Option<Arc<Batch>>>>,
@@ -322,6 +326,7 @@ impl Flusher {
             notes: Mutex::default(),
             flush_soon: tokio::sync::Notify::new(),
             durable_waiters: AtomicUsize::new(0),
+            durable_read: std::sync::atomic::AtomicBool::new(false),
             in_flight: Arc::default(),
             drain_gate: Arc::default(),
             last_prune: Mutex::new(None),
@@ -360,6 +365,20 @@ impl Flusher {
 
     /// Asks the loop for an early flush.
     pub fn request_flush(&self) {
+        self.flush_soon.notify_one();
+    }
+
+    /// Asks the loop for an early flush, unpaced, because a durable message
+    /// was recorded into the batcher: its request waits on this instance or
+    /// on another one, where `wait_committed` cannot count it. The message
+    /// counts as a waiter from now until the write of the next drain (which
+    /// holds it, or an earlier drain did) ends.
+    pub fn request_durable_flush(&self) {
+        self.durable_waiters.fetch_add(1, Ordering::Relaxed);
+        if self.durable_read.swap(true, Ordering::Relaxed) {
+            // Counted already, by a message not yet drained.
+            self.durable_waiters.fetch_sub(1, Ordering::Relaxed);
+        }
         self.flush_soon.notify_one();
     }
 
@@ -472,6 +491,12 @@ impl Flusher {
             span.add_link(request);
         }
         let (mut in_flight, number) = self.drain_into(in_flight).await?;
+        // A durable message read before this drain is in it (or was in an
+        // earlier one); its count lasts until this write ends.
+        let _durable_read = self
+            .durable_read
+            .swap(false, Ordering::Relaxed)
+            .then(|| Waiting(&self.durable_waiters));
         match in_flight.as_ref().map(Arc::clone) {
             Some(batch) => {
                 statements += self.write(&mut in_flight, &batch).await?;

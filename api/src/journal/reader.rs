@@ -333,7 +333,7 @@ impl Reader {
                     }
                     marks.note(sequence, published.timestamp_millis());
                     if durable {
-                        self.flusher.request_flush();
+                        self.flusher.request_durable_flush();
                     }
                 }
             }

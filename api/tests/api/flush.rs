@@ -15,6 +15,7 @@ db_tests!(
     large_batches_are_chunked_under_the_bind_limit,
     a_usual_flush_on_postgres_goes_in_paced_statements,
     a_flush_just_over_one_part_is_paced_and_a_backlog_is_not,
+    a_durable_message_read_ends_the_pacing_of_the_next_flush_only,
     concurrent_increments_under_eviction_and_expiry_are_written_exactly_once,
     a_drain_cut_off_by_the_shutdown_deadline_is_still_accounted_for,
     a_cancelled_flush_leaves_its_batch_to_the_next_one,
@@ -306,6 +307,64 @@ async fn a_flush_just_over_one_part_is_paced_and_a_backlog_is_not(db: TestDb) {
         sizes.iter().map(|(_, keys, _)| keys).sum::<usize>()
     );
     assert!(counters.values().all(|v| *v == 1));
+}
+
+/// With the journal on, a durable request's message is read by whichever
+/// instance's reader gets it, where no `wait=true` request counts as a
+/// waiter: the reader's word that it read one must end the pacing of the
+/// flush that writes it, and of that one only. Totals exact.
+async fn a_durable_message_read_ends_the_pacing_of_the_next_flush_only(db: TestDb) {
+    use api::{Batcher, Flusher, metrics::Metrics};
+    use migration::MigratorTrait;
+    use sea_orm::EntityTrait;
+
+    let backend = db.backend;
+    let connection = db.connect().await;
+    migration::Migrator::up(&connection, None)
+        .await
+        .expect("migrations apply");
+    let keys = 3 * store::POSTGRES_PACED_ROWS;
+    let batcher = Arc::new(Batcher::new(
+        std::num::NonZeroU64::new(2 * keys as u64).expect("non-zero"),
+        Duration::from_secs(3600),
+    ));
+    // No flush loop: the early flush it is asked for would race this one.
+    let flusher = Flusher::new(
+        Arc::clone(&batcher),
+        connection.clone(),
+        Arc::new(Metrics::new()),
+        Arc::default(),
+        Duration::from_secs(3600),
+    );
+    let paced = match backend {
+        Backend::Sqlite => 1,
+        Backend::Postgres => 3,
+    };
+    for (round, durable_read, expected) in [(0, true, 1), (1, false, paced)] {
+        for i in 0..keys {
+            batcher
+                .record(&format!("durable-{i:05}"), 1)
+                .expect("recorded");
+        }
+        if durable_read {
+            // Twice, as by two messages before one drain: still one flush.
+            flusher.request_durable_flush();
+            flusher.request_durable_flush();
+        }
+        let Ok(FlushOutcome::Written { statements, .. }) = flusher.flush_once().await else {
+            panic!("round {round}: expected a written batch");
+        };
+        assert_eq!(statements, expected, "round {round}");
+    }
+    let counters: Vec<i64> = entity::counters::Entity::find()
+        .all(&connection)
+        .await
+        .expect("counters read")
+        .into_iter()
+        .map(|counter| counter.value)
+        .collect();
+    assert_eq!(counters.len(), keys);
+    assert!(counters.iter().all(|v| *v == 2));
 }
 
 async fn concurrent_increments_under_eviction_and_expiry_are_written_exactly_once(db: TestDb) {
