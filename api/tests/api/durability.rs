@@ -175,9 +175,7 @@ async fn new_keys_get_503_past_the_pending_bound(db: TestDb) {
 /// no real seconds; the database is touched only before time is paused.)
 #[tokio::test]
 async fn a_durable_wait_ends_at_its_deadline_in_virtual_time() {
-    use std::num::NonZeroU64;
-
-    use api::{Batcher, Flusher, flusher::WaitOutcome, metrics::Metrics};
+    use api::flusher::WaitOutcome;
     use migration::MigratorTrait;
 
     let db = TestDb::sqlite().await;
@@ -185,17 +183,8 @@ async fn a_durable_wait_ends_at_its_deadline_in_virtual_time() {
     migration::Migrator::up(&connection, None)
         .await
         .expect("migrations apply");
-    let batcher = Arc::new(Batcher::new(
-        NonZeroU64::new(100).expect("non-zero"),
-        Duration::from_secs(60),
-    ));
-    let flusher = Flusher::new(
-        Arc::clone(&batcher),
-        connection,
-        Arc::new(Metrics::new()),
-        Arc::default(),
-        Duration::from_secs(3600),
-    );
+    let (batcher, flusher) =
+        crate::helpers::loopless_flusher(&connection, 100, Duration::from_secs(60));
     let committed = batcher.record_durable("done", 1).expect("recorded");
     flusher.flush_once().await.expect("the flush succeeds");
     let pending = batcher.record_durable("waiting", 1).expect("recorded");

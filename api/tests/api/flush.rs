@@ -314,7 +314,6 @@ async fn a_flush_just_over_one_part_is_paced_and_a_backlog_is_not(db: TestDb) {
 /// waiter: the reader's word that it read one must end the pacing of the
 /// flush that writes it, and of that one only. Totals exact.
 async fn a_durable_message_read_ends_the_pacing_of_the_next_flush_only(db: TestDb) {
-    use api::{Batcher, Flusher, metrics::Metrics};
     use migration::MigratorTrait;
     use sea_orm::EntityTrait;
 
@@ -324,18 +323,9 @@ async fn a_durable_message_read_ends_the_pacing_of_the_next_flush_only(db: TestD
         .await
         .expect("migrations apply");
     let keys = 3 * store::POSTGRES_PACED_ROWS;
-    let batcher = Arc::new(Batcher::new(
-        std::num::NonZeroU64::new(2 * keys as u64).expect("non-zero"),
-        Duration::from_secs(3600),
-    ));
     // No flush loop: the early flush it is asked for would race this one.
-    let flusher = Flusher::new(
-        Arc::clone(&batcher),
-        connection.clone(),
-        Arc::new(Metrics::new()),
-        Arc::default(),
-        Duration::from_secs(3600),
-    );
+    let (batcher, flusher) =
+        crate::helpers::loopless_flusher(&connection, 2 * keys as u64, Duration::from_secs(3600));
     let paced = match backend {
         Backend::Sqlite => 1,
         Backend::Postgres => 3,

@@ -5,6 +5,28 @@ use poem::http::StatusCode;
 use testkit::TestDb;
 pub use testkit::{Response, TestApp, test_settings};
 
+/// A batcher holding up to `capacity` keys for `ttl`, and a flusher writing
+/// it to `connection`, driven by the test alone: no flush loop to race the
+/// test's own flushes, no reader, no HTTP.
+pub fn loopless_flusher(
+    connection: &sea_orm::DatabaseConnection,
+    capacity: u64,
+    ttl: Duration,
+) -> (std::sync::Arc<api::Batcher>, api::Flusher) {
+    let batcher = std::sync::Arc::new(api::Batcher::new(
+        std::num::NonZeroU64::new(capacity).expect("a capacity above zero"),
+        ttl,
+    ));
+    let flusher = api::Flusher::new(
+        std::sync::Arc::clone(&batcher),
+        connection.clone(),
+        std::sync::Arc::new(api::metrics::Metrics::new()),
+        std::sync::Arc::default(),
+        Duration::from_secs(3600),
+    );
+    (batcher, flusher)
+}
+
 pub async fn spawn_app(db: TestDb) -> TestApp {
     let settings = test_settings(&db);
     TestApp::start(db, settings).await

@@ -1,13 +1,12 @@
 //! The journal mode (`--journal-url`) with a private nats-server: a 202 is
 //! stored in the stream, applied once, and a 503 means nothing was taken.
 
-use std::{num::NonZeroU64, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use crate::helpers::post_waiting;
 use api::{
     Batcher, FlushOutcome, Flusher, ShutdownReport,
     journal::{Cursor, JournalSettings, codec::Message},
-    metrics::Metrics,
 };
 use http::StatusCode;
 use migration::MigratorTrait;
@@ -495,18 +494,9 @@ fn journal_writer(
     connection: &sea_orm::DatabaseConnection,
     cursor: &Arc<Cursor>,
 ) -> (Arc<Batcher>, Arc<Flusher>) {
-    let batcher = Arc::new(Batcher::new(
-        NonZeroU64::new(1000).expect("non-zero"),
-        Duration::from_secs(3600),
-    ));
-    let flusher = Flusher::new(
-        Arc::clone(&batcher),
-        connection.clone(),
-        Arc::new(Metrics::new()),
-        Arc::default(),
-        Duration::from_secs(3600),
-    )
-    .with_journal(Arc::clone(cursor));
+    let (batcher, flusher) =
+        crate::helpers::loopless_flusher(connection, 1000, Duration::from_secs(3600));
+    let flusher = flusher.with_journal(Arc::clone(cursor));
     (batcher, Arc::new(flusher))
 }
 
