@@ -176,13 +176,9 @@ async fn new_keys_get_503_past_the_pending_bound(db: TestDb) {
 #[tokio::test]
 async fn a_durable_wait_ends_at_its_deadline_in_virtual_time() {
     use api::flusher::WaitOutcome;
-    use migration::MigratorTrait;
 
     let db = TestDb::sqlite().await;
-    let connection = db.connect().await;
-    migration::Migrator::up(&connection, None)
-        .await
-        .expect("migrations apply");
+    let connection = crate::helpers::migrated_connection(&db).await;
     let (batcher, flusher) =
         crate::helpers::loopless_flusher(&connection, 100, Duration::from_secs(60));
     let committed = batcher.record_durable("done", 1).expect("recorded");

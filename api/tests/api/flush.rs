@@ -314,14 +314,8 @@ async fn a_flush_just_over_one_part_is_paced_and_a_backlog_is_not(db: TestDb) {
 /// waiter: the reader's word that it read one must end the pacing of the
 /// flush that writes it, and of that one only. Totals exact.
 async fn a_durable_message_read_ends_the_pacing_of_the_next_flush_only(db: TestDb) {
-    use migration::MigratorTrait;
-    use sea_orm::EntityTrait;
-
     let backend = db.backend;
-    let connection = db.connect().await;
-    migration::Migrator::up(&connection, None)
-        .await
-        .expect("migrations apply");
+    let connection = crate::helpers::migrated_connection(&db).await;
     let keys = 3 * store::POSTGRES_PACED_ROWS;
     // No flush loop: the early flush it is asked for would race this one.
     let (batcher, flusher) =
@@ -346,15 +340,9 @@ async fn a_durable_message_read_ends_the_pacing_of_the_next_flush_only(db: TestD
         };
         assert_eq!(statements, expected, "round {round}");
     }
-    let counters: Vec<i64> = entity::counters::Entity::find()
-        .all(&connection)
-        .await
-        .expect("counters read")
-        .into_iter()
-        .map(|counter| counter.value)
-        .collect();
+    let counters = db.counters().await;
     assert_eq!(counters.len(), keys);
-    assert!(counters.iter().all(|v| *v == 2));
+    assert!(counters.values().all(|v| *v == 2));
 }
 
 async fn concurrent_increments_under_eviction_and_expiry_are_written_exactly_once(db: TestDb) {

@@ -5,6 +5,17 @@ use poem::http::StatusCode;
 use testkit::TestDb;
 pub use testkit::{Response, TestApp, test_settings};
 
+/// A connection to `db` with the migrations applied, for tests that drive
+/// the flusher or the store without an app.
+pub async fn migrated_connection(db: &TestDb) -> sea_orm::DatabaseConnection {
+    use migration::MigratorTrait;
+    let connection = db.connect().await;
+    migration::Migrator::up(&connection, None)
+        .await
+        .expect("migrations apply");
+    connection
+}
+
 /// A batcher holding up to `capacity` keys for `ttl`, and a flusher writing
 /// it to `connection`, driven by the test alone: no flush loop to race the
 /// test's own flushes, no reader, no HTTP.

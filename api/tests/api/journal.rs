@@ -9,7 +9,6 @@ use api::{
     journal::{Cursor, JournalSettings, codec::Message},
 };
 use http::StatusCode;
-use migration::MigratorTrait;
 use testkit::{NatsServer, TestApp, TestDb, db_tests, eventually};
 
 fn journaled(nats: &NatsServer) -> impl FnOnce(&mut api::Settings) + '_ {
@@ -152,8 +151,7 @@ async fn with_nats_unreachable_increments_get_503_and_nothing_is_counted(db: Tes
 /// purge, a lease taken over while the old holder still flushes): the
 /// stored offset lets only the first batch commit.
 async fn a_second_writer_of_the_same_messages_applies_nothing(db: TestDb) {
-    let connection = db.connect().await;
-    migration::Migrator::up(&connection, None).await.unwrap();
+    let connection = crate::helpers::migrated_connection(&db).await;
     let writer = |cursor: &Arc<Cursor>| journal_writer(&connection, cursor);
     let (first_cursor, second_cursor) = (Cursor::new("s"), Cursor::new("s"));
     let (first_batcher, first) = writer(&first_cursor);
@@ -606,10 +604,7 @@ async fn a_consumer_that_recreates_itself_from_the_stream_start_applies_nothing_
     use async_nats::jetstream::message::PublishMessage;
     use futures::TryStreamExt;
     let nats = NatsServer::start();
-    let connection = db.connect().await;
-    migration::Migrator::up(&connection, None)
-        .await
-        .expect("migrated");
+    let connection = crate::helpers::migrated_connection(&db).await;
     let journal = api::journal::Journal::connect(JournalSettings::new(nats.url()))
         .await
         .expect("the stream");
