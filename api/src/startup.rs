@@ -330,11 +330,12 @@ impl Application {
             flusher,
             journal,
         } = self;
+        let mut background = AbortOnDrop::default();
         let stop_flushing = CancellationToken::new();
-        let flush_loop =
-            tokio::spawn(Arc::clone(&flusher).run_until_stopped(stop_flushing.clone()));
+        let flush_loop = background
+            .spawn(Arc::clone(&flusher).run_until_stopped(stop_flushing.clone()));
         let spill_rescan = settings.spill_dir.clone().map(|dir| {
-            tokio::spawn(rescan_spill_dir(
+            background.spawn(rescan_spill_dir(
                 state.db.clone(),
                 dir,
                 settings.spill_rescan_interval,
@@ -347,9 +348,9 @@ impl Application {
             |JournalParts {
                  publisher, reader, ..
              }| {
-                let publishing = tokio::spawn(publisher.run(stop_journal.clone()));
+                let publishing = background.spawn(publisher.run(stop_journal.clone()));
                 let reader = Arc::new(reader);
-                let reading = tokio::spawn({
+                let reading = background.spawn({
                     let reader = Arc::clone(&reader);
                     let stop = stop_journal.clone();
                     async move { reader.run_until_stopped(stop).await }
@@ -373,7 +374,7 @@ impl Application {
                 stop_serving.cancel();
             }
         };
-        let signal = tokio::spawn(signal);
+        let signal = background.spawn(signal);
         tracing::info!(addr = %local_addr, "listening");
         let http_drain = settings.shutdown_timeout / 2;
         let limits = ConnectionLimits {
@@ -447,6 +448,33 @@ impl Application {
         }
         drop(spill_lock);
         report
+    }
+}
+
+/// The application's background tasks (flush loop, journal, spill rescan),
+/// aborted when the future serving it is dropped mid-run: nothing of an
+/// application cut off that way (a test's crash) goes on flushing, reading
+/// the journal or renewing its lease, as nothing of a killed process would.
+/// A shutdown has joined them all before this is dropped.
+#[derive(Default)]
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl AbortOnDrop {
+    fn spawn<T: Send + 'static>(
+        &mut self,
+        task: impl Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        let handle = tokio::spawn(task);
+        self.0.push(handle.abort_handle());
+        handle
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
     }
 }
 

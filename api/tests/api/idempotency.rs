@@ -754,6 +754,9 @@ async fn with_the_journal_a_retry_after_a_crash_is_applied_once(db: TestDb) {
         journal.ack_timeout = Duration::from_secs(2);
         settings.journal = Some(journal);
         settings.flush_interval = Duration::from_millis(100);
+        // The new instance applies nothing until the crashed one's writer
+        // lease runs out (`journal::reader::LEASE`).
+        settings.wait_timeout = Duration::from_secs(20);
     };
     let app = TestApp::start_with(db, journaled).await;
     keyed(&app, "journal-1", "a", 5)

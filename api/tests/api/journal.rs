@@ -34,6 +34,7 @@ db_tests!(
     a_stream_created_again_is_not_applied_by_the_writer_after_another_instance_saw_it,
     an_unconfirmed_keyed_request_keeps_its_key_from_another_body,
     a_stream_whose_messages_cannot_hold_a_request_stops_the_start,
+    after_a_writer_crashes_the_next_instance_takes_its_lease_and_its_backlog,
 );
 
 async fn every_202_is_applied_once_through_the_journal(db: TestDb) {
@@ -521,6 +522,41 @@ async fn until_it_holds_the_lease(app: &TestApp) {
         app.scrape().await.contains("increment_journal_writer 1\n")
     })
     .await;
+}
+
+/// A crashed writer leaves nothing running: nothing of it renews its lease
+/// or applies what it recorded, so the next instance takes the lease once
+/// it runs out and applies the messages the crashed one never wrote.
+async fn after_a_writer_crashes_the_next_instance_takes_its_lease_and_its_backlog(db: TestDb) {
+    let nats = NatsServer::start();
+    let only_explicit_flushes = |settings: &mut api::Settings| {
+        journaled(&nats)(settings);
+        settings.flush_interval = Duration::from_secs(3600);
+    };
+    let app = TestApp::start_with(db, only_explicit_flushes).await;
+    until_it_holds_the_lease(&app).await;
+    app.increment("a", 5)
+        .await
+        .assert_status(StatusCode::ACCEPTED);
+    eventually(
+        Duration::from_secs(20),
+        "the writer recorded the message",
+        || async { app.batcher.pending_for("a") == Some(5) },
+    )
+    .await;
+    let db = app.crash().await;
+
+    let app = TestApp::start_with(db, only_explicit_flushes).await;
+    until_it_holds_the_lease(&app).await;
+    eventually(
+        Duration::from_secs(20),
+        "the new writer read the crashed one's backlog",
+        || async { app.batcher.pending_for("a") == Some(5) },
+    )
+    .await;
+    app.flush().await;
+    assert_eq!(app.counters().await, [("a".to_owned(), 5)].into());
+    app.shut_down_cleanly().await;
 }
 
 /// Durable requests on an instance without the writer lease learn from the
