@@ -332,8 +332,8 @@ impl Application {
         } = self;
         let mut background = AbortOnDrop::default();
         let stop_flushing = CancellationToken::new();
-        let flush_loop = background
-            .spawn(Arc::clone(&flusher).run_until_stopped(stop_flushing.clone()));
+        let flush_loop =
+            background.spawn(Arc::clone(&flusher).run_until_stopped(stop_flushing.clone()));
         let spill_rescan = settings.spill_dir.clone().map(|dir| {
             background.spawn(rescan_spill_dir(
                 state.db.clone(),
