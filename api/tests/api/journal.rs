@@ -472,12 +472,7 @@ async fn a_crash_between_commit_and_acknowledgement_applies_nothing_twice() {
     app.increment("b", 10)
         .await
         .assert_status(StatusCode::ACCEPTED);
-    eventually(
-        Duration::from_secs(30),
-        "the new reader took the new message",
-        || async { app.batcher.pending_for("b") == Some(10) },
-    )
-    .await;
+    until_recorded(&app, "b", 10).await;
     app.flusher.flush_once().await.expect("the flush succeeds");
     assert_eq!(
         app.counters().await,
@@ -517,6 +512,17 @@ async fn writer_and_other(db: TestDb, nats: &NatsServer) -> (TestApp, TestApp) {
     (writer, other)
 }
 
+/// Waits until the instance's reader has recorded journal messages adding
+/// up to `pending` for `key`.
+async fn until_recorded(app: &TestApp, key: &str, pending: i128) {
+    eventually(
+        Duration::from_secs(30),
+        "the reader recorded the messages",
+        || async { app.batcher.pending_for(key) == Some(pending) },
+    )
+    .await;
+}
+
 async fn until_it_holds_the_lease(app: &TestApp) {
     eventually(Duration::from_secs(20), "it holds the lease", || async {
         app.scrape().await.contains("increment_journal_writer 1\n")
@@ -538,22 +544,13 @@ async fn after_a_writer_crashes_the_next_instance_takes_its_lease_and_its_backlo
     app.increment("a", 5)
         .await
         .assert_status(StatusCode::ACCEPTED);
-    eventually(
-        Duration::from_secs(20),
-        "the writer recorded the message",
-        || async { app.batcher.pending_for("a") == Some(5) },
-    )
-    .await;
+    until_recorded(&app, "a", 5).await;
     let db = app.crash().await;
 
     let app = TestApp::start_with(db, only_explicit_flushes).await;
     until_it_holds_the_lease(&app).await;
-    eventually(
-        Duration::from_secs(20),
-        "the new writer read the crashed one's backlog",
-        || async { app.batcher.pending_for("a") == Some(5) },
-    )
-    .await;
+    // The crashed writer's backlog.
+    until_recorded(&app, "a", 5).await;
     app.flush().await;
     assert_eq!(app.counters().await, [("a".to_owned(), 5)].into());
     app.shut_down_cleanly().await;
