@@ -455,7 +455,8 @@ impl Application {
 /// aborted when the future serving it is dropped mid-run: nothing of an
 /// application cut off that way (a test's crash) goes on flushing, reading
 /// the journal or renewing its lease, as nothing of a killed process would.
-/// A shutdown has joined them all before this is dropped.
+/// A shutdown has ended them all (joined, or cut off at its deadline)
+/// before this is dropped.
 #[derive(Default)]
 struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
 
