@@ -207,7 +207,7 @@ async fn large_batches_are_chunked_under_the_bind_limit(db: TestDb) {
     // PostgreSQL writes a usual flush in smaller, paced statements.
     let expected = (keys as usize).div_ceil(match backend {
         Backend::Sqlite => store::SQLITE_ROWS_PER_STATEMENT,
-        Backend::Postgres => store::POSTGRES_PACED_ROWS,
+        Backend::Postgres => store::paced_rows(keys as usize),
     });
     assert!(expected > 1, "the test must need several chunks");
     match app.flush().await {
@@ -226,14 +226,16 @@ async fn large_batches_are_chunked_under_the_bind_limit(db: TestDb) {
     assert!((0..keys).all(|i| counters[&format!("key-{i:05}")] == i));
 }
 
-/// A usual flush goes in statements of `POSTGRES_PACED_ROWS` on PostgreSQL
-/// (paced: the first ones followed by pauses), where unpaced it would be
-/// one statement; SQLite is not paced. Totals exact.
+/// A usual flush goes in paced statements on PostgreSQL (the first ones
+/// followed by pauses): of `POSTGRES_PACED_SHORT_ROWS` rows for a small
+/// flush, where unpaced it would be one statement; SQLite is not paced.
+/// Totals exact.
 async fn a_usual_flush_on_postgres_goes_in_paced_statements(db: TestDb) {
     let backend = db.backend;
     let app = spawn_app(db).await;
     let keys = 3 * store::POSTGRES_PACED_ROWS;
     assert!(keys < store::SQLITE_ROWS_PER_STATEMENT.min(store::POSTGRES_ROWS_PER_STATEMENT));
+    assert!(keys <= store::PACED_SHORT_MAX_KEYS, "a small flush");
     for i in 0..keys {
         assert_accepted(app.increment(&format!("paced-{i:05}"), 2).await).await;
     }
@@ -248,7 +250,9 @@ async fn a_usual_flush_on_postgres_goes_in_paced_statements(db: TestDb) {
     assert_eq!(written, keys);
     match backend {
         Backend::Sqlite => assert_eq!(statements, 1),
-        Backend::Postgres => assert_eq!(statements, 3),
+        Backend::Postgres => {
+            assert_eq!(statements, keys.div_ceil(store::POSTGRES_PACED_SHORT_ROWS))
+        }
     }
     let counters = app.counters().await;
     assert_eq!(counters.len(), keys);
@@ -266,6 +270,7 @@ async fn a_flush_just_over_one_part_is_paced_and_a_backlog_is_not(db: TestDb) {
     let app = spawn_app(db).await;
     let now = chrono::Utc::now();
     let usual = api::batch::PART_ROWS + 1_000;
+    assert!(usual > store::PACED_SHORT_MAX_KEYS, "not a small flush");
     let sizes = [
         ("usual", usual, 0),
         ("waited-on", usual, 1),
@@ -322,7 +327,7 @@ async fn a_durable_message_read_ends_the_pacing_of_the_next_flush_only(db: TestD
         crate::helpers::loopless_flusher(&connection, 2 * keys as u64, Duration::from_secs(3600));
     let paced = match backend {
         Backend::Sqlite => 1,
-        Backend::Postgres => 3,
+        Backend::Postgres => keys.div_ceil(store::paced_rows(keys)),
     };
     for (round, durable_read, expected) in [(0, true, 1), (1, false, paced)] {
         for i in 0..keys {
