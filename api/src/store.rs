@@ -26,8 +26,9 @@ use sea_orm::{
 pub const POSTGRES_ROWS_PER_STATEMENT: usize = 10_000;
 
 /// PostgreSQL, a usual flush (up to [`PACED_MAX_KEYS`]; a small one in
-/// [`POSTGRES_PACED_SHORT_ROWS`]): statements of this many rows, each followed, for the first [`PACED_FOR`] of a part, by a
-/// pause as long as it took; the parts one after another. Where the database
+/// [`POSTGRES_PACED_SHORT_ROWS`]): statements of this many rows, each
+/// followed, for the first [`PACED_FOR`] of a part, by a pause as long as
+/// it took; the parts one after another. Where the database
 /// shares the service's cores (the embedded stack, a small host), an upsert
 /// of tens of thousands of rows is a burst of CPU that delays the requests
 /// behind it. Pacing only a part's first 400 ms, and only batches of one
