@@ -794,15 +794,6 @@ async fn with_the_journal_a_retry_after_a_crash_is_applied_once(db: TestDb) {
     );
 }
 
-/// A connection to `db`, migrated.
-async fn migrated(db: &TestDb) -> sea_orm::DatabaseConnection {
-    let connection = db.connect().await;
-    <migration::Migrator as migration::MigratorTrait>::up(&connection, None)
-        .await
-        .unwrap();
-    connection
-}
-
 /// A keyed request adding `value` to counter "a" under `key`.
 fn request(key: &str, value: i64) -> api::batch::Keyed {
     api::batch::Keyed {
@@ -821,7 +812,7 @@ fn request(key: &str, value: i64) -> api::batch::Keyed {
 /// second left out, and a copy with another body is counted as reused.
 async fn a_batch_applies_the_first_request_of_a_key_and_leaves_out_the_others(db: TestDb) {
     use api::batch::Batch;
-    let connection = migrated(&db).await;
+    let connection = crate::helpers::migrated_connection(&db).await;
     let keyed = vec![
         request("x", 5),
         request("x", 5),
@@ -862,7 +853,7 @@ async fn a_batch_applies_the_first_request_of_a_key_and_leaves_out_the_others(db
 async fn a_keyed_part_replayed_after_its_ledger_row_was_pruned_is_not_applied_again(db: TestDb) {
     use api::batch::Batch;
     use sea_orm::EntityTrait;
-    let connection = migrated(&db).await;
+    let connection = crate::helpers::migrated_connection(&db).await;
     let batch =
         Batch::new([("a".to_owned(), 3 + 4)], 1).guarding(vec![request("x", 3), request("y", 4)]);
     let write = |now: chrono::DateTime<chrono::Utc>| {
@@ -907,7 +898,7 @@ async fn a_keyed_part_replayed_after_its_ledger_row_was_pruned_is_not_applied_ag
 /// batch, counts as new.
 async fn a_repeat_written_after_the_window_is_judged_by_when_it_was_taken(db: TestDb) {
     use api::batch::Batch;
-    let connection = migrated(&db).await;
+    let connection = crate::helpers::migrated_connection(&db).await;
     let window = Duration::from_secs(60);
     let start = chrono::Utc::now() - chrono::Duration::minutes(10);
     let at = |seconds: i64| start + chrono::Duration::seconds(seconds);
@@ -944,7 +935,7 @@ async fn a_repeat_written_after_the_window_is_judged_by_when_it_was_taken(db: Te
 
 async fn pruning_deletes_old_keys_a_bounded_statement_at_a_time(db: TestDb) {
     use sea_orm::{ActiveValue::Set, EntityTrait};
-    let connection = migrated(&db).await;
+    let connection = crate::helpers::migrated_connection(&db).await;
     let now = chrono::Utc::now();
     let old = now - chrono::Duration::hours(25);
     let rows: Vec<entity::idempotency_keys::ActiveModel> = (0..2_600)
